@@ -1,0 +1,30 @@
+# Two commands set everything up on a fresh machine: `make sweep` and `make test`.
+# Both create .venv (once) and install the pinned dependencies from requirements.txt.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test sweep bench clean
+
+setup: $(STAMP)
+
+# Re-installs only when requirements.txt changes.
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+sweep: $(STAMP)
+	$(PY) sweep.py $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.ensemble
+	$(PY) -m benchmarks.store
+
+clean:
+	rm -rf $(VENV) outputs multirun
