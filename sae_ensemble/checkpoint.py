@@ -1,0 +1,145 @@
+"""Members on disk: `<dir>/sae.safetensors`, `<dir>/optim.safetensors`, `<dir>/cfg.json`.
+
+sae.safetensors (float32; n = dict_size, d = d_in):
+    W_enc [n, d]   encoder rows
+    b_enc [n]      encoder bias
+    W_dec [n, d]   unit-norm decoder rows (the dictionary; for tied SAEs, the normalised encoder)
+    b_dec [d]      decoder bias, subtracted before encoding and added after decoding (zeros if unused)
+optim.safetensors: Adam moments `mu.<name>` and `nu.<name>` of the same shapes (for resuming).
+cfg.json: every Member field plus member_id, steps, tokens and whatever the caller adds
+(store fingerprint, final metrics). It is written last, so a directory with cfg.json is complete.
+
+Every write goes to a temporary file in the same directory and is renamed into
+place, so a crash never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sae_ensemble.ensemble import Ensemble
+from sae_ensemble.member import Member
+
+SAE_FILE = "sae.safetensors"
+OPTIM_FILE = "optim.safetensors"
+CFG_FILE = "cfg.json"
+
+
+class CheckpointError(ValueError):
+    """A member directory is missing, incomplete or does not match its cfg.json."""
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic(Path(path), write)
+
+
+def read_json(path: str | Path) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error})") from None
+
+
+def save_member(
+    directory: str | Path,
+    member: Member,
+    params: dict[str, torch.Tensor],
+    moments: dict[str, torch.Tensor] | None = None,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write one member; `info` (steps, tokens, metrics, ...) goes into cfg.json."""
+    directory = Path(directory)
+    _check_shapes(directory / SAE_FILE, member, params, expected=("W_enc", "b_enc", "W_dec", "b_dec"))
+    _atomic(directory / SAE_FILE, lambda tmp: save_file({k: v.contiguous() for k, v in params.items()}, tmp))
+    if moments is not None:
+        _atomic(directory / OPTIM_FILE, lambda tmp: save_file({k: v.contiguous() for k, v in moments.items()}, tmp))
+    cfg = {**member.to_dict(), "member_id": member.member_id, **(info or {})}
+    write_json_atomic(directory / CFG_FILE, cfg)
+    return directory
+
+
+def load_member(
+    directory: str | Path, with_moments: bool = False
+) -> tuple[Member, dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """(member, params, moments or None, cfg) of a saved member, checked against its cfg.json."""
+    directory = Path(directory)
+    cfg = read_json(directory / CFG_FILE)
+    member = Member.from_dict({k: v for k, v in cfg.items() if k in Member.__dataclass_fields__})
+    params = _load_tensors(directory / SAE_FILE)
+    _check_shapes(directory / SAE_FILE, member, params, expected=("W_enc", "b_enc", "W_dec", "b_dec"))
+    moments = None
+    if with_moments:
+        moments = _load_tensors(directory / OPTIM_FILE)
+        for prefix in ("mu", "nu"):
+            part = {k.split(".", 1)[1]: v for k, v in moments.items() if k.startswith(prefix + ".")}
+            _check_shapes(directory / OPTIM_FILE, member, part, expected=("W_enc", "b_enc", "W_dec", "b_dec"), prefix=prefix + ".")
+    return member, params, moments, cfg
+
+
+def load_ensemble(
+    directories: list[str | Path], total_steps: int, device: str | torch.device = "cpu", autocast_bf16: bool = False
+) -> Ensemble:
+    """An ensemble restored from saved members, optimizer moments and step included (to resume)."""
+    loaded = [load_member(d, with_moments=True) for d in directories]
+    steps = {cfg.get("steps") for _, _, _, cfg in loaded}
+    if len(steps) != 1:
+        raise CheckpointError(f"members in {[str(d) for d in directories]} were saved at different steps {sorted(steps)}")
+    ensemble = Ensemble([m for m, _, _, _ in loaded], total_steps, device, autocast_bf16)
+    for index, (_, params, moments, cfg) in enumerate(loaded):
+        ensemble.load_member_state(index, params, moments)
+        ensemble.alive[index] = bool(cfg.get("alive", True))
+    ensemble.set_step(loaded[0][3]["steps"], loaded[0][3]["tokens"])
+    return ensemble
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        return load_file(path)
+    except SafetensorError as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from None
+
+
+def _check_shapes(path: Path, member: Member, tensors: dict[str, torch.Tensor], expected: tuple[str, ...], prefix: str = "") -> None:
+    n, d = member.dict_size, member.d_in
+    shapes = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+    missing = [prefix + name for name in expected if name not in tensors]
+    if missing:
+        raise CheckpointError(f"{path} lacks tensors {missing}; a {member.variant} SAE needs {[prefix + e for e in expected]}")
+    for name in expected:
+        if tuple(tensors[name].shape) != shapes[name]:
+            raise CheckpointError(
+                f"{path}: tensor {prefix}{name} has shape {list(tensors[name].shape)}, "
+                f"expected {list(shapes[name])} for d_in={d}, dict_size={n}"
+            )
