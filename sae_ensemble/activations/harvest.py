@@ -1,0 +1,343 @@
+"""Harvest LM activations into stores: tokens -> TransformerBridge forward with hooks -> chunks.
+
+Content-addressed: each hook's store lives at `cache_root / key`, the key hashing everything that
+determines its rows (model, revision, hook, dataset, context_length, n_tokens, dtype, drop_bos).
+`get_or_harvest` returns complete stores without booting the model, resumes incomplete ones and
+harvests the rest, all hooks that still need rows in one pass over the model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import queue
+import re
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from .store import DTYPES, MANIFEST, ActivationStore, ChunkWriter, StoreError
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+@dataclass(frozen=True)
+class HarvestSpec:
+    """Everything that determines a store's rows (and so its cache key), for one hook."""
+
+    model: str
+    """HF model name or local directory that TransformerBridge.boot_transformers accepts."""
+    hook: str
+    """TransformerLens hook name, e.g. blocks.3.hook_resid_pre."""
+    dataset: str
+    """HF dataset name (streamed), or a local .txt file (one document per non-empty line), .jsonl file, or a directory of them."""
+    n_tokens: int
+    """Rows to store (token positions, after dropping BOS positions)."""
+    context_length: int = 128
+    split: str = "train"
+    dataset_config: str | None = None
+    text_field: str = "text"
+    dtype: str = "float32"
+    drop_bos: bool = True
+    """Skip the BOS position of every context: its activations are outliers, not text features."""
+    revision: str | None = None
+
+    def key(self) -> str:
+        spec = asdict(self)
+        spec["model_files"] = _local_fingerprint(self.model)
+        spec["dataset_files"] = _local_fingerprint(self.dataset)
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _local_fingerprint(name: str) -> list | None:
+    """For local paths: file names, sizes and mtimes, so edited local data gets a new key."""
+    path = Path(name)
+    if not path.exists():
+        return None
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return [[str(f.relative_to(path) if path.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns]
+            for f in files if f.is_file()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokens
+
+
+def iter_texts(dataset: str, split: str = "train", dataset_config: str | None = None,
+               text_field: str = "text") -> Iterator[str]:
+    """Documents from local .txt/.jsonl files (or a directory of them) or a streamed HF dataset."""
+    path = Path(dataset)
+    if path.exists():
+        files = sorted(f for f in path.rglob("*") if f.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
+        if not files or any(f.suffix not in TEXT_SUFFIXES for f in files):
+            raise StoreError(f"Dataset path {path} must be a .txt or .jsonl file or a directory holding some.")
+        for f in files:
+            with open(f, encoding="utf-8") as lines:
+                for line_no, line in enumerate(lines, 1):
+                    if not line.strip():
+                        continue
+                    if f.suffix == ".txt":
+                        yield line.rstrip("\n")
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise StoreError(f"{f} line {line_no} is not valid JSON.")
+                    if text_field not in record:
+                        raise StoreError(f"{f} line {line_no} has no {text_field!r} field (fields: {sorted(record)}).")
+                    yield record[text_field]
+        return
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset, dataset_config, split=split, streaming=True)
+    except Exception as e:  # offline, unknown name, bad split: say which
+        raise StoreError(f"Dataset {dataset!r} (config {dataset_config!r}, split {split!r}) is neither a local path nor loadable: {e}")
+    for record in ds:
+        if text_field not in record:
+            raise StoreError(f"Dataset {dataset!r} records have no {text_field!r} field (fields: {sorted(record)}).")
+        yield record[text_field]
+
+
+def iter_contexts(texts: Iterable[str], tokenizer, context_length: int, batch_docs: int = 64) -> Iterator[list[int]]:
+    """Pack documents (separated by EOS) into contexts of context_length tokens, each starting with BOS.
+
+    Without a BOS token in the tokenizer, contexts are plain context_length-token windows.
+    """
+    bos = tokenizer.bos_token_id
+    eos = tokenizer.eos_token_id
+    body = context_length - (bos is not None)
+    buffer: list[int] = []
+    docs: list[str] = []
+
+    def drain() -> Iterator[list[int]]:
+        nonlocal buffer
+        for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+            buffer.extend(ids)
+            if eos is not None:
+                buffer.append(eos)
+        docs.clear()
+        n_full = len(buffer) // body
+        for i in range(n_full):
+            piece = buffer[i * body : (i + 1) * body]
+            yield [bos, *piece] if bos is not None else piece
+        buffer = buffer[n_full * body :]
+
+    for text in texts:
+        docs.append(text)
+        if len(docs) == batch_docs:
+            yield from drain()
+    if docs:
+        yield from drain()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and hooks
+
+
+def boot_model(model: str, device: str = "cpu", revision: str | None = None):
+    """Boot a TransformerBridge (a module-level function so tests can check it is not called)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    kwargs = {"revision": revision} if revision else {}
+    return TransformerBridge.boot_transformers(model, device=device, **kwargs)
+
+
+def check_hooks(bridge, hooks: Sequence[str]) -> None:
+    valid = sorted(bridge.hook_dict)
+    for hook in hooks:
+        if hook not in bridge.hook_dict:
+            close = difflib.get_close_matches(hook, valid, n=5, cutoff=0.5)
+            raise StoreError(f"Hook {hook!r} is not a hook of this model; closest valid names: {close or valid[:5]}.")
+
+
+def _stop_layer(hooks: Sequence[str], n_layers: int) -> int | None:
+    """Blocks after the last hooked one need not run: stop there when all hooks live in blocks."""
+    layers = [re.match(r"blocks\.(\d+)\.", h) for h in hooks]
+    if not all(layers):
+        return None
+    stop = max(int(m.group(1)) for m in layers) + 1
+    return stop if stop < n_layers else None
+
+
+class _Capture:
+    """Forward hooks that keep only the requested activations of the current batch."""
+
+    def __init__(self, hooks: Sequence[str]) -> None:
+        self.hooks = list(hooks)
+        self.acts: dict[str, torch.Tensor] = {}
+
+    def fwd_hooks(self):
+        # closures bind the requested name: the bridge reports aliases under their canonical name
+        return [(h, lambda act, hook, h=h: self.acts.__setitem__(h, act.detach())) for h in self.hooks]
+
+
+def _run(bridge, tokens: torch.Tensor, capture: _Capture, stop: int | None) -> dict[str, torch.Tensor]:
+    capture.acts.clear()
+    with torch.inference_mode():
+        bridge.run_with_hooks(tokens, fwd_hooks=capture.fwd_hooks(), stop_at_layer=stop, return_type=None)
+    missing = [h for h in capture.hooks if h not in capture.acts]
+    if missing:
+        raise StoreError(f"Hooks {missing} did not fire in the forward pass; choose hooks this model runs.")
+    return dict(capture.acts)
+
+
+def _rows(act: torch.Tensor, tokens: torch.Tensor, hook: str, drop_first: bool) -> torch.Tensor:
+    """[batch, pos, ...] activations -> rows [batch * pos', d_in]."""
+    if act.ndim < 3 or tuple(act.shape[:2]) != tuple(tokens.shape):
+        raise StoreError(f"Hook {hook!r} gives shape {list(act.shape)}, not [batch, pos, ...]; it cannot be stored as rows.")
+    act = act[:, 1:] if drop_first else act
+    return act.reshape(-1, act[0, 0].numel())
+
+
+# ----------------------------------------------------------------------------------------------
+# Harvest
+
+
+class _BackgroundWriter:
+    """Writes rows on a thread behind a bounded queue, so disk writes and hashing overlap the forward."""
+
+    def __init__(self, writers: dict[str, ChunkWriter], max_queue: int = 4) -> None:
+        self.writers = writers
+        self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="store-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writers[item[0]].write(item[1])
+                except BaseException as e:  # reported to the producer on its next put
+                    self.error = e
+
+    def put(self, hook: str, rows: torch.Tensor) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((hook, rows))
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def store_dir(spec: HarvestSpec, cache_root: str | Path) -> Path:
+    return Path(cache_root) / spec.key()
+
+
+def get_or_harvest(
+    model: str,
+    hooks: str | Sequence[str],
+    dataset: str,
+    *,
+    cache_root: str | Path,
+    n_tokens: int,
+    context_length: int = 128,
+    split: str = "train",
+    dataset_config: str | None = None,
+    text_field: str = "text",
+    dtype: str = "float32",
+    drop_bos: bool = True,
+    revision: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 16,
+    rows_per_chunk: int = 65_536,
+    heldout_rows: int | None = None,
+    progress: bool = True,
+) -> dict[str, ActivationStore]:
+    """Return {hook: ActivationStore}: reuse complete stores, resume incomplete ones, harvest the rest.
+
+    batch_size is contexts per forward pass; rows_per_chunk and heldout_rows only shape the files
+    (they are not part of the key, so change them only for a new cache_root).
+    """
+    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+    if not hooks or len(set(hooks)) != len(hooks):
+        raise StoreError(f"hooks must be a non-empty list of distinct hook names, got {hooks}.")
+    if dtype not in DTYPES:
+        raise StoreError(f"Store dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
+    if n_tokens <= 0 or context_length < 2:
+        raise StoreError(f"n_tokens ({n_tokens}) must be positive and context_length ({context_length}) at least 2.")
+    specs = {h: HarvestSpec(model, h, dataset, n_tokens, context_length, split, dataset_config,
+                            text_field, dtype, drop_bos, revision) for h in hooks}
+    dirs = {h: store_dir(s, cache_root) for h, s in specs.items()}
+    stores = {h: ActivationStore.open(d) for h, d in dirs.items() if (d / MANIFEST).exists()}
+    todo = [h for h in hooks if h not in stores]
+    if todo:
+        bridge = boot_model(model, device=device, revision=revision)
+        stores.update(harvest(bridge, {h: specs[h] for h in todo}, {h: dirs[h] for h in todo},
+                              device=device, batch_size=batch_size, rows_per_chunk=rows_per_chunk,
+                              heldout_rows=heldout_rows, progress=progress))
+    return {h: stores[h] for h in hooks}
+
+
+def harvest(bridge, specs: dict[str, HarvestSpec], dirs: dict[str, Path], *, device: str = "cpu",
+            batch_size: int = 16, rows_per_chunk: int = 65_536, heldout_rows: int | None = None,
+            progress: bool = True) -> dict[str, ActivationStore]:
+    """Run the model once over the dataset, writing one store per hook (resuming where they stopped)."""
+    from tqdm.auto import tqdm
+
+    hooks = list(specs)
+    spec = specs[hooks[0]]  # all specs share everything but the hook
+    check_hooks(bridge, hooks)
+    tokenizer = bridge.tokenizer
+    drop_first = spec.drop_bos and tokenizer.bos_token_id is not None
+    rows_per_context = spec.context_length - drop_first
+    stop = _stop_layer(hooks, bridge.cfg.n_layers)
+    capture = _Capture(hooks)
+
+    # one tiny probe forward gives each hook's d_in before any writer exists
+    probe_tokens = torch.zeros(1, 2, dtype=torch.long, device=device)
+    probe = _run(bridge, probe_tokens, capture, stop)
+    writers = {}
+    for h in hooks:
+        d_in = _rows(probe[h], probe_tokens, h, False).shape[1]
+        source = {"kind": "lm", **asdict(specs[h]), "key": specs[h].key()}
+        writers[h] = ChunkWriter(dirs[h], d_in, spec.dtype, rows_per_chunk, source=source, hook=h, heldout_rows=heldout_rows)
+
+    # rows are a deterministic stream: skip whole contexts every hook already has, trim the rest per hook
+    done = {h: writers[h].resume_rows for h in hooks}
+    skip_contexts = min(done.values()) // rows_per_context
+    row = skip_contexts * rows_per_context  # global index of the next row produced
+    contexts = iter_contexts(iter_texts(spec.dataset, spec.split, spec.dataset_config, spec.text_field),
+                             tokenizer, spec.context_length)
+    n_seen = 0
+    for _ in range(skip_contexts):
+        if next(contexts, None) is None:
+            break
+        n_seen += 1
+
+    bar = tqdm(total=spec.n_tokens, initial=row, unit="tok", unit_scale=True, desc="harvest", disable=not progress)
+    background = _BackgroundWriter(writers)
+    try:
+        while row < spec.n_tokens:
+            batch = [c for _, c in zip(range(batch_size), contexts)]
+            if not batch:
+                where = "is empty" if n_seen == 0 else f"ran out after {n_seen} contexts ({row} rows of {spec.n_tokens})"
+                raise StoreError(f"Dataset {spec.dataset!r} {where}; use more text or a smaller n_tokens.")
+            n_seen += len(batch)
+            tokens = torch.tensor(batch, dtype=torch.long, device=device)  # [batch, context_length]
+            acts = _run(bridge, tokens, capture, stop)
+            n_new = min(len(batch) * rows_per_context, spec.n_tokens - row)
+            for h in hooks:
+                rows = _rows(acts[h], tokens, h, drop_first)[:n_new]
+                skip = max(0, done[h] - row)
+                if skip < n_new:
+                    background.put(h, rows[skip:].to("cpu", DTYPES[spec.dtype][2]))
+            row += n_new
+            bar.update(n_new)
+        background.finish()
+    except BaseException:
+        background.error = background.error or RuntimeError("harvest stopped")  # drop queued rows
+        background.queue.put(None)
+        background.thread.join()
+        raise
+    finally:
+        bar.close()
+    return {h: writers[h].close() for h in hooks}
