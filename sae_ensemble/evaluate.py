@@ -1,0 +1,172 @@
+"""Splice SAE reconstructions into the language model: CE loss recovered and KL.
+
+The model runs through TransformerLens 4's `TransformerBridge`
+(`TransformerBridge.boot_transformers(name_or_dir, device=...)`). For each batch of
+tokens it runs once clean, once with the hooked activation zero-ablated, and then
+with the activation replaced by each member's reconstruction. Members are batched:
+the tokens are repeated `members_per_pass` times along the batch axis and the hook
+hands each copy to a different member, so one forward pass evaluates many members.
+
+    ce_recovered = (CE_zero - CE_recon) / (CE_zero - CE_clean)
+1 means the reconstruction loses nothing; 0 means it is as bad as deleting the activation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sae_ensemble import sae
+from sae_ensemble.checkpoint import CFG_FILE, load_member, read_json
+
+Reconstruction = Callable[[torch.Tensor], torch.Tensor]  # x [..., d] -> x_hat [..., d]
+
+
+# -- reconstructions from saved members ----------------------------------------------------------
+
+
+def reconstruction_from_checkpoint(
+    directory: str | Path,
+    normalization: tuple[torch.Tensor, float] | None = None,
+    device: str | torch.device = "cpu",
+) -> Reconstruction:
+    """x -> x_hat of a saved member (`members/<id>/`).
+
+    `normalization` = (shift [d], scale) when the SAE was trained on a normalised store
+    (`ActivationStore.normalization(mode)`): activations are mapped into the SAE's space
+    as (x - shift) / scale and the reconstruction is mapped back.
+    """
+    member, params, _, _ = load_member(directory)
+    params = {name: value.to(device) for name, value in params.items()}
+    hp = {
+        name: value.to(device)
+        for name, value in sae.make_hparams(member.variant, member.dict_size, member.l1, member.bias_decay, member.k, member.use_b_dec).items()
+    }
+    k_max = member.k if member.variant == "topk" else 0
+    shift, scale = (torch.zeros(member.d_in), 1.0) if normalization is None else normalization
+    shift = torch.as_tensor(shift, dtype=torch.float32, device=device)
+    if shift.shape != (member.d_in,):
+        raise ValueError(f"normalization shift has shape {list(shift.shape)}; expected [{member.d_in}] for {member.member_id}")
+
+    @torch.no_grad()
+    def reconstruct(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != member.d_in:
+            raise ValueError(f"activations have width {x.shape[-1]}; member {member.member_id} expects d_in={member.d_in}")
+        rows = (x.reshape(-1, member.d_in).float() - shift) / scale  # [rows, d] in the SAE's space
+        x_hat = sae.decode(params, hp, sae.encode(params, hp, rows, k_max))
+        return (x_hat * scale + shift).reshape(x.shape).to(x.dtype)
+
+    return reconstruct
+
+
+# -- CE loss recovered ---------------------------------------------------------------------------
+
+
+def _next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """[batch, ctx - 1, vocab] log-probabilities at the positions that have a next token."""
+    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def _ce_sum(log_probs: torch.Tensor, tokens: torch.Tensor) -> float:
+    targets = tokens[:, 1:].to(log_probs.device)
+    return float(-log_probs.gather(-1, targets.unsqueeze(-1)).sum())
+
+
+def _kl_sum(clean: torch.Tensor, other: torch.Tensor) -> float:
+    """Sum over positions of KL(clean || other) of next-token distributions."""
+    return float((clean.exp() * (clean - other)).sum())
+
+
+@torch.no_grad()
+def ce_loss_recovered(
+    bridge,
+    tokens: torch.Tensor,
+    hook_name: str,
+    reconstructions: Reconstruction | Sequence[Reconstruction],
+    batch_size: int = 8,
+    members_per_pass: int = 8,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """One dict per reconstruction: ce_clean, ce_zero_ablation, ce_recon, ce_recovered, kl.
+
+    tokens [N, ctx] are run `batch_size` sequences at a time; CE and KL are means over
+    every predicted position (all positions but the last of each sequence).
+    """
+    if callable(reconstructions):
+        reconstructions = [reconstructions]
+    reconstructions = list(reconstructions)
+    if tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens has shape {list(tokens.shape)}; expected [batch, ctx] with ctx >= 2")
+    if batch_size < 1 or members_per_pass < 1:
+        raise ValueError(f"batch_size={batch_size} and members_per_pass={members_per_pass} must both be at least 1")
+    if hook_name not in bridge.hook_dict:
+        raise ValueError(f"hook_name={hook_name!r} is not a hook point of this model; e.g. {sorted(bridge.hook_dict)[:5]}")
+
+    n_members = len(reconstructions)
+    groups = [list(range(start, min(start + members_per_pass, n_members))) for start in range(0, n_members, members_per_pass)]
+    batches = list(torch.split(tokens, batch_size))
+    ce_clean = ce_zero = kl_zero = 0.0
+    ce_recon = [0.0] * n_members
+    kl = [0.0] * n_members
+    positions = 0
+
+    bar = tqdm(total=len(batches) * (2 + len(groups)), desc="CE loss recovered", disable=not progress)
+    for batch in batches:
+        clean = _next_token_log_probs(bridge(batch))
+        bar.update()
+        zero = _next_token_log_probs(bridge.run_with_hooks(batch, fwd_hooks=[(hook_name, lambda x, hook: torch.zeros_like(x))]))
+        bar.update()
+        ce_clean += _ce_sum(clean, batch)
+        ce_zero += _ce_sum(zero, batch)
+        kl_zero += _kl_sum(clean, zero)
+        positions += clean.shape[0] * clean.shape[1]
+
+        for group in groups:
+            # Copy c of the repeated batch is member group[c]'s: x [copies * b, ctx, d] -> per-copy chunks.
+            def splice(x: torch.Tensor, hook, group=group) -> torch.Tensor:
+                chunks = x.chunk(len(group), dim=0)
+                return torch.cat([reconstructions[m](chunk) for m, chunk in zip(group, chunks)], dim=0)
+
+            logits = bridge.run_with_hooks(batch.repeat(len(group), 1), fwd_hooks=[(hook_name, splice)])
+            for m, recon in zip(group, _next_token_log_probs(logits).chunk(len(group), dim=0)):
+                ce_recon[m] += _ce_sum(recon, batch)
+                kl[m] += _kl_sum(clean, recon)
+            bar.update()
+    bar.close()
+
+    clean_mean, zero_mean = ce_clean / positions, ce_zero / positions
+    results = []
+    for m in range(n_members):
+        recon_mean = ce_recon[m] / positions
+        gap = zero_mean - clean_mean
+        results.append(
+            {
+                "ce_clean": clean_mean,
+                "ce_zero_ablation": zero_mean,
+                "ce_recon": recon_mean,
+                # A zero gap (ablating the hook changes nothing) leaves nothing to recover.
+                "ce_recovered": (zero_mean - recon_mean) / gap if gap != 0 else float("nan"),
+                "kl": kl[m] / positions,
+                "kl_zero_ablation": kl_zero / positions,
+            }
+        )
+    return results
+
+
+def evaluate_members(
+    bridge,
+    tokens: torch.Tensor,
+    hook_name: str,
+    member_dirs: Sequence[str | Path],
+    normalization: tuple[torch.Tensor, float] | None = None,
+    **kwargs,
+) -> dict[str, dict[str, float]]:
+    """member_id -> CE metrics for saved members (directories `members/<id>/`)."""
+    device = next(bridge.parameters()).device
+    reconstructions = [reconstruction_from_checkpoint(d, normalization, device) for d in member_dirs]
+    ids = [read_json(Path(d) / CFG_FILE)["member_id"] for d in member_dirs]
+    return dict(zip(ids, ce_loss_recovered(bridge, tokens, hook_name, reconstructions, **kwargs)))
