@@ -432,29 +432,29 @@ class ActivationStore:
             self._maps.move_to_end(index)
         return array
 
-    def _to_float32(self, raw: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(raw)
-        if self.dtype == "bfloat16":
-            t = t.view(torch.bfloat16)
-        return t.float()
-
-    def rows(self, global_rows: np.ndarray) -> torch.Tensor:
+    def rows(self, global_rows: np.ndarray, buffer: np.ndarray | None = None) -> torch.Tensor:
         """Float32 rows [len(global_rows), d_in] by global row index, in the order given.
 
-        Rows are gathered chunk by chunk in sorted order (sequential page access), then permuted back.
+        Rows are gathered chunk by chunk in sorted order (sequential page access) into `buffer`
+        (reused across batches, so the allocator does not churn), then permuted back.
         """
         global_rows = np.asarray(global_rows, dtype=np.int64)
         order = np.argsort(global_rows, kind="stable")
         sorted_rows = global_rows[order]
-        raw = np.empty((len(sorted_rows), self.d_in), dtype=DTYPES[self.dtype][1])
+        n = len(sorted_rows)
+        if buffer is None or len(buffer) < n:
+            buffer = np.empty((n, self.d_in), dtype=DTYPES[self.dtype][1])
+        raw = buffer[:n]
         bounds = np.searchsorted(sorted_rows, self._chunk_starts)  # where each chunk's rows begin
         for c in np.flatnonzero(bounds[1:] > bounds[:-1]):
             lo, hi = bounds[c], bounds[c + 1]
             np.take(self._chunk(c), sorted_rows[lo:hi] - self._chunk_starts[c], axis=0, out=raw[lo:hi])
-        sorted_values = self._to_float32(raw)  # float32: no copy, raw is already ours
-        out = torch.empty_like(sorted_values)
-        out[torch.from_numpy(order)] = sorted_values  # undo the sort: row order as requested
-        return out
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(n)  # sorted position of each requested row
+        picked = torch.from_numpy(raw)[torch.from_numpy(inverse)]  # the only copy we hand out
+        if self.dtype == "bfloat16":
+            picked = picked.view(torch.bfloat16)
+        return picked.float()
 
     # -- normalisation ----------------------------------------------------------------------------
 
@@ -528,6 +528,7 @@ class ActivationStore:
         epoch, batch = position.epoch, position.batch
         if not 0 <= batch < n_batches:
             raise StoreError(f"Position batch={batch} is outside [0, {n_batches}) for batch_size={batch_size}.")
+        buffer = np.empty((batch_size, self.d_in), dtype=DTYPES[self.dtype][1])  # gather space, reused
         first = True
         while True:
             chunk_order, window_starts = self._epoch_windows(seed, epoch, window)
@@ -549,7 +550,7 @@ class ActivationStore:
                         cache[w] = self._window_rows(seed, epoch, w, chunk_order, window)
                     a, b = max(lo, window_starts[w]) - window_starts[w], min(hi, window_starts[w + 1]) - window_starts[w]
                     parts.append(cache[w][a:b])
-                x = self.rows(np.concatenate(parts))  # [batch_size, d_in] float32
+                x = self.rows(np.concatenate(parts), buffer)  # [batch_size, d_in] float32
                 if pin:
                     x = x.pin_memory()
                 x = norm(x.to(device, non_blocking=pin))
