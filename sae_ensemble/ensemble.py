@@ -70,8 +70,7 @@ class Ensemble:
         self.autocast_bf16 = autocast_bf16
         self.d_in = members[0].d_in
         self.n_padded = max(m.dict_size for m in members)
-        # topk needs a static size: the largest k of any topk member (0 = no topk members).
-        self.k_max = max((m.k for m in members if m.variant == "topk"), default=0)
+        self.layout = sae.Layout.of([m.variant for m in members], [m.k for m in members])
 
         n = self.n_padded
         self.params = _stack([sae.init_params(m.variant, m.d_in, m.dict_size, m.seed, n) for m in members], self.device)
@@ -91,10 +90,8 @@ class Ensemble:
         self.rows_seen = 0
 
         grad_fn = torch.func.grad(sae.loss, has_aux=True)
-        self._grad = torch.func.vmap(lambda p, h, x: grad_fn(p, h, x, self.k_max), in_dims=(0, 0, None))
-        self._forward = torch.func.vmap(
-            lambda p, h, x: _encode_decode(p, h, x, self.k_max), in_dims=(0, 0, None)
-        )
+        self._grad = torch.func.vmap(lambda p, h, x: grad_fn(p, h, x, self.layout), in_dims=(0, 0, None))
+        self._forward = torch.func.vmap(lambda p, h, x: _encode_decode(p, h, x, self.layout), in_dims=(0, 0, None))
 
     def __len__(self) -> int:
         return len(self.members)
@@ -124,19 +121,24 @@ class Ensemble:
         new_params = {name: p - _broadcast(lr, p) * directions[name] for name, p in self.params.items()}
         new_params["W_dec"] = F.normalize(new_params["W_dec"], dim=-1)
 
-        # A step is taken only if the loss, every gradient and every new weight are finite.
+        # A step is taken only if the loss and every new weight are finite. A NaN or inf
+        # gradient makes Adam's update NaN, so checking the new weights covers the
+        # gradients; a sum per member is one reduction, and NaN/inf survive it.
         finite = torch.isfinite(aux["loss"])
-        for tensor in [*grads.values(), *new_params.values()]:
-            finite &= torch.isfinite(tensor).flatten(1).all(1)
+        for tensor in new_params.values():
+            finite &= torch.isfinite(tensor.flatten(1).sum(1))
         alive = self.alive & finite
 
         # A frozen member keeps its last finite params and moments; the others take the step.
-        self.params = {name: torch.where(_broadcast(alive, p), new_params[name], p) for name, p in self.params.items()}
-        self.opt_state = new_state._replace(
-            mu={n: torch.where(_broadcast(alive, m), new_state.mu[n], m) for n, m in self.opt_state.mu.items()},
-            nu={n: torch.where(_broadcast(alive, v), new_state.nu[n], v) for n, v in self.opt_state.nu.items()},
-        )
-        self.alive = alive
+        # On CPU, checking first skips three full passes per tensor in the usual all-alive
+        # case; on CUDA that check would stall the queue every step, so select always.
+        if self.device.type == "cuda" or not bool(alive.all()):
+            new_params = {n: torch.where(_broadcast(alive, p), new_params[n], p) for n, p in self.params.items()}
+            new_state = new_state._replace(
+                mu={n: torch.where(_broadcast(alive, m), new_state.mu[n], m) for n, m in self.opt_state.mu.items()},
+                nu={n: torch.where(_broadcast(alive, v), new_state.nu[n], v) for n, v in self.opt_state.nu.items()},
+            )
+        self.params, self.opt_state, self.alive = new_params, new_state, alive
         self.step_count += 1
         self.rows_seen += batch.shape[0]
         return {**aux, "lr": lr, "alive": alive}
@@ -158,7 +160,7 @@ class Ensemble:
         n = member.dict_size
         params = {name: p[index].detach().cpu().clone() for name, p in self.params.items()}
         hp = {name: h[index].cpu() for name, h in self.hparams.items()}
-        params["W_dec"] = sae.decoder(params, hp)
+        params["W_dec"] = sae.decoder(params, hp, sae.Layout.of([member.variant], [member.k]))
         for name in ("W_enc", "b_enc", "W_dec"):
             params[name] = params[name][:n].contiguous()
         moments = {}
@@ -188,9 +190,9 @@ class Ensemble:
             self.opt_state.count[name] = torch.full_like(count, int(step))
 
 
-def _encode_decode(params, hp, x, k_max):
-    codes = sae.encode(params, hp, x, k_max)
-    return codes, sae.decode(params, hp, codes)
+def _encode_decode(params, hp, x, layout):
+    codes = sae.encode(params, hp, x, layout)
+    return codes, sae.decode(params, hp, codes, layout)
 
 
 def _stack(trees: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:

@@ -32,6 +32,8 @@ so a saved W_dec is exactly the dictionary the SAE used.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -89,44 +91,70 @@ def make_hparams(
     }
 
 
-def decoder(params: Params, hp: Hparams) -> torch.Tensor:
+class Layout(NamedTuple):
+    """Static facts about the members sharing one (vmapped) call, fixed per ensemble.
+
+    They choose code paths, never values: per-member numbers stay in hparams.
+    """
+
+    k_max: int = 0
+    """Largest k of any topk member (0: no topk members, skip the top-k selection)."""
+    any_tied: bool = False
+    """Some member is tied, so the decoder must be chosen per member."""
+    all_tied: bool = False
+    """Every member is tied: the decoder is always the normalised encoder."""
+
+    @classmethod
+    def of(cls, variants: list[str], ks: list[int]) -> "Layout":
+        k_max = max((k for v, k in zip(variants, ks) if v == "topk"), default=0)
+        tied = [v == "tied" for v in variants]
+        return cls(k_max=k_max, any_tied=any(tied), all_tied=all(tied))
+
+
+def decoder(params: Params, hp: Hparams, layout: Layout = Layout()) -> torch.Tensor:
     """The unit-norm dictionary [n, d]: W_enc's rows for tied members, W_dec's otherwise."""
-    rows = torch.where(hp["tied"] > 0, params["W_enc"], params["W_dec"])
+    if layout.all_tied:
+        rows = params["W_enc"]
+    elif layout.any_tied:
+        rows = torch.where(hp["tied"] > 0, params["W_enc"], params["W_dec"])
+    else:
+        rows = params["W_dec"]
     return F.normalize(rows, dim=-1)
 
 
-def encode(params: Params, hp: Hparams, x: torch.Tensor, k_max: int = 0) -> torch.Tensor:
+def encode(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()) -> torch.Tensor:
     """Feature activations c [B, n] of x [B, d].
 
-    `k_max` is the largest k among topk members in the ensemble (0 if none): a
-    static size, so topk runs with one shape for all members; each member then
-    keeps only pre-activations at or above its own k-th largest value.
+    Padded features get a bias of -1e30, so ReLU zeroes them and passes them zero
+    gradient, and top-k never picks them: the mask costs an [n] op, not a [B, n] one.
+    Top-k runs with the static size `layout.k_max`; each member then keeps only
+    pre-activations at or above its own k-th largest value.
     """
     b_dec = params["b_dec"] * hp["use_b_dec"]
-    pre = (x - b_dec) @ params["W_enc"].T + params["b_enc"]  # [B, n]
-    mask = hp["feature_mask"]
-    codes = F.relu(pre) * mask
-    if k_max > 0:
-        masked_pre = torch.where(mask > 0, pre, torch.finfo(pre.dtype).min)
-        top_values = torch.topk(masked_pre, k_max, dim=-1).values  # [B, k_max]
+    bias = params["b_enc"] - (1.0 - hp["feature_mask"]) * 1e30
+    pre = torch.addmm(bias, x - b_dec, params["W_enc"].T)  # [B, n]
+    codes = F.relu(pre)
+    if layout.k_max > 0:
+        top_values = torch.topk(pre, layout.k_max, dim=-1).values  # [B, k_max]
         kth = top_values.gather(-1, (hp["k"].clamp(min=1) - 1).long().expand(pre.shape[0], 1))  # [B, 1]
-        keep = torch.where(hp["topk"] > 0, (masked_pre >= kth).to(pre.dtype), 1.0)
+        keep = torch.where(hp["topk"] > 0, (pre >= kth).to(pre.dtype), 1.0)
         codes = codes * keep
     return codes
 
 
-def decode(params: Params, hp: Hparams, codes: torch.Tensor) -> torch.Tensor:
+def decode(params: Params, hp: Hparams, codes: torch.Tensor, layout: Layout = Layout()) -> torch.Tensor:
     """Reconstruction x_hat [B, d] from activations [B, n]."""
-    return codes @ decoder(params, hp) + params["b_dec"] * hp["use_b_dec"]
+    return torch.addmm(params["b_dec"] * hp["use_b_dec"], codes, decoder(params, hp, layout))
 
 
-def loss(params: Params, hp: Hparams, x: torch.Tensor, k_max: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Training loss of one member on x [B, d], with its parts as aux outputs."""
-    codes = encode(params, hp, x, k_max)
-    x_hat = decode(params, hp, codes)
+    codes = encode(params, hp, x, layout)
+    x_hat = decode(params, hp, codes, layout)
     mse = (x_hat - x).pow(2).mean()
-    l1_norm = codes.abs().sum(-1).mean()
+    l1_norm = codes.sum() / x.shape[0]  # codes >= 0 after ReLU, so |c| = c
     bias_norm = (params["b_enc"] * hp["feature_mask"]).norm()
     total = mse + hp["l1"] * l1_norm + hp["bias_decay"] * bias_norm
-    l0 = (codes > 0).to(x.dtype).sum(-1).mean()
-    return total, {"loss": total, "mse": mse, "l1_norm": l1_norm, "l0": l0}
+    fired = (codes > 0).sum(0, dtype=x.dtype)  # [n] rows in which each feature fired
+    aux = {"loss": total, "mse": mse, "l1_norm": l1_norm, "l0": fired.sum() / x.shape[0], "fired": fired}
+    return total, aux

@@ -46,7 +46,8 @@ def test_loss_and_gradients_match_reference_module(variant, use_b_dec):
     hp = sae.make_hparams(variant, n, l1=0.02, bias_decay=0.3, k=5, use_b_dec=use_b_dec)
     x = torch.randn(B, d)
 
-    grads, aux = torch.func.grad(sae.loss, has_aux=True)(params, hp, x, 5 if variant == "topk" else 0)
+    layout = sae.Layout.of([variant], [5])
+    grads, aux = torch.func.grad(sae.loss, has_aux=True)(params, hp, x, layout)
 
     reference = ReferenceSAE(variant, **params, l1=0.02, bias_decay=0.3, k=5, use_b_dec=use_b_dec)
     ref_loss = reference(x)
@@ -64,11 +65,11 @@ def test_padded_member_computes_the_same_loss_as_unpadded():
     for variant in ("relu", "tied", "topk"):
         small = sae.init_params(variant, d, n, seed=1)
         padded = sae.init_params(variant, d, n, seed=1, n_padded=pad)
-        k_max = 3 if variant == "topk" else 0
-        loss_small, _ = sae.loss(small, sae.make_hparams(variant, n, 0.1, 0.1, 3), x, k_max)
-        loss_padded, aux = sae.loss(padded, sae.make_hparams(variant, n, 0.1, 0.1, 3, n_padded=pad), x, k_max)
+        layout = sae.Layout.of([variant], [3])
+        loss_small, _ = sae.loss(small, sae.make_hparams(variant, n, 0.1, 0.1, 3), x, layout)
+        loss_padded, aux = sae.loss(padded, sae.make_hparams(variant, n, 0.1, 0.1, 3, n_padded=pad), x, layout)
         torch.testing.assert_close(loss_small, loss_padded)
-        assert (sae.encode(padded, sae.make_hparams(variant, n, 0.1, 0.1, 3, n_padded=pad), x, k_max)[:, n:] == 0).all()
+        assert (sae.encode(padded, sae.make_hparams(variant, n, 0.1, 0.1, 3, n_padded=pad), x, layout)[:, n:] == 0).all()
 
 
 def test_unknown_variant_is_rejected_with_the_allowed_list():

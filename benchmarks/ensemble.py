@@ -1,0 +1,143 @@
+"""Ensemble training throughput against the device's GEMM peak and against sequential training.
+
+    python -m benchmarks.ensemble                      # the two recorded cases
+    python -m benchmarks.ensemble --d 512 --dict-sizes 2048,4096 --members 8 --batch 4096 --steps 10
+
+Measured in one run, per case:
+  gemm_gflops        fp32 peak of a large square torch.mm on the device
+  ensemble_gflops    12*B*d*n FLOPs per member per step (real dict sizes, padding not counted) / step time
+  mfu                ensemble_gflops / gemm_gflops
+  sequential_gflops  the same members, one after another, plain autograd + torch.optim.Adam
+  speedup            sequential time / ensemble time
+  limit_ratio        ensemble step time / time of the members' encoder GEMMs alone (2*B*d*n each),
+                     the part no SAE step can skip
+  adam_vmap_ratio    torchopt Adam vmapped over members / the same update on the stacked tensors
+The last line of each case is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torchopt
+
+from sae_ensemble import sae
+from sae_ensemble.ensemble import Ensemble
+from sae_ensemble.member import Member
+
+
+def timed(fn, repeats: int, device: torch.device, warmup: int = 2) -> float:
+    """Mean seconds per call after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def gemm_peak_gflops(device: torch.device, size: int = 4096) -> float:
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    seconds = timed(lambda: torch.mm(a, b), repeats=5 if device.type == "cpu" else 50, device=device)
+    return 2 * size**3 / seconds / 1e9
+
+
+def make_members(d: int, dict_sizes: list[int], n_members: int) -> list[Member]:
+    return [
+        Member("relu", d, dict_sizes[i % len(dict_sizes)], l1=1e-3 * (1 + i), lr=1e-3, seed=i)
+        for i in range(n_members)
+    ]
+
+
+def sequential_step_time(members: list[Member], batch: torch.Tensor, steps: int, device: torch.device) -> float:
+    """Seconds per step of all members trained one after another: the plain-PyTorch baseline."""
+    total = 0.0
+    for member in members:
+        params = {k: v.to(device).requires_grad_() for k, v in sae.init_params("relu", member.d_in, member.dict_size, member.seed).items()}
+        hp = {k: v.to(device) for k, v in sae.make_hparams("relu", member.dict_size, member.l1).items()}
+        optimizer = torch.optim.Adam(params.values(), lr=member.lr)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = sae.loss(params, hp, batch)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                params["W_dec"].copy_(torch.nn.functional.normalize(params["W_dec"], dim=-1))
+
+        total += timed(step, steps, device)
+    return total
+
+
+def encoder_gemm_time(members: list[Member], batch: torch.Tensor, device: torch.device) -> float:
+    weights = [torch.randn(m.dict_size, m.d_in, device=device) for m in members]
+    return timed(lambda: [batch @ w.T for w in weights], repeats=5, device=device)
+
+
+def adam_vmap_ratio(ensemble: Ensemble, device: torch.device) -> float:
+    """Time of torchopt's Adam vmapped over members / applied to the stacked tensors directly."""
+    optimizer = ensemble.optimizer
+    grads = {k: torch.randn_like(v) for k, v in ensemble.params.items()}
+    stacked_state = optimizer.init(ensemble.params)
+    vmapped_state = torch.func.vmap(optimizer.init)(ensemble.params)
+    vmapped_update = torch.func.vmap(lambda g, s: optimizer.update(g, s, inplace=False))
+    stacked = timed(lambda: optimizer.update(grads, stacked_state, inplace=False), 5, device)
+    vmapped = timed(lambda: vmapped_update(grads, vmapped_state), 5, device)
+    return vmapped / stacked
+
+
+def run_case(d: int, dict_sizes: list[int], n_members: int, batch_size: int, steps: int, device: torch.device) -> dict:
+    members = make_members(d, dict_sizes, n_members)
+    batch = torch.randn(batch_size, d, device=device)
+    flops_per_step = sum(12 * batch_size * d * m.dict_size for m in members)
+
+    gemm = gemm_peak_gflops(device)
+    ensemble = Ensemble(members, total_steps=10**9, device=device)
+    ensemble_time = timed(lambda: ensemble.step(batch), steps, device)
+    sequential_time = sequential_step_time(members, batch, steps, device)
+    encoder_time = encoder_gemm_time(members, batch, device)
+    result = {
+        "case": f"d={d} dict_sizes={','.join(map(str, dict_sizes))} members={n_members} batch={batch_size}",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "gemm_gflops": round(gemm, 1),
+        "ensemble_gflops": round(flops_per_step / ensemble_time / 1e9, 1),
+        "mfu": round(flops_per_step / ensemble_time / 1e9 / gemm, 3),
+        "sequential_gflops": round(flops_per_step / sequential_time / 1e9, 1),
+        "speedup": round(sequential_time / ensemble_time, 2),
+        "limit_ratio": round(ensemble_time / encoder_time, 2),
+        "adam_vmap_ratio": round(adam_vmap_ratio(ensemble, device), 2),
+        "ensemble_step_ms": round(ensemble_time * 1e3, 2),
+        "sequential_step_ms": round(sequential_time * 1e3, 2),
+    }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d", type=int, help="d_in")
+    parser.add_argument("--dict-sizes", type=lambda s: [int(x) for x in s.split(",")], help="comma-separated dict sizes, cycled over members")
+    parser.add_argument("--members", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.d is None:
+        # The two cases recorded in docs/benchmarks.md: a large one (GEMM-bound) and a small one (overhead-bound).
+        cases = [(512, [2048, 4096], 8, 4096), (128, [512], 32, 256)]
+    else:
+        cases = [(args.d, args.dict_sizes or [4 * args.d], args.members or 8, args.batch or 1024)]
+    results = [run_case(d, sizes, m, b, args.steps, device) for d, sizes, m, b in cases]
+    for result in results:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
