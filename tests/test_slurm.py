@@ -1,0 +1,238 @@
+"""The SLURM launchers against a real one-node SLURM cluster (tests/slurm_cluster.py).
+
+Needs root and the Debian packages slurm-wlm + munge (launchers/install_slurm.sh). Without
+them these tests skip with the reason; set SAE_REQUIRE_SLURM=1 (CI) to fail instead.
+The program under test is tests/slurm_standin.py (sweep.py's command line and exit codes)
+and tests/hydra_standin.py (a Hydra app); test_sweep_py_multirun_on_slurm runs the real
+sweep.py once it exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_cluster import missing_tools, slurm_cluster
+
+REPO = Path(__file__).resolve().parent.parent
+SBATCH_SCRIPT = REPO / "launchers" / "slurm_array.sbatch"
+LOCAL_SCRIPT = REPO / "launchers" / "local_multi_gpu.sh"
+STANDIN = REPO / "tests" / "slurm_standin.py"
+HYDRA_STANDIN = REPO / "tests" / "hydra_standin.py"
+SWEEP = REPO / "sweep.py"
+# Overrides for the real-sweep.py smoke test: small enough for 2 CPU cores in ~1 minute.
+SWEEP_SMOKE_OVERRIDES = ["model=tiny", "layer=0,1"]
+
+EXIT_REQUEUE = 75
+
+
+def _slurm_unavailable() -> str | None:
+    missing = missing_tools()
+    if missing:
+        return f"SLURM not installed (missing {', '.join(missing)}); run launchers/install_slurm.sh"
+    if os.geteuid() != 0:
+        return "the test SLURM cluster runs slurmd as SlurmUser=root and needs root"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = _slurm_unavailable()
+    if reason:
+        if os.environ.get("SAE_REQUIRE_SLURM") == "1":
+            pytest.fail(f"SAE_REQUIRE_SLURM=1 but {reason}")
+        print(f"skipping SLURM tests: {reason}")
+        pytest.skip(reason)
+    with slurm_cluster(tmp_path_factory.mktemp("slurm")) as running:
+        yield running
+
+
+def expected_total(steps: int) -> int:
+    """The stand-ins' final `total` for an uninterrupted run of `steps` steps."""
+    return sum(range(steps))
+
+
+def submit_array(cluster, tmp: Path, lines: list[str], array: str, steps: int,
+                 step_s: float = 0.05, extra_env: dict | None = None) -> str:
+    """sbatch the array script over `lines` with the contract stand-in; returns the array job id."""
+    tasks = tmp / "tasks.txt"
+    tasks.write_text("# outer points\n" + "\n".join(lines) + "\n")
+    env = dict(cluster.env, SWEEP_PROGRAM=str(STANDIN), STANDIN_STEPS=str(steps),
+               STANDIN_STEP_S=str(step_s), **(extra_env or {}))
+    # Submitted from tmp, not the repo: the script must find the repo (and .venv) by itself.
+    proc = cluster.run(["sbatch", "--parsable", f"--array={array}",
+                        f"--output={tmp}/%x_%A_%a.out", str(SBATCH_SCRIPT), str(tasks),
+                        str(tmp / "runs")], env=env, cwd=tmp)
+    return proc.stdout.strip().split(";")[0]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def starts(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "starts.log").read_text().splitlines()]
+
+
+def wait_for_file(cluster, path: Path, timeout: float = 30, predicate=lambda p: True) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and predicate(path):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{path} not ready after {timeout:.0f}s\n" + cluster.daemon_logs())
+
+
+def test_array_of_two_points_runs_both_to_done(cluster, tmp_path):
+    jid = submit_array(cluster, tmp_path, ["model=tiny layer=0", "model=tiny layer=1"],
+                       array="0-1", steps=10)
+    for task in (0, 1):
+        fields = cluster.wait_for_state(f"{jid}_{task}", {"COMPLETED", "FAILED"}, timeout=60)
+        log = (tmp_path / f"sae_sweep_{jid}_{task}.out").read_text()
+        assert fields["JobState"] == "COMPLETED", log
+        assert fields["ExitCode"] == "0:0"
+    for layer in (0, 1):
+        run_dir = tmp_path / "runs" / f"model=tiny,layer={layer}"
+        assert read_json(run_dir / "done.json") == {"step": 10, "total": expected_total(10)}
+        assert starts(run_dir)[0]["overrides"] == {"model": "tiny", "layer": str(layer)}
+
+
+@pytest.mark.parametrize("scancel_flag", ["--batch", "--full"])
+def test_sigterm_checkpoints_requeues_and_resumes_to_same_result(cluster, tmp_path, scancel_flag):
+    """--batch signals only the batch shell (which forwards); --full also the program itself."""
+    steps = 60
+    jid = submit_array(cluster, tmp_path, ["model=tiny layer=0"], array="0", steps=steps,
+                       step_s=0.1)
+    task = f"{jid}_0"
+    run_dir = tmp_path / "runs" / "model=tiny,layer=0"
+    wait_for_file(cluster, run_dir / "progress.json",
+                  predicate=lambda p: read_json(p)["step"] >= 5)
+    cluster.run(["scancel", "--signal=TERM", scancel_flag, task])
+
+    fields = cluster.wait_for_state(task, {"COMPLETED", "FAILED"}, timeout=60)
+    log = (tmp_path / f"sae_sweep_{jid}_0.out").read_text()
+    assert fields["JobState"] == "COMPLETED", log
+    assert fields["Restarts"] == "1", log
+    assert f"exiting {EXIT_REQUEUE}" in log and f"requeued {task}" in log, log
+    first, second = starts(run_dir)
+    checkpoint = read_json(run_dir / "checkpoint.json")
+    assert first["from_step"] == 0
+    assert 0 < second["from_step"] == checkpoint["step"] < steps
+    assert second["restarts"] == "1"
+    assert read_json(run_dir / "done.json") == {"step": steps, "total": expected_total(steps)}
+
+
+def test_resubmitting_a_finished_point_is_a_no_op(cluster, tmp_path):
+    lines = ["model=tiny layer=3"]
+    run_dir = tmp_path / "runs" / "model=tiny,layer=3"
+    first = submit_array(cluster, tmp_path, lines, array="0", steps=5)
+    cluster.wait_for_state(f"{first}_0", {"COMPLETED"}, timeout=60)
+    done_before = (run_dir / "done.json").stat().st_mtime_ns
+
+    second = submit_array(cluster, tmp_path, lines, array="0", steps=5)
+    fields = cluster.wait_for_state(f"{second}_0", {"COMPLETED", "FAILED"}, timeout=60)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0"
+    assert "already finished" in (tmp_path / f"sae_sweep_{second}_0.out").read_text()
+    assert len(starts(run_dir)) == 1
+    assert (run_dir / "done.json").stat().st_mtime_ns == done_before
+
+
+def test_failures_pass_their_exit_code_through_and_are_not_requeued(cluster, tmp_path):
+    # Line 0 is a bad config for the stand-in (exit 2); index 1 has no line in the file.
+    jid = submit_array(cluster, tmp_path, ["not-an-override"], array="0-1", steps=5)
+    for task in (0, 1):
+        fields = cluster.wait_for_state(f"{jid}_{task}", {"COMPLETED", "FAILED"}, timeout=60)
+        assert fields["JobState"] == "FAILED"
+        assert fields["ExitCode"] == "2:0"
+        assert fields["Restarts"] == "0"
+    log = (tmp_path / f"sae_sweep_{jid}_1.out").read_text()
+    assert "array index 1 has no line" in log and "--array=0-0" in log
+
+
+def _hydra_multirun(cluster, tmp_path: Path, program: Path, overrides: list[str],
+                    env: dict) -> subprocess.Popen:
+    # --config-dir puts the repo's conf/ (hydra/launcher/slurm.yaml) on the search path.
+    return subprocess.Popen(
+        [sys.executable, str(program), "-m", "--config-dir", str(REPO / "conf"),
+         "hydra/launcher=slurm", *overrides, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=tmp_path, env=env, stdout=open(tmp_path / "multirun.log", "w"),
+        stderr=subprocess.STDOUT)
+
+
+def test_hydra_submitit_slurm_launcher_runs_array_and_resumes_after_usr2(cluster, tmp_path):
+    """conf/hydra/launcher/slurm.yaml on the real cluster; USR2 is submitit's preemption
+    signal: it requeues the same Hydra job, which must rerun into the same output dir."""
+    steps = 60
+    env = dict(cluster.env, STANDIN_STEPS=str(steps), STANDIN_STEP_S="0.1")
+    proc = _hydra_multirun(cluster, tmp_path, HYDRA_STANDIN, ["+point=a,b"], env)
+    try:
+        job0 = tmp_path / "sweep" / "0"
+        wait_for_file(cluster, job0 / "progress.json", timeout=60,
+                      predicate=lambda p: read_json(p)["step"] >= 5)
+        array_job = json.loads((job0 / "starts.log").read_text().splitlines()[0])["job"]
+        # The array's task 0 has its own job id; submitit's own test hook does the same.
+        cluster.run(["scancel", "--signal=USR2", array_job])
+        rc = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "multirun.log").read_text()
+    assert rc == 0, log + cluster.daemon_logs()
+    for point, job_dir in (("a", job0), ("b", tmp_path / "sweep" / "1")):
+        assert read_json(job_dir / "done.json") == {"step": steps, "total": expected_total(steps)}
+        assert starts(job_dir)[0]["cfg"] == {"point": point}
+    first, second = starts(job0)
+    assert 0 < second["from_step"] < steps and second["restarts"] == "1"
+
+
+@pytest.mark.skipif(not SWEEP.exists(), reason="sweep.py does not exist yet")
+def test_sweep_py_multirun_on_slurm(cluster, tmp_path):
+    proc = _hydra_multirun(cluster, tmp_path, SWEEP, SWEEP_SMOKE_OVERRIDES, dict(cluster.env))
+    try:
+        rc = proc.wait(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "multirun.log").read_text()
+    assert rc == 0, log + cluster.daemon_logs()
+    # One job dir per outer point (layer=0,1), each a finished run with its summary.
+    for job in ("0", "1"):
+        assert (tmp_path / "sweep" / job / "summary.csv").exists(), log
+
+
+def test_local_multi_gpu_runs_points_in_turn_and_resumes_after_sigterm(tmp_path):
+    """No SLURM needed: the one-node script forwards SIGTERM, exits 75, and resumes."""
+    steps = 40
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("model=tiny layer=0\n\n# second point\nmodel=tiny layer=1 devices=cpu\n")
+    env = dict(os.environ, SWEEP_PROGRAM=str(STANDIN), SWEEP_PYTHON=sys.executable,
+               STANDIN_STEPS=str(steps), STANDIN_STEP_S="0.05")
+    cmd = [str(LOCAL_SCRIPT), str(tasks), str(tmp_path / "runs")]
+    first_dir = tmp_path / "runs" / "model=tiny,layer=0"
+    second_dir = tmp_path / "runs" / "model=tiny,layer=1,devices=cpu"
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 30
+    while not ((first_dir / "progress.json").exists()
+               and read_json(first_dir / "progress.json")["step"] >= 5):
+        assert time.monotonic() < deadline, "first point never made progress"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_REQUEUE, out
+    assert not second_dir.exists(), "the script must stop after an interrupted point"
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    for run_dir in (first_dir, second_dir):
+        assert read_json(run_dir / "done.json") == {"step": steps, "total": expected_total(steps)}
+    assert starts(first_dir)[0]["overrides"]["devices"] == "auto"  # added by the script
+    assert starts(second_dir)[0]["overrides"]["devices"] == "cpu"  # the line's choice kept
+    assert starts(first_dir)[1]["from_step"] > 0
