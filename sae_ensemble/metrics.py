@@ -143,16 +143,25 @@ class FiringCounter:
 # -- dictionary similarity (MMCS) ----------------------------------------------------------------
 
 
+_MAX_COS_ELEMENTS = 1 << 26  # similarities computed at once (256 MB of float32)
+
+
 def _max_cos(dictionary: torch.Tensor, reference: torch.Tensor, reference_mask: torch.Tensor | None = None) -> torch.Tensor:
     """For each row of `dictionary` [..., n_a, d]: max cosine similarity to a row of `reference` [..., n_b, d].
 
     Rows of the reference where `reference_mask` [..., n_b] is 0 (padding) are never a match.
     The single implementation of the MMCS formula; returns [..., n_a].
     """
-    cos = F.normalize(dictionary.float(), dim=-1) @ F.normalize(reference.float(), dim=-1).transpose(-1, -2)  # [..., n_a, n_b]
-    if reference_mask is not None:
-        cos = cos.masked_fill(reference_mask.unsqueeze(-2) <= 0, float("-inf"))
-    return cos.max(-1).values
+    reference = F.normalize(reference.float(), dim=-1).transpose(-1, -2)  # [..., d, n_b]
+    # Chunk the dictionary's rows so the similarity matrix stays small (two 32k dicts: 4 GB at once).
+    rows_per_chunk = max(1, _MAX_COS_ELEMENTS // max(1, reference[..., 0, :].numel()))
+    best = []
+    for chunk in F.normalize(dictionary.float(), dim=-1).split(rows_per_chunk, dim=-2):
+        cos = chunk @ reference  # [..., chunk, n_b]
+        if reference_mask is not None:
+            cos = cos.masked_fill(reference_mask.unsqueeze(-2) <= 0, float("-inf"))
+        best.append(cos.max(-1).values)
+    return torch.cat(best, dim=-1)
 
 
 def mmcs(dictionary: torch.Tensor, reference: torch.Tensor) -> float:

@@ -93,7 +93,9 @@ def test_firing_counter_matches_a_plain_sliding_sum_and_resumes():
         assert torch.equal(counter.counts(), torch.stack(history[-covered:]).sum(0).long())
 
 
-def test_mmcs_matches_a_double_loop():
+@pytest.mark.parametrize("chunk_elements", [1 << 26, 20])  # one similarity matrix, or rows in chunks
+def test_mmcs_matches_a_double_loop(chunk_elements, monkeypatch):
+    monkeypatch.setattr("sae_ensemble.metrics._MAX_COS_ELEMENTS", chunk_elements)
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(6, 4, generator=g), torch.randn(9, 4, generator=g)
     an, bn = a.double().numpy(), b.double().numpy()
