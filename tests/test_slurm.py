@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.slurm_cluster import missing_tools, slurm_cluster
@@ -51,6 +52,19 @@ def cluster(tmp_path_factory):
         pytest.skip(reason)
     with slurm_cluster(tmp_path_factory.mktemp("slurm")) as running:
         yield running
+
+
+def test_cluster_that_fails_to_start_shows_logs_and_stops_its_daemons(tmp_path):
+    reason = _slurm_unavailable()
+    if reason:
+        pytest.skip(reason)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    # A 0.1 s start-up budget cannot be met: start-up must fail cleanly, not hang or leak.
+    with pytest.raises(TimeoutError, match="slurmctld log"):
+        with slurm_cluster(tmp_path / "broken", start_timeout=0.1):
+            pass
+    leaked = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not leaked, f"daemons left running: {[(p.pid, p.name()) for p in leaked]}"
 
 
 def expected_total(steps: int) -> int:
@@ -126,6 +140,22 @@ def test_sigterm_checkpoints_requeues_and_resumes_to_same_result(cluster, tmp_pa
     assert 0 < second["from_step"] == checkpoint["step"] < steps
     assert second["restarts"] == "1"
     assert read_json(run_dir / "done.json") == {"step": steps, "total": expected_total(steps)}
+
+
+def test_plain_scancel_checkpoints_but_is_not_undone_by_a_requeue(cluster, tmp_path):
+    """scancel (no --signal) also SIGTERMs the program, which exits 75; the script must see
+    that SLURM is ending the job and not requeue it, or a user could never cancel."""
+    jid = submit_array(cluster, tmp_path, ["model=tiny layer=2"], array="0", steps=200,
+                       step_s=0.1)
+    run_dir = tmp_path / "runs" / "model=tiny,layer=2"
+    wait_for_file(cluster, run_dir / "progress.json")
+    cluster.run(["scancel", f"{jid}_0"])
+    fields = cluster.wait_for_state(f"{jid}_0", {"CANCELLED", "COMPLETED", "FAILED"}, timeout=30)
+    time.sleep(2)  # a wrongly requeued task would show up as PENDING/RUNNING by now
+    log = (tmp_path / f"sae_sweep_{jid}_0.out").read_text()
+    assert cluster.job_state(f"{jid}_0") == "CANCELLED", log
+    assert fields["Restarts"] == "0", log
+    assert (run_dir / "checkpoint.json").exists() and "not requeueing" in log, log
 
 
 def test_resubmitting_a_finished_point_is_a_no_op(cluster, tmp_path):
