@@ -1,0 +1,143 @@
+"""summary.csv, plots and the report CLI on run directories built by a tiny trained ensemble."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae_ensemble.checkpoint import save_member
+from sae_ensemble.ensemble import Ensemble
+from sae_ensemble.member import Member
+from sae_ensemble.metrics import FiringCounter, mmcs, mmcs_truth, reconstruction_metrics
+from sae_ensemble.report import (
+    COLUMNS,
+    FREQ_FILE,
+    format_table,
+    load_rows,
+    pareto_front,
+    write_plots,
+    write_summary,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+D_IN = 6
+MEMBERS = [
+    Member("relu", D_IN, size, l1=l1, seed=seed, lr=1e-2)
+    for size in (8, 16)
+    for l1 in (1e-3, 1e-1)
+    for seed in (0, 1)
+] + [Member("topk", D_IN, 16, k=2, lr=1e-2), Member("tied", D_IN, 8, l1=1e-2, lr=1e-2)]
+
+
+def build_run_dir(run_dir: Path, with_frequencies: bool) -> Path:
+    """Train a tiny ensemble on sparse combinations of 4 true features and save every member."""
+    g = torch.Generator().manual_seed(0)
+    truth = torch.nn.functional.normalize(torch.randn(4, D_IN, generator=g), dim=-1)
+    ensemble = Ensemble(MEMBERS, total_steps=20)
+    counter = FiringCounter(len(MEMBERS), ensemble.n_padded, window_tokens=10_000)
+    for _ in range(20):
+        batch = (torch.rand(64, 4, generator=g) * (torch.rand(64, 4, generator=g) < 0.3)) @ truth
+        stats = ensemble.step(batch)
+        counter.update(stats["fired"], batch.shape[0])
+    mask = ensemble.hparams["feature_mask"]
+    codes, x_hat = ensemble.forward(batch)
+    metrics = reconstruction_metrics(batch, x_hat, codes, mask)
+    decoders = torch.stack([torch.nn.functional.pad(ensemble.member_state(i)[0]["W_dec"], (0, 0, 0, ensemble.n_padded - m.dict_size))
+                            for i, m in enumerate(MEMBERS)])  # fmt: skip
+    truth_scores = mmcs_truth(decoders, mask, truth)
+    dead = counter.dead_fraction(mask)
+    frequencies = counter.frequencies()
+    for index, member in enumerate(MEMBERS):
+        params, moments = ensemble.member_state(index)
+        member_metrics = {name: float(value[index]) for name, value in metrics.items()}
+        member_metrics.update(dead_frac=float(dead[index]), mmcs_truth=float(truth_scores[index]))
+        directory = run_dir / "members" / member.member_id
+        info = {"steps": 20, "tokens": 20 * 64, "alive": bool(ensemble.alive[index]), "metrics": member_metrics}
+        save_member(directory, member, params, moments, info=info)
+        if with_frequencies:
+            save_file({"frequency": frequencies[index, : member.dict_size].contiguous()}, directory / FREQ_FILE)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return build_run_dir(tmp_path_factory.mktemp("run"), with_frequencies=True)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_summary_has_one_sorted_row_per_member_with_metrics_and_mmcs(run_dir):
+    rows = read_csv(write_summary(run_dir))
+    assert [r["member_id"] for r in rows] == sorted(m.member_id for m in MEMBERS)
+    assert list(rows[0])[: len(COLUMNS)] == list(COLUMNS)
+    by_id = {r["member_id"]: r for r in rows}
+    for member in MEMBERS:
+        row = by_id[member.member_id]
+        assert float(row["l1"]) == member.l1 and int(row["dict_size"]) == member.dict_size and int(row["seed"]) == member.seed
+        assert row["ce_recovered"] == ""  # never evaluated on an LM
+        assert 0 <= float(row["fvu"]) and 0 <= float(row["dead_frac"]) <= 1 and 0 < float(row["mmcs_truth"]) <= 1 + 1e-6
+
+    def decoder(member):
+        return load_file(run_dir / "members" / member.member_id / "sae.safetensors")["W_dec"]
+
+    small, large, other_seed = MEMBERS[0], MEMBERS[4], MEMBERS[1]  # d8 l1=1e-3 s0, d16 l1=1e-3 s0, d8 l1=1e-3 s1
+    assert float(by_id[small.member_id]["mmcs_next"]) == pytest.approx(mmcs(decoder(small), decoder(large)), abs=1e-6)
+    assert by_id[large.member_id]["mmcs_next"] == ""  # no larger dict
+    assert float(by_id[small.member_id]["mmcs_seed"]) == pytest.approx(mmcs(decoder(small), decoder(other_seed)), abs=1e-6)
+    assert by_id[MEMBERS[-1].member_id]["mmcs_seed"] == ""  # the tied member has no seed partner
+
+
+def test_plots_are_written_and_non_empty(run_dir):
+    paths = write_plots(run_dir)
+    assert {p.name for p in paths} == {"pareto_l0_fvu.png", "mmcs_heatmap.png", "dead_vs_l1.png", "feature_frequency.png"}
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_frequency_plot_is_skipped_cleanly_without_frequency_files(tmp_path):
+    run = build_run_dir(tmp_path / "run", with_frequencies=False)
+    names = {p.name for p in write_plots(run)}
+    assert "feature_frequency.png" not in names and "pareto_l0_fvu.png" in names
+
+
+def test_cli_regenerates_a_byte_identical_summary(run_dir):
+    first = write_summary(run_dir).read_bytes()
+    (run_dir / "summary.csv").unlink()
+    result = subprocess.run([sys.executable, "-m", "sae_ensemble.report", str(run_dir)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (run_dir / "summary.csv").read_bytes() == first
+    assert MEMBERS[0].member_id in result.stdout  # the console table
+
+
+def test_cli_on_a_directory_without_members_fails_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sae_ensemble.report", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "has no members" in result.stderr
+
+
+def test_pareto_front_keeps_only_undominated_rows():
+    rows = [
+        {"member_id": "a", "l0": 1.0, "fvu": 0.9},
+        {"member_id": "b", "l0": 2.0, "fvu": 0.5},
+        {"member_id": "c", "l0": 3.0, "fvu": 0.6},  # dominated by b
+        {"member_id": "d", "l0": 5.0, "fvu": 0.1},
+        {"member_id": "e", "l0": 2.5, "fvu": None},  # not evaluated
+    ]
+    assert [r["member_id"] for r in pareto_front(rows)] == ["a", "b", "d"]
+    table = format_table(rows)
+    lines = table.splitlines()
+    assert len(lines) == 6 and lines[0].split()[:2] == ["member_id", "steps"]
+    assert lines[3].lstrip().startswith("c") and lines[2].startswith("*")
+
+
+def test_rows_carry_steps_alive_and_rename_the_l1_metric(run_dir):
+    row = load_rows(run_dir)[0]
+    assert row["steps"] == 20 and row["alive"] is True
+    assert "l1_norm" in row and row["l1"] in (1e-3, 1e-1, 1e-2)
