@@ -23,7 +23,9 @@ EXIT_INTERRUPTED=75
 
 die() { echo "local_multi_gpu.sh: $*" >&2; exit "$EXIT_BAD_CONFIG"; }
 
-[ $# -ge 1 ] && [ $# -le 2 ] || die "usage: launchers/local_multi_gpu.sh TASKS_FILE [RUN_ROOT] (got $# arguments)"
+if [ $# -lt 1 ] || [ $# -gt 2 ]; then
+    die "usage: launchers/local_multi_gpu.sh TASKS_FILE [RUN_ROOT] (got $# arguments)"
+fi
 
 SAE_ENSEMBLE_DIR=${SAE_ENSEMBLE_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
 SWEEP_PYTHON=${SWEEP_PYTHON:-$SAE_ENSEMBLE_DIR/.venv/bin/python}

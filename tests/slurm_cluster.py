@@ -244,7 +244,25 @@ def slurm_cluster(tmp_dir: str | os.PathLike, start_timeout: float = 30) -> Iter
         _wait_for(node_idle, start_timeout, f"node {node} to be idle in sinfo", cluster)
         yield cluster
     finally:
+        _cancel_jobs(cluster)
         _stop(cluster.procs)
+
+
+def _cancel_jobs(cluster: SlurmCluster, timeout: float = 15) -> None:
+    """Cancel every job of this private cluster and wait for them to end.
+
+    Job processes run under slurmstepd, which outlives slurmd; a test that fails mid-job
+    would otherwise leave its program running after the cluster is gone.
+    """
+    if "slurmctld" not in cluster.procs or cluster.procs["slurmctld"].poll() is not None:
+        return
+    cluster.run(["scancel", "--partition=debug"], check=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = cluster.run(["squeue", "--noheader", "-o", "%i"], check=False)
+        if out.returncode != 0 or not out.stdout.strip():
+            return
+        time.sleep(0.3)
 
 
 def _wait_for(ready, timeout: float, what: str, cluster: SlurmCluster) -> None:
