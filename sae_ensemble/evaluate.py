@@ -46,7 +46,7 @@ def reconstruction_from_checkpoint(
         name: value.to(device)
         for name, value in sae.make_hparams(member.variant, member.dict_size, member.l1, member.bias_decay, member.k, member.use_b_dec).items()
     }
-    k_max = member.k if member.variant == "topk" else 0
+    layout = sae.Layout.of([member.variant], [member.k])  # static code-path choices for this one member
     shift, scale = (torch.zeros(member.d_in), 1.0) if normalization is None else normalization
     shift = torch.as_tensor(shift, dtype=torch.float32, device=device)
     if shift.shape != (member.d_in,):
@@ -57,7 +57,7 @@ def reconstruction_from_checkpoint(
         if x.shape[-1] != member.d_in:
             raise ValueError(f"activations have width {x.shape[-1]}; member {member.member_id} expects d_in={member.d_in}")
         rows = (x.reshape(-1, member.d_in).float() - shift) / scale  # [rows, d] in the SAE's space
-        x_hat = sae.decode(params, hp, sae.encode(params, hp, rows, k_max))
+        x_hat = sae.decode(params, hp, sae.encode(params, hp, rows, layout), layout)
         return (x_hat * scale + shift).reshape(x.shape).to(x.dtype)
 
     return reconstruct
