@@ -100,15 +100,14 @@ class Tracker:
             settings=settings,
             **run_args,
         )
-        if self.mode != "disabled":
-            try:
-                return wandb.init(mode=self.mode, **args)
-            except Exception as error:  # noqa: BLE001 - tracking must never stop a sweep
-                if self.mode != "online":
-                    raise
-                warnings.warn(f"wandb could not start an online run ({error}); logging offline to {self.directory}/wandb instead")
-                self.mode = "offline"
-        return wandb.init(mode=self.mode, **args)
+        try:
+            return wandb.init(mode=self.mode, **args)
+        except Exception as error:  # noqa: BLE001 - no network must never stop a sweep
+            if self.mode != "online":
+                raise
+            warnings.warn(f"wandb could not start an online run ({error}); logging offline to {self.directory}/wandb instead")
+            self.mode = "offline"
+            return wandb.init(mode=self.mode, **args)
 
     def log(self, member_id: str, step: int, metrics: dict[str, float]) -> None:
         """Log a member's metrics at a training step."""

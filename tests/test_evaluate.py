@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae_ensemble import sae
 from sae_ensemble.activations.tiny_model import build_tiny_gpt2
 from sae_ensemble.checkpoint import save_member
 from sae_ensemble.ensemble import Ensemble
