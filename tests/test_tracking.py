@@ -132,3 +132,28 @@ def test_disabled_mode_writes_nothing_and_unknown_members_are_named(offline_env)
         Tracker("proj", "g", mode="offline", directory=offline_env / "runs").log("ghost", 0, {})
     with pytest.raises(ValueError, match="mode='cloud'"):
         Tracker("proj", "g", mode="cloud")
+
+
+def test_a_key_without_network_falls_back_to_offline_and_the_key_is_written_nowhere(offline_env, monkeypatch):
+    import wandb
+
+    key = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    real_init = wandb.init
+
+    def init_without_network(*args, mode=None, **kwargs):
+        if mode == "online":
+            raise wandb.errors.CommError("no route to host")
+        return real_init(*args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", init_without_network)
+    tracker = Tracker("proj", "sweep-f", directory=offline_env / "runs")
+    assert tracker.mode == "online"  # a key is set
+    tracker.register(MEMBERS[:1])
+    with pytest.warns(UserWarning, match="offline"):
+        tracker.log(MEMBERS[0].member_id, 0, {"mse": 1.0})
+    tracker.close()
+    assert tracker.mode == "offline"
+    assert len(list((offline_env / "runs" / "wandb").glob("offline-run-*"))) == 1
+    files = [p for p in (offline_env / "runs").rglob("*") if p.is_file()]
+    assert files and not any(key.encode() in p.read_bytes() for p in files)
