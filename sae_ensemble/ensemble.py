@@ -148,6 +148,11 @@ class Ensemble:
         """(codes [M, B, n_padded], x_hat [M, B, d]) of every member on `batch` [B, d]."""
         return self._forward(self.params, self.hparams, batch)
 
+    @torch.no_grad()
+    def decoders(self) -> torch.Tensor:
+        """Every member's unit-norm dictionary [M, n_padded, d] (padded rows are zero)."""
+        return torch.func.vmap(lambda p, h: sae.decoder(p, h, self.layout))(self.params, self.hparams)
+
     # -- plain-data views ------------------------------------------------------
 
     def member_state(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -160,7 +165,8 @@ class Ensemble:
         n = member.dict_size
         params = {name: p[index].detach().cpu().clone() for name, p in self.params.items()}
         hp = {name: h[index].cpu() for name, h in self.hparams.items()}
-        params["W_dec"] = sae.decoder(params, hp, sae.Layout.of([member.variant], [member.k]))
+        if member.variant == "tied":  # stored W_dec rows are already unit norm; renormalising would perturb a resume
+            params["W_dec"] = sae.decoder(params, hp, sae.Layout.of([member.variant], [member.k]))
         for name in ("W_enc", "b_enc", "W_dec"):
             params[name] = params[name][:n].contiguous()
         moments = {}

@@ -1,0 +1,171 @@
+"""Dispatcher: CPU workers stand in for GPUs; results, faults, signals and resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sae_ensemble.activations.synthetic import write_synthetic
+from sae_ensemble.checkpoint import load_member
+from sae_ensemble.dispatch import EXIT_FAILED, EXIT_REQUEUE, Training, latest_checkpoint, resolve_devices, run
+from sae_ensemble.grid import Grid, make_plan, pack, padded_cost
+from sae_ensemble.member import Member
+
+GRID = Grid(variants=["relu", "tied"], dict_sizes=[32, 64], l1=[1e-3, 1e-2], bias_decay=[0.0, 0.05])
+LONG_STEPS = 300  # long enough to signal a run mid-way after its first checkpoint
+TRAINING = dict(steps=40, batch_size=64, checkpoint_every=10, log_every=5, eval_rows=256, dead_window_tokens=2000)
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "synthetic"
+    write_synthetic(path, d_in=16, n_features=24, n_active=3, n_rows=6000, rows_per_chunk=1000, seed=0)
+    return path
+
+
+def members_of(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {p.name: load_member(p)[1] for p in sorted((run_dir / "members").iterdir())}
+
+
+def assert_same_members(a: Path, b: Path, atol: float = 1e-6) -> None:
+    left, right = members_of(a), members_of(b)
+    assert sorted(left) == sorted(right) and len(left) == len(GRID.members(16))
+    for member_id in left:
+        for name in left[member_id]:
+            torch.testing.assert_close(left[member_id][name], right[member_id][name], atol=atol, rtol=0, msg=f"{member_id} {name}")
+
+
+@pytest.fixture(scope="module")
+def one_worker_run(store_path, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one_worker")
+    plan = make_plan(GRID.members(16), resolve_devices("cpu:1"), TRAINING["batch_size"])
+    assert run(plan, store_path, run_dir, Training(**TRAINING), progress=False) == 0
+    return run_dir
+
+
+def test_two_workers_give_the_same_members_as_one(store_path, one_worker_run, tmp_path):
+    plan = make_plan(GRID.members(16), resolve_devices("cpu:2"), TRAINING["batch_size"])
+    assert len(plan["ensembles"]) == 2
+    seen = []
+    assert run(plan, store_path, tmp_path, Training(**TRAINING), on_metrics=lambda *a: seen.append(a), progress=False) == 0
+    assert_same_members(one_worker_run, tmp_path)
+    # Metrics reached the parent for every member, at every log step.
+    assert {member_id for member_id, _, _ in seen} == {m.member_id for m in GRID.members(16)}
+    assert {step for _, step, _ in seen} == {5, 10, 15, 20, 25, 30, 35, 40}
+    cfg = load_member(tmp_path / "members" / GRID.members(16)[0].member_id)[3]
+    assert cfg["steps"] == 40 and cfg["tokens"] == 40 * 64
+    assert set(cfg["metrics"]) >= {"mse", "fvu", "l0", "l1", "dead_frac", "mmcs_truth"}
+
+
+def test_rerun_of_a_finished_run_changes_nothing(store_path, one_worker_run):
+    before = {p: p.stat().st_mtime_ns for p in (one_worker_run / "members").rglob("*")}
+    plan = make_plan(GRID.members(16), resolve_devices("cpu:1"), TRAINING["batch_size"])
+    assert run(plan, store_path, one_worker_run, Training(**TRAINING), progress=False) == 0
+    assert before == {p: p.stat().st_mtime_ns for p in (one_worker_run / "members").rglob("*")}
+
+
+def _launch(run_dir: Path, store_path: Path, steps: int, extra: str = "") -> subprocess.Popen:
+    """A sweep in its own process (so it can be signalled), printing to a log file."""
+    script = textwrap.dedent(f"""
+        import sys
+        from sae_ensemble.dispatch import Training, resolve_devices, run
+        from sae_ensemble.grid import Grid, make_plan
+        grid = Grid(variants=["relu", "tied"], dict_sizes=[32, 64], l1=[1e-3, 1e-2], bias_decay=[0.0, 0.05])
+        training = Training(**{dict(TRAINING, steps=steps, checkpoint_every=5)!r})
+        plan = make_plan(grid.members(16), resolve_devices("cpu:2"), training.batch_size)
+        {extra}
+        sys.exit(run(plan, {str(store_path)!r}, {str(run_dir)!r}, training, progress=False))
+    """)
+    log = open(run_dir.parent / f"{run_dir.name}.log", "w")
+    return subprocess.Popen([sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1],
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+
+
+def _wait_for_checkpoint(run_dir: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(latest_checkpoint(run_dir / "checkpoints" / f"ensemble_{i}") for i in range(2)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint appeared in {run_dir} within {timeout}s")
+
+
+def _worker_pids(parent: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+    # multiprocessing's spawn start also runs a resource tracker; workers are the ones running spawn_main.
+    return [int(p) for p in out if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+
+
+@pytest.fixture(scope="module")
+def reference_run(store_path, tmp_path_factory):
+    """An uninterrupted run of the same sweep the signal tests interrupt."""
+    reference = tmp_path_factory.mktemp("reference") / "run"
+    assert _launch(reference, store_path, steps=LONG_STEPS).wait(timeout=300) == 0
+    return reference
+
+
+def test_sigkilled_worker_is_reported_and_resume_matches_uninterrupted(store_path, reference_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    sweep = _launch(run_dir, store_path, steps=LONG_STEPS)
+    _wait_for_checkpoint(run_dir)
+    victim = _worker_pids(sweep.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert sweep.wait(timeout=90) == EXIT_FAILED
+    assert time.monotonic() - killed_at < 75
+    log = (tmp_path / "killed.log").read_text()
+    assert "died with signal SIGKILL" in log and "worker on cpu:" in log, log
+    assert "relu-d" in log or "tied-d" in log, f"the failed members are not named: {log}"
+    for i in range(2):
+        step_dir = latest_checkpoint(run_dir / "checkpoints" / f"ensemble_{i}")
+        assert step_dir is not None and all(load_member(p, with_moments=True) for p in (step_dir / "members").iterdir())
+
+    assert _launch(run_dir, store_path, steps=LONG_STEPS).wait(timeout=300) == 0
+    assert_same_members(reference_run, run_dir)
+
+
+def test_sigterm_checkpoints_exits_with_requeue_code_and_resume_matches(store_path, reference_run, tmp_path):
+    run_dir = tmp_path / "terminated"
+    sweep = _launch(run_dir, store_path, steps=LONG_STEPS)
+    _wait_for_checkpoint(run_dir)
+    sweep.send_signal(signal.SIGTERM)
+    assert sweep.wait(timeout=90) == EXIT_REQUEUE
+    assert "rerun into" in (tmp_path / "terminated.log").read_text()
+    assert not (run_dir / "members").exists() or len(list((run_dir / "members").iterdir())) < len(GRID.members(16))
+    assert _launch(run_dir, store_path, steps=LONG_STEPS).wait(timeout=300) == 0
+    assert_same_members(reference_run, run_dir)
+
+
+def test_worker_exception_is_reported_with_its_traceback(store_path, tmp_path):
+    # A plan naming a member whose d_in does not match the store fails inside the worker.
+    sweep = _launch(tmp_path / "broken", store_path, steps=20,
+                    extra="plan['members'][plan['ensembles'][1]['members'][0]]['d_in'] = 999")
+    assert sweep.wait(timeout=120) == EXIT_FAILED
+    log = (tmp_path / "broken.log").read_text()
+    assert "worker on cpu:1" in log and "raised an exception" in log and "Traceback" in log, log
+
+
+def test_packing_balances_cost_and_limits_padding():
+    members = [Member("relu", 512, size, l1=l1) for size in (512, 1024, 2048, 4096) for l1 in [1e-4 * 2**i for i in range(8)]]
+    groups = pack(members, 8)
+    costs = [padded_cost(g) for g in groups]
+    real = sum(m.dict_size * m.d_in for m in members)
+    assert len(groups) == 8 and sorted(m.member_id for g in groups for m in g) == sorted(m.member_id for m in members)
+    assert max(costs) / (sum(costs) / len(costs)) <= 1.25
+    assert 1 - real / sum(costs) <= 0.25
+
+
+def test_bad_device_specs_are_rejected_with_the_allowed_forms():
+    with pytest.raises(ValueError, match=r"devices='tpu:0' is unknown; allowed: auto, cpu, cpu:N"):
+        resolve_devices("tpu:0")
+    with pytest.raises(ValueError, match="cpu:N needs a worker count"):
+        resolve_devices("cpu:0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"asks for GPU\(s\) \[3\] but 0 are visible"):
+            resolve_devices("cuda:3")
