@@ -1,0 +1,183 @@
+"""Structured sweep config: dataclasses registered with Hydra's ConfigStore, every field documented.
+
+`conf/config.yaml` fills these in; `validate()` rejects impossible values with one sentence
+naming the field, the value and what is allowed. Grid axes accept lists or
+`${logspace:START,STOP,N}` (N values from 10^START to 10^STOP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from sae_ensemble.dispatch import Training, resolve_devices
+from sae_ensemble.grid import Grid
+from sae_ensemble.sae import VARIANTS
+
+SOURCES = ("synthetic", "lm")
+NORMALIZE = ("none", "center", "center_scale")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    """Where activations come from."""
+
+    source: str = "synthetic"
+    """synthetic (ground-truth toy data) or lm (harvested from a language model)."""
+    store: str | None = None
+    """Use this existing store directory as is (skips synthesis and harvesting)."""
+    store_root: str = "stores"
+    """Cache directory of content-addressed stores (relative to where you launch)."""
+    rows_per_chunk: int = 65536
+    """Rows per chunk file."""
+    heldout_rows: int = 8192
+    """Rows at the end of the store kept out of training, for evaluation."""
+    dtype: str = "float32"
+    """Stored dtype: float32, float16 or bfloat16 (batches are always float32)."""
+    # synthetic
+    d_in: int = 256
+    """Synthetic: activation width."""
+    n_features: int = 512
+    """Synthetic: number of ground-truth features."""
+    n_active: float = 5.0
+    """Synthetic: mean number of active features per row."""
+    feature_prob_decay: float = 0.99
+    """Synthetic: feature i fires with probability proportional to decay^i."""
+    n_rows: int = 1_000_000
+    """Synthetic: rows to generate (training + held out)."""
+    correlated: bool = False
+    """Synthetic: correlate feature activations."""
+    noise_std: float = 0.0
+    """Synthetic: standard deviation of added Gaussian noise."""
+    seed: int = 0
+    """Synthetic: seed of the features and rows."""
+    # lm
+    dataset: str = "NeelNanda/pile-10k"
+    """LM: Hugging Face dataset name (streamed) or a local .txt/.jsonl file or directory."""
+    split: str = "train"
+    """LM: dataset split."""
+    dataset_config: str | None = None
+    """LM: dataset configuration name."""
+    text_field: str = "text"
+    """LM: text field of dataset records."""
+    context_length: int = 128
+    """LM: tokens per context."""
+    n_tokens: int = 1_000_000
+    """LM: rows (token positions) to harvest."""
+    drop_bos: bool = True
+    """LM: skip the BOS position of every context."""
+    harvest_batch_size: int = 16
+    """LM: contexts per forward pass while harvesting."""
+
+
+@dataclass
+class ModelConfig:
+    """The language model (LM data only)."""
+
+    name: str = "gpt2"
+    """Hugging Face model name or local directory, as TransformerBridge.boot_transformers takes it."""
+    revision: str | None = None
+    """Model revision (HF branch, tag or commit)."""
+    build_tiny: bool = False
+    """Build a tiny random GPT-2 at `name` if that directory is missing (offline tests and demos)."""
+
+
+@dataclass
+class EvalConfig:
+    """Model-level evaluation (LM data only)."""
+
+    ce_loss: bool = True
+    """Splice each SAE into the model and measure CE loss recovered and KL on held-out text."""
+    n_contexts: int = 32
+    """Held-out contexts for CE evaluation."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases tracking: one run per member, grouped by sweep."""
+
+    mode: str | None = None
+    """online, offline, disabled; null = online if WANDB_API_KEY is set, else offline."""
+    project: str = "sae_ensemble"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (team or user)."""
+
+
+@dataclass
+class SweepConfig:
+    """One outer-grid point: one store, one inner grid trained as ensembles across local devices."""
+
+    name: str = "sweep"
+    """Sweep name: the wandb group and the label of this run."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    layer: int = 0
+    """LM: layer used by the default hook name."""
+    hook: str = "blocks.${layer}.hook_resid_post"
+    """LM: TransformerLens hook name whose activations are harvested."""
+    grid: Grid = field(default_factory=Grid)
+    training: Training = field(default_factory=Training)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    devices: str = "auto"
+    """auto (all GPUs, else CPU), cpu, cpu:N (N CPU workers), cuda, or cuda:0,1,..."""
+    plan_only: bool = False
+    """Print the plan and exit without training."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+def register() -> None:
+    """Register the schema and the `logspace` resolver (idempotent)."""
+    if not OmegaConf.has_resolver("logspace"):
+        OmegaConf.register_new_resolver(
+            "logspace", lambda start, stop, n: [float(f"{v:.6g}") for v in np.logspace(float(start), float(stop), int(n))]
+        )
+    ConfigStore.instance().store(name="sweep_schema", node=SweepConfig)
+
+
+def validate(cfg: SweepConfig) -> list[str]:
+    """Raise ConfigError on the first impossible value; return the resolved device list."""
+    data, grid, training = cfg.data, cfg.grid, cfg.training
+    checks = [
+        (data.source in SOURCES, f"data.source={data.source!r} is unknown; allowed: {', '.join(SOURCES)}"),
+        (all(v in VARIANTS for v in grid.variants), f"grid.variants={list(grid.variants)} has an unknown variant; allowed: {', '.join(VARIANTS)}"),
+        (all(v > 0 for v in grid.l1) or grid.variants == ["topk"], f"grid.l1={list(grid.l1)} must hold positive values (use variant topk for no L1 term)"),
+        (all(s >= 1 for s in grid.dict_sizes), f"grid.dict_sizes={list(grid.dict_sizes)} must all be at least 1"),
+        (all(r > 0 for r in grid.dict_ratios), f"grid.dict_ratios={list(grid.dict_ratios)} must all be positive"),
+        (bool(grid.dict_sizes or grid.dict_ratios), "the grid has no dictionary size: set grid.dict_sizes or grid.dict_ratios"),
+        (all(b >= 0 for b in grid.bias_decay), f"grid.bias_decay={list(grid.bias_decay)} must be non-negative"),
+        (all(lr > 0 for lr in grid.lr), f"grid.lr={list(grid.lr)} must hold positive learning rates"),
+        (all(k >= 1 for k in grid.k) or "topk" not in grid.variants, f"grid.k={list(grid.k)} must hold counts of at least 1"),
+        (training.steps >= 1, f"training.steps={training.steps} must be at least 1"),
+        (training.batch_size >= 1, f"training.batch_size={training.batch_size} must be at least 1"),
+        (training.checkpoint_every >= 1, f"training.checkpoint_every={training.checkpoint_every} must be at least 1"),
+        (training.log_every >= 1, f"training.log_every={training.log_every} must be at least 1"),
+        (training.normalize in NORMALIZE, f"training.normalize={training.normalize!r} is unknown; allowed: {', '.join(NORMALIZE)}"),
+        (cfg.wandb.mode in (None, "online", "offline", "disabled"), f"wandb.mode={cfg.wandb.mode!r} is unknown; allowed: online, offline, disabled, or null"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    try:
+        return resolve_devices(cfg.devices)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_grid_fits(grid: Grid, d_in: int) -> None:
+    """Grid checks that need the store's d_in: k within every dict size, no empty grid."""
+    try:
+        members = grid.members(d_in)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if not members:
+        raise ConfigError("the grid is empty: give at least one value on every axis")

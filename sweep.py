@@ -1,0 +1,167 @@
+"""Train an inner grid of SAEs as one ensemble per device: compose -> validate -> plan -> store -> dispatch -> report.
+
+    python sweep.py                                     # the embedded default: synthetic ground truth on CPU
+    python sweep.py grid=paper devices=cuda             # a bigger grid on every GPU
+    python sweep.py -m data=lm model=tiny layer=0,1     # outer axes as Hydra multirun jobs
+
+Exit codes: 0 done, 1 a worker failed, 2 bad config or input, 75 interrupted after
+checkpointing (rerun into the same run dir to resume; the SLURM launchers requeue on it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from sae_ensemble import config as config_module
+from sae_ensemble import dispatch, report
+from sae_ensemble.activations.store import ActivationStore, StoreError
+from sae_ensemble.checkpoint import CheckpointError, read_json, write_json_atomic
+from sae_ensemble.config import ConfigError, SweepConfig
+from sae_ensemble.grid import format_plan, make_plan
+
+EXIT_BAD_INPUT = 2
+
+config_module.register()
+
+
+def get_store(cfg: SweepConfig) -> ActivationStore:
+    """The store this sweep trains on: given, synthesised, or harvested (each reused when it exists)."""
+    data = cfg.data
+    if data.store:
+        store = ActivationStore.open(data.store)
+        if data.source == "synthetic" and store.d_in != data.d_in:
+            raise ConfigError(f"data.store={data.store} has d_in={store.d_in} but data.d_in={data.d_in}; set data.d_in={store.d_in} or use another store")
+        return store
+    if data.source == "synthetic":
+        from sae_ensemble.activations.synthetic import write_synthetic
+
+        params = dict(d_in=data.d_in, n_features=data.n_features, n_active=data.n_active, feature_prob_decay=data.feature_prob_decay,
+                      n_rows=data.n_rows, seed=data.seed, correlated=data.correlated, noise_std=data.noise_std, dtype=data.dtype)
+        key = hashlib.sha256(json.dumps([params, data.rows_per_chunk, data.heldout_rows], sort_keys=True).encode()).hexdigest()[:16]
+        return write_synthetic(Path(data.store_root) / f"synthetic-{key}", rows_per_chunk=data.rows_per_chunk,
+                               heldout_rows=data.heldout_rows, **params)
+    from sae_ensemble.activations.harvest import get_or_harvest
+
+    ensure_model(cfg)
+    stores = get_or_harvest(
+        cfg.model.name, [cfg.hook], data.dataset, cache_root=data.store_root, n_tokens=data.n_tokens,
+        context_length=data.context_length, split=data.split, dataset_config=data.dataset_config, text_field=data.text_field,
+        dtype=data.dtype, drop_bos=data.drop_bos, revision=cfg.model.revision, device=harvest_device(cfg),
+        batch_size=data.harvest_batch_size, rows_per_chunk=data.rows_per_chunk, heldout_rows=data.heldout_rows, progress=cfg.progress,
+    )
+    return stores[cfg.hook]
+
+
+def ensure_model(cfg: SweepConfig) -> None:
+    if cfg.model.build_tiny and not (Path(cfg.model.name) / "config.json").exists():
+        from sae_ensemble.activations.tiny_model import build_tiny_gpt2
+
+        build_tiny_gpt2(cfg.model.name)
+
+
+def harvest_device(cfg: SweepConfig) -> str:
+    first = dispatch.resolve_devices(cfg.devices)[0]
+    return "cpu" if first.startswith("cpu") else first
+
+
+def plan_for(cfg: SweepConfig, devices: list[str], d_in: int, run_dir: Path) -> dict:
+    """The plan, reusing the run dir's plan.json when resuming (it must hold the same members)."""
+    config_module.check_grid_fits(cfg.grid, d_in)
+    plan = make_plan(cfg.grid.members(d_in), devices, cfg.training.batch_size)
+    plan_path = run_dir / "plan.json"
+    if plan_path.exists():
+        previous = read_json(plan_path)
+        if sorted(previous["members"]) != sorted(plan["members"]):
+            raise ConfigError(f"{run_dir} already holds a sweep with other members; use a new run dir (hydra.run.dir=...) or the same grid to resume")
+        return previous
+    write_json_atomic(plan_path, plan)
+    return plan
+
+
+def evaluate_lm(cfg: SweepConfig, store: ActivationStore, run_dir: Path) -> None:
+    """CE loss recovered and KL for every finished member, written into its cfg.json metrics."""
+    from sae_ensemble.activations.harvest import boot_model, iter_contexts, iter_texts
+    from sae_ensemble.evaluate import evaluate_members
+
+    import torch
+
+    bridge = boot_model(cfg.model.name, device=harvest_device(cfg), revision=cfg.model.revision)
+    # Held-out text: contexts after the ones harvested for training.
+    texts = iter_texts(cfg.data.dataset, cfg.data.split, cfg.data.dataset_config, cfg.data.text_field)
+    skip = -(-cfg.data.n_tokens // cfg.data.context_length)
+    contexts = []
+    for i, context in enumerate(iter_contexts(texts, bridge.tokenizer, cfg.data.context_length)):
+        if i >= skip:
+            contexts.append(context)
+        if len(contexts) == cfg.eval.n_contexts:
+            break
+    if not contexts:
+        print(f"warning: no held-out text left after the {skip} harvested contexts; CE evaluation skipped", file=sys.stderr)
+        return
+    tokens = torch.tensor(contexts, device=harvest_device(cfg))
+    member_dirs = report.member_dirs(run_dir)
+    normalization = store.normalization(cfg.training.normalize)
+    results = evaluate_members(bridge, tokens, cfg.hook, member_dirs, normalization)
+    for directory in member_dirs:
+        member_cfg = read_json(directory / "cfg.json")
+        member_cfg["metrics"].update(results[member_cfg["member_id"]])
+        write_json_atomic(directory / "cfg.json", member_cfg)
+
+
+def sweep(cfg: SweepConfig, run_dir: Path) -> int:
+    devices = config_module.validate(cfg)
+    store = get_store(cfg)
+    print(f"store: {store}")
+    plan = plan_for(cfg, devices, store.d_in, run_dir)
+    print(format_plan(plan), flush=True)
+    if cfg.plan_only:
+        return dispatch.EXIT_OK
+
+    from sae_ensemble.tracking import Tracker
+
+    members = [m for m in cfg.grid.members(store.d_in) if m.member_id in plan["members"]]
+    base = {"sweep": cfg.name, "source": cfg.data.source, "store": str(store.path), "store_fingerprint": store.fingerprint,
+            **({"model": cfg.model.name, "hook": cfg.hook, "layer": cfg.layer} if cfg.data.source == "lm" else {}),
+            **{f"training.{k}": v for k, v in asdict(cfg.training).items()}}
+    with Tracker(cfg.wandb.project, cfg.name, cfg.wandb.mode, cfg.wandb.entity, base, run_dir) as tracker:
+        tracker.register(members)
+        code = dispatch.run(plan, store.path, run_dir, cfg.training, on_metrics=tracker.log, progress=cfg.progress)
+        if code != dispatch.EXIT_OK:
+            return code
+        if cfg.data.source == "lm" and cfg.eval.ce_loss:
+            evaluate_lm(cfg, store, run_dir)
+        rows = report.load_rows(run_dir)
+        summary = report.write_summary(run_dir, rows)
+        plots = report.write_plots(run_dir, rows)
+        for row in rows:
+            tracker.finish(row["member_id"], {k: v for k, v in row.items() if isinstance(v, (int, float))})
+        tracker.log_sweep_plots(plots)
+    print("\nMembers on the L0-FVU Pareto front:")
+    print(report.format_table(report.pareto_front(rows)))
+    print(f"\nwrote {summary} and {len(plots)} plots in {run_dir / 'plots'}")
+    return dispatch.EXIT_OK
+
+
+@hydra.main(config_path="conf", config_name="config", version_base=None)
+def main(raw: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        cfg: SweepConfig = OmegaConf.to_object(raw)
+        code = sweep(cfg, run_dir)
+    except (ConfigError, StoreError, CheckpointError, report.ReportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = EXIT_BAD_INPUT
+    if code != dispatch.EXIT_OK:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

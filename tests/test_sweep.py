@@ -1,0 +1,97 @@
+"""The Hydra CLI end to end: bad input, grid expansion, the default sweep at reduced size, multirun."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sae_ensemble.checkpoint import load_member
+from sae_ensemble.grid import Grid
+
+REPO = Path(__file__).resolve().parents[1]
+# A reduced default sweep: same data generator and grid shape, fewer rows and steps.
+SMALL_DATA = ["data.n_rows=60000", "data.rows_per_chunk=10000", "data.heldout_rows=4000"]
+
+
+def sweep(tmp_path: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(REPO / "sweep.py"), *(["-m"] if multirun else []), *overrides,
+            f"data.store_root={tmp_path / 'stores'}", "progress=false", "wandb=offline"]
+    if multirun:
+        args.append(f"hydra.sweep.dir={tmp_path / 'multirun'}")
+    else:
+        args.append(f"hydra.run.dir={tmp_path / 'run'}")
+    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["grid.l1=[-0.001]"], "grid.l1=[-0.001] must hold positive values"),
+        (["grid.dict_sizes=[0]"], "grid.dict_sizes=[0] must all be at least 1"),
+        (["grid.variants=[topk]", "grid.k=[999]", "grid.dict_sizes=[64]", "grid.dict_ratios=[]"], "k=999 must be between 1 and dict_size=64"),
+        (["grid.variants=[gated]"], "grid.variants=['gated'] has an unknown variant; allowed: relu, tied, topk"),
+        (["devices=tpu"], "devices='tpu' is unknown; allowed: auto, cpu, cpu:N"),
+        (["devices=cuda:3"], "devices='cuda:3' asks for GPU(s)"),
+        (["grid.seeds=[]"], "the grid axis seeds is empty"),
+        (["data.source=images"], "data.source='images' is unknown; allowed: synthetic, lm"),
+        (["model=tiny", "data=lm", "hook=blocks.0.hook_resid_psot"], "blocks.0.hook_resid_post"),
+    ],
+    ids=["negative-l1", "dict-size", "k-too-big", "variant", "device", "too-many-gpus", "empty-grid", "source", "hook"],
+)
+def test_bad_input_prints_one_sentence_and_exits_2(tmp_path, overrides, message):
+    result = sweep(tmp_path, *overrides, *SMALL_DATA, "plan_only=true")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_store_with_another_width_is_rejected(tmp_path):
+    made = sweep(tmp_path, *SMALL_DATA, "data.d_in=32", "data.n_features=40", "plan_only=true")
+    assert made.returncode == 0, made.stderr
+    store = next((tmp_path / "stores").glob("synthetic-*"))
+    result = sweep(tmp_path, f"data.store={store}", "data.d_in=64", "plan_only=true")
+    assert result.returncode == 2 and "has d_in=32 but data.d_in=64" in result.stderr, result.stderr
+
+
+def test_grid_expansion_counts_and_stable_readable_ids():
+    grid = Grid(variants=["relu", "tied", "topk"], dict_sizes=[512], dict_ratios=[4], l1=[1e-3, 3e-4], k=[16],
+                bias_decay=[0.0, 0.05], seeds=[0, 1])
+    members = grid.members(d_in=256)
+    # relu and tied: 2 sizes x 2 l1 x 2 bias decays x 2 seeds; topk: 2 sizes x 1 k x 2 x 2.
+    assert len(members) == 2 * 16 + 8
+    ids = [m.member_id for m in members]
+    assert len(set(ids)) == len(ids) and ids == [m.member_id for m in grid.members(d_in=256)]
+    assert "relu-d512-l1_0.001-bd0.05-lr0.001-s0" in ids and "topk-d1024-k16-bd0-lr0.001-s1" in ids
+
+
+def test_reduced_default_sweep_recovers_the_ground_truth(tmp_path):
+    result = sweep(tmp_path, *SMALL_DATA, "training.steps=300", "training.checkpoint_every=100", "devices=cpu:2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "run"
+    rows = list(csv.DictReader(open(run / "summary.csv")))
+    members = Grid(variants=["relu"], dict_ratios=[1, 2], l1=[1e-4, 3.16228e-4, 1e-3]).members(256)
+    assert sorted(r["member_id"] for r in rows) == sorted(m.member_id for m in members)
+    for row in rows:
+        for column in ("mse", "fvu", "l0", "dead_frac", "mmcs_truth"):
+            assert math.isfinite(float(row[column])), (row["member_id"], column)
+        assert load_member(run / "members" / row["member_id"])[0].member_id == row["member_id"]
+    assert max(float(r["mmcs_truth"]) for r in rows) > 0.8
+    for name in ("plan.json", ".hydra/config.yaml", "plots/pareto_l0_fvu.png"):
+        assert (run / name).exists(), name
+    assert "Pareto front" in result.stdout
+
+
+def test_multirun_over_two_layers_of_the_tiny_model(tmp_path):
+    result = sweep(tmp_path, "data=lm", "model=tiny", "layer=0,1", "grid=quick", "training.steps=20", "devices=cpu", multirun=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = sorted(p for p in (tmp_path / "multirun").iterdir() if p.is_dir() and (p / "summary.csv").exists())
+    assert len(jobs) == 2, list((tmp_path / "multirun").iterdir())
+    for job in jobs:
+        rows = list(csv.DictReader(open(job / "summary.csv")))
+        assert len(rows) == 4 and all(math.isfinite(float(r["ce_recovered"])) for r in rows)
+    assert len(list((tmp_path / "stores").glob("*/manifest.json"))) == 2  # one store per hook
