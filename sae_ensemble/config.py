@@ -2,12 +2,14 @@
 
 `conf/config.yaml` fills these in; `validate()` rejects impossible values with one sentence
 naming the field, the value and what is allowed. Grid axes accept lists or
-`${logspace:START,STOP,N}` (N values from 10^START to 10^STOP).
+`${logspace:START,STOP,N}` (N values from 10^START to 10^STOP); `${repo_path:FILE}` names
+a file shipped in this repository.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from hydra.core.config_store import ConfigStore
@@ -17,6 +19,7 @@ from sae_ensemble.dispatch import Training, resolve_devices
 from sae_ensemble.grid import Grid
 from sae_ensemble.sae import VARIANTS
 
+REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("synthetic", "lm")
 NORMALIZE = ("none", "center", "center_scale")
 
@@ -141,6 +144,9 @@ def register() -> None:
         OmegaConf.register_new_resolver(
             "logspace", lambda start, stop, n: [float(f"{v:.6g}") for v in np.logspace(float(start), float(stop), int(n))]
         )
+    if not OmegaConf.has_resolver("repo_path"):
+        # Files shipped in the repo (the tiny model's corpus) resolve wherever sweep.py is launched from.
+        OmegaConf.register_new_resolver("repo_path", lambda relative: str(REPO / relative))
     ConfigStore.instance().store(name="sweep_schema", node=SweepConfig)
 
 

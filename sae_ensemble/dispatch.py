@@ -255,7 +255,12 @@ def run(
         workers[e["index"]] = worker
 
     interrupted = []
-    previous = {sig: signal.signal(sig, lambda signum, _: (interrupted.append(signum), stop.set())) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # SIGUSR2 is submitit's "about to time out / preempted" signal: when a handler (submitit's)
+    # is installed, checkpoint first, then hand the signal on to it so it can requeue the job.
+    stop_signals = [signal.SIGINT, signal.SIGTERM]
+    if callable(signal.getsignal(signal.SIGUSR2)):
+        stop_signals.append(signal.SIGUSR2)
+    previous = {sig: signal.signal(sig, lambda signum, _: (interrupted.append(signum), stop.set())) for sig in stop_signals}
     status = {e["index"]: "starting" for e in ensembles}
     steps_done = {e["index"]: 0 for e in ensembles}
     failures: list[str] = []
@@ -319,6 +324,8 @@ def run(
         return EXIT_FAILED
     if interrupted or any(s == "stopped" for s in status.values()):
         print(f"interrupted: checkpoints written to {run_dir / 'checkpoints'}; rerun into {run_dir} to resume (exit {EXIT_REQUEUE})", flush=True)
+        if signal.SIGUSR2 in interrupted:
+            signal.raise_signal(signal.SIGUSR2)  # now the restored (submitit) handler requeues
         return EXIT_REQUEUE
     return EXIT_OK
 
