@@ -169,3 +169,61 @@ def test_bad_device_specs_are_rejected_with_the_allowed_forms():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"asks for GPU\(s\) \[3\] but 0 are visible"):
             resolve_devices("cuda:3")
+
+
+def _peak_worker_uss(store_path: Path, run_dir: Path) -> list[int]:
+    """Train one epoch with two CPU workers; return each worker's peak private memory (USS)."""
+    import threading
+
+    import psutil
+
+    peaks: dict[int, int] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    if "spawn_main" in " ".join(child.cmdline()):
+                        peaks[child.pid] = max(peaks.get(child.pid, 0), child.memory_full_info().uss)
+                except psutil.Error:
+                    pass
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    members = Grid(variants=["relu"], dict_sizes=[16], l1=[1e-3, 3e-3]).members(256)
+    training = Training(steps=60, batch_size=4096, checkpoint_every=1000, log_every=10, eval_rows=512)
+    try:
+        assert run(make_plan(members, resolve_devices("cpu:2"), training.batch_size), store_path, run_dir, training, progress=False) == 0
+    finally:
+        done.set()
+        sampler.join()
+    assert len(peaks) == 2, peaks
+    return sorted(peaks.values())
+
+
+def test_workers_map_the_store_instead_of_copying_it(tmp_path, monkeypatch):
+    """Each worker reads a whole epoch, yet its private memory grows far less than the store."""
+    import mmap
+
+    small, big = tmp_path / "small", tmp_path / "big"
+    write_synthetic(small, d_in=256, n_features=32, n_active=2, n_rows=20_000, rows_per_chunk=5_000, heldout_rows=4096, seed=0)
+    write_synthetic(big, d_in=256, n_features=32, n_active=2, n_rows=300_000, rows_per_chunk=50_000, heldout_rows=4096, seed=0)
+    store_bytes = sum(p.stat().st_size for p in big.glob("chunk_*.safetensors"))
+    # Map and touch the big store here too, as a third reader: a page that only one process maps
+    # counts in that process's USS even though it is shared page cache, which would hide the measure.
+    maps = []
+    for chunk in sorted(big.glob("chunk_*.safetensors")):
+        with open(chunk, "rb") as f:
+            maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        sum(maps[-1][i] for i in range(0, len(maps[-1]), mmap.PAGESIZE))
+    # glibc would otherwise keep freed batch buffers: allocator caching, not a copy of the store.
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    # Baseline: the same training on a 20 MB store; a copying reader would add ~the big store's size.
+    baseline = _peak_worker_uss(small, tmp_path / "run_small")
+    measured = _peak_worker_uss(big, tmp_path / "run_big")
+    growth = max(m - b for m, b in zip(measured, baseline))
+    print(f"store {store_bytes / 2**20:.0f} MiB; worker peak USS {[round(v / 2**20) for v in measured]} MiB, "
+          f"baseline {[round(v / 2**20) for v in baseline]} MiB")
+    assert growth < 0.1 * store_bytes, f"workers' private memory grew {growth / 2**20:.0f} MiB reading a {store_bytes / 2**20:.0f} MiB store"
