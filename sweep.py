@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from sae_ensemble import config as config_module
 from sae_ensemble import dispatch, report
 from sae_ensemble.activations.store import ActivationStore, StoreError
-from sae_ensemble.checkpoint import CheckpointError, read_json, write_json_atomic
+from sae_ensemble.atomic import write_json_atomic
+from sae_ensemble.checkpoint import CheckpointError, read_json
 from sae_ensemble.config import ConfigError, SweepConfig
 from sae_ensemble.grid import format_plan, make_plan
 

@@ -22,7 +22,6 @@ import json
 import time
 
 import torch
-import torchopt
 
 from sae_ensemble import sae
 from sae_ensemble.ensemble import Ensemble

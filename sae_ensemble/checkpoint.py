@@ -16,8 +16,6 @@ place, so a crash never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sae_ensemble.atomic import atomic_write, write_json_atomic
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.member import Member
 
@@ -35,29 +34,6 @@ CFG_FILE = "cfg.json"
 
 class CheckpointError(ValueError):
     """A member directory is missing, incomplete or does not match its cfg.json."""
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    _atomic(Path(path), write)
 
 
 def read_json(path: str | Path) -> Any:
@@ -80,9 +56,9 @@ def save_member(
     """Write one member; `info` (steps, tokens, metrics, ...) goes into cfg.json."""
     directory = Path(directory)
     _check_shapes(directory / SAE_FILE, member, params, expected=("W_enc", "b_enc", "W_dec", "b_dec"))
-    _atomic(directory / SAE_FILE, lambda tmp: save_file({k: v.contiguous() for k, v in params.items()}, tmp))
+    atomic_write(directory / SAE_FILE, lambda tmp: save_file({k: v.contiguous() for k, v in params.items()}, tmp))
     if moments is not None:
-        _atomic(directory / OPTIM_FILE, lambda tmp: save_file({k: v.contiguous() for k, v in moments.items()}, tmp))
+        atomic_write(directory / OPTIM_FILE, lambda tmp: save_file({k: v.contiguous() for k, v in moments.items()}, tmp))
     cfg = {**member.to_dict(), "member_id": member.member_id, **(info or {})}
     write_json_atomic(directory / CFG_FILE, cfg)
     return directory

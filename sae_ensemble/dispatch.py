@@ -25,7 +25,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.multiprocessing as mp
@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from sae_ensemble import metrics
 from sae_ensemble.activations.store import ActivationStore, Position
-from sae_ensemble.checkpoint import load_ensemble, read_json, save_member, write_json_atomic
+from sae_ensemble.atomic import atomic_write, write_json_atomic
+from sae_ensemble.checkpoint import load_ensemble, read_json, save_member
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.grid import plan_members
 
@@ -121,7 +122,7 @@ def save_checkpoint(directory: Path, ensemble: Ensemble, position: Position, cou
     for index, member in enumerate(ensemble.members):
         params, moments = ensemble.member_state(index)
         save_member(step_dir / "members" / member.member_id, member, params, moments, {**info, "alive": bool(ensemble.alive[index])})
-    save_file(counter.state_dict(), step_dir / "firing.safetensors")
+    atomic_write(step_dir / "firing.safetensors", lambda tmp: save_file(counter.state_dict(), tmp))
     write_json_atomic(step_dir / "resume.json", {**info, "position": position.to_dict(), "members": [m.member_id for m in ensemble.members]})
     complete = sorted(directory.glob("step_*/resume.json"), key=lambda p: int(p.parent.name.split("_")[1]))
     for old in complete[:-KEEP_CHECKPOINTS]:
@@ -199,7 +200,8 @@ def _train(index, device, plan, store_path: Path, run_dir: Path, training: Train
         params, _ = ensemble.member_state(i)
         out = run_dir / "members" / member.member_id
         save_member(out, member, params, None, {**info, "alive": bool(ensemble.alive[i]), "metrics": {k: float(v[i]) for k, v in final.items()}})
-        save_file({"frequency": frequencies[i, : member.dict_size].contiguous()}, out / "feature_freq.safetensors")
+        frequency = {"frequency": frequencies[i, : member.dict_size].contiguous()}
+        atomic_write(out / "feature_freq.safetensors", lambda tmp: save_file(frequency, tmp))
     write_json_atomic(directory / "done.json", {"steps": ensemble.step_count, "members": [m.member_id for m in members]})
     events.put(("done", index, {name: [float(x) for x in value] for name, value in final.items()}))
 

@@ -195,7 +195,7 @@ def plot_pareto(rows: Sequence[Row], path: Path) -> Path | None:
         coloured = [r for r in group if r in l1_rows]
         other = [r for r in group if r not in l1_rows]
         if coloured:
-            scatter = ax.scatter([r["l0"] for r in coloured], [r["fvu"] for r in coloured], c=[math.log10(r["l1"]) for r in coloured],
+            ax.scatter([r["l0"] for r in coloured], [r["fvu"] for r in coloured], c=[math.log10(r["l1"]) for r in coloured],
                                  cmap="viridis", norm=norm, marker=marker, label=f"d={size}", edgecolors="none")  # fmt: skip
         if other:
             ax.scatter([r["l0"] for r in other], [r["fvu"] for r in other], c="black", marker=marker,

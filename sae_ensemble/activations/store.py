@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import sys
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
+
+from sae_ensemble.atomic import atomic_write, write_json_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -59,15 +60,6 @@ def _check_dtype(dtype: str) -> str:
     return dtype
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _library_versions() -> dict[str, str]:
     versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}
     for name in ("safetensors", "transformer_lens", "transformers"):
@@ -99,13 +91,14 @@ def _write_chunk_file(path: Path, rows: np.ndarray, dtype: str) -> tuple[int, st
     data = memoryview(np.ascontiguousarray(rows)).cast("B")
     digest = hashlib.sha256(prefix)
     digest.update(data)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(prefix)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())  # the progress file may only name chunks that are really on disk
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(prefix)
+            f.write(data)
+
+    # fsynced before the rename: the progress file may only name chunks that are really on disk
+    atomic_write(path, write)
     return len(prefix) + rows.nbytes, digest.hexdigest()
 
 
@@ -229,7 +222,7 @@ class ChunkWriter:
         self.chunks.append({"file": name, "rows": int(self._filled), "bytes": n_bytes, "sha256": sha})
         self.n_rows += self._filled
         self._filled = 0
-        _write_json_atomic(
+        write_json_atomic(
             self.path / PROGRESS,
             {"params": self._params, "chunks": self.chunks, "sum": self._sum.tolist(),
              "sum_norm": self._sum_norm, "sum_sq_norm": self._sum_sq_norm},
@@ -268,7 +261,7 @@ class ChunkWriter:
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "library_versions": _library_versions(),
             }
-            _write_json_atomic(self.path / MANIFEST, manifest)
+            write_json_atomic(self.path / MANIFEST, manifest)
             (self.path / PROGRESS).unlink(missing_ok=True)
             self._closed = True
         return ActivationStore.open(self.path)
