@@ -11,8 +11,8 @@ One step:
      (Adam is elementwise; vmapping it hits torchopt's slow fallback path), and the
      per-member lr broadcasts over the member axis;
   4. decoder rows are rescaled to unit norm;
-  5. a member whose loss or gradient is not finite keeps its last finite params
-     and optimizer state from then on and is flagged in `alive`.
+  5. a member whose loss or new weights are not finite keeps its last finite params
+     from then on and is flagged in `alive` (the other members never see it).
 
 Dict sizes mix by padding to the largest with `hparams["feature_mask"]`: padded
 features start at zero, never activate and so get exactly zero gradient, and
@@ -117,7 +117,9 @@ class Ensemble:
         with autocast:
             grads, aux = self._grad(self.params, hparams, batch)
 
-        directions, new_state = self.optimizer.update(grads, self.opt_state, inplace=False)
+        # Moments update in place: a diverged member's moments are never used again (its
+        # params stay frozen), so they need no copy to roll back, only its params do.
+        directions, self.opt_state = self.optimizer.update(grads, self.opt_state, inplace=True)
         new_params = {name: p - _broadcast(lr, p) * directions[name] for name, p in self.params.items()}
         new_params["W_dec"] = F.normalize(new_params["W_dec"], dim=-1)
 
@@ -129,16 +131,12 @@ class Ensemble:
             finite &= torch.isfinite(tensor.flatten(1).sum(1))
         alive = self.alive & finite
 
-        # A frozen member keeps its last finite params and moments; the others take the step.
-        # On CPU, checking first skips three full passes per tensor in the usual all-alive
-        # case; on CUDA that check would stall the queue every step, so select always.
+        # A frozen member keeps its last finite params; the others take the step. On CPU,
+        # checking first skips a full pass per tensor in the usual all-alive case; on CUDA
+        # that check would stall the queue every step, so select always.
         if self.device.type == "cuda" or not bool(alive.all()):
             new_params = {n: torch.where(_broadcast(alive, p), new_params[n], p) for n, p in self.params.items()}
-            new_state = new_state._replace(
-                mu={n: torch.where(_broadcast(alive, m), new_state.mu[n], m) for n, m in self.opt_state.mu.items()},
-                nu={n: torch.where(_broadcast(alive, v), new_state.nu[n], v) for n, v in self.opt_state.nu.items()},
-            )
-        self.params, self.opt_state, self.alive = new_params, new_state, alive
+        self.params, self.alive = new_params, alive
         self.step_count += 1
         self.rows_seen += batch.shape[0]
         return {**aux, "lr": lr, "alive": alive}
