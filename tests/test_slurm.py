@@ -3,11 +3,12 @@
 Needs root and the Debian packages slurm-wlm + munge (launchers/install_slurm.sh). Without
 them these tests skip with the reason; set SAE_REQUIRE_SLURM=1 (CI) to fail instead.
 The program under test is tests/slurm_standin.py (sweep.py's command line and exit codes)
-and tests/hydra_standin.py (a Hydra app); test_sweep_py_multirun_on_slurm runs the real
-sweep.py once it exists.
+and tests/hydra_standin.py (a Hydra app); test_sweep_py_multirun_on_slurm and
+test_real_sweep_py_sigterm_requeues_and_resumes_to_uninterrupted_weights run the real sweep.py.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -235,6 +236,135 @@ def test_sweep_py_multirun_on_slurm(cluster, tmp_path):
     # One job dir per outer point (layer=0,1), each a finished run with its summary.
     for job in ("0", "1"):
         assert (tmp_path / "sweep" / job / "summary.csv").exists(), log
+
+
+def _real_sweep_overrides(tmp: Path) -> list[str]:
+    """A synthetic sweep (4 members, one CPU ensemble) of about a minute on 2 loaded cores,
+    checkpointing every 50 of 600 steps: time to signal it after its first checkpoint."""
+    return ["grid=quick", "data.d_in=32", "data.n_features=48", "data.n_rows=40000",
+            "data.rows_per_chunk=5000", "data.heldout_rows=2000", "training.steps=600",
+            "training.batch_size=256", "training.checkpoint_every=50", "training.log_every=50",
+            "devices=cpu", "wandb=disabled", "progress=false", f"data.store_root={tmp / 'stores'}"]
+
+
+def _checkpoints(run_dir: Path) -> set[tuple[int, int, int]]:
+    """The complete checkpoints (resume.json written) of ensemble 0 right now, as
+    (step, inode, mtime) of their resume.json: a step written again counts as new."""
+    found = set()
+    for record in (run_dir / "checkpoints" / "ensemble_0").glob("step_*/resume.json"):
+        try:
+            stat = record.stat()
+            found.add((int(record.parent.name.split("_")[1]), stat.st_ino, stat.st_mtime_ns))
+        except (ValueError, OSError):  # pruned while we looked
+            pass
+    return found
+
+
+@pytest.mark.skipif(not SWEEP.exists(), reason="sweep.py does not exist yet")
+def test_real_sweep_py_sigterm_requeues_and_resumes_to_uninterrupted_weights(cluster, tmp_path):
+    """The array script with the real sweep.py: `scancel --signal=TERM --batch` mid-run ->
+    checkpoint, exit 75, requeue, resume -> the same SAE weights as an uninterrupted run."""
+    from safetensors.torch import load_file
+    import torch
+    from sae_ensemble.checkpoint import load_member
+
+    overrides = _real_sweep_overrides(tmp_path)
+    # Both runs use the same interpreter and the same (content-addressed) store under tmp.
+    env = dict(os.environ, SWEEP_PYTHON=sys.executable)
+    env.pop("WANDB_API_KEY", None)
+
+    # 1. The uninterrupted reference, without SLURM (it also writes the shared store).
+    reference = tmp_path / "reference"
+    ref = subprocess.run([sys.executable, str(SWEEP), *overrides, f"hydra.run.dir={reference}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stdout[-4000:] + ref.stderr[-4000:]
+    assert (reference / "checkpoints" / "ensemble_0" / "done.json").exists(), ref.stdout[-4000:]
+
+    # 2. The same line as one array task on the cluster.
+    line = " ".join(overrides)
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text(f"# one outer point, the real sweep.py\n{line}\n")
+    runs = tmp_path / "runs"
+    proc = cluster.run(["sbatch", "--parsable", "--array=0-0", f"--output={tmp_path}/%x_%A_%a.out",
+                        str(SBATCH_SCRIPT), str(tasks), str(runs)],
+                       env=dict(cluster.env, SWEEP_PYTHON=sys.executable), cwd=tmp_path)
+    jid = proc.stdout.strip().split(";")[0]
+    task = f"{jid}_0"
+    log_path = tmp_path / f"sae_sweep_{jid}_0.out"
+    # A line this long (> 200 chars as a dir name) runs into task_<md5 of the line>.
+    run_dir = runs / f"task_{hashlib.md5(line.encode()).hexdigest()[:16]}"
+
+    def log() -> str:
+        text = log_path.read_text(errors="replace") if log_path.exists() else "(no task log yet)"
+        return f"--- task log {log_path} ---\n{text[-6000:]}\n"
+
+    def wait(ready, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            time.sleep(0.2)
+        fields = cluster.job_fields(task) or {}
+        seen = {k: fields.get(k) for k in ("JobState", "Reason", "ExitCode", "Restarts")}
+        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (job {task}: {seen})\n"
+                           + log() + cluster.daemon_logs())
+
+    try:
+        # 3. Signal it once it has a complete checkpoint (step 50), well before step 600.
+        wait(lambda: bool(_checkpoints(run_dir)), 180, f"a checkpoint in {run_dir}")
+        assert cluster.job_state(task) == "RUNNING", log()
+        cluster.run(["scancel", "--signal=TERM", "--batch", task])
+        # The script logs the requeue right after sweep.py exits; the rerun cannot start
+        # before cred_expire (5 s) has passed, so the checkpoints seen now are the first run's.
+        wait(lambda: f"requeued {task}" in log() or "not requeueing" in log(), 120,
+             "the first run to checkpoint, exit 75 and be requeued")
+        first_run = _checkpoints(run_dir)
+        interrupted_at = max(step for step, _, _ in first_run)
+        assert 0 < interrupted_at < 600, (first_run, log())
+        assert not (run_dir / "checkpoints" / "ensemble_0" / "done.json").exists(), log()
+        assert not (run_dir / "members").exists(), log()
+
+        # The rerun must resume from that checkpoint, not start over: a fresh start would
+        # write step_50 again (kept ~10 s until pruned), a resumed one only steps above it.
+        rerun_steps: set[int] = set()
+
+        def finished() -> bool:
+            rerun_steps.update(step for step, _, _ in _checkpoints(run_dir) - first_run)
+            return cluster.job_state(task) in {"COMPLETED", "FAILED", "CANCELLED"}
+        wait(finished, 400, "the requeued run to finish")
+        fields = cluster.job_fields(task)
+        assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log()
+        assert fields["Restarts"] == "1", log()
+    finally:
+        # Nothing of this test may keep running on a failure (the fixture outlives the test).
+        cluster.run(["scancel", task], check=False)
+
+    text = log()
+    assert "got SIGTERM, forwarding" in text, text
+    assert f"(exit {EXIT_REQUEUE})" in text and "interrupted: checkpoints written" in text, text
+    assert f"checkpointed; requeued {task}" in text, text
+    assert "restart 0 on" in text and "restart 1 on" in text, text
+    assert rerun_steps and min(rerun_steps) > interrupted_at, (
+        f"the rerun wrote checkpoints {sorted(rerun_steps)}, not all after the interrupted "
+        f"step {interrupted_at}: it did not resume\n{text}")
+    assert [p.name for p in runs.iterdir()] == [run_dir.name], "the rerun must reuse the run dir"
+    assert (run_dir / "checkpoints" / "ensemble_0" / "done.json").exists(), text
+    assert (run_dir / "summary.csv").exists(), text
+
+    # 4. Every member equals the uninterrupted run's.
+    expected = sorted(p.name for p in (reference / "members").iterdir())
+    assert len(expected) == 4 and sorted(p.name for p in (run_dir / "members").iterdir()) == expected
+    for member_id in expected:
+        resumed, uninterrupted = run_dir / "members" / member_id, reference / "members" / member_id
+        got, want = load_member(resumed)[1], load_member(uninterrupted)[1]
+        assert sorted(got) == sorted(want) == ["W_dec", "W_enc", "b_dec", "b_enc"]
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0,
+                                       msg=lambda m: f"{member_id} {name}: {m}")
+        # Firing counts are checkpointed too: the dead-feature statistics must match.
+        torch.testing.assert_close(load_file(resumed / "feature_freq.safetensors"),
+                                   load_file(uninterrupted / "feature_freq.safetensors"),
+                                   atol=1e-6, rtol=0)
 
 
 def test_local_multi_gpu_runs_points_in_turn_and_resumes_after_sigterm(tmp_path):
