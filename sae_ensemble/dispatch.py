@@ -277,6 +277,8 @@ def run(
             if kind == "start":
                 status[index] = "running"
                 steps_done[index] = payload["step"]
+                if payload["resumed_from"]:
+                    tqdm.write(f"{ensembles[index]['device']}: ensemble {index} resumed at step {payload['step']} from {payload['resumed_from']}")
                 if all(s != "starting" for s in status.values()) and first_step is None:
                     first_step, started = sum(steps_done.values()), time.monotonic()
             elif kind == "progress":
