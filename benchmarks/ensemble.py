@@ -24,6 +24,7 @@ import time
 import torch
 
 from sae_ensemble import sae
+from sae_ensemble.dispatch import reuse_freed_memory
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.member import Member
 
@@ -128,6 +129,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu":
+        reuse_freed_memory()  # as the sweep's CPU workers do; helps both sides of the comparison
     if args.d is None:
         # The two cases recorded in docs/benchmarks.md: a large one (GEMM-bound) and a small one (overhead-bound).
         cases = [(512, [2048, 4096], 8, 4096), (128, [512], 32, 256)]

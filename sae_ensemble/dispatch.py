@@ -17,6 +17,7 @@ after checkpointing (rerun into the same run dir to resume; SLURM requeues on it
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue as queue_module
 import shutil
@@ -98,6 +99,23 @@ def resolve_devices(spec: str) -> list[str]:
     raise ValueError(f"devices={spec!r} is unknown; allowed: auto, cpu, cpu:N, cuda, cuda:0,1,...")
 
 
+def reuse_freed_memory() -> None:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS.
+
+    A training step allocates and frees the same large [members, batch, features]
+    tensors every step; glibc serves blocks over 32 MiB with fresh mmaps, so each step
+    page-faults every page again (measured: 14% of a large CPU step). Heap-only
+    allocation with no trimming reuses the pages. CPU only; a no-op without glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from malloc.h
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**62)
+
+
 def _torch_device(device: str) -> torch.device:
     return torch.device("cpu") if device.startswith("cpu") else torch.device(device)
 
@@ -148,6 +166,8 @@ def _worker(index: int, device: str, plan: dict, store_path: str, run_dir: str, 
 def _train(index, device, plan, store_path: Path, run_dir: Path, training: Training, threads, events, stop) -> None:
     torch.set_num_threads(threads)
     torch_device = _torch_device(device)
+    if torch_device.type == "cpu":
+        reuse_freed_memory()
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
     members = plan_members(plan, index)
