@@ -90,11 +90,14 @@ def ce_loss_recovered(
     batch_size: int = 8,
     members_per_pass: int = 8,
     progress: bool = True,
+    skip_first_position: bool = False,
 ) -> list[dict[str, float]]:
     """One dict per reconstruction: ce_clean, ce_zero_ablation, ce_recon, ce_recovered, kl.
 
     tokens [N, ctx] are run `batch_size` sequences at a time; CE and KL are means over
     every predicted position (all positions but the last of each sequence).
+    `skip_first_position` leaves position 0 (BOS) untouched in the spliced and ablated runs,
+    for SAEs trained on stores that dropped it.
     """
     if callable(reconstructions):
         reconstructions = [reconstructions]
@@ -105,6 +108,12 @@ def ce_loss_recovered(
         raise ValueError(f"batch_size={batch_size} and members_per_pass={members_per_pass} must both be at least 1")
     if hook_name not in bridge.hook_dict:
         raise ValueError(f"hook_name={hook_name!r} is not a hook point of this model; e.g. {sorted(bridge.hook_dict)[:5]}")
+
+    def keep(x: torch.Tensor, replaced: torch.Tensor) -> torch.Tensor:
+        """The replacement, but position 0 left as it was when the SAE never trained on it (BOS)."""
+        if not skip_first_position:
+            return replaced
+        return torch.cat([x[:, :1], replaced[:, 1:]], dim=1)
 
     n_members = len(reconstructions)
     groups = [list(range(start, min(start + members_per_pass, n_members))) for start in range(0, n_members, members_per_pass)]
@@ -118,7 +127,7 @@ def ce_loss_recovered(
     for batch in batches:
         clean = _next_token_log_probs(bridge(batch))
         bar.update()
-        zero = _next_token_log_probs(bridge.run_with_hooks(batch, fwd_hooks=[(hook_name, lambda x, hook: torch.zeros_like(x))]))
+        zero = _next_token_log_probs(bridge.run_with_hooks(batch, fwd_hooks=[(hook_name, lambda x, hook: keep(x, torch.zeros_like(x)))]))
         bar.update()
         ce_clean += _ce_sum(clean, batch)
         ce_zero += _ce_sum(zero, batch)
@@ -129,7 +138,7 @@ def ce_loss_recovered(
             # Copy c of the repeated batch is member group[c]'s: x [copies * b, ctx, d] -> per-copy chunks.
             def splice(x: torch.Tensor, hook, group=group) -> torch.Tensor:
                 chunks = x.chunk(len(group), dim=0)
-                return torch.cat([reconstructions[m](chunk) for m, chunk in zip(group, chunks)], dim=0)
+                return keep(x, torch.cat([reconstructions[m](chunk) for m, chunk in zip(group, chunks)], dim=0))
 
             logits = bridge.run_with_hooks(batch.repeat(len(group), 1), fwd_hooks=[(hook_name, splice)])
             for m, recon in zip(group, _next_token_log_probs(logits).chunk(len(group), dim=0)):

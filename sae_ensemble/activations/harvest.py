@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from .store import DTYPES, MANIFEST, ActivationStore, ChunkWriter, StoreError
+from .store import DTYPES, MANIFEST, ActivationStore, ChunkWriter, StoreError, store_lock
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
@@ -144,7 +144,16 @@ def boot_model(model: str, device: str = "cpu", revision: str | None = None):
     from transformer_lens.model_bridge import TransformerBridge
 
     kwargs = {"revision": revision} if revision else {}
-    return TransformerBridge.boot_transformers(model, device=device, **kwargs)
+    try:
+        return TransformerBridge.boot_transformers(model, device=device, **kwargs)
+    except (OSError, ValueError) as error:  # unknown name, no network, missing files
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise StoreError(f"Model {model!r} could not be loaded (an HF model name or a local directory is needed): {first}") from None
+
+
+def rows_per_context(tokenizer, context_length: int, drop_bos: bool) -> int:
+    """Stored rows per context: every position, less the BOS one when it is dropped."""
+    return context_length - int(drop_bos and tokenizer.bos_token_id is not None)
 
 
 def check_hooks(bridge, hooks: Sequence[str]) -> None:
@@ -267,13 +276,14 @@ def get_or_harvest(
     specs = {h: HarvestSpec(model, h, dataset, n_tokens, context_length, split, dataset_config,
                             text_field, dtype, drop_bos, revision) for h in hooks}
     dirs = {h: store_dir(s, cache_root) for h, s in specs.items()}
-    stores = {h: ActivationStore.open(d) for h, d in dirs.items() if (d / MANIFEST).exists()}
-    todo = [h for h in hooks if h not in stores]
-    if todo:
-        bridge = boot_model(model, device=device, revision=revision)
-        stores.update(harvest(bridge, {h: specs[h] for h in todo}, {h: dirs[h] for h in todo},
-                              device=device, batch_size=batch_size, rows_per_chunk=rows_per_chunk,
-                              heldout_rows=heldout_rows, progress=progress))
+    with store_lock(list(dirs.values())):
+        stores = {h: ActivationStore.open(d) for h, d in dirs.items() if (d / MANIFEST).exists()}
+        todo = [h for h in hooks if h not in stores]
+        if todo:
+            bridge = boot_model(model, device=device, revision=revision)
+            stores.update(harvest(bridge, {h: specs[h] for h in todo}, {h: dirs[h] for h in todo},
+                                  device=device, batch_size=batch_size, rows_per_chunk=rows_per_chunk,
+                                  heldout_rows=heldout_rows, progress=progress))
     return {h: stores[h] for h in hooks}
 
 
@@ -288,7 +298,7 @@ def harvest(bridge, specs: dict[str, HarvestSpec], dirs: dict[str, Path], *, dev
     check_hooks(bridge, hooks)
     tokenizer = bridge.tokenizer
     drop_first = spec.drop_bos and tokenizer.bos_token_id is not None
-    rows_per_context = spec.context_length - drop_first
+    context_rows = rows_per_context(tokenizer, spec.context_length, spec.drop_bos)
     stop = _stop_layer(hooks, bridge.cfg.n_layers)
     capture = _Capture(hooks)
 
@@ -303,8 +313,8 @@ def harvest(bridge, specs: dict[str, HarvestSpec], dirs: dict[str, Path], *, dev
 
     # rows are a deterministic stream: skip whole contexts every hook already has, trim the rest per hook
     done = {h: writers[h].resume_rows for h in hooks}
-    skip_contexts = min(done.values()) // rows_per_context
-    row = skip_contexts * rows_per_context  # global index of the next row produced
+    skip_contexts = min(done.values()) // context_rows
+    row = skip_contexts * context_rows  # global index of the next row produced
     contexts = iter_contexts(iter_texts(spec.dataset, spec.split, spec.dataset_config, spec.text_field),
                              tokenizer, spec.context_length)
     n_seen = 0
@@ -324,7 +334,7 @@ def harvest(bridge, specs: dict[str, HarvestSpec], dirs: dict[str, Path], *, dev
             n_seen += len(batch)
             tokens = torch.tensor(batch, dtype=torch.long, device=device)  # [batch, context_length]
             acts = _run(bridge, tokens, capture, stop)
-            n_new = min(len(batch) * rows_per_context, spec.n_tokens - row)
+            n_new = min(len(batch) * context_rows, spec.n_tokens - row)
             for h in hooks:
                 rows = _rows(acts[h], tokens, h, drop_first)[:n_new]
                 skip = max(0, done[h] - row)
