@@ -29,9 +29,13 @@ MODES = ("online", "offline", "disabled")
 SWEEP_RUN = "__sweep__"  # key of the sweep-level run among the member runs
 
 
-def run_id(group: str, member_id: str) -> str:
-    """Stable wandb run id of a member in a sweep group (wandb ids allow [a-z0-9], so hash)."""
-    return hashlib.sha256(f"{group}/{member_id}".encode()).hexdigest()[:24]
+def run_id(group: str, member_id: str, run_dir: str | Path) -> str:
+    """Stable wandb run id of a member of the sweep in `run_dir` (wandb ids allow [a-z0-9], so hash).
+
+    The run dir is part of it: a resumed or requeued sweep (same dir) continues its runs,
+    while another multirun job or a later sweep with the same group and members gets its own.
+    """
+    return hashlib.sha256(f"{group}/{Path(run_dir).resolve()}/{member_id}".encode()).hexdigest()[:24]
 
 
 class Tracker:
@@ -75,7 +79,7 @@ class Tracker:
             job_type, name = member.variant, key
         else:
             raise ValueError(f"member {key!r} was never registered with the tracker; registered: {sorted(self.members)[:5]}...")
-        self.runs[key] = self._init(config=config, job_type=job_type, name=name, id=run_id(self.group, key))
+        self.runs[key] = self._init(config=config, job_type=job_type, name=name, id=run_id(self.group, key, self.directory))
         return self.runs[key]
 
     def _init(self, **run_args):

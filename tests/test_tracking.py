@@ -89,7 +89,7 @@ def test_each_member_gets_its_own_offline_run_holding_its_hyperparameters(offlin
     assert len(run_dirs) == len(MEMBERS)
     by_id = {run_record(d)[0].run_id: d for d in run_dirs}
     for member in MEMBERS:
-        run, config, history = run_record(by_id[run_id("sweep-a", member.member_id)])
+        run, config, history = run_record(by_id[run_id("sweep-a", member.member_id, offline_env / "runs")])
         assert (run.display_name, run.run_group, run.job_type) == (member.member_id, "sweep-a", member.variant)
         for name, value in member.to_dict().items():
             assert config[name] == value, name
@@ -105,8 +105,10 @@ def test_run_ids_are_stable_so_a_resumed_sweep_continues_the_same_runs(offline_e
             tracker.log(member.member_id, 0, {"mse": 1.0})
     run_dirs = list((offline_env / "runs" / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 2  # offline, each session writes its own log; `wandb sync` merges them into one run
-    assert {run_record(d)[0].run_id for d in run_dirs} == {run_id("sweep-b", member.member_id)}
-    assert run_id("sweep-b", member.member_id) != run_id("sweep-c", member.member_id)
+    assert {run_record(d)[0].run_id for d in run_dirs} == {run_id("sweep-b", member.member_id, offline_env / "runs")}
+    assert run_id("sweep-b", member.member_id, offline_env / "runs") != run_id("sweep-c", member.member_id, offline_env / "runs")
+    # Another job of the same sweep (another run dir) never writes into these runs.
+    assert run_id("sweep-b", member.member_id, offline_env / "runs") != run_id("sweep-b", member.member_id, offline_env / "job1")
 
 
 def test_sweep_plots_go_to_one_sweep_run(offline_env):
