@@ -12,6 +12,8 @@ See docs/store.md for the format, the shuffling scheme and the zero-copy reasoni
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import struct
@@ -58,6 +60,23 @@ def _check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise StoreError(f"Store dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
     return dtype
+
+
+@contextlib.contextmanager
+def store_lock(paths: list[Path] | Path) -> Iterator[None]:
+    """Hold exclusive locks on stores being checked, written or resumed.
+
+    Two jobs asking for the same content-addressed store (array tasks that differ only in
+    their grid) would otherwise both write it and delete each other's chunks. The lock is
+    a sibling file `<store>.lock`, taken in sorted order so two lockers never deadlock.
+    """
+    paths = sorted({Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)})
+    with contextlib.ExitStack() as stack:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = stack.enter_context(open(path.with_name(path.name + ".lock"), "w"))
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _library_versions() -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .store import GROUND_TRUTH, ActivationStore, ChunkWriter, StoreError
+from .store import GROUND_TRUTH, ActivationStore, ChunkWriter, StoreError, store_lock
 
 GENERATOR = "sparse_mixture_v1"
 CORRELATION_RANK = 16  # low-rank factor model: strong, structured correlations between features
@@ -92,6 +92,13 @@ def write_synthetic(
         "n_active": n_active, "feature_prob_decay": feature_prob_decay, "n_rows": n_rows,
         "seed": seed, "correlated": correlated, "noise_std": noise_std,
     }
+    with store_lock(path):
+        return _write_synthetic_locked(path, source, d_in, n_features, n_active, feature_prob_decay, n_rows,
+                                       rows_per_chunk, seed, correlated, noise_std, dtype, heldout_rows)
+
+
+def _write_synthetic_locked(path, source, d_in, n_features, n_active, feature_prob_decay, n_rows,
+                            rows_per_chunk, seed, correlated, noise_std, dtype, heldout_rows) -> ActivationStore:
     if (path / "manifest.json").exists():
         store = ActivationStore.open(path)
         wanted = {"source": source, "dtype": dtype, "rows_per_chunk": rows_per_chunk}
