@@ -30,13 +30,14 @@ from typing import Callable
 
 import torch
 import torch.multiprocessing as mp
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from sae_ensemble import metrics
 from sae_ensemble.activations.store import ActivationStore, Position
 from sae_ensemble.atomic import atomic_write, write_json_atomic
-from sae_ensemble.checkpoint import load_ensemble, read_json, save_member
+from sae_ensemble.checkpoint import CheckpointError, load_ensemble, read_json, save_member
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.grid import plan_members
 
@@ -56,7 +57,7 @@ class Training:
     data_seed: int = 0
     """Seed of the store's shuffle: equal seeds give two sweeps the same batches."""
     normalize: str = "none"
-    """Activation normalisation: none, center, or center_scale (unit mean norm)."""
+    """Activation normalisation: none, center, or center_scale (centred, mean squared norm d_in)."""
     checkpoint_every: int = 500
     """Steps between checkpoints (and at the end, and on SIGTERM)."""
     log_every: int = 50
@@ -127,10 +128,24 @@ def ensemble_dir(run_dir: Path, index: int) -> Path:
     return run_dir / "checkpoints" / f"ensemble_{index}"
 
 
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Complete step dirs (those with resume.json), newest first."""
+    records = directory.glob("step_*/resume.json")
+    return sorted((p.parent for p in records), key=lambda p: int(p.name.split("_")[1]), reverse=True)
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete step dir (one with resume.json) or None."""
-    steps = sorted(directory.glob("step_*/resume.json"), key=lambda p: int(p.parent.name.split("_")[1]))
-    return steps[-1].parent if steps else None
+    """The newest complete step dir or None."""
+    steps = complete_checkpoints(directory)
+    return steps[0] if steps else None
+
+
+def load_checkpoint(step_dir: Path, members, training: Training, device, counter: metrics.FiringCounter) -> tuple[Ensemble, Position]:
+    """The ensemble, firing counts and store position saved in one step dir."""
+    record = read_json(step_dir / "resume.json")
+    ensemble = load_ensemble([step_dir / "members" / m.member_id for m in members], training.steps, device, training.autocast_bf16)
+    counter.load_state_dict(load_file(step_dir / "firing.safetensors"))
+    return ensemble, Position.from_dict(record["position"])
 
 
 def save_checkpoint(directory: Path, ensemble: Ensemble, position: Position, counter: metrics.FiringCounter) -> Path:
@@ -146,6 +161,24 @@ def save_checkpoint(directory: Path, ensemble: Ensemble, position: Position, cou
     for old in complete[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old.parent)
     return step_dir
+
+
+def resume(directory: Path, members, training: Training, device, counter: metrics.FiringCounter):
+    """(ensemble, position, step dir or None, skipped) from the newest readable checkpoint, else a fresh start.
+
+    An unreadable checkpoint falls back to the one before it (its name and error are in
+    `skipped`); if checkpoints exist but none is readable, that is an error, never a restart.
+    """
+    unreadable = []
+    for step_dir in complete_checkpoints(directory):
+        try:
+            ensemble, position = load_checkpoint(step_dir, members, training, device, counter)
+            return ensemble, position, step_dir, unreadable
+        except (CheckpointError, SafetensorError, KeyError, ValueError) as error:
+            unreadable.append(f"{step_dir.name} ({error})")
+    if unreadable:
+        raise CheckpointError(f"no checkpoint in {directory} could be read: {'; '.join(unreadable)}")
+    return Ensemble(members, training.steps, device, training.autocast_bf16), Position(), None, []
 
 
 # -- the worker ----------------------------------------------------------------------------------------
@@ -177,17 +210,10 @@ def _train(index, device, plan, store_path: Path, run_dir: Path, training: Train
         return
 
     store = ActivationStore.open(store_path)
-    checkpoint = latest_checkpoint(directory)
     counter = metrics.FiringCounter(len(members), max(m.dict_size for m in members), training.dead_window_tokens, torch_device)
-    if checkpoint is None:
-        ensemble = Ensemble(members, training.steps, torch_device, training.autocast_bf16)
-        position = Position()
-    else:
-        record = read_json(checkpoint / "resume.json")
-        ensemble = load_ensemble([checkpoint / "members" / m.member_id for m in members], training.steps, torch_device, training.autocast_bf16)
-        counter.load_state_dict(load_file(checkpoint / "firing.safetensors"))
-        position = Position.from_dict(record["position"])
-    events.put(("start", index, {"step": ensemble.step_count, "resumed_from": str(checkpoint) if checkpoint else None}))
+    ensemble, position, checkpoint, unreadable = resume(directory, members, training, torch_device, counter)
+    events.put(("start", index, {"step": ensemble.step_count, "resumed_from": str(checkpoint) if checkpoint else None,
+                                 "skipped": unreadable}))
 
     batches = store.train_batches(training.batch_size, seed=training.data_seed, position=position, device=torch_device, normalize=training.normalize)
     last_progress = time.monotonic()
@@ -297,6 +323,8 @@ def run(
             if kind == "start":
                 status[index] = "running"
                 steps_done[index] = payload["step"]
+                for skipped in payload["skipped"]:
+                    tqdm.write(f"warning: {ensembles[index]['device']}: unreadable checkpoint {skipped} skipped; using the one before")
                 if payload["resumed_from"]:
                     tqdm.write(f"{ensembles[index]['device']}: ensemble {index} resumed at step {payload['step']} from {payload['resumed_from']}")
                 if all(s != "starting" for s in status.values()) and first_step is None:

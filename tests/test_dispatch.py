@@ -227,3 +227,35 @@ def test_workers_map_the_store_instead_of_copying_it(tmp_path, monkeypatch):
     print(f"store {store_bytes / 2**20:.0f} MiB; worker peak USS {[round(v / 2**20) for v in measured]} MiB, "
           f"baseline {[round(v / 2**20) for v in baseline]} MiB")
     assert growth < 0.1 * store_bytes, f"workers' private memory grew {growth / 2**20:.0f} MiB reading a {store_bytes / 2**20:.0f} MiB store"
+
+
+def test_an_unreadable_checkpoint_falls_back_to_the_one_before(tmp_path):
+    from sae_ensemble.activations.store import Position
+    from sae_ensemble.dispatch import resume, save_checkpoint
+    from sae_ensemble.ensemble import Ensemble
+    from sae_ensemble.metrics import FiringCounter
+
+    members = Grid(variants=["relu"], dict_sizes=[8], l1=[1e-3, 1e-2]).members(4)
+    training = Training(steps=10)
+    ensemble = Ensemble(members, training.steps)
+    counter = FiringCounter(2, 8, 100)
+    batch = torch.randn(16, 4)
+    ensemble.step(batch)
+    save_checkpoint(tmp_path, ensemble, Position(0, 0, 1), counter)
+    first = {k: v.clone() for k, v in ensemble.params.items()}
+    ensemble.step(batch)
+    newest = save_checkpoint(tmp_path, ensemble, Position(0, 0, 2), counter)
+
+    restored, position, step_dir, skipped = resume(tmp_path, members, training, "cpu", FiringCounter(2, 8, 100))
+    assert step_dir == newest and position == Position(0, 0, 2) and skipped == [] and restored.step_count == 2
+
+    (newest / "members" / members[0].member_id / "sae.safetensors").write_bytes(b"torn")
+    restored, position, step_dir, skipped = resume(tmp_path, members, training, "cpu", FiringCounter(2, 8, 100))
+    assert step_dir.name == "step_000000001" and position == Position(0, 0, 1) and restored.step_count == 1
+    assert len(skipped) == 1 and "step_000000002" in skipped[0] and "not a readable safetensors file" in skipped[0]
+    for name, value in first.items():
+        assert torch.equal(restored.params[name], value), name
+
+    (step_dir / "firing.safetensors").write_bytes(b"torn")
+    with pytest.raises(ValueError, match="no checkpoint in .* could be read"):
+        resume(tmp_path, members, training, "cpu", FiringCounter(2, 8, 100))
