@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -40,6 +41,11 @@ def get_store(cfg: SweepConfig) -> ActivationStore:
         store = ActivationStore.open(data.store)
         if data.source == "synthetic" and store.d_in != data.d_in:
             raise ConfigError(f"data.store={data.store} has d_in={store.d_in} but data.d_in={data.d_in}; set data.d_in={store.d_in} or use another store")
+        if data.source == "lm":
+            stored = (store.manifest.get("hook"), store.manifest.get("source", {}).get("model"))
+            if stored != (cfg.hook, cfg.model.name):
+                raise ConfigError(f"data.store={data.store} holds hook {stored[0]!r} of model {stored[1]!r}, "
+                                  f"not hook={cfg.hook!r} of model.name={cfg.model.name!r}; evaluation would splice it into the wrong place")
         return store
     if data.source == "synthetic":
         from sae_ensemble.activations.synthetic import write_synthetic
@@ -73,23 +79,39 @@ def harvest_device(cfg: SweepConfig) -> str:
     return "cpu" if first.startswith("cpu") else first
 
 
-def plan_for(cfg: SweepConfig, devices: list[str], d_in: int, run_dir: Path) -> dict:
-    """The plan, reusing the run dir's plan.json when resuming (it must hold the same members)."""
-    config_module.check_grid_fits(cfg.grid, d_in)
-    plan = make_plan(cfg.grid.members(d_in), devices, cfg.training.batch_size)
+# Training settings that change results: a resume must use the values the run started with.
+RESUME_FIXED = ("steps", "batch_size", "data_seed", "normalize", "dead_window_tokens", "eval_rows", "autocast_bf16")
+
+
+def plan_for(cfg: SweepConfig, devices: list[str], store: ActivationStore, run_dir: Path) -> dict:
+    """The plan, reusing the run dir's plan.json when resuming (same members, store and training)."""
+    config_module.check_grid_fits(cfg.grid, store.d_in)
+    plan = make_plan(cfg.grid.members(store.d_in), devices, cfg.training.batch_size)
+    plan["training"] = asdict(cfg.training)
+    plan["store_fingerprint"] = store.fingerprint
     plan_path = run_dir / "plan.json"
     if plan_path.exists():
         previous = read_json(plan_path)
         if sorted(previous["members"]) != sorted(plan["members"]):
             raise ConfigError(f"{run_dir} already holds a sweep with other members; use a new run dir (hydra.run.dir=...) or the same grid to resume")
-        return previous
+        if previous.get("store_fingerprint") != store.fingerprint:
+            raise ConfigError(f"{run_dir} was trained on another store (fingerprint {previous.get('store_fingerprint')}, now {store.fingerprint}); use the same data settings or a new run dir")
+        for name in RESUME_FIXED:
+            before, now = previous["training"].get(name), plan["training"][name]
+            if before != now:
+                raise ConfigError(f"{run_dir} was started with training.{name}={before}; resuming with {now} would mix two trainings: set training.{name}={before} or use a new run dir")
+        if len(previous["ensembles"]) != len(devices):
+            raise ConfigError(f"{run_dir} was planned for {len(previous['ensembles'])} devices; resume with that many (now devices={cfg.devices!r} gives {len(devices)}) or use a new run dir")
+        for ensemble, device in zip(previous["ensembles"], devices):  # a requeued job may get other device ids
+            ensemble["device"] = device
+        plan = previous
     write_json_atomic(plan_path, plan)
     return plan
 
 
 def evaluate_lm(cfg: SweepConfig, store: ActivationStore, run_dir: Path) -> None:
     """CE loss recovered and KL for every finished member, written into its cfg.json metrics."""
-    from sae_ensemble.activations.harvest import boot_model, iter_contexts, iter_texts
+    from sae_ensemble.activations.harvest import boot_model, iter_contexts, iter_texts, rows_per_context
     from sae_ensemble.evaluate import evaluate_members
 
     import torch
@@ -97,7 +119,7 @@ def evaluate_lm(cfg: SweepConfig, store: ActivationStore, run_dir: Path) -> None
     bridge = boot_model(cfg.model.name, device=harvest_device(cfg), revision=cfg.model.revision)
     # Held-out text: contexts after the ones harvested for training.
     texts = iter_texts(cfg.data.dataset, cfg.data.split, cfg.data.dataset_config, cfg.data.text_field)
-    skip = -(-cfg.data.n_tokens // cfg.data.context_length)
+    skip = -(-cfg.data.n_tokens // rows_per_context(bridge.tokenizer, cfg.data.context_length, cfg.data.drop_bos))
     contexts = []
     for i, context in enumerate(iter_contexts(texts, bridge.tokenizer, cfg.data.context_length)):
         if i >= skip:
@@ -110,7 +132,8 @@ def evaluate_lm(cfg: SweepConfig, store: ActivationStore, run_dir: Path) -> None
     tokens = torch.tensor(contexts, device=harvest_device(cfg))
     member_dirs = report.member_dirs(run_dir)
     normalization = store.normalization(cfg.training.normalize)
-    results = evaluate_members(bridge, tokens, cfg.hook, member_dirs, normalization)
+    results = evaluate_members(bridge, tokens, cfg.hook, member_dirs, normalization, progress=cfg.progress,
+                               skip_first_position=cfg.data.drop_bos and bridge.tokenizer.bos_token_id is not None)
     for directory in member_dirs:
         member_cfg = read_json(directory / "cfg.json")
         member_cfg["metrics"].update(results[member_cfg["member_id"]])
@@ -121,7 +144,10 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
     devices = config_module.validate(cfg)
     store = get_store(cfg)
     print(f"store: {store}")
-    plan = plan_for(cfg, devices, store.d_in, run_dir)
+    if cfg.training.batch_size > store.n_train_rows or store.heldout_rows < 1:
+        raise ConfigError(f"training.batch_size={cfg.training.batch_size} needs at most the store's {store.n_train_rows} training rows, "
+                          f"and evaluation needs held-out rows (the store has {store.heldout_rows}); change the batch size or data.n_rows/n_tokens/heldout_rows")
+    plan = plan_for(cfg, devices, store, run_dir)
     print(format_plan(plan), flush=True)
     if cfg.plan_only:
         return dispatch.EXIT_OK
@@ -151,15 +177,31 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
     return dispatch.EXIT_OK
 
 
+class Interrupted(Exception):
+    """SIGTERM/SIGINT outside training (harvest, evaluation): every stage there resumes on a rerun."""
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(raw: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # During training the dispatcher takes these signals over (workers checkpoint first).
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         cfg: SweepConfig = OmegaConf.to_object(raw)
         code = sweep(cfg, run_dir)
     except (ConfigError, StoreError, CheckpointError, report.ReportError) as error:
         print(f"error: {error}", file=sys.stderr)
         code = EXIT_BAD_INPUT
+    except Interrupted as signal_name:
+        print(f"interrupted by {signal_name} outside training; rerun into {run_dir} to resume (exit {dispatch.EXIT_REQUEUE})", file=sys.stderr)
+        code = dispatch.EXIT_REQUEUE
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if code != dispatch.EXIT_OK:
         sys.exit(code)
 

@@ -30,31 +30,13 @@ STEPS_PER_ROUND, ROUNDS = 4, 4
 
 
 def make_step():
-    """The ensemble's training step if it is importable, else a stand-in of the same arithmetic."""
-    try:
-        from sae_ensemble.ensemble import Ensemble
-        from sae_ensemble.member import Member
+    """The ensemble's training step on MEMBERS x DICT features."""
+    from sae_ensemble.ensemble import Ensemble
+    from sae_ensemble.member import Member
 
-        members = [Member("relu", D_IN, DICT, l1=1e-3 * (i + 1), seed=i) for i in range(MEMBERS)]
-        ensemble = Ensemble(members, total_steps=10**6, device="cpu")
-        return ensemble.step, "sae_ensemble.ensemble.Ensemble"
-    except Exception as e:  # noqa: BLE001 - any failure means: measure with the stand-in
-        print(f"Ensemble unavailable ({type(e).__name__}: {e}); using a stand-in step")
-    gen = torch.Generator().manual_seed(0)
-    W_enc = (torch.randn(MEMBERS, DICT, D_IN, generator=gen) * 0.02).requires_grad_()
-    W_dec = (torch.randn(MEMBERS, DICT, D_IN, generator=gen) * 0.02).requires_grad_()
-
-    def step(x):  # x [B, d]: codes [M, B, dict], x_hat [M, B, d]
-        codes = torch.relu(torch.einsum("bd,mnd->mbn", x, W_enc))
-        x_hat = torch.einsum("mbn,mnd->mbd", codes, W_dec)
-        loss = (x_hat - x).square().mean() + 1e-3 * codes.abs().mean()
-        loss.backward()
-        with torch.no_grad():
-            for w in (W_enc, W_dec):
-                w -= 1e-3 * w.grad
-                w.grad = None
-
-    return step, "stand-in (einsum SAE step)"
+    members = [Member("relu", D_IN, DICT, l1=1e-3 * (i + 1), seed=i) for i in range(MEMBERS)]
+    ensemble = Ensemble(members, total_steps=10**6, device="cpu")
+    return ensemble.step, "sae_ensemble.ensemble.Ensemble"
 
 
 def bench_feed(root: Path) -> dict:

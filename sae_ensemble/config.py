@@ -15,13 +15,13 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from sae_ensemble.activations.store import NORMALIZE_MODES
 from sae_ensemble.dispatch import Training, resolve_devices
 from sae_ensemble.grid import Grid
 from sae_ensemble.sae import VARIANTS
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("synthetic", "lm")
-NORMALIZE = ("none", "center", "center_scale")
 
 
 class ConfigError(ValueError):
@@ -41,7 +41,8 @@ class DataConfig:
     rows_per_chunk: int = 65536
     """Rows per chunk file."""
     heldout_rows: int = 8192
-    """Rows at the end of the store kept out of training, for evaluation."""
+    """Rows at the end of the store kept out of training, for evaluation (LM stores: not part of the
+    cache key, so a changed value reuses a cached store's split; use another store_root)."""
     dtype: str = "float32"
     """Stored dtype: float32, float16 or bfloat16 (batches are always float32)."""
     # synthetic
@@ -167,23 +168,28 @@ def validate(cfg: SweepConfig) -> list[str]:
         (training.batch_size >= 1, f"training.batch_size={training.batch_size} must be at least 1"),
         (training.checkpoint_every >= 1, f"training.checkpoint_every={training.checkpoint_every} must be at least 1"),
         (training.log_every >= 1, f"training.log_every={training.log_every} must be at least 1"),
-        (training.normalize in NORMALIZE, f"training.normalize={training.normalize!r} is unknown; allowed: {', '.join(NORMALIZE)}"),
+        (training.normalize in NORMALIZE_MODES, f"training.normalize={training.normalize!r} is unknown; allowed: {', '.join(NORMALIZE_MODES)}"),
+        (training.dead_window_tokens >= 1, f"training.dead_window_tokens={training.dead_window_tokens} must be at least 1"),
+        (training.eval_rows >= 1, f"training.eval_rows={training.eval_rows} must be at least 1"),
+        (data.heldout_rows >= 1, f"data.heldout_rows={data.heldout_rows} must be at least 1: the final metrics need held-out rows"),
+        (cfg.eval.n_contexts >= 1, f"eval.n_contexts={cfg.eval.n_contexts} must be at least 1"),
         (cfg.wandb.mode in (None, "online", "offline", "disabled"), f"wandb.mode={cfg.wandb.mode!r} is unknown; allowed: online, offline, disabled, or null"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
     try:
-        return resolve_devices(cfg.devices)
+        devices = resolve_devices(cfg.devices)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if training.autocast_bf16 and any(d.startswith("cpu") for d in devices):
+        raise ConfigError(f"training.autocast_bf16=true needs CUDA devices; devices={cfg.devices!r} gives {devices}")
+    return devices
 
 
 def check_grid_fits(grid: Grid, d_in: int) -> None:
-    """Grid checks that need the store's d_in: k within every dict size, no empty grid."""
+    """Grid checks that need the store's d_in: k within every dict size, no empty axis."""
     try:
-        members = grid.members(d_in)
+        grid.members(d_in)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if not members:
-        raise ConfigError("the grid is empty: give at least one value on every axis")

@@ -97,3 +97,18 @@ def test_multirun_over_two_layers_of_the_tiny_model(tmp_path):
         rows = list(csv.DictReader(open(job / "summary.csv")))
         assert len(rows) == 4 and all(math.isfinite(float(r["ce_recovered"])) for r in rows)
     assert len(list((tmp_path / "stores").glob("*/manifest.json"))) == 2  # one store per hook
+
+
+def test_resume_with_other_training_settings_or_devices_is_refused(tmp_path):
+    first = sweep(tmp_path, *SMALL_DATA, "devices=cpu:2", "plan_only=true")
+    assert first.returncode == 0, first.stderr
+    changed = sweep(tmp_path, *SMALL_DATA, "devices=cpu:2", "training.batch_size=512", "plan_only=true")
+    assert changed.returncode == 2 and "was started with training.batch_size=256; resuming with 512" in changed.stderr, changed.stderr
+    fewer = sweep(tmp_path, *SMALL_DATA, "devices=cpu", "plan_only=true")
+    assert fewer.returncode == 2 and "was planned for 2 devices" in fewer.stderr, fewer.stderr
+
+
+def test_a_batch_larger_than_the_store_is_a_config_error(tmp_path):
+    result = sweep(tmp_path, "data.n_rows=9000", "data.rows_per_chunk=3000", "data.heldout_rows=1000", "training.batch_size=10000", "plan_only=true")
+    assert result.returncode == 2 and "training.batch_size=10000 needs at most the store's 8000 training rows" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
