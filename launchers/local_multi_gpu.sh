@@ -28,6 +28,8 @@ if [ $# -lt 1 ] || [ $# -gt 2 ]; then
 fi
 
 SAE_ENSEMBLE_DIR=${SAE_ENSEMBLE_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
+# shellcheck source=launchers/run_name.sh
+source "$SAE_ENSEMBLE_DIR/launchers/run_name.sh"
 SWEEP_PYTHON=${SWEEP_PYTHON:-$SAE_ENSEMBLE_DIR/.venv/bin/python}
 SWEEP_PROGRAM=${SWEEP_PROGRAM:-$SAE_ENSEMBLE_DIR/sweep.py}
 TASKS_FILE=$1
@@ -58,12 +60,7 @@ for i in "${!lines[@]}"; do
         exit "$EXIT_INTERRUPTED"
     fi
     read -r -a overrides <<< "${lines[$i]}"
-    # Same dir naming as slurm_array.sbatch (keep in sync), so either route resumes the other's runs.
-    run_name=$(printf '%s' "${overrides[*]}" | tr ' /' ',_' | tr -c 'A-Za-z0-9._=,+-' '_')
-    if [ ${#run_name} -gt 200 ]; then
-        run_name="task_$(printf '%s' "${lines[$i]}" | md5sum | cut -c1-16)"
-    fi
-    run_dir=$RUN_ROOT/$run_name
+    run_dir=$RUN_ROOT/$(run_name_for "${lines[$i]}")
     case " ${lines[$i]} " in
         *" devices="*) ;;                    # the line chose its devices
         *) overrides+=("devices=auto") ;;  # all local GPUs for this point
