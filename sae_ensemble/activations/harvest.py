@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from .store import DTYPES, MANIFEST, ActivationStore, ChunkWriter, StoreError, store_lock
+from .store import DTYPES, MANIFEST, ActivationStore, ChunkWriter, StoreError, check_dtype, store_lock
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
@@ -269,8 +269,7 @@ def get_or_harvest(
     hooks = [hooks] if isinstance(hooks, str) else list(hooks)
     if not hooks or len(set(hooks)) != len(hooks):
         raise StoreError(f"hooks must be a non-empty list of distinct hook names, got {hooks}.")
-    if dtype not in DTYPES:
-        raise StoreError(f"Store dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
+    check_dtype(dtype)
     if n_tokens <= 0 or context_length < 2:
         raise StoreError(f"n_tokens ({n_tokens}) must be positive and context_length ({context_length}) at least 2.")
     specs = {h: HarvestSpec(model, h, dataset, n_tokens, context_length, split, dataset_config,

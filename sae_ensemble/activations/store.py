@@ -56,7 +56,7 @@ def chunk_name(index: int) -> str:
     return f"chunk_{index:05d}.safetensors"
 
 
-def _check_dtype(dtype: str) -> str:
+def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise StoreError(f"Store dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
     return dtype
@@ -142,7 +142,7 @@ class ChunkWriter:
     ) -> None:
         self.path = Path(path)
         self.d_in = int(d_in)
-        self.dtype = _check_dtype(dtype)
+        self.dtype = check_dtype(dtype)
         self.rows_per_chunk = int(rows_per_chunk)
         self.source = dict(source or {})
         self.hook = hook
