@@ -220,7 +220,7 @@ def _train(index, device, plan, store_path: Path, run_dir: Path, training: Train
     while ensemble.step_count < training.steps and not stop.is_set():
         batch, position = next(batches)
         stats = ensemble.step(batch)
-        counter.update(stats["fired"], batch.shape[0])
+        counter.update(torch.nan_to_num(stats["fired"]), batch.shape[0])  # a diverged member may fire NaN
         step = ensemble.step_count
         if step % training.log_every == 0 or step == training.steps:
             dead = counter.dead_fraction(ensemble.hparams["feature_mask"])

@@ -120,7 +120,7 @@ class Ensemble:
         # Moments update in place: a diverged member's moments are never used again (its
         # params stay frozen), so they need no copy to roll back, only its params do.
         directions, self.opt_state = self.optimizer.update(grads, self.opt_state, inplace=True)
-        new_params = {name: p - _broadcast(lr, p) * directions[name] for name, p in self.params.items()}
+        new_params = {name: torch.addcmul(p, _broadcast(lr, p), directions[name], value=-1) for name, p in self.params.items()}
         new_params["W_dec"] = F.normalize(new_params["W_dec"], dim=-1)
 
         # A step is taken only if the loss and every new weight are finite. A NaN or inf
