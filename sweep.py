@@ -28,13 +28,14 @@ from sae_ensemble.atomic import write_json_atomic
 from sae_ensemble.checkpoint import CheckpointError, read_json
 from sae_ensemble.config import ConfigError, SweepConfig
 from sae_ensemble.grid import format_plan, make_plan
+from sae_ensemble.member import Member
 
 EXIT_BAD_INPUT = 2
 
 config_module.register()
 
 
-def get_store(cfg: SweepConfig) -> ActivationStore:
+def get_store(cfg: SweepConfig, devices: list[str]) -> ActivationStore:
     """The store this sweep trains on: given, synthesised, or harvested (each reused when it exists)."""
     data = cfg.data
     if data.store:
@@ -61,7 +62,7 @@ def get_store(cfg: SweepConfig) -> ActivationStore:
     stores = get_or_harvest(
         cfg.model.name, [cfg.hook], data.dataset, cache_root=data.store_root, n_tokens=data.n_tokens,
         context_length=data.context_length, split=data.split, dataset_config=data.dataset_config, text_field=data.text_field,
-        dtype=data.dtype, drop_bos=data.drop_bos, revision=cfg.model.revision, device=harvest_device(cfg),
+        dtype=data.dtype, drop_bos=data.drop_bos, revision=cfg.model.revision, device=harvest_device(devices),
         batch_size=data.harvest_batch_size, rows_per_chunk=data.rows_per_chunk, heldout_rows=data.heldout_rows, progress=cfg.progress,
     )
     return stores[cfg.hook]
@@ -74,9 +75,9 @@ def ensure_model(cfg: SweepConfig) -> None:
         build_tiny_gpt2(cfg.model.name)
 
 
-def harvest_device(cfg: SweepConfig) -> str:
-    first = dispatch.resolve_devices(cfg.devices)[0]
-    return "cpu" if first.startswith("cpu") else first
+def harvest_device(devices: list[str]) -> str:
+    """The model runs on the first worker device (workers are named cpu:N, torch wants cpu)."""
+    return "cpu" if devices[0].startswith("cpu") else devices[0]
 
 
 # Training settings that change results: a resume must use the values the run started with.
@@ -109,14 +110,15 @@ def plan_for(cfg: SweepConfig, devices: list[str], store: ActivationStore, run_d
     return plan
 
 
-def evaluate_lm(cfg: SweepConfig, store: ActivationStore, run_dir: Path) -> None:
+def evaluate_lm(cfg: SweepConfig, store: ActivationStore, run_dir: Path, devices: list[str]) -> None:
     """CE loss recovered and KL for every finished member, written into its cfg.json metrics."""
     from sae_ensemble.activations.harvest import boot_model, iter_contexts, iter_texts, rows_per_context
     from sae_ensemble.evaluate import evaluate_members
 
     import torch
 
-    bridge = boot_model(cfg.model.name, device=harvest_device(cfg), revision=cfg.model.revision)
+    device = harvest_device(devices)
+    bridge = boot_model(cfg.model.name, device=device, revision=cfg.model.revision)
     # Held-out text: contexts after the ones harvested for training.
     texts = iter_texts(cfg.data.dataset, cfg.data.split, cfg.data.dataset_config, cfg.data.text_field)
     skip = -(-cfg.data.n_tokens // rows_per_context(bridge.tokenizer, cfg.data.context_length, cfg.data.drop_bos))
@@ -129,7 +131,7 @@ def evaluate_lm(cfg: SweepConfig, store: ActivationStore, run_dir: Path) -> None
     if not contexts:
         print(f"warning: no held-out text left after the {skip} harvested contexts; CE evaluation skipped", file=sys.stderr)
         return
-    tokens = torch.tensor(contexts, device=harvest_device(cfg))
+    tokens = torch.tensor(contexts, device=device)
     member_dirs = report.member_dirs(run_dir)
     normalization = store.normalization(cfg.training.normalize)
     results = evaluate_members(bridge, tokens, cfg.hook, member_dirs, normalization, progress=cfg.progress,
@@ -142,7 +144,7 @@ def evaluate_lm(cfg: SweepConfig, store: ActivationStore, run_dir: Path) -> None
 
 def sweep(cfg: SweepConfig, run_dir: Path) -> int:
     devices = config_module.validate(cfg)
-    store = get_store(cfg)
+    store = get_store(cfg, devices)
     print(f"store: {store}")
     if cfg.training.batch_size > store.n_train_rows or store.heldout_rows < 1:
         raise ConfigError(f"training.batch_size={cfg.training.batch_size} needs at most the store's {store.n_train_rows} training rows, "
@@ -154,7 +156,7 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
 
     from sae_ensemble.tracking import Tracker
 
-    members = [m for m in cfg.grid.members(store.d_in) if m.member_id in plan["members"]]
+    members = [Member.from_dict(values) for values in plan["members"].values()]
     base = {"sweep": cfg.name, "source": cfg.data.source, "store": str(store.path), "store_fingerprint": store.fingerprint,
             **({"model": cfg.model.name, "hook": cfg.hook, "layer": cfg.layer} if cfg.data.source == "lm" else {}),
             **{f"training.{k}": v for k, v in asdict(cfg.training).items()}}
@@ -164,7 +166,7 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
         if code != dispatch.EXIT_OK:
             return code
         if cfg.data.source == "lm" and cfg.eval.ce_loss:
-            evaluate_lm(cfg, store, run_dir)
+            evaluate_lm(cfg, store, run_dir, devices)
         rows = report.load_rows(run_dir)
         summary = report.write_summary(run_dir, rows)
         plots = report.write_plots(run_dir, rows)

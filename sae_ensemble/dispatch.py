@@ -249,7 +249,7 @@ def _train(index, device, plan, store_path: Path, run_dir: Path, training: Train
         frequency = {"frequency": frequencies[i, : member.dict_size].contiguous()}
         atomic_write(out / "feature_freq.safetensors", lambda tmp: save_file(frequency, tmp))
     write_json_atomic(directory / "done.json", {"steps": ensemble.step_count, "members": [m.member_id for m in members]})
-    events.put(("done", index, {name: [float(x) for x in value] for name, value in final.items()}))
+    events.put(("done", index, None))
 
 
 @torch.no_grad()
