@@ -53,7 +53,14 @@ class Ensemble:
         total_steps: int,
         device: str | torch.device = "cpu",
         autocast_bf16: bool = False,
+        *,
+        execution: str = "reference",
+        micro_batches: int = 1,
+        init: bool = True,
     ) -> None:
+        """`micro_batches` splits each step's batch into that many equal parts and sums their
+        gradients (the same step as the whole batch, in less memory). `init=False` allocates
+        the state without random inits, for a caller that fills every slot (resume)."""
         if not members:
             raise ValueError("an ensemble needs at least one member")
         d_ins = {m.d_in for m in members}
@@ -62,7 +69,13 @@ class Ensemble:
         ids = [m.member_id for m in members]
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate members in one ensemble: {sorted({i for i in ids if ids.count(i) > 1})}")
+        if execution != "reference":
+            raise ValueError(f"execution={execution!r} is unknown; allowed: reference")
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches={micro_batches} must be at least 1")
         self.device = torch.device(device)
+        self.execution = execution
+        self.micro_batches = int(micro_batches)
         if autocast_bf16 and self.device.type != "cuda":
             raise ValueError(f"autocast_bf16 needs a CUDA device; got device={self.device}")
         self.members = list(members)
@@ -73,7 +86,13 @@ class Ensemble:
         self.layout = sae.Layout.of([m.variant for m in members], [m.k for m in members])
 
         n = self.n_padded
-        self.params = _stack([sae.init_params(m.variant, m.d_in, m.dict_size, m.seed, n) for m in members], self.device)
+        # Stacked on the device and filled one member at a time: the host holds one member's init at most.
+        self.params = {name: torch.zeros(len(members), *shape, device=self.device)
+                       for name, shape in (("W_enc", (n, self.d_in)), ("b_enc", (n,)), ("W_dec", (n, self.d_in)), ("b_dec", (self.d_in,)))}
+        if init:
+            for index, m in enumerate(members):
+                for name, value in sae.init_params(m.variant, m.d_in, m.dict_size, m.seed, n).items():
+                    self.params[name][index].copy_(value)
         self.hparams = _stack(
             [sae.make_hparams(m.variant, m.dict_size, m.l1, m.bias_decay, m.k, m.use_b_dec, n) for m in members],
             self.device,
@@ -113,9 +132,23 @@ class Ensemble:
         """One training step of every member on `batch` [B, d_in]; returns per-member stats [M]."""
         lr, l1 = self.schedules(self.step_count)
         hparams = {**self.hparams, "l1": l1}
+        if batch.shape[0] % self.micro_batches:
+            raise ValueError(f"a batch of {batch.shape[0]} rows does not split into micro_batches={self.micro_batches} equal parts")
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast_bf16 else contextlib.nullcontext()
-        with autocast:
-            grads, aux = self._grad(self.params, hparams, batch)
+        grads, aux = None, None
+        for part in batch.chunk(self.micro_batches):
+            with autocast:
+                part_grads, part_aux = self._grad(self.params, hparams, part)
+            if grads is None:
+                grads, aux = part_grads, part_aux
+            else:  # equal parts: the batch's mean loss is the mean of the parts' means
+                for name in grads:
+                    grads[name] += part_grads[name]
+                aux = {name: aux[name] + part_aux[name] for name in aux}
+                del part_grads
+        if self.micro_batches > 1:
+            grads = {name: g.div_(self.micro_batches) for name, g in grads.items()}
+            aux = {name: v if name == "fired" else v / self.micro_batches for name, v in aux.items()}
 
         # Moments update in place: a diverged member's moments are never used again (its
         # params stay frozen), so they need no copy to roll back, only its params do.
