@@ -83,18 +83,26 @@ def load_member(
 
 
 def load_ensemble(
-    directories: list[str | Path], total_steps: int, device: str | torch.device = "cpu", autocast_bf16: bool = False
+    directories: list[str | Path], total_steps: int, device: str | torch.device = "cpu", autocast_bf16: bool = False,
+    *, micro_batches: int = 1,
 ) -> Ensemble:
-    """An ensemble restored from saved members, optimizer moments and step included (to resume)."""
-    loaded = [load_member(d, with_moments=True) for d in directories]
-    steps = {cfg.get("steps") for _, _, _, cfg in loaded}
+    """An ensemble restored from saved members, optimizer moments and step included (to resume).
+
+    The stacked state is allocated empty on the device and filled one member at a time,
+    so the host holds one member's tensors at most (no random init to throw away).
+    """
+    cfgs = [read_json(Path(d) / CFG_FILE) for d in directories]
+    steps = {cfg.get("steps") for cfg in cfgs}
     if len(steps) != 1:
-        raise CheckpointError(f"members in {[str(d) for d in directories]} were saved at different steps {sorted(steps)}")
-    ensemble = Ensemble([m for m, _, _, _ in loaded], total_steps, device, autocast_bf16)
-    for index, (_, params, moments, cfg) in enumerate(loaded):
+        raise CheckpointError(f"members in {[str(d) for d in directories]} were saved at different steps {sorted(steps, key=str)}")
+    members = [Member.from_dict({k: v for k, v in cfg.items() if k in Member.__dataclass_fields__}) for cfg in cfgs]
+    ensemble = Ensemble(members, total_steps, device, autocast_bf16, micro_batches=micro_batches, init=False)
+    for index, directory in enumerate(directories):
+        _, params, moments, cfg = load_member(directory, with_moments=True)
         ensemble.load_member_state(index, params, moments)
         ensemble.alive[index] = bool(cfg.get("alive", True))
-    ensemble.set_step(loaded[0][3]["steps"], loaded[0][3]["tokens"])
+        del params, moments
+    ensemble.set_step(cfgs[0]["steps"], cfgs[0]["tokens"])
     return ensemble
 
 
