@@ -27,8 +27,9 @@ from sae_ensemble.activations.store import ActivationStore, StoreError
 from sae_ensemble.atomic import write_json_atomic
 from sae_ensemble.checkpoint import CheckpointError, read_json
 from sae_ensemble.config import ConfigError, SweepConfig
-from sae_ensemble.grid import format_plan, make_plan
 from sae_ensemble.member import Member
+from sae_ensemble.plan import PlanError, assign, format_plan, make_plan, resolve_budget
+from sae_ensemble.train import ensemble_dir
 
 EXIT_BAD_INPUT = 2
 
@@ -82,32 +83,59 @@ def harvest_device(devices: list[str]) -> str:
 
 # Training settings that change results: a resume must use the values the run started with.
 RESUME_FIXED = ("steps", "batch_size", "data_seed", "normalize", "dead_window_tokens", "eval_rows", "autocast_bf16")
+# Not fixed: memory_budget (ensembles and micro-batches stay as planned; only their spread over devices changes),
+# checkpoint_every and log_every.
 
 
 def plan_for(cfg: SweepConfig, devices: list[str], store: ActivationStore, run_dir: Path) -> dict:
-    """The plan, reusing the run dir's plan.json when resuming (same members, store and training)."""
+    """The plan, reusing the run dir's plan.json when resuming (same members, store and training).
+
+    A resume keeps the planned ensembles (their checkpoints name them) and spreads them over
+    whatever devices this run has: more devices than ensembles leave some idle, fewer run
+    more stages on each.
+    """
     config_module.check_grid_fits(cfg.grid, store.d_in)
-    plan = make_plan(cfg.grid.members(store.d_in), devices, cfg.training.batch_size)
-    plan["training"] = asdict(cfg.training)
-    plan["store_fingerprint"] = store.fingerprint
+    members = cfg.grid.members(store.d_in)
+    budget = resolve_budget(cfg.training.memory_budget, devices)
     plan_path = run_dir / "plan.json"
-    if plan_path.exists():
-        previous = read_json(plan_path)
-        if sorted(previous["members"]) != sorted(plan["members"]):
-            raise ConfigError(f"{run_dir} already holds a sweep with other members; use a new run dir (hydra.run.dir=...) or the same grid to resume")
-        if previous.get("store_fingerprint") != store.fingerprint:
-            raise ConfigError(f"{run_dir} was trained on another store (fingerprint {previous.get('store_fingerprint')}, now {store.fingerprint}); use the same data settings or a new run dir")
-        for name in RESUME_FIXED:
-            before, now = previous["training"].get(name), plan["training"][name]
-            if before != now:
-                raise ConfigError(f"{run_dir} was started with training.{name}={before}; resuming with {now} would mix two trainings: set training.{name}={before} or use a new run dir")
-        if len(previous["ensembles"]) != len(devices):
-            raise ConfigError(f"{run_dir} was planned for {len(previous['ensembles'])} devices; resume with that many (now devices={cfg.devices!r} gives {len(devices)}) or use a new run dir")
-        for ensemble, device in zip(previous["ensembles"], devices):  # a requeued job may get other device ids
-            ensemble["device"] = device
-        plan = previous
+    try:
+        if not plan_path.exists():
+            plan = make_plan(members, devices, cfg.training.batch_size, budget)
+            plan["training"] = asdict(cfg.training)
+            plan["store_fingerprint"] = store.fingerprint
+        else:
+            previous = read_json(plan_path)
+            _check_resume(previous, {m.member_id: m.to_dict() for m in members}, cfg, store, run_dir)
+            plan = assign(previous, devices, budget)
+    except PlanError as error:
+        raise ConfigError(str(error)) from None
     write_json_atomic(plan_path, plan)
     return plan
+
+
+def _check_resume(previous: dict, members: dict, cfg: SweepConfig, store: ActivationStore, run_dir: Path) -> None:
+    """Refuse a resume whose members, store or result-changing settings differ from the run's start."""
+    if "workers" not in previous:
+        raise ConfigError(f"{run_dir}/plan.json was written by an older version without memory planning; use a new run dir")
+    if sorted(previous["members"]) != sorted(members):
+        raise ConfigError(f"{run_dir} already holds a sweep with other members; use a new run dir (hydra.run.dir=...) or the same grid to resume")
+    if previous.get("store_fingerprint") != store.fingerprint:
+        raise ConfigError(f"{run_dir} was trained on another store (fingerprint {previous.get('store_fingerprint')}, now {store.fingerprint}); use the same data settings or a new run dir")
+    # Member fields that ids leave out (lr/l1 warmup, lr decay) change results too.
+    for member_id, now in members.items():
+        for name, before in previous["members"][member_id].items():
+            if now.get(name) != before:
+                raise ConfigError(f"{run_dir} was started with grid.{name}={before}; resuming with {now.get(name)} would mix two trainings: "
+                                  f"set grid.{name}={before} or use a new run dir")
+    for name in RESUME_FIXED:
+        before, now = previous["training"].get(name), getattr(cfg.training, name)
+        if before != now:
+            raise ConfigError(f"{run_dir} was started with training.{name}={before}; resuming with {now} would mix two trainings: set training.{name}={before} or use a new run dir")
+
+
+def finished(plan: dict, run_dir: Path) -> bool:
+    """Every ensemble trained and the report written: a rerun has nothing to do."""
+    return (run_dir / "summary.csv").exists() and all((ensemble_dir(run_dir, e["index"]) / "done.json").exists() for e in plan["ensembles"])
 
 
 def evaluate_lm(cfg: SweepConfig, store: ActivationStore, run_dir: Path, devices: list[str]) -> None:
@@ -144,6 +172,13 @@ def evaluate_lm(cfg: SweepConfig, store: ActivationStore, run_dir: Path, devices
 
 def sweep(cfg: SweepConfig, run_dir: Path) -> int:
     devices = config_module.validate(cfg)
+    if cfg.data.source == "synthetic" and not cfg.data.store and not (run_dir / "plan.json").exists():
+        try:  # refuse a grid that cannot fit before synthesising its data
+            make_plan(cfg.grid.members(cfg.data.d_in), devices, cfg.training.batch_size, resolve_budget(cfg.training.memory_budget, devices))
+        except PlanError as error:
+            raise ConfigError(str(error)) from None
+        except ValueError:
+            pass  # grid errors are reported with the store's d_in below
     store = get_store(cfg, devices)
     print(f"store: {store}")
     if cfg.training.batch_size > store.n_train_rows or store.heldout_rows < 1:
@@ -152,6 +187,9 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
     plan = plan_for(cfg, devices, store, run_dir)
     print(format_plan(plan), flush=True)
     if cfg.plan_only:
+        return dispatch.EXIT_OK
+    if finished(plan, run_dir):
+        print(f"{run_dir} holds a finished sweep (summary.csv and every ensemble done): nothing to do")
         return dispatch.EXIT_OK
 
     from sae_ensemble.tracking import Tracker

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from sae_ensemble.activations.store import NORMALIZE_MODES
 from sae_ensemble.dispatch import Training, resolve_devices
 from sae_ensemble.grid import Grid
+from sae_ensemble.plan import parse_size
 from sae_ensemble.sae import VARIANTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,6 +180,7 @@ def validate(cfg: SweepConfig) -> list[str]:
         if not ok:
             raise ConfigError(message)
     try:
+        parse_size(training.memory_budget)
         devices = resolve_devices(cfg.devices)
     except ValueError as error:
         raise ConfigError(str(error)) from None

@@ -1,15 +1,11 @@
-"""One worker process per device, each training one ensemble of the plan from the shared store.
+"""One worker process per device, each training its ensembles of the plan (train.py) from the shared store.
 
 Workers open the store themselves (memory-mapped: no activations cross a pipe), train,
 checkpoint, and report through one queue. The parent shows a progress bar, forwards
 metrics to a callback, and watches every worker: a worker that raises or dies makes
 it stop the others (they checkpoint) and report which device and members failed.
 
-Run-dir layout written here:
-    checkpoints/ensemble_<i>/step_<N>/members/<member_id>/   members with optimizer moments
-    checkpoints/ensemble_<i>/step_<N>/resume.json            written last: marks the step complete
-    checkpoints/ensemble_<i>/done.json                       the ensemble finished
-    members/<member_id>/{sae.safetensors,cfg.json,feature_freq.safetensors}   final members
+Checkpoints and the run-dir layout: train.py.
 
 Exit codes (also sweep.py's): 0 done, 1 a worker failed, 75 stopped by SIGTERM/SIGINT
 after checkpointing (rerun into the same run dir to resume; SLURM requeues on it).
@@ -17,57 +13,22 @@ after checkpointing (rerun into the same run dir to resume; SLURM requeues on it
 
 from __future__ import annotations
 
-import ctypes
 import os
 import queue as queue_module
-import shutil
 import signal
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.multiprocessing as mp
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from sae_ensemble import metrics
-from sae_ensemble.activations.store import ActivationStore, Position
-from sae_ensemble.atomic import atomic_write, write_json_atomic
-from sae_ensemble.checkpoint import CheckpointError, load_ensemble, read_json, save_member
-from sae_ensemble.ensemble import Ensemble
-from sae_ensemble.grid import plan_members
+from sae_ensemble.train import Training, train_worker
 
 EXIT_OK, EXIT_FAILED, EXIT_REQUEUE = 0, 1, 75
-PROGRESS_SECONDS = 1.0  # how often a worker reports its step between metric reports
-KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is ever unreadable
-
-
-@dataclass
-class Training:
-    """How every ensemble of a sweep trains (shared by all members)."""
-
-    steps: int = 1000
-    """Optimizer steps per member."""
-    batch_size: int = 1024
-    """Rows per step."""
-    data_seed: int = 0
-    """Seed of the store's shuffle: equal seeds give two sweeps the same batches."""
-    normalize: str = "none"
-    """Activation normalisation: none, center, or center_scale (centred, mean squared norm d_in)."""
-    checkpoint_every: int = 500
-    """Steps between checkpoints (and at the end, and on SIGTERM)."""
-    log_every: int = 50
-    """Steps between metric reports."""
-    dead_window_tokens: int = 1_000_000
-    """A feature is dead if it never fired in this many most recent training rows."""
-    eval_rows: int = 8192
-    """Held-out rows for the final metrics."""
-    autocast_bf16: bool = False
-    """bf16 autocast of the forward/backward pass (CUDA only)."""
 
 
 # -- devices -----------------------------------------------------------------------------------------
@@ -100,177 +61,19 @@ def resolve_devices(spec: str) -> list[str]:
     raise ValueError(f"devices={spec!r} is unknown; allowed: auto, cpu, cpu:N, cuda, cuda:0,1,...")
 
 
-def reuse_freed_memory() -> None:
-    """Make glibc keep freed memory for reuse instead of returning it to the OS.
-
-    A training step allocates and frees the same large [members, batch, features]
-    tensors every step; glibc serves blocks over 32 MiB with fresh mmaps, so each step
-    page-faults every page again (measured: 14% of a large CPU step). Heap-only
-    allocation with no trimming reuses the pages. CPU only; a no-op without glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from malloc.h
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, 2**62)
-
-
-def _torch_device(device: str) -> torch.device:
-    return torch.device("cpu") if device.startswith("cpu") else torch.device(device)
-
-
-# -- checkpoints ---------------------------------------------------------------------------------------
-
-
-def ensemble_dir(run_dir: Path, index: int) -> Path:
-    return run_dir / "checkpoints" / f"ensemble_{index}"
-
-
-def complete_checkpoints(directory: Path) -> list[Path]:
-    """Complete step dirs (those with resume.json), newest first."""
-    records = directory.glob("step_*/resume.json")
-    return sorted((p.parent for p in records), key=lambda p: int(p.name.split("_")[1]), reverse=True)
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete step dir or None."""
-    steps = complete_checkpoints(directory)
-    return steps[0] if steps else None
-
-
-def load_checkpoint(step_dir: Path, members, training: Training, device, counter: metrics.FiringCounter) -> tuple[Ensemble, Position]:
-    """The ensemble, firing counts and store position saved in one step dir."""
-    record = read_json(step_dir / "resume.json")
-    ensemble = load_ensemble([step_dir / "members" / m.member_id for m in members], training.steps, device, training.autocast_bf16)
-    counter.load_state_dict(load_file(step_dir / "firing.safetensors"))
-    return ensemble, Position.from_dict(record["position"])
-
-
-def save_checkpoint(directory: Path, ensemble: Ensemble, position: Position, counter: metrics.FiringCounter) -> Path:
-    """Write every member and the resume record; the record last, then prune old steps."""
-    step_dir = directory / f"step_{ensemble.step_count:09d}"
-    info = {"steps": ensemble.step_count, "tokens": ensemble.rows_seen}
-    for index, member in enumerate(ensemble.members):
-        params, moments = ensemble.member_state(index)
-        save_member(step_dir / "members" / member.member_id, member, params, moments, {**info, "alive": bool(ensemble.alive[index])})
-    atomic_write(step_dir / "firing.safetensors", lambda tmp: save_file(counter.state_dict(), tmp))
-    write_json_atomic(step_dir / "resume.json", {**info, "position": position.to_dict(), "members": [m.member_id for m in ensemble.members]})
-    complete = sorted(directory.glob("step_*/resume.json"), key=lambda p: int(p.parent.name.split("_")[1]))
-    for old in complete[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old.parent)
-    return step_dir
-
-
-def resume(directory: Path, members, training: Training, device, counter: metrics.FiringCounter):
-    """(ensemble, position, step dir or None, skipped) from the newest readable checkpoint, else a fresh start.
-
-    An unreadable checkpoint falls back to the one before it (its name and error are in
-    `skipped`); if checkpoints exist but none is readable, that is an error, never a restart.
-    """
-    unreadable = []
-    for step_dir in complete_checkpoints(directory):
-        try:
-            ensemble, position = load_checkpoint(step_dir, members, training, device, counter)
-            return ensemble, position, step_dir, unreadable
-        except (CheckpointError, SafetensorError, KeyError, ValueError) as error:
-            unreadable.append(f"{step_dir.name} ({error})")
-    if unreadable:
-        raise CheckpointError(f"no checkpoint in {directory} could be read: {'; '.join(unreadable)}")
-    return Ensemble(members, training.steps, device, training.autocast_bf16), Position(), None, []
-
-
 # -- the worker ----------------------------------------------------------------------------------------
 
 
 def _worker(index: int, device: str, plan: dict, store_path: str, run_dir: str, training: dict, threads: int, events, stop) -> None:
-    """Train ensemble `index` of the plan on `device`; report through `events`; obey `stop`."""
+    """Train worker `index` of the plan (its ensembles, stage by stage) on `device`; report through `events`; obey `stop`."""
     # The parent decides when to stop: SIGINT/SIGTERM here only set the same flag.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        _train(index, device, plan, Path(store_path), Path(run_dir), Training(**training), threads, events, stop)
+        train_worker(index, device, plan, Path(store_path), Path(run_dir), Training(**training), threads, events, stop)
     except BaseException:
         events.put(("error", index, traceback.format_exc()))
         raise SystemExit(EXIT_FAILED)
-
-
-def _train(index, device, plan, store_path: Path, run_dir: Path, training: Training, threads, events, stop) -> None:
-    torch.set_num_threads(threads)
-    torch_device = _torch_device(device)
-    if torch_device.type == "cpu":
-        reuse_freed_memory()
-    if torch_device.type == "cuda":
-        torch.cuda.set_device(torch_device)
-    members = plan_members(plan, index)
-    directory = ensemble_dir(run_dir, index)
-    if (directory / "done.json").exists():
-        events.put(("done", index, None))
-        return
-
-    store = ActivationStore.open(store_path)
-    counter = metrics.FiringCounter(len(members), max(m.dict_size for m in members), training.dead_window_tokens, torch_device)
-    ensemble, position, checkpoint, unreadable = resume(directory, members, training, torch_device, counter)
-    events.put(("start", index, {"step": ensemble.step_count, "resumed_from": str(checkpoint) if checkpoint else None,
-                                 "skipped": unreadable}))
-
-    batches = store.train_batches(training.batch_size, seed=training.data_seed, position=position, device=torch_device, normalize=training.normalize)
-    last_progress = time.monotonic()
-    while ensemble.step_count < training.steps and not stop.is_set():
-        batch, position = next(batches)
-        stats = ensemble.step(batch)
-        counter.update(torch.nan_to_num(stats["fired"]), batch.shape[0])  # a diverged member may fire NaN
-        step = ensemble.step_count
-        if step % training.log_every == 0 or step == training.steps:
-            dead = counter.dead_fraction(ensemble.hparams["feature_mask"])
-            report = {name: stats[name].detach().float().cpu() for name in ("loss", "mse", "l0", "l1_norm", "lr")}
-            report["dead_frac"], report["alive"] = dead.cpu(), stats["alive"].float().cpu()
-            events.put(("metrics", index, {"step": step, "tokens": ensemble.rows_seen,
-                                           "members": {m.member_id: {k: float(v[i]) for k, v in report.items()} for i, m in enumerate(members)}}))
-        elif time.monotonic() - last_progress > PROGRESS_SECONDS:
-            events.put(("progress", index, {"step": step}))
-            last_progress = time.monotonic()
-        if step % training.checkpoint_every == 0 and step < training.steps:
-            save_checkpoint(directory, ensemble, position, counter)
-    save_checkpoint(directory, ensemble, position, counter)
-    if ensemble.step_count < training.steps:
-        events.put(("stopped", index, {"step": ensemble.step_count}))
-        return
-
-    final = _final_metrics(ensemble, store, counter, training, torch_device)
-    info = {"steps": ensemble.step_count, "tokens": ensemble.rows_seen, "store_fingerprint": store.fingerprint,
-            "normalize": training.normalize, "data_seed": training.data_seed}
-    frequencies = counter.frequencies().cpu()
-    for i, member in enumerate(members):
-        params, _ = ensemble.member_state(i)
-        out = run_dir / "members" / member.member_id
-        save_member(out, member, params, None, {**info, "alive": bool(ensemble.alive[i]), "metrics": {k: float(v[i]) for k, v in final.items()}})
-        frequency = {"frequency": frequencies[i, : member.dict_size].contiguous()}
-        atomic_write(out / "feature_freq.safetensors", lambda tmp: save_file(frequency, tmp))
-    write_json_atomic(directory / "done.json", {"steps": ensemble.step_count, "members": [m.member_id for m in members]})
-    events.put(("done", index, None))
-
-
-@torch.no_grad()
-def _final_metrics(ensemble: Ensemble, store: ActivationStore, counter, training: Training, device) -> dict[str, torch.Tensor]:
-    """Held-out reconstruction metrics, dead fraction over the training window, MMCS vs truth."""
-    x = store.heldout(training.eval_rows, device=device, normalize=training.normalize)  # [R, d]
-    mask = ensemble.hparams["feature_mask"]
-    rows_per_part = max(1, 2**22 // (len(ensemble) * ensemble.n_padded))  # bounds the [M, B, n] codes
-    sums: dict[str, torch.Tensor] = {}
-    for rows in x.split(rows_per_part):
-        codes, x_hat = ensemble.forward(rows)
-        for name, value in metrics.reconstruction_metrics(rows, x_hat, codes, mask).items():
-            sums[name] = sums.get(name, 0) + value * rows.shape[0]
-    result = {name: total / x.shape[0] for name, total in sums.items()}
-    # FVU is a ratio of sums over all rows, not a mean of per-part ratios: rebuild it from the MSE.
-    result["fvu"] = result["mse"] * x.numel() / (x - x.mean(0)).pow(2).sum().clamp(min=1e-30)
-    result["dead_frac"] = counter.dead_fraction(mask)
-    truth = store.ground_truth()
-    if truth is not None:
-        result["mmcs_truth"] = metrics.mmcs_truth(ensemble.decoders(), mask, truth.to(device))
-    return {name: value.float().cpu() for name, value in result.items()}
 
 
 # -- the parent ----------------------------------------------------------------------------------------
@@ -286,21 +89,20 @@ def run(
 ) -> int:
     """Train every ensemble of the plan, one worker per device; return an exit code (see module doc)."""
     run_dir = Path(run_dir)
-    ensembles = plan["ensembles"]
-    devices = [e["device"] for e in ensembles]
-    n_cpu_workers = sum(d.startswith("cpu") for d in devices)
+    plan_workers = plan["workers"]
+    n_cpu_workers = sum(w["device"].startswith("cpu") for w in plan_workers)
     threads = max(1, (os.cpu_count() or 1) // max(1, n_cpu_workers))
     context = mp.get_context("spawn")
     events, stop = context.Queue(), context.Event()
     workers = {}
-    for e in ensembles:
+    for index, w in enumerate(plan_workers):
         worker = context.Process(
-            target=_worker, name=f"sae-worker-{e['device']}",
-            args=(e["index"], e["device"], plan, str(store_path), str(run_dir), asdict(training),
-                  threads if e["device"].startswith("cpu") else 1, events, stop),
+            target=_worker, name=f"sae-worker-{w['device']}",
+            args=(index, w["device"], plan, str(store_path), str(run_dir), asdict(training),
+                  threads if w["device"].startswith("cpu") else 1, events, stop),
         )
         worker.start()
-        workers[e["index"]] = worker
+        workers[index] = worker
 
     interrupted = []
     # SIGUSR2 is submitit's "about to time out / preempted" signal: when a handler (submitit's)
@@ -309,10 +111,12 @@ def run(
     if callable(signal.getsignal(signal.SIGUSR2)):
         stop_signals.append(signal.SIGUSR2)
     previous = {sig: signal.signal(sig, lambda signum, _: (interrupted.append(signum), stop.set())) for sig in stop_signals}
-    status = {e["index"]: "starting" for e in ensembles}
-    steps_done = {e["index"]: 0 for e in ensembles}
+    status = {index: "starting" for index in workers}
+    steps_done = {index: 0 for index in workers}
+    total_steps = {index: training.steps * sum(len(stage) for stage in w["stages"]) for index, w in enumerate(plan_workers)}
     failures: list[str] = []
-    bar = tqdm(total=training.steps * len(ensembles), unit="step", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    # Progress counts ensemble-steps: a worker with three ensembles has 3 x steps to do.
+    bar = tqdm(total=sum(total_steps.values()), unit="step", disable=not progress, dynamic_ncols=True, mininterval=1.0)
     started, first_step = time.monotonic(), None
     try:
         while any(s in ("starting", "running") for s in status.values()):
@@ -323,26 +127,23 @@ def run(
             if kind == "start":
                 status[index] = "running"
                 steps_done[index] = payload["step"]
-                for skipped in payload["skipped"]:
-                    tqdm.write(f"warning: {ensembles[index]['device']}: unreadable checkpoint {skipped} skipped; using the one before")
-                if payload["resumed_from"]:
-                    tqdm.write(f"{ensembles[index]['device']}: ensemble {index} resumed at step {payload['step']} from {payload['resumed_from']}")
                 if all(s != "starting" for s in status.values()) and first_step is None:
                     first_step, started = sum(steps_done.values()), time.monotonic()
             elif kind == "progress":
                 steps_done[index] = payload["step"]
+            elif kind == "note":
+                tqdm.write(f"{plan_workers[index]['device']}: {payload}")
             elif kind == "metrics":
-                steps_done[index] = payload["step"]
                 if on_metrics:
                     for member_id, values in payload["members"].items():
                         on_metrics(member_id, payload["step"], values)
             elif kind == "done":
-                status[index], steps_done[index] = "done", training.steps
+                status[index], steps_done[index] = "done", total_steps[index]
             elif kind == "stopped":
                 status[index] = "stopped"
             elif kind == "error":
                 status[index] = "failed"
-                failures.append(_describe(ensembles[index], f"raised an exception:\n{payload}"))
+                failures.append(_describe(plan, index, f"raised an exception:\n{payload}"))
                 stop.set()
             # Liveness: a worker that exited without a final event died (SIGKILL, OOM killer, segfault).
             for i, worker in workers.items():
@@ -350,12 +151,12 @@ def run(
                     worker.join()
                     if status[i] in ("starting", "running"):
                         status[i] = "failed"
-                        failures.append(_describe(ensembles[i], f"died with {_exit_reason(worker.exitcode)}"))
+                        failures.append(_describe(plan, i, f"died with {_exit_reason(worker.exitcode)}"))
                         stop.set()
             done_now = sum(steps_done.values())
             if done_now != bar.n:
                 rows_per_s = (done_now - (first_step or 0)) * training.batch_size / max(time.monotonic() - started, 1e-9)
-                states = " ".join(f"{ensembles[i]['device']}={s}" for i, s in status.items())
+                states = " ".join(f"{plan_workers[i]['device']}={s}" for i, s in status.items())
                 bar.set_postfix_str(f"{rows_per_s:,.0f} rows/s {states}", refresh=False)
                 bar.update(done_now - bar.n)  # tqdm rate-limits redraws (mininterval)
     finally:
@@ -382,10 +183,12 @@ def run(
     return EXIT_OK
 
 
-def _describe(ensemble: dict, what: str) -> str:
-    members = ensemble["members"]
+def _describe(plan: dict, index: int, what: str) -> str:
+    worker = plan["workers"][index]
+    ensembles = [i for stage in worker["stages"] for i in stage]
+    members = [m for i in ensembles for m in plan["ensembles"][i]["members"]]
     shown = ", ".join(members[:6]) + (f" and {len(members) - 6} more" if len(members) > 6 else "")
-    return f"worker on {ensemble['device']} (ensemble {ensemble['index']}: {shown}) {what}"
+    return f"worker on {worker['device']} (ensembles {', '.join(map(str, ensembles))}: {shown}) {what}"
 
 
 def _exit_reason(code: int | None) -> str:

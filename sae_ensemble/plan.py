@@ -1,0 +1,292 @@
+"""The plan: members -> ensembles that fit a memory budget -> workers, one per device.
+
+A plan is plain data (`plan.json` in the run dir):
+    ensembles  the unit of training and of checkpoints: members of one dict size (so
+               nothing is padded), stepped together, each with its micro-batch count
+    workers    one per device: its ensembles in stages; a stage's ensembles are stepped
+               on the same batch, stages run one after another over the whole run
+
+Ensembles never change once planned (their checkpoints name them); a resume with
+another device count only reassigns them to workers (`assign`).
+
+Memory model, per ensemble of M members, padded dict size n, width d, micro-batch b rows:
+    P = 4 M (2 n d + n + d)   bytes of params (float32); Adam keeps two more of these
+    A = 4 M b n               bytes of one [M, b, n] activation tensor
+    X = 4 M b d               bytes of one [M, b, d] tensor (centred input, reconstruction, their grads)
+    state = 3 P + hparams + firing counts                           held for the whole run
+    step  = c_P P + c_A A + c_X X (+ P to accumulate micro-batches)   transient, one ensemble at a time
+A worker's peak in a stage = sum of its ensembles' states + the largest step + its batch
++ the runtime's own memory (CPU workers: allocator arenas, thread pools, store buffers).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from sae_ensemble.member import Member
+
+BYTES = 4  # float32 state and activations
+FIRING_BLOCKS = 9  # FiringCounter: 8 ring blocks + the current one, int64 [M, n] each
+# Transient bytes of one step beyond the state, in units of (P, A, X), per execution path and
+# variant; a mixed ensemble takes the largest. Fitted to the peak RSS of one CPU ensemble over
+# its state (glibc heap with no trimming, as the worker runs) on shapes where each term
+# dominates: `python -m benchmarks.scale --calibrate` measures and prints the fit. Most of
+# c_P is the reference step's Adam update: torchopt's tree_map makes several P-sized
+# temporaries at once.
+STEP_COST = {
+    "reference": {"relu": (6.4, 5.1, 10.4), "tied": (6.6, 5.7, 9.8), "topk": (5.8, 10.1, 11.4)},
+}
+MIN_MICRO_ROWS = 256  # below this a micro-batch's GEMMs lose efficiency: split members first
+CPU_RUNTIME_BYTES = 86 * 2**20  # a CPU worker's own peak beyond the model (thread pools, store buffers), fitted with STEP_COST
+# A CPU worker's heap is never trimmed (train.reuse_freed_memory), so its peak also depends on
+# fragmentation: identical runs of one 4 GiB step measured up to 16% apart. CPU plans keep this
+# much headroom under the budget; CUDA's caching allocator reports live bytes, which the model counts.
+CPU_HEADROOM = 0.15
+CPU_WORKER_OVERHEAD = 2**29  # the auto budget leaves this per CPU worker for the interpreter and torch
+AUTO_FRACTION = 0.9  # of free memory, leaving room for the allocator and the runtime
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+class PlanError(ValueError):
+    """The grid cannot be planned within the budget; the message names the member and the budget."""
+
+
+# -- the budget ----------------------------------------------------------------------------------
+
+
+def parse_size(spec: str | int) -> int | None:
+    """`auto` -> None; `8GiB`, `512MiB`, `4e9`, `1.5GB` -> bytes. Raises ValueError naming the value."""
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return None
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)", text)
+    if not match or match.group(2) not in _UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"training.memory_budget={spec!r} is not a size; allowed: auto, or a positive size such as 8GiB, 512MiB, 4e9")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def format_size(n_bytes: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:.2f}{unit}"
+    return f"{int(n_bytes)}B"
+
+
+def available_bytes(device: str, n_cpu_workers: int = 1) -> int:
+    """Auto budget of one worker: 90% of the GPU's free memory, or of available RAM shared by the CPU workers."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(AUTO_FRACTION * free)
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    available = int(fields["MemAvailable"].split()[0]) * 1024
+    return int(AUTO_FRACTION * available / max(1, n_cpu_workers)) - CPU_WORKER_OVERHEAD
+
+
+def resolve_budget(spec: str | int, devices: Sequence[str]) -> int:
+    """Bytes one worker may use: the given size, or the smallest auto budget over `devices`."""
+    size = parse_size(spec)
+    if size is not None:
+        return size
+    n_cpu = sum(d.startswith("cpu") for d in devices)
+    return min(available_bytes(d, n_cpu) for d in devices)
+
+
+# -- the memory model ----------------------------------------------------------------------------
+
+
+def ensemble_memory(members: Sequence[Member], batch_size: int, micro_batches: int = 1, execution: str = "reference") -> dict:
+    """state_bytes (held all run) and step_bytes (transient) of one ensemble; see the module doc."""
+    if execution not in STEP_COST:
+        raise ValueError(f"execution={execution!r} has no memory model; known: {', '.join(STEP_COST)}")
+    m, n, d = len(members), max(x.dict_size for x in members), members[0].d_in
+    params = BYTES * m * (2 * n * d + n + d)
+    activations = BYTES * m * (batch_size // micro_batches) * n
+    wide = BYTES * m * (batch_size // micro_batches) * d
+    state = 3 * params + BYTES * m * (n + 8) + 8 * FIRING_BLOCKS * m * n
+    c_params, c_activations, c_wide = (max(c) for c in zip(*(STEP_COST[execution][x.variant] for x in members)))
+    step = c_params * params + c_activations * activations + c_wide * wide + (params if micro_batches > 1 else 0)
+    return {"state_bytes": int(state), "step_bytes": int(step)}
+
+
+def batch_bytes(batch_size: int, d_in: int) -> int:
+    """The batch, its gather buffer and its normalised copy."""
+    return 3 * BYTES * batch_size * d_in
+
+
+def runtime_bytes(device: str) -> int:
+    """A worker's own memory outside the model: counted on CPU (it shares RSS), not on CUDA (not allocated there)."""
+    return CPU_RUNTIME_BYTES if device.startswith("cpu") else 0
+
+
+def usable(budget: int, device: str) -> int:
+    """The part of a worker's budget its modelled peak may fill (see CPU_HEADROOM)."""
+    return int(budget / (1 + CPU_HEADROOM)) if device.startswith("cpu") else budget
+
+
+def _headroom_note(device: str) -> str:
+    return f" (a CPU worker keeps {CPU_HEADROOM:.0%} of it as headroom)" if device.startswith("cpu") else ""
+
+
+def stage_bytes(ensembles: Sequence[dict], batch_size: int, d_in: int, device: str) -> int:
+    """Peak of a worker on `device` stepping these planned ensembles on one batch, one after another."""
+    if not ensembles:
+        return 0
+    return (sum(e["state_bytes"] for e in ensembles) + max(e["step_bytes"] for e in ensembles)
+            + batch_bytes(batch_size, d_in) + runtime_bytes(device))
+
+
+# -- packing -------------------------------------------------------------------------------------
+
+
+def cost(members: Sequence[Member]) -> int:
+    """Work of one step per batch row, up to a constant: sum of dict_size x d_in (ensembles never pad)."""
+    return sum(m.dict_size * m.d_in for m in members)
+
+
+def pack(members: Sequence[Member], n_devices: int) -> list[list[Member]]:
+    """Split members into at most `n_devices` groups with balanced cost.
+
+    Members sorted by dict size (largest first) are cut into contiguous groups, so each
+    device gets few dict sizes (few ensembles); the cuts come from the smallest capacity
+    for which greedy filling needs no more than `n_devices` groups (binary search; greedy
+    is optimal for contiguous cuts because a group's cost only grows as it gets longer).
+    """
+    if n_devices < 1:
+        raise ValueError(f"n_devices={n_devices} must be at least 1")
+    ordered = sorted(members, key=lambda m: (-m.dict_size, m.member_id))
+    if not ordered:
+        return []
+
+    def greedy(capacity: int) -> list[list[Member]]:
+        groups: list[list[Member]] = [[]]
+        for member in ordered:
+            if groups[-1] and cost(groups[-1] + [member]) > capacity:
+                groups.append([])
+            groups[-1].append(member)
+        return groups
+
+    low, high = max(cost([m]) for m in ordered), cost(ordered)
+    while low < high:
+        middle = (low + high) // 2
+        if len(greedy(middle)) <= n_devices:
+            high = middle
+        else:
+            low = middle + 1
+    return greedy(low)
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def fit_ensembles(members: Sequence[Member], batch_size: int, budget: int, device: str, execution: str = "reference") -> list[tuple[list[Member], int]]:
+    """Members of one dict size -> [(members, micro_batches)], each fitting the budget alone.
+
+    Prefers the fewest pieces, then the fewest micro-batches of at least MIN_MICRO_ROWS rows;
+    a single member may use smaller micro-batches. Raises PlanError if one member cannot fit.
+    """
+    d = members[0].d_in
+    for pieces in range(1, len(members) + 1):
+        size = -(-len(members) // pieces)
+        chunks = [list(members[i : i + size]) for i in range(0, len(members), size)]
+        micro = [k for k in _divisors(batch_size) if batch_size // k >= min(MIN_MICRO_ROWS, batch_size) or size == 1]
+        for k in micro:
+            if all(stage_bytes([ensemble_memory(c, batch_size, k, execution)], batch_size, d, device) <= usable(budget, device) for c in chunks):
+                return [(c, k) for c in chunks]
+    least, member = max((stage_bytes([ensemble_memory([m], batch_size, batch_size, execution)], batch_size, d, device), m.member_id) for m in members)
+    raise PlanError(f"member {member} needs {format_size(least)} even alone with micro-batches of one row, more than fits "
+                    f"training.memory_budget={format_size(budget)}{_headroom_note(device)}; raise the budget, or use fewer features or a smaller d_in")
+
+
+def stages(ensembles: Sequence[dict], budget: int, batch_size: int, d_in: int, device: str) -> list[list[int]]:
+    """Group one worker's ensembles into stages that fit the budget together (first fit, largest first)."""
+    result: list[list[dict]] = []
+    for e in sorted(ensembles, key=lambda e: (-(e["state_bytes"] + e["step_bytes"]), e["index"])):
+        for stage in result:
+            if stage_bytes(stage + [e], batch_size, d_in, device) <= usable(budget, device):
+                stage.append(e)
+                break
+        else:
+            result.append([e])
+    return [sorted(e["index"] for e in stage) for stage in result]
+
+
+def _worker(device: str, ensembles: Sequence[dict], budget: int, batch_size: int, d_in: int) -> dict:
+    by_index = {e["index"]: e for e in ensembles}
+    plan_stages = stages(ensembles, budget, batch_size, d_in, device)
+    peak = max((stage_bytes([by_index[i] for i in s], batch_size, d_in, device) for s in plan_stages), default=0)
+    return {"device": device, "stages": plan_stages, "planned_bytes": peak}
+
+
+def make_plan(members: Sequence[Member], devices: Sequence[str], batch_size: int, budget: int, execution: str = "reference") -> dict:
+    """The plan as plain data (see the module doc); raises PlanError if a member cannot fit the budget."""
+    ensembles, workers = [], []
+    for device, group in zip(devices, pack(members, len(devices))):
+        mine = []
+        for size in sorted({m.dict_size for m in group}, reverse=True):
+            for chunk, micro_batches in fit_ensembles([m for m in group if m.dict_size == size], batch_size, budget, device, execution):
+                mine.append(_ensemble(len(ensembles) + len(mine), chunk, batch_size, micro_batches, execution))
+        ensembles += mine
+        workers.append(_worker(device, mine, budget, batch_size, members[0].d_in))
+    return {"batch_size": batch_size, "execution": execution, "budget_bytes": budget,
+            "members": {m.member_id: m.to_dict() for m in members}, "ensembles": ensembles, "workers": workers}
+
+
+def _ensemble(index: int, members: list[Member], batch_size: int, micro_batches: int, execution: str) -> dict:
+    n, d = max(m.dict_size for m in members), members[0].d_in
+    return {"index": index, "members": [m.member_id for m in members], "dict_sizes": sorted({m.dict_size for m in members}),
+            "micro_batches": micro_batches, "padding_waste": round(1 - cost(members) / (len(members) * n * d), 4),
+            "flops_per_step": 12 * batch_size * d * n * len(members), **ensemble_memory(members, batch_size, micro_batches, execution)}
+
+
+def assign(plan: dict, devices: Sequence[str], budget: int) -> dict:
+    """The plan's ensembles spread over `devices` (a resume on another device count).
+
+    Ensembles stay as planned; each must fit the budget alone. The same device count keeps
+    the old assignment; otherwise the costliest ensemble goes to the least-loaded worker.
+    """
+    d_in = next(iter(plan["members"].values()))["d_in"]
+    batch_size = plan["batch_size"]
+    for e in plan["ensembles"]:
+        needed = max(stage_bytes([e], batch_size, d_in, device) for device in devices)
+        if any(stage_bytes([e], batch_size, d_in, device) > usable(budget, device) for device in devices):
+            raise PlanError(f"ensemble {e['index']} ({len(e['members'])} members of dict size {e['dict_sizes']}) was planned for "
+                            f"{format_size(needed)}, more than fits training.memory_budget={format_size(budget)}{_headroom_note(devices[0])}; "
+                            "resume with a budget that holds it or use a new run dir")
+    if len(plan["workers"]) == len(devices):
+        groups = [[plan["ensembles"][i] for stage in w["stages"] for i in stage] for w in plan["workers"]]
+    else:
+        groups, loads = [[] for _ in devices], [0] * len(devices)
+        for e in sorted(plan["ensembles"], key=lambda e: (-e["flops_per_step"], e["index"])):
+            target = loads.index(min(loads))
+            groups[target].append(e)
+            loads[target] += e["flops_per_step"]
+    workers = [_worker(device, group, budget, batch_size, d_in) for device, group in zip(devices, groups) if group]
+    return {**plan, "budget_bytes": budget, "workers": workers}
+
+
+def plan_members(plan: dict, index: int) -> list[Member]:
+    """The members of ensemble `index` of a plan."""
+    return [Member.from_dict(plan["members"][member_id]) for member_id in plan["ensembles"][index]["members"]]
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as a table: one row per ensemble, by worker and stage."""
+    lines = [f"{len(plan['members'])} members in {len(plan['ensembles'])} ensembles on {len(plan['workers'])} workers "
+             f"(batch {plan['batch_size']}, budget {format_size(plan['budget_bytes'])} per worker)"]
+    lines.append(f"{'device':<10} {'stage':>5} {'ens':>4} {'members':>7} {'dict size':>9} {'micro':>5} {'GFLOP/step':>10} {'state':>9} {'step':>9}")
+    for worker in plan["workers"]:
+        for number, stage in enumerate(worker["stages"]):
+            for i in stage:
+                e = plan["ensembles"][i]
+                lines.append(f"{worker['device']:<10} {number:>5} {i:>4} {len(e['members']):>7} {','.join(map(str, e['dict_sizes'])):>9} "
+                             f"{e['micro_batches']:>5} {e['flops_per_step'] / 1e9:>10.2f} {format_size(e['state_bytes']):>9} {format_size(e['step_bytes']):>9}")
+        lines.append(f"{worker['device']:<10} planned peak {format_size(worker['planned_bytes'])}")
+    return "\n".join(lines)
+

@@ -1,0 +1,312 @@
+"""The worker's training loop: its ensembles, stage by stage, on shared batches; checkpoints and resume.
+
+A worker (dispatch.py) runs `train_worker` for its entry of the plan. The ensembles of a
+stage are stepped on the same batch, one after another; stages follow each other over the
+whole run. Each ensemble checkpoints on its own, so any of them resumes alone.
+
+Run-dir layout written here:
+    checkpoints/ensemble_<i>/step_<N>/members/<member_id>/   members with optimizer moments
+    checkpoints/ensemble_<i>/step_<N>/resume.json            written last: marks the step complete
+    checkpoints/ensemble_<i>/done.json                       the ensemble finished (and the worker's peak memory then)
+    members/<member_id>/{sae.safetensors,cfg.json,feature_freq.safetensors}   final members
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sae_ensemble import metrics
+from sae_ensemble.activations.store import ActivationStore, Position
+from sae_ensemble.atomic import atomic_write, write_json_atomic
+from sae_ensemble.checkpoint import CheckpointError, load_ensemble, read_json, save_member
+from sae_ensemble.ensemble import Ensemble
+from sae_ensemble.plan import plan_members
+
+PROGRESS_SECONDS = 1.0  # how often a worker reports its progress
+KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is ever unreadable
+
+
+@dataclass
+class Training:
+    """How every ensemble of a sweep trains (shared by all members)."""
+
+    steps: int = 1000
+    """Optimizer steps per member."""
+    batch_size: int = 1024
+    """Rows per step."""
+    data_seed: int = 0
+    """Seed of the store's shuffle: equal seeds give two sweeps the same batches."""
+    normalize: str = "none"
+    """Activation normalisation: none, center, or center_scale (centred, mean squared norm d_in)."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (and at the end, and on SIGTERM)."""
+    log_every: int = 50
+    """Steps between metric reports."""
+    dead_window_tokens: int = 1_000_000
+    """A feature is dead if it never fired in this many most recent training rows."""
+    eval_rows: int = 8192
+    """Held-out rows for the final metrics."""
+    autocast_bf16: bool = False
+    """bf16 autocast of the forward/backward pass (CUDA only)."""
+    memory_budget: str = "auto"
+    """Bytes one worker's ensembles may use (params, Adam moments, a step's temporaries): auto (90% of a
+    GPU's free memory; on CPU, 90% of available RAM shared among the CPU workers, less 512MiB each for
+    the runtime) or a size such as 8GiB or 512MiB. The plan splits members into ensembles, micro-batches
+    and stages to fit it, and refuses a member that does not fit alone."""
+
+
+# -- devices -----------------------------------------------------------------------------------------
+
+
+def reuse_freed_memory() -> None:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS.
+
+    A training step allocates and frees the same large [members, batch, features]
+    tensors every step; glibc serves blocks over 32 MiB with fresh mmaps, so each step
+    page-faults every page again (measured: 14% of a large CPU step). Heap-only
+    allocation with no trimming reuses the pages. CPU only; a no-op without glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # from malloc.h
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**62)
+    # One arena: with one per thread, blocks freed by one thread's arena are not reused by another's,
+    # and an untrimmed heap holds both (measured: +7% peak with 2 threads on a 4 GiB step).
+    libc.mallopt(M_ARENA_MAX, 1)
+
+
+def torch_device(device: str) -> torch.device:
+    return torch.device("cpu") if device.startswith("cpu") else torch.device(device)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------
+
+
+def ensemble_dir(run_dir: Path, index: int) -> Path:
+    return run_dir / "checkpoints" / f"ensemble_{index}"
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Complete step dirs (those with resume.json), newest first."""
+    records = directory.glob("step_*/resume.json")
+    return sorted((p.parent for p in records), key=lambda p: int(p.name.split("_")[1]), reverse=True)
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete step dir or None."""
+    steps = complete_checkpoints(directory)
+    return steps[0] if steps else None
+
+
+def load_checkpoint(step_dir: Path, members, training: Training, device, counter: metrics.FiringCounter, micro_batches: int = 1) -> tuple[Ensemble, Position]:
+    """The ensemble, firing counts and store position saved in one step dir."""
+    record = read_json(step_dir / "resume.json")
+    ensemble = load_ensemble([step_dir / "members" / m.member_id for m in members], training.steps, device, training.autocast_bf16,
+                             micro_batches=micro_batches)
+    counter.load_state_dict(load_file(step_dir / "firing.safetensors"))
+    return ensemble, Position.from_dict(record["position"])
+
+
+def save_checkpoint(directory: Path, ensemble: Ensemble, position: Position, counter: metrics.FiringCounter) -> Path:
+    """Write every member and the resume record; the record last, then prune old steps."""
+    step_dir = directory / f"step_{ensemble.step_count:09d}"
+    info = {"steps": ensemble.step_count, "tokens": ensemble.rows_seen}
+    for index, member in enumerate(ensemble.members):
+        params, moments = ensemble.member_state(index)
+        save_member(step_dir / "members" / member.member_id, member, params, moments, {**info, "alive": bool(ensemble.alive[index])})
+    atomic_write(step_dir / "firing.safetensors", lambda tmp: save_file(counter.state_dict(), tmp))
+    write_json_atomic(step_dir / "resume.json", {**info, "position": position.to_dict(), "members": [m.member_id for m in ensemble.members]})
+    complete = sorted(directory.glob("step_*/resume.json"), key=lambda p: int(p.parent.name.split("_")[1]))
+    for old in complete[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old.parent)
+    return step_dir
+
+
+def resume(directory: Path, members, training: Training, device, counter: metrics.FiringCounter, micro_batches: int = 1):
+    """(ensemble, position, step dir or None, skipped) from the newest readable checkpoint, else a fresh start.
+
+    An unreadable checkpoint falls back to the one before it (its name and error are in
+    `skipped`); if checkpoints exist but none is readable, that is an error, never a restart.
+    """
+    unreadable = []
+    for step_dir in complete_checkpoints(directory):
+        try:
+            ensemble, position = load_checkpoint(step_dir, members, training, device, counter, micro_batches)
+            return ensemble, position, step_dir, unreadable
+        except (CheckpointError, SafetensorError, KeyError, ValueError) as error:
+            unreadable.append(f"{step_dir.name} ({error})")
+    if unreadable:
+        raise CheckpointError(f"no checkpoint in {directory} could be read: {'; '.join(unreadable)}")
+    return Ensemble(members, training.steps, device, training.autocast_bf16, micro_batches=micro_batches), Position(), None, []
+
+
+# -- the worker's loop ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    """One ensemble of a stage: its state, counter, checkpoint dir and next store position."""
+
+    index: int
+    members: list
+    directory: Path
+    ensemble: Ensemble
+    counter: metrics.FiringCounter
+    position: Position
+    saved_step: int  # the step of its newest checkpoint: a stop before it moves again writes nothing
+
+
+def train_worker(index, device, plan, store_path: Path, run_dir: Path, training: Training, threads, events, stop) -> None:
+    torch.set_num_threads(threads)
+    device_ = torch_device(device)
+    if device_.type == "cpu":
+        reuse_freed_memory()
+    if device_.type == "cuda":
+        torch.cuda.set_device(device_)
+    baseline = _resident_bytes() if device_.type == "cpu" else 0
+    worker = plan["workers"][index]
+    mine = [i for stage in worker["stages"] for i in stage]
+    events.put(("start", index, {"step": sum(_steps_done(ensemble_dir(run_dir, i), training) for i in mine)}))
+    store = ActivationStore.open(store_path)
+    for stage in worker["stages"]:
+        todo = [i for i in stage if not (ensemble_dir(run_dir, i) / "done.json").exists()]
+        behind = sum(_steps_done(ensemble_dir(run_dir, i), training) for i in mine if i not in todo)
+        if todo and not _train_stage(index, todo, plan, store, run_dir, training, device_, baseline, behind, events, stop):
+            events.put(("stopped", index, None))
+            return
+        if device_.type == "cuda":
+            torch.cuda.empty_cache()  # the next stage's ensembles get the memory this one held
+    events.put(("done", index, None))
+
+
+def _train_stage(worker: int, indices: list[int], plan: dict, store: ActivationStore, run_dir: Path, training: Training,
+                 device: torch.device, baseline: int, behind: int, events, stop) -> bool:
+    """Train the stage's ensembles on shared batches to the end; False if stopped first (all checkpointed).
+
+    `behind`: steps the worker's other ensembles have done, so progress reports count the whole worker."""
+    slots = []
+    for i in indices:
+        members, directory = plan_members(plan, i), ensemble_dir(run_dir, i)
+        counter = metrics.FiringCounter(len(members), max(m.dict_size for m in members), training.dead_window_tokens, device)
+        ensemble, position, checkpoint, unreadable = resume(directory, members, training, device, counter, plan["ensembles"][i]["micro_batches"])
+        for skipped in unreadable:
+            events.put(("note", worker, f"warning: ensemble {i}: unreadable checkpoint {skipped} skipped; using the one before"))
+        if checkpoint:
+            events.put(("note", worker, f"ensemble {i} resumed at step {ensemble.step_count} from {checkpoint}"))
+        slots.append(_Slot(i, members, directory, ensemble, counter, position, ensemble.step_count if checkpoint else -1))
+
+    # One batch stream for the stage, from the least advanced ensemble; an ensemble saved further on
+    # joins when the stream reaches its step (the stream is a function of the step, so it must be there).
+    slots.sort(key=lambda s: s.ensemble.step_count)
+    step, stream_position = slots[0].ensemble.step_count, slots[0].position
+    batches = store.train_batches(training.batch_size, seed=training.data_seed, position=stream_position, device=device, normalize=training.normalize)
+    last_progress = time.monotonic()
+    while step < training.steps and not stop.is_set():
+        active = [s for s in slots if s.ensemble.step_count == step]
+        for slot in active:
+            if slot.position != stream_position:
+                raise CheckpointError(f"ensemble {slot.index} was saved at step {step} with store position {slot.position.to_dict()}, "
+                                      f"but the batch stream is at {stream_position.to_dict()}; its checkpoint belongs to another run")
+        batch, stream_position = next(batches)
+        step += 1
+        for slot in active:
+            _step(worker, slot, batch, stream_position, training, events)
+        if time.monotonic() - last_progress > PROGRESS_SECONDS:
+            events.put(("progress", worker, {"step": behind + sum(s.ensemble.step_count for s in slots)}))
+            last_progress = time.monotonic()
+    for slot in slots:
+        if slot.ensemble.step_count != slot.saved_step:
+            save_checkpoint(slot.directory, slot.ensemble, slot.position, slot.counter)
+    if any(s.ensemble.step_count < training.steps for s in slots):
+        return False
+    for slot in slots:
+        _finish(slot, store, run_dir, training, device, baseline)
+    return True
+
+
+def _step(worker: int, slot: _Slot, batch: torch.Tensor, position: Position, training: Training, events) -> None:
+    ensemble = slot.ensemble
+    stats = ensemble.step(batch)
+    slot.position = position
+    slot.counter.update(torch.nan_to_num(stats["fired"]), batch.shape[0])  # a diverged member may fire NaN
+    step = ensemble.step_count
+    if step % training.log_every == 0 or step == training.steps:
+        dead = slot.counter.dead_fraction(ensemble.hparams["feature_mask"])
+        report = {name: stats[name].detach().float().cpu() for name in ("loss", "mse", "l0", "l1_norm", "lr")}
+        report["dead_frac"], report["alive"] = dead.cpu(), stats["alive"].float().cpu()
+        events.put(("metrics", worker, {"step": step, "tokens": ensemble.rows_seen,
+                                        "members": {m.member_id: {k: float(v[i]) for k, v in report.items()} for i, m in enumerate(slot.members)}}))
+    if step % training.checkpoint_every == 0 and step < training.steps:
+        save_checkpoint(slot.directory, ensemble, slot.position, slot.counter)
+        slot.saved_step = step
+
+
+def _finish(slot: _Slot, store: ActivationStore, run_dir: Path, training: Training, device: torch.device, baseline: int) -> None:
+    """Final metrics and members of a finished ensemble; done.json (with the worker's peak memory so far) last."""
+    ensemble, counter = slot.ensemble, slot.counter
+    final = _final_metrics(ensemble, store, counter, training, device)
+    info = {"steps": ensemble.step_count, "tokens": ensemble.rows_seen, "store_fingerprint": store.fingerprint,
+            "normalize": training.normalize, "data_seed": training.data_seed}
+    frequencies = counter.frequencies().cpu()
+    for i, member in enumerate(slot.members):
+        params, _ = ensemble.member_state(i)
+        out = run_dir / "members" / member.member_id
+        save_member(out, member, params, None, {**info, "alive": bool(ensemble.alive[i]), "metrics": {k: float(v[i]) for k, v in final.items()}})
+        frequency = {"frequency": frequencies[i, : member.dict_size].contiguous()}
+        atomic_write(out / "feature_freq.safetensors", lambda tmp: save_file(frequency, tmp))
+    write_json_atomic(slot.directory / "done.json", {"steps": ensemble.step_count, "members": [m.member_id for m in slot.members],
+                                                     "peak_bytes": peak_bytes(device, baseline)})
+
+
+def _steps_done(directory: Path, training: Training) -> int:
+    """Steps an ensemble has behind it (done, or its newest checkpoint), for the progress bar."""
+    if (directory / "done.json").exists():
+        return training.steps
+    newest = latest_checkpoint(directory)
+    return int(newest.name.split("_")[1]) if newest else 0
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_bytes(device: torch.device, baseline: int) -> int:
+    """This worker's peak memory for training: CUDA allocated bytes, or CPU peak RSS over the RSS at its start."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+
+
+@torch.no_grad()
+def _final_metrics(ensemble: Ensemble, store: ActivationStore, counter, training: Training, device) -> dict[str, torch.Tensor]:
+    """Held-out reconstruction metrics, dead fraction over the training window, MMCS vs truth."""
+    x = store.heldout(training.eval_rows, device=device, normalize=training.normalize)  # [R, d]
+    mask = ensemble.hparams["feature_mask"]
+    rows_per_part = max(1, 2**22 // (len(ensemble) * ensemble.n_padded))  # bounds the [M, B, n] codes
+    sums: dict[str, torch.Tensor] = {}
+    for rows in x.split(rows_per_part):
+        codes, x_hat = ensemble.forward(rows)
+        for name, value in metrics.reconstruction_metrics(rows, x_hat, codes, mask).items():
+            sums[name] = sums.get(name, 0) + value * rows.shape[0]
+    result = {name: total / x.shape[0] for name, total in sums.items()}
+    # FVU is a ratio of sums over all rows, not a mean of per-part ratios: rebuild it from the MSE.
+    result["fvu"] = result["mse"] * x.numel() / (x - x.mean(0)).pow(2).sum().clamp(min=1e-30)
+    result["dead_frac"] = counter.dead_fraction(mask)
+    truth = store.ground_truth()
+    if truth is not None:
+        result["mmcs_truth"] = metrics.mmcs_truth(ensemble.decoders(), mask, truth.to(device))
+    return {name: value.float().cpu() for name, value in result.items()}
