@@ -24,9 +24,9 @@ import time
 import torch
 
 from sae_ensemble import sae
-from sae_ensemble.dispatch import reuse_freed_memory
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.member import Member
+from sae_ensemble.train import reuse_freed_memory
 
 
 def timed(fn, repeats: int, device: torch.device, warmup: int = 2) -> float:

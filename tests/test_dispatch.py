@@ -13,13 +13,15 @@ import torch
 
 from sae_ensemble.activations.synthetic import write_synthetic
 from sae_ensemble.checkpoint import load_member
-from sae_ensemble.dispatch import EXIT_FAILED, EXIT_REQUEUE, Training, latest_checkpoint, resolve_devices, run
-from sae_ensemble.grid import Grid, make_plan, pack, padded_cost
-from sae_ensemble.member import Member
+from sae_ensemble.dispatch import EXIT_FAILED, EXIT_REQUEUE, Training, resolve_devices, run
+from sae_ensemble.grid import Grid
+from sae_ensemble.plan import make_plan
+from sae_ensemble.train import latest_checkpoint
 
 GRID = Grid(variants=["relu", "tied"], dict_sizes=[32, 64], l1=[1e-3, 1e-2], bias_decay=[0.0, 0.05])
 LONG_STEPS = 300  # long enough to signal a run mid-way after its first checkpoint
 TRAINING = dict(steps=40, batch_size=64, checkpoint_every=10, log_every=5, eval_rows=256, dead_window_tokens=2000)
+BUDGET = 2**34  # these tiny ensembles always fit
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +46,15 @@ def assert_same_members(a: Path, b: Path, atol: float = 1e-6) -> None:
 @pytest.fixture(scope="module")
 def one_worker_run(store_path, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("one_worker")
-    plan = make_plan(GRID.members(16), resolve_devices("cpu:1"), TRAINING["batch_size"])
+    plan = make_plan(GRID.members(16), resolve_devices("cpu:1"), TRAINING["batch_size"], BUDGET)
+    assert len(plan["ensembles"]) == 2 and plan["workers"][0]["stages"] == [[0, 1]]  # one per dict size, stepped together
     assert run(plan, store_path, run_dir, Training(**TRAINING), progress=False) == 0
     return run_dir
 
 
 def test_two_workers_give_the_same_members_as_one(store_path, one_worker_run, tmp_path):
-    plan = make_plan(GRID.members(16), resolve_devices("cpu:2"), TRAINING["batch_size"])
-    assert len(plan["ensembles"]) == 2
+    plan = make_plan(GRID.members(16), resolve_devices("cpu:2"), TRAINING["batch_size"], BUDGET)
+    assert len(plan["workers"]) == 2
     seen = []
     assert run(plan, store_path, tmp_path, Training(**TRAINING), on_metrics=lambda *a: seen.append(a), progress=False) == 0
     assert_same_members(one_worker_run, tmp_path)
@@ -65,20 +68,23 @@ def test_two_workers_give_the_same_members_as_one(store_path, one_worker_run, tm
 
 def test_rerun_of_a_finished_run_changes_nothing(store_path, one_worker_run):
     before = {p: p.stat().st_mtime_ns for p in (one_worker_run / "members").rglob("*")}
-    plan = make_plan(GRID.members(16), resolve_devices("cpu:1"), TRAINING["batch_size"])
+    plan = make_plan(GRID.members(16), resolve_devices("cpu:1"), TRAINING["batch_size"], BUDGET)
     assert run(plan, store_path, one_worker_run, Training(**TRAINING), progress=False) == 0
     assert before == {p: p.stat().st_mtime_ns for p in (one_worker_run / "members").rglob("*")}
 
 
-def _launch(run_dir: Path, store_path: Path, steps: int, extra: str = "") -> subprocess.Popen:
-    """A sweep in its own process (so it can be signalled), printing to a log file."""
+def _launch(run_dir: Path, store_path: Path, steps: int, extra: str = "", devices: str = "cpu:2") -> subprocess.Popen:
+    """A sweep in its own process (so it can be signalled), printing to a log file.
+
+    Planned for two workers, then spread over `devices` as sweep.py does on a resume."""
     script = textwrap.dedent(f"""
         import sys
         from sae_ensemble.dispatch import Training, resolve_devices, run
-        from sae_ensemble.grid import Grid, make_plan
+        from sae_ensemble.grid import Grid
+        from sae_ensemble.plan import assign, make_plan
         grid = Grid(variants=["relu", "tied"], dict_sizes=[32, 64], l1=[1e-3, 1e-2], bias_decay=[0.0, 0.05])
         training = Training(**{dict(TRAINING, steps=steps, checkpoint_every=5)!r})
-        plan = make_plan(grid.members(16), resolve_devices("cpu:2"), training.batch_size)
+        plan = assign(make_plan(grid.members(16), resolve_devices("cpu:2"), training.batch_size, {BUDGET}), resolve_devices({devices!r}), {BUDGET})
         {extra}
         sys.exit(run(plan, {str(store_path)!r}, {str(run_dir)!r}, training, progress=False))
     """)
@@ -110,7 +116,7 @@ def reference_run(store_path, tmp_path_factory):
     return reference
 
 
-def test_sigkilled_worker_is_reported_and_resume_matches_uninterrupted(store_path, reference_run, tmp_path):
+def test_sigkilled_worker_is_reported_and_resume_on_more_devices_than_ensembles_matches(store_path, reference_run, tmp_path):
     run_dir = tmp_path / "killed"
     sweep = _launch(run_dir, store_path, steps=LONG_STEPS)
     _wait_for_checkpoint(run_dir)
@@ -126,11 +132,12 @@ def test_sigkilled_worker_is_reported_and_resume_matches_uninterrupted(store_pat
         step_dir = latest_checkpoint(run_dir / "checkpoints" / f"ensemble_{i}")
         assert step_dir is not None and all(load_member(p, with_moments=True) for p in (step_dir / "members").iterdir())
 
-    assert _launch(run_dir, store_path, steps=LONG_STEPS).wait(timeout=300) == 0
+    resumed = _launch(run_dir, store_path, steps=LONG_STEPS, devices="cpu:3")  # two ensembles, three devices
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "killed.log").read_text()
     assert_same_members(reference_run, run_dir)
 
 
-def test_sigterm_checkpoints_exits_with_requeue_code_and_resume_matches(store_path, reference_run, tmp_path):
+def test_sigterm_checkpoints_exits_with_requeue_code_and_resume_on_one_device_matches(store_path, reference_run, tmp_path):
     run_dir = tmp_path / "terminated"
     sweep = _launch(run_dir, store_path, steps=LONG_STEPS)
     _wait_for_checkpoint(run_dir)
@@ -138,7 +145,8 @@ def test_sigterm_checkpoints_exits_with_requeue_code_and_resume_matches(store_pa
     assert sweep.wait(timeout=90) == EXIT_REQUEUE
     assert "rerun into" in (tmp_path / "terminated.log").read_text()
     assert not (run_dir / "members").exists() or len(list((run_dir / "members").iterdir())) < len(GRID.members(16))
-    assert _launch(run_dir, store_path, steps=LONG_STEPS).wait(timeout=300) == 0
+    # Both ensembles on one worker, one stage: the one saved at an earlier step catches up, then they step together.
+    assert _launch(run_dir, store_path, steps=LONG_STEPS, devices="cpu:1").wait(timeout=300) == 0, (tmp_path / "terminated.log").read_text()
     assert_same_members(reference_run, run_dir)
 
 
@@ -149,16 +157,6 @@ def test_worker_exception_is_reported_with_its_traceback(store_path, tmp_path):
     assert sweep.wait(timeout=120) == EXIT_FAILED
     log = (tmp_path / "broken.log").read_text()
     assert "worker on cpu:1" in log and "raised an exception" in log and "Traceback" in log, log
-
-
-def test_packing_balances_cost_and_limits_padding():
-    members = [Member("relu", 512, size, l1=l1) for size in (512, 1024, 2048, 4096) for l1 in [1e-4 * 2**i for i in range(8)]]
-    groups = pack(members, 8)
-    costs = [padded_cost(g) for g in groups]
-    real = sum(m.dict_size * m.d_in for m in members)
-    assert len(groups) == 8 and sorted(m.member_id for g in groups for m in g) == sorted(m.member_id for m in members)
-    assert max(costs) / (sum(costs) / len(costs)) <= 1.25
-    assert 1 - real / sum(costs) <= 0.25
 
 
 def test_bad_device_specs_are_rejected_with_the_allowed_forms():
@@ -195,7 +193,7 @@ def _peak_worker_uss(store_path: Path, run_dir: Path) -> list[int]:
     members = Grid(variants=["relu"], dict_sizes=[16], l1=[1e-3, 3e-3]).members(256)
     training = Training(steps=60, batch_size=4096, checkpoint_every=1000, log_every=10, eval_rows=512)
     try:
-        assert run(make_plan(members, resolve_devices("cpu:2"), training.batch_size), store_path, run_dir, training, progress=False) == 0
+        assert run(make_plan(members, resolve_devices("cpu:2"), training.batch_size, BUDGET), store_path, run_dir, training, progress=False) == 0
     finally:
         done.set()
         sampler.join()
@@ -231,7 +229,7 @@ def test_workers_map_the_store_instead_of_copying_it(tmp_path, monkeypatch):
 
 def test_an_unreadable_checkpoint_falls_back_to_the_one_before(tmp_path):
     from sae_ensemble.activations.store import Position
-    from sae_ensemble.dispatch import resume, save_checkpoint
+    from sae_ensemble.train import resume, save_checkpoint
     from sae_ensemble.ensemble import Ensemble
     from sae_ensemble.metrics import FiringCounter
 

@@ -3,6 +3,7 @@
 import csv
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,13 +100,41 @@ def test_multirun_over_two_layers_of_the_tiny_model(tmp_path):
     assert len(list((tmp_path / "stores").glob("*/manifest.json"))) == 2  # one store per hook
 
 
-def test_resume_with_other_training_settings_or_devices_is_refused(tmp_path):
+def test_resume_with_other_settings_is_refused_but_other_device_counts_are_not(tmp_path):
     first = sweep(tmp_path, *SMALL_DATA, "devices=cpu:2", "plan_only=true")
     assert first.returncode == 0, first.stderr
     changed = sweep(tmp_path, *SMALL_DATA, "devices=cpu:2", "training.batch_size=512", "plan_only=true")
     assert changed.returncode == 2 and "was started with training.batch_size=256; resuming with 512" in changed.stderr, changed.stderr
-    fewer = sweep(tmp_path, *SMALL_DATA, "devices=cpu", "plan_only=true")
-    assert fewer.returncode == 2 and "was planned for 2 devices" in fewer.stderr, fewer.stderr
+    schedule = sweep(tmp_path, *SMALL_DATA, "devices=cpu:2", "grid.lr_warmup_steps=100", "plan_only=true")
+    assert schedule.returncode == 2 and "was started with grid.lr_warmup_steps=0; resuming with 100" in schedule.stderr, schedule.stderr
+    for devices in ("cpu", "cpu:8"):
+        other = sweep(tmp_path, *SMALL_DATA, f"devices={devices}", "plan_only=true")
+        assert other.returncode == 0, other.stderr
+
+
+def test_resume_with_more_devices_than_ensembles_then_a_rerun_of_the_finished_run_does_nothing(tmp_path):
+    # The case: grid=quick packs 4 members into 3 ensembles; a requeue reruns the same command.
+    args = ("grid=quick", *SMALL_DATA, "training.steps=30", "training.checkpoint_every=10")
+    planned = sweep(tmp_path, *args, "devices=cpu", "plan_only=true")  # planned on one device: 2 ensembles
+    assert planned.returncode == 0, planned.stderr
+    trained = sweep(tmp_path, *args, "devices=cpu:8")
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    members = tmp_path / "run" / "members"
+    before = {p: p.stat().st_mtime_ns for p in members.rglob("*")}
+    assert len(list(members.iterdir())) == 4
+    rerun = sweep(tmp_path, *args, "devices=cpu:8")
+    assert rerun.returncode == 0 and "finished sweep" in rerun.stdout and "nothing to do" in rerun.stdout, rerun.stdout + rerun.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in members.rglob("*")}
+
+
+def test_a_member_too_large_for_the_budget_exits_2_before_any_work(tmp_path):
+    result = sweep(tmp_path, "grid=quick", *SMALL_DATA, "training.memory_budget=1MiB")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert re.search(r"error: member (relu|tied)-d128-l1_0.001-bd0-lr0.001-s0 needs .* even alone .* more than fits training.memory_budget=1.00MiB",
+                     result.stderr), result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "stores").exists()  # nothing synthesised
+    bad = sweep(tmp_path, "grid=quick", *SMALL_DATA, "training.memory_budget=lots", "plan_only=true")
+    assert bad.returncode == 2 and "training.memory_budget='lots' is not a size" in bad.stderr, bad.stderr
 
 
 def test_a_batch_larger_than_the_store_is_a_config_error(tmp_path):

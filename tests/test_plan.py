@@ -1,0 +1,124 @@
+"""Memory-aware plans: the memory model against measured peaks, budgets, micro-batches, sub-ensembles, reassignment."""
+
+import pytest
+import torch
+
+from benchmarks.scale import measure_step_peak
+from sae_ensemble.ensemble import Ensemble
+from sae_ensemble.grid import Grid
+from sae_ensemble.member import Member
+from sae_ensemble.plan import (PlanError, assign, ensemble_memory, format_plan, make_plan, pack, parse_size, runtime_bytes,
+                               stage_bytes)
+
+D_IN = 24
+MIXED = [
+    Member("relu", D_IN, 48, l1=1e-3, seed=0, lr_warmup_steps=3),
+    Member("relu", D_IN, 32, l1=3e-3, bias_decay=0.05, seed=1),
+    Member("tied", D_IN, 48, l1=3e-3, seed=3),
+    Member("topk", D_IN, 32, k=8, lr=2e-3, seed=6, lr_decay_steps=4),
+]
+
+
+def batches(n: int, rows: int = 64) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(40, D_IN, generator=g), dim=-1)
+    return [((torch.rand(rows, 40, generator=g) < 0.08).float() * torch.rand(rows, 40, generator=g)) @ features + 0.3 for _ in range(n)]
+
+
+def unpadded(ensemble: Ensemble) -> dict[str, dict[str, torch.Tensor]]:
+    return {m.member_id: ensemble.member_state(i)[0] for i, m in enumerate(ensemble.members)}
+
+
+def assert_same(left: dict, right: dict, atol: float) -> None:
+    assert sorted(left) == sorted(right)
+    for member_id in left:
+        for name in left[member_id]:
+            torch.testing.assert_close(left[member_id][name], right[member_id][name], atol=atol, rtol=0, msg=f"{member_id} {name}")
+
+
+def test_micro_batches_equal_the_full_batch():
+    whole, parts = Ensemble(MIXED, 10), Ensemble(MIXED, 10, micro_batches=4)
+    for batch in batches(10):
+        stats_whole, stats_parts = whole.step(batch), parts.step(batch)
+    assert_same(unpadded(whole), unpadded(parts), atol=1e-5)
+    for name in ("loss", "mse", "l0", "fired"):
+        torch.testing.assert_close(stats_whole[name], stats_parts[name], atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="does not split into micro_batches=4"):
+        parts.step(torch.randn(30, D_IN))
+
+
+def test_sub_ensembles_equal_one_ensemble():
+    """One padded ensemble of every member vs one ensemble per dict size, stepped on the same batches."""
+    one = Ensemble(MIXED, 10)
+    subs = [Ensemble([m for m in MIXED if m.dict_size == size], 10) for size in (48, 32)]
+    for batch in batches(10):
+        one.step(batch)
+        for sub in subs:
+            sub.step(batch)
+    assert_same(unpadded(one), {k: v for sub in subs for k, v in unpadded(sub).items()}, atol=1e-5)
+
+
+# Shapes unlike the calibration ones (benchmarks/scale.py), one per variant, one with micro-batches.
+MODEL_SHAPES = [("relu", 384, 3072, 2, 512, 1), ("tied", 256, 4096, 3, 1024, 1), ("topk", 512, 2048, 2, 1024, 2)]
+
+
+@pytest.mark.parametrize("variant,d,n,m,batch,micro", MODEL_SHAPES, ids=[s[0] for s in MODEL_SHAPES])
+def test_memory_model_holds_within_25_percent(variant, d, n, m, batch, micro):
+    members = [Member(variant, d, n, l1=1e-3, k=32, seed=i) for i in range(m)]
+    model = ensemble_memory(members, batch, micro)
+    planned = model["state_bytes"] + model["step_bytes"] + runtime_bytes("cpu")
+    measured = measure_step_peak(members, batch, micro)
+    print(f"{variant} d={d} n={n} M={m} B={batch}/{micro}: planned {planned / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
+    assert 0.75 <= measured / planned <= 1.25, (measured, planned)
+
+
+BIG = Grid(dict_sizes=[6144, 12288], l1=[1e-4, 2e-4, 4e-4, 8e-4]).members(768)
+
+
+def test_a_plan_splits_to_fit_its_budget_and_shows_how():
+    roomy = make_plan(BIG, ["cpu:0"], 2048, 64 * 2**30)
+    assert [len(e["members"]) for e in roomy["ensembles"]] == [4, 4] and roomy["workers"][0]["stages"] == [[0, 1]]
+    tight = make_plan(BIG, ["cpu:0"], 2048, 4 * 2**30)
+    assert all(w["planned_bytes"] <= 4 * 2**30 for w in tight["workers"])
+    assert len(tight["workers"][0]["stages"]) > 1 or any(e["micro_batches"] > 1 for e in tight["ensembles"])
+    assert sorted(m for e in tight["ensembles"] for m in e["members"]) == sorted(m.member_id for m in BIG)
+    assert all(len(e["dict_sizes"]) == 1 and e["padding_waste"] == 0 for e in tight["ensembles"])  # one device, no padding
+    table = format_plan(tight)
+    assert "micro" in table and "stage" in table and "budget 4.00GiB" in table
+
+
+def test_a_member_too_large_for_the_budget_is_refused_by_name():
+    with pytest.raises(PlanError, match=r"member relu-d12288-l1_0.0008-bd0-lr0.001-s0 needs .* more than fits training.memory_budget=256.00MiB"):
+        make_plan(BIG, ["cpu:0"], 2048, 256 * 2**20)
+
+
+def test_ensembles_spread_over_any_device_count():
+    plan = make_plan(BIG, ["cpu:0", "cpu:1"], 2048, 16 * 2**30)
+    indices = sorted(e["index"] for e in plan["ensembles"])
+    for devices in (["cpu:0"], ["cpu:0", "cpu:1"], [f"cpu:{i}" for i in range(8)]):
+        spread = assign(plan, devices, 16 * 2**30)
+        assert spread["ensembles"] == plan["ensembles"]  # checkpoints name ensembles: they never change
+        assert sorted(i for w in spread["workers"] for s in w["stages"] for i in s) == indices
+        assert len(spread["workers"]) == min(len(devices), len(indices))
+        assert all(w["planned_bytes"] <= 16 * 2**30 for w in spread["workers"])
+    with pytest.raises(PlanError, match="more than fits training.memory_budget=1.00GiB"):
+        assign(plan, ["cpu:0"], 2**30)
+
+
+def test_packing_balances_cost_across_devices():
+    members = [Member("relu", 512, size, l1=1e-4 * 2**i) for size in (512, 1024, 2048, 4096) for i in range(8)]
+    plan = make_plan(members, [f"cuda:{i}" for i in range(8)], 1024, 2**40)
+    loads = [sum(plan["ensembles"][i]["flops_per_step"] for s in w["stages"] for i in s) for w in plan["workers"]]
+    assert len(pack(members, 8)) == 8 and max(loads) / (sum(loads) / len(loads)) <= 1.25
+    assert all(e["padding_waste"] == 0 for e in plan["ensembles"])
+    assert stage_bytes([], 1024, 512, "cpu:0") == 0
+
+
+@pytest.mark.parametrize("spec,expected", [("8GiB", 8 * 2**30), ("512MiB", 512 * 2**20), ("4e9", 4 * 10**9), ("1.5GB", 1.5e9), ("auto", None)])
+def test_budget_sizes_parse(spec, expected):
+    assert parse_size(spec) == expected
+
+
+def test_a_bad_budget_names_the_value_and_the_allowed_forms():
+    with pytest.raises(ValueError, match=r"training.memory_budget='lots' is not a size; allowed: auto, or a positive size such as 8GiB"):
+        parse_size("lots")
