@@ -26,6 +26,7 @@ sweep: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.ensemble
 	$(PY) -m benchmarks.store
+	$(PY) -m benchmarks.scale
 
 clean:
 	rm -rf $(VENV) outputs multirun
