@@ -62,7 +62,8 @@ class Training:
     """Bytes one worker's ensembles may use (params, Adam moments, a step's temporaries): auto (90% of a
     GPU's free memory; on CPU, 90% of available RAM shared among the CPU workers, less 512MiB each for
     the runtime) or a size such as 8GiB or 512MiB. The plan splits members into ensembles, micro-batches
-    and stages to fit it, and refuses a member that does not fit alone."""
+    and stages to fit it (on CPU its modelled peak stays 25% under, for heap fragmentation), and refuses
+    a member that does not fit alone. A resume may change it: planned ensembles stay as they are."""
 
 
 # -- devices -----------------------------------------------------------------------------------------
