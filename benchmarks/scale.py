@@ -44,19 +44,23 @@ CALIBRATION_SHAPES = [(32, 32, 1, 32), (512, 4096, 2, 16), (32, 4096, 2, 2048), 
 # -- measuring one ensemble's peak -----------------------------------------------------------------
 
 
-def measure_step_peak(members: list[Member], batch_size: int, micro_batches: int = 1, steps: int = 2) -> int:
-    """Peak bytes of building `members` as one ensemble and stepping it, on CPU, in a fresh process.
+def measure_step_peak(members: list[Member], batch_size: int, micro_batches: int = 1, steps: int = 2, repeats: int = 3) -> int:
+    """Peak bytes of building `members` as one ensemble and stepping it, on CPU: the median of `repeats` fresh processes.
 
-    The child runs as a worker does (glibc heap reuse, one thread) and reports its peak RSS
+    Each child runs as a worker does (glibc heap reuse, one thread) and reports its peak RSS
     (ru_maxrss) over its RSS just before building the ensemble: a fresh process, so the peak
-    is this ensemble's and nothing before it.
+    is this ensemble's and nothing before it. The median, because the untrimmed heap's peak
+    varies between identical runs (seen: 300-333 MiB, once 431 MiB, for one shape).
     """
     spec = json.dumps({"members": [m.to_dict() for m in members], "batch_size": batch_size, "micro_batches": micro_batches, "steps": steps})
-    result = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--measure", spec], capture_output=True, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
-    if result.returncode != 0:
-        raise RuntimeError(f"measuring {spec} failed:\n{result.stderr}")
-    return int(result.stdout.split()[-1])
+    peaks = []
+    for _ in range(repeats):
+        result = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--measure", spec], capture_output=True, text=True, cwd=REPO,
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+        if result.returncode != 0:
+            raise RuntimeError(f"measuring {spec} failed:\n{result.stderr}")
+        peaks.append(int(result.stdout.split()[-1]))
+    return sorted(peaks)[len(peaks) // 2]
 
 
 def _measure_child(spec: dict) -> None:
@@ -85,7 +89,7 @@ def calibrate() -> None:
             members = [Member(variant, d, n, l1=1e-3, k=min(32, n), seed=i) for i in range(m)]
             rows.append([BYTES * m * (2 * n * d + n + d), BYTES * m * b * n, BYTES * m * b * d, 1.0])
             states.append(ensemble_memory(members, b)["state_bytes"])
-            peaks.append(measure_step_peak(members, b))
+            peaks.append(measure_step_peak(members, b, repeats=1))
         rows, peaks, states = np.array(rows), np.array(peaks, dtype=float), np.array(states, dtype=float)
         fit = np.linalg.lstsq(rows / peaks[:, None], (peaks - states) / peaks, rcond=None)[0]
         for shape, row, peak, state in zip(CALIBRATION_SHAPES, rows, peaks, states):
