@@ -22,13 +22,14 @@ Adam turns a zero gradient into a zero update, so they stay zero.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 import torchopt
 
-from sae_ensemble import sae
+from sae_ensemble import kernels, sae
 from sae_ensemble.member import Member
 
 ADAM_BETAS = (0.9, 0.999)
@@ -44,6 +45,12 @@ def _broadcast(per_member: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return per_member.view(-1, *([1] * (like.dim() - 1)))
 
 
+EXECUTIONS = ("auto", "reference", "fused", "sparse")
+"""How a step computes gradients: `reference` is vmap(grad(sae.loss)), the definition; `fused`
+and `sparse` are the hand-written kernels (kernels/), equal to it; `auto` times the candidates
+on the first batch and keeps the fastest (see `autotune`)."""
+
+
 class Ensemble:
     """Members trained in lockstep on the same batches."""
 
@@ -53,7 +60,14 @@ class Ensemble:
         total_steps: int,
         device: str | torch.device = "cpu",
         autocast_bf16: bool = False,
+        *,
+        execution: str = "reference",
+        micro_batches: int = 1,
+        init: bool = True,
     ) -> None:
+        """`micro_batches` splits every batch into that many chunks whose gradients are summed
+        (equal to the whole batch; bounds the step's temporaries). `init=False` leaves the
+        stacked state zero, for a caller that fills every slot with `load_member_state`."""
         if not members:
             raise ValueError("an ensemble needs at least one member")
         d_ins = {m.d_in for m in members}
@@ -62,18 +76,30 @@ class Ensemble:
         ids = [m.member_id for m in members]
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate members in one ensemble: {sorted({i for i in ids if ids.count(i) > 1})}")
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution={execution!r} is unknown; allowed: {', '.join(EXECUTIONS)}")
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches={micro_batches} must be at least 1")
         self.device = torch.device(device)
         if autocast_bf16 and self.device.type != "cuda":
             raise ValueError(f"autocast_bf16 needs a CUDA device; got device={self.device}")
         self.members = list(members)
         self.total_steps = int(total_steps)
         self.autocast_bf16 = autocast_bf16
+        self.micro_batches = int(micro_batches)
         self.d_in = members[0].d_in
         self.n_padded = max(m.dict_size for m in members)
         self.layout = sae.Layout.of([m.variant for m in members], [m.k for m in members])
+        if execution == "sparse" and not self.layout.all_topk:
+            raise ValueError("execution='sparse' needs every member to be topk (their codes are sparse by construction)")
+        if execution in ("fused", "sparse") and autocast_bf16:
+            raise ValueError(f"execution={execution!r} runs in float32; bf16 autocast uses execution='reference' (or 'auto')")
+        self.execution = execution
+        self.row_chunk: int | None = None  # rows per kernel call (None: the whole micro-batch); set by autotune
+        self.autotune_report: dict[str, float] = {}
 
+        self.params = self._allocate(init)
         n = self.n_padded
-        self.params = _stack([sae.init_params(m.variant, m.d_in, m.dict_size, m.seed, n) for m in members], self.device)
         self.hparams = _stack(
             [sae.make_hparams(m.variant, m.dict_size, m.l1, m.bias_decay, m.k, m.use_b_dec, n) for m in members],
             self.device,
@@ -93,6 +119,18 @@ class Ensemble:
         self._grad = torch.func.vmap(lambda p, h, x: grad_fn(p, h, x, self.layout), in_dims=(0, 0, None))
         self._forward = torch.func.vmap(lambda p, h, x: _encode_decode(p, h, x, self.layout), in_dims=(0, 0, None))
 
+    def _allocate(self, init: bool) -> dict[str, torch.Tensor]:
+        """Stacked params allocated on the device, each member's init generated and copied in
+        alone, so host memory holds one member's init at a time, never the whole stack."""
+        M, n, d = len(self.members), self.n_padded, self.d_in
+        shapes = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+        params = {name: torch.zeros(M, *shape, device=self.device) for name, shape in shapes.items()}
+        if init:
+            for index, member in enumerate(self.members):
+                for name, value in sae.init_params(member.variant, d, member.dict_size, member.seed).items():
+                    params[name][index, : value.shape[0]] = value.to(self.device)
+        return params
+
     def __len__(self) -> int:
         return len(self.members)
 
@@ -109,34 +147,94 @@ class Ensemble:
 
     # -- training --------------------------------------------------------------
 
-    def step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One training step of every member on `batch` [B, d_in]; returns per-member stats [M]."""
-        lr, l1 = self.schedules(self.step_count)
-        hparams = {**self.hparams, "l1": l1}
+    def grads(self, batch: torch.Tensor, hparams: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(gradients, aux stats) of every member's loss on `batch`, by this ensemble's execution.
+
+        Pure: reads the params, changes nothing. Micro-batches are weighted by their share
+        of rows, so their sum is the whole batch's gradient (the bias-decay term too, since
+        the weights sum to 1).
+        """
+        if self.execution in ("fused", "sparse"):
+            kernel = kernels.sparse.grads if self.execution == "sparse" else kernels.dense.grads
+            chunk = self.row_chunk or -(-batch.shape[0] // self.micro_batches)
+            return kernel(self.params, hparams, batch, self.layout, row_chunk=chunk)
+        if self.micro_batches == 1:
+            return self._reference(batch, hparams)
+        total: dict[str, torch.Tensor] = {}
+        total_aux: dict[str, torch.Tensor] = {}
+        for part in batch.tensor_split(self.micro_batches):
+            weight = part.shape[0] / batch.shape[0]
+            grads, aux = self._reference(part, hparams)
+            for tree, out in ((grads, total), (aux, total_aux)):
+                for name, value in tree.items():
+                    value = value if name == "fired" else value * weight  # firing counts add up
+                    out[name] = out[name] + value if name in out else value
+        return total, total_aux
+
+    def _reference(self, batch: torch.Tensor, hparams: dict[str, torch.Tensor]):
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast_bf16 else contextlib.nullcontext()
         with autocast:
             grads, aux = self._grad(self.params, hparams, batch)
+        return {name: g.float() for name, g in grads.items()}, aux
+
+    def autotune(self, batch: torch.Tensor) -> str:
+        """Time each execution that applies here on `batch` and keep the fastest; returns the choice.
+
+        Only the (pure) gradient computation is timed, so tuning changes no state. Candidates:
+        the reference; the fused kernel over the whole micro-batch and, on CPU, over row
+        chunks whose [M, chunk, n] tiles fit in cache; the sparse kernel for all-topk ensembles.
+        """
+        hparams = {**self.hparams, "l1": self.schedules(self.step_count)[1]}
+        micro_rows = -(-batch.shape[0] // self.micro_batches)
+        candidates: list[tuple[str, int | None]] = [("reference", None)]
+        if not self.autocast_bf16:
+            chunks = [micro_rows]
+            if self.device.type == "cpu":
+                row_bytes = len(self) * self.n_padded * 4
+                chunks += [c for c in (2**i for i in range(5, 12)) if c < micro_rows and c * row_bytes <= 2**24][-2:]
+            kinds = ["fused"] + (["sparse"] if self.layout.all_topk else [])
+            candidates += [(kind, chunk) for kind in kinds for chunk in chunks]
+        timings = {}
+        for kind, chunk in candidates:
+            self.execution, self.row_chunk = kind, chunk
+            try:
+                timings[(kind, chunk)] = _time(lambda: self.grads(batch, hparams), self.device)
+            except torch.OutOfMemoryError:
+                continue
+        (self.execution, self.row_chunk), _ = min(timings.items(), key=lambda item: item[1])
+        self.autotune_report = {_describe(kind, chunk): round(seconds * 1e3, 3) for (kind, chunk), seconds in timings.items()}
+        return _describe(self.execution, self.row_chunk)
+
+    def step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One training step of every member on `batch` [B, d_in]; returns per-member stats [M]."""
+        if self.execution == "auto":
+            self.autotune(batch)
+        lr, l1 = self.schedules(self.step_count)
+        grads, aux = self.grads(batch, {**self.hparams, "l1": l1})
 
         # Moments update in place: a diverged member's moments are never used again (its
-        # params stay frozen), so they need no copy to roll back, only its params do.
+        # params stay frozen), so they need no copy to roll back.
         directions, self.opt_state = self.optimizer.update(grads, self.opt_state, inplace=True)
-        new_params = {name: torch.addcmul(p, _broadcast(lr, p), directions[name], value=-1) for name, p in self.params.items()}
-        new_params["W_dec"] = F.normalize(new_params["W_dec"], dim=-1)
 
-        # A step is taken only if the loss and every new weight are finite. A NaN or inf
-        # gradient makes Adam's update NaN, so checking the new weights covers the
-        # gradients; a sum per member is one reduction, and NaN/inf survive it.
+        # A step is taken only if the loss and every weight change are finite. A NaN or inf
+        # gradient makes Adam's direction NaN, so checking the changes covers the gradients;
+        # a sum per member is one reduction, and NaN/inf survive it.
         finite = torch.isfinite(aux["loss"])
-        for tensor in new_params.values():
-            finite &= torch.isfinite(tensor.flatten(1).sum(1))
+        for direction in directions.values():
+            finite &= torch.isfinite(lr * direction.flatten(1).sum(1))
         alive = self.alive & finite
 
-        # A frozen member keeps its last finite params; the others take the step. On CPU,
-        # checking first skips a full pass per tensor in the usual all-alive case; on CUDA
-        # that check would stall the queue every step, so select always.
-        if self.device.type == "cuda" or not bool(alive.all()):
-            new_params = {n: torch.where(_broadcast(alive, p), new_params[n], p) for n, p in self.params.items()}
-        self.params, self.alive = new_params, alive
+        # Params update in place. A frozen member's direction is zeroed so it keeps its last
+        # finite params exactly. On CPU, checking first skips a pass per tensor in the usual
+        # all-alive case; on CUDA that check would stall the queue every step, so select always.
+        select = self.device.type == "cuda" or not bool(alive.all())
+        for name, p in self.params.items():
+            direction = torch.where(_broadcast(alive, p), directions[name], 0.0) if select else directions[name]
+            p.addcmul_(_broadcast(lr, p), direction, value=-1)
+        W_dec = self.params["W_dec"]
+        unit = F.normalize(W_dec, dim=-1)
+        W_dec.copy_(torch.where(_broadcast(alive, W_dec), unit, W_dec) if select else unit)
+        self.alive = alive
         self.step_count += 1
         self.rows_seen += batch.shape[0]
         return {**aux, "lr": lr, "alive": alive}
@@ -192,6 +290,22 @@ class Ensemble:
         self.rows_seen = int(rows_seen)
         for name, count in self.opt_state.count.items():
             self.opt_state.count[name] = torch.full_like(count, int(step))
+
+
+def _time(fn, device: torch.device, repeats: int = 2) -> float:
+    """Seconds per call of `fn` after one warm-up call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def _describe(kind: str, chunk: int | None) -> str:
+    return kind if chunk is None else f"{kind}(rows={chunk})"
 
 
 def _encode_decode(params, hp, x, layout):

@@ -1,0 +1,115 @@
+"""The hand-written kernels equal the reference vmap(grad(sae.loss)): per step and after training."""
+
+import pytest
+import torch
+
+from sae_ensemble.ensemble import Ensemble
+from sae_ensemble.kernels import dense, sparse
+from sae_ensemble.member import Member
+from test_ensemble import D_IN, MIXED, STEPS, sparse_batches
+
+TOPK = [
+    Member("topk", D_IN, 64, k=4, seed=5),
+    Member("topk", D_IN, 32, k=8, lr=2e-3, seed=6, lr_warmup_steps=5),
+    Member("topk", D_IN, 48, k=3, bias_decay=0.1, seed=1, use_b_dec=False),
+    Member("topk", D_IN, 48, k=6, bias_decay=0.05, lr=3e-3, seed=2, lr_decay_steps=15),
+]
+
+
+def train(members, execution, micro_batches=1, steps=STEPS, row_chunk=None):
+    ensemble = Ensemble(members, total_steps=steps, execution=execution, micro_batches=micro_batches)
+    ensemble.row_chunk = row_chunk
+    for batch in sparse_batches(steps):
+        ensemble.step(batch)
+    return ensemble
+
+
+def assert_same_members(a: Ensemble, b: Ensemble, atol: float = 1e-5) -> None:
+    for index in range(len(a)):
+        params_a, moments_a = a.member_state(index)
+        params_b, moments_b = b.member_state(index)
+        for name in params_a:
+            torch.testing.assert_close(params_a[name], params_b[name], atol=atol, rtol=0, msg=f"member {index} {name}")
+    assert torch.equal(a.alive, b.alive)
+
+
+@pytest.fixture(scope="module")
+def reference_mixed():
+    return train(MIXED, "reference")
+
+
+@pytest.mark.parametrize("row_chunk", [None, 24])
+def test_fused_training_equals_reference_for_every_variant(reference_mixed, row_chunk):
+    # MIXED: relu, tied and topk; 4 dict sizes; per-member l1, k, lr, bias decay, warmups, decay, no b_dec.
+    assert_same_members(train(MIXED, "fused", row_chunk=row_chunk), reference_mixed)
+
+
+@pytest.mark.parametrize("execution", ["fused", "sparse"])
+def test_topk_kernels_equal_reference_training(execution):
+    assert_same_members(train(TOPK, execution, row_chunk=20), train(TOPK, "reference"))
+
+
+@pytest.mark.parametrize("kernel", [dense, sparse], ids=["dense", "sparse"])
+def test_kernel_gradients_and_stats_equal_reference_on_one_step(kernel):
+    ensemble = train(TOPK, "reference", steps=5)
+    with torch.no_grad():
+        ensemble.params["b_enc"].normal_()  # non-zero encoder bias: the bias-decay gradient matters
+    batch = sparse_batches(1, seed=3)[0]
+    hparams = {**ensemble.hparams, "l1": ensemble.schedules(5)[1]}
+    want_grads, want_aux = ensemble._reference(batch, hparams)
+    grads, aux = kernel.grads(ensemble.params, hparams, batch, ensemble.layout, row_chunk=13)
+    for name in want_grads:
+        torch.testing.assert_close(grads[name], want_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    for name in want_aux:
+        torch.testing.assert_close(aux[name], want_aux[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("execution", ["reference", "fused"])
+def test_micro_batches_equal_the_whole_batch(execution, reference_mixed):
+    assert_same_members(train(MIXED, execution, micro_batches=3), reference_mixed)
+
+
+def test_diverging_member_is_frozen_on_the_fused_path_and_others_are_unchanged():
+    healthy = MIXED[:3]
+    diverging = Member("relu", D_IN, 32, l1=1e-3, lr=1e30, seed=7)
+    with_bad = train([*healthy, diverging], "fused", steps=20)
+    without = train(healthy, "fused", steps=20)
+    assert with_bad.alive.tolist() == [True, True, True, False]
+    for name, tensor in with_bad.params.items():
+        assert torch.isfinite(tensor[3]).all(), name
+    for index in range(3):
+        a, _ = with_bad.member_state(index)
+        b, _ = without.member_state(index)
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def test_autotune_keeps_a_measured_candidate_and_trains_like_the_reference(reference_mixed):
+    tuned = Ensemble(MIXED, total_steps=STEPS, execution="auto")
+    choice = tuned.autotune(sparse_batches(1)[0])
+    assert choice in tuned.autotune_report and {"reference", "fused"} <= {c.split("(")[0] for c in tuned.autotune_report}
+    assert tuned.execution in ("reference", "fused")
+    for batch in sparse_batches(STEPS):
+        tuned.step(batch)
+    assert_same_members(tuned, reference_mixed)
+
+
+def test_sparse_autotune_candidates_only_for_all_topk_ensembles():
+    tuned = Ensemble(TOPK, total_steps=1, execution="auto")
+    tuned.autotune(sparse_batches(1)[0])
+    assert any(c.startswith("sparse") for c in tuned.autotune_report)
+    with pytest.raises(ValueError, match="execution='sparse' needs every member to be topk"):
+        Ensemble(MIXED, total_steps=1, execution="sparse")
+    with pytest.raises(ValueError, match="execution='vectorised' is unknown; allowed: auto, reference, fused, sparse"):
+        Ensemble(MIXED, total_steps=1, execution="vectorised")
+
+
+def test_topk_keeps_exactly_k_when_pre_activations_tie():
+    member = Member("topk", 8, 16, k=3, seed=0)
+    ensemble = Ensemble([member], total_steps=1, execution="fused")
+    with torch.no_grad():
+        ensemble.params["W_enc"].fill_(1.0)  # every feature gets the same pre-activation
+    codes, _ = ensemble.forward(torch.ones(5, 8))
+    assert ((codes > 0).sum(-1) == 3).all()
+    _, aux = ensemble.grads(torch.ones(5, 8), ensemble.hparams)
+    assert torch.equal(aux["l0"], torch.tensor([3.0]))
