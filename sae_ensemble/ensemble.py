@@ -212,18 +212,29 @@ class Ensemble:
         lr, l1 = self.schedules(self.step_count)
         grads, aux = self.grads(batch, {**self.hparams, "l1": l1})
 
+        if self.execution in ("fused", "sparse"):
+            alive = kernels.adam.step_(self.params, grads, self.opt_state.mu, self.opt_state.nu, self.step_count + 1, lr,
+                                       self.alive & torch.isfinite(aux["loss"]), ADAM_BETAS, ADAM_EPS,
+                                       check_on_host=self.device.type != "cuda")
+            self.opt_state = self.opt_state._replace(count={name: c + 1 for name, c in self.opt_state.count.items()})
+        else:
+            alive = self._reference_update(grads, lr, self.alive & torch.isfinite(aux["loss"]))
+        self.alive = alive
+        self.step_count += 1
+        self.rows_seen += batch.shape[0]
+        return {**aux, "lr": lr, "alive": alive}
+
+    @torch.no_grad()
+    def _reference_update(self, grads: dict[str, torch.Tensor], lr: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+        """torchopt's Adam on the stacked tensors (no vmap: Adam is elementwise), then the step; returns alive [M]."""
         # Moments update in place: a diverged member's moments are never used again (its
         # params stay frozen), so they need no copy to roll back.
         directions, self.opt_state = self.optimizer.update(grads, self.opt_state, inplace=True)
-
         # A step is taken only if the loss and every weight change are finite. A NaN or inf
         # gradient makes Adam's direction NaN, so checking the changes covers the gradients;
         # a sum per member is one reduction, and NaN/inf survive it.
-        finite = torch.isfinite(aux["loss"])
         for direction in directions.values():
-            finite &= torch.isfinite(lr * direction.flatten(1).sum(1))
-        alive = self.alive & finite
-
+            alive = alive & torch.isfinite(lr * direction.flatten(1).sum(1))
         # Params update in place. A frozen member's direction is zeroed so it keeps its last
         # finite params exactly. On CPU, checking first skips a pass per tensor in the usual
         # all-alive case; on CUDA that check would stall the queue every step, so select always.
@@ -234,10 +245,7 @@ class Ensemble:
         W_dec = self.params["W_dec"]
         unit = F.normalize(W_dec, dim=-1)
         W_dec.copy_(torch.where(_broadcast(alive, W_dec), unit, W_dec) if select else unit)
-        self.alive = alive
-        self.step_count += 1
-        self.rows_seen += batch.shape[0]
-        return {**aux, "lr": lr, "alive": alive}
+        return alive
 
     @torch.no_grad()
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

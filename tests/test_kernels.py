@@ -30,7 +30,7 @@ def assert_same_members(a: Ensemble, b: Ensemble, atol: float = 1e-5) -> None:
         params_b, moments_b = b.member_state(index)
         for name in params_a:
             torch.testing.assert_close(params_a[name], params_b[name], atol=atol, rtol=0, msg=f"member {index} {name}")
-    assert torch.equal(a.alive, b.alive)
+    assert torch.equal(a.alive.cpu(), b.alive.cpu())
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +113,36 @@ def test_topk_keeps_exactly_k_when_pre_activations_tie():
     assert ((codes > 0).sum(-1) == 3).all()
     _, aux = ensemble.grads(torch.ones(5, 8), ensemble.hparams)
     assert torch.equal(aux["l0"], torch.tensor([3.0]))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("execution,members", [("fused", MIXED), ("sparse", TOPK)], ids=["fused", "sparse"])
+def test_cuda_kernels_equal_the_cpu_reference(execution, members):
+    """On CUDA in full fp32 (TF32 off): the kernels' members equal the CPU reference's to 1e-4 after 50 steps."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        on_gpu = Ensemble(members, total_steps=STEPS, device="cuda", execution=execution)
+        for batch in sparse_batches(STEPS):
+            on_gpu.step(batch.cuda())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert_same_members(on_gpu, train(members, "reference"), atol=1e-4)
+
+
+@cuda
+def test_cuda_autotune_picks_a_kernel_and_tf32_stays_close():
+    """TF32 matmuls (the CUDA default, training.matmul_precision=high) keep members within 1e-2 of fp32."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        tuned = Ensemble(TOPK, total_steps=STEPS, device="cuda", execution="auto")
+        for batch in sparse_batches(STEPS):
+            tuned.step(batch.cuda())
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert tuned.execution in ("reference", "fused", "sparse") and tuned.autotune_report
+    assert_same_members(tuned, train(TOPK, "reference"), atol=1e-2)

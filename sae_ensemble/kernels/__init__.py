@@ -4,4 +4,4 @@
     sparse  topk ensembles: only the encoder GEMM is dense; the rest touches active latents only
 """
 
-from sae_ensemble.kernels import dense, sparse  # noqa: F401
+from sae_ensemble.kernels import adam, dense, sparse  # noqa: F401

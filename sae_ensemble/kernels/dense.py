@@ -59,23 +59,26 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     B = x.shape[0]
     mask = hp["feature_mask"]  # [M, n]
     centre = b_dec * hp["use_b_dec"].view(-1, 1)  # [M, d]
-    bias = (b_enc - (1.0 - mask) * PAD_BIAS).unsqueeze(1)  # [M, 1, n]
-
+    # Augmented operands, padded to a multiple of 8 columns, where BLAS runs as fast as at d
+    # (measured: d+1 columns cost 10-20% GEMM speed on CPU); the zero columns carry nothing.
+    d_aug = (d + 1 + 7) // 8 * 8
+    # Encoder [W_enc, bias] against [x - b_dec, 1]: the bias rides in the GEMM, and the
+    # weight-gradient GEMM's extra column is the bias gradient (no pass over [M, B, n] for either).
+    W_aug = W_enc.new_zeros(M, n, d_aug)
+    W_aug[..., :d] = W_enc
+    W_aug[..., d] = b_enc - (1.0 - mask) * PAD_BIAS
+    # Decoder [D, 1]: the reconstruction GEMM also sums each row's codes (the L1 norm), and the
+    # GEMM giving dL/dcodes also adds the L1 coefficient.
     rows = decoder_rows(params, hp, layout)
     norms = rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # F.normalize's eps
-    # [D, 1, 0...]: padded to a multiple of 8 columns, where BLAS runs as fast as at d (measured:
-    # d+1 columns cost 10-20% GEMM speed on CPU); the zero columns carry nothing.
-    d_aug = (d + 1 + 7) // 8 * 8
     D_aug = rows.new_zeros(M, n, d_aug)
     torch.div(rows, norms, out=D_aug[..., :d])
     D_aug[..., d] = 1.0
     D = D_aug[..., :d]
     centre_aug = F.pad(centre, (0, d_aug - d)).unsqueeze(1)  # [M, 1, d_aug]: no bias on the L1 column
-    W_enc_t = W_enc.transpose(1, 2)
 
-    g_W_enc: torch.Tensor | None = None
+    g_W_aug: torch.Tensor | None = None
     g_D_aug: torch.Tensor | None = None
-    g_pre_sum = torch.zeros_like(b_enc)  # [M, n]
     g_xhat_sum = torch.zeros_like(b_dec)  # [M, d]
     squared_error = x.new_zeros(M)
     code_sum = x.new_zeros(M)
@@ -84,30 +87,35 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     mse_scale = 2.0 / (B * d)
 
     for rows_x in x.split(row_chunk or B):
-        xc = rows_x.unsqueeze(0) - centre.unsqueeze(1)  # [M, b, d]
-        pre = torch.baddbmm(bias, xc, W_enc_t)  # [M, b, n]
+        xc_aug = x.new_zeros(M, rows_x.shape[0], d_aug)  # [x - b_dec, 1, 0...]
+        torch.sub(rows_x.unsqueeze(0), centre.unsqueeze(1), out=xc_aug[..., :d])
+        xc_aug[..., d] = 1.0
+        pre = torch.bmm(xc_aug, W_aug.transpose(1, 2))  # [M, b, n]
         codes = topk_codes(pre, hp, layout) if layout.k_max > 0 else pre.relu_()
-        xhat_aug = torch.baddbmm(centre_aug, codes, D_aug)  # [M, b, d+1]; last column: sum of codes
+        xhat_aug = torch.baddbmm(centre_aug, codes, D_aug)  # [M, b, d_aug]; column d: sum of codes
         err = xhat_aug[..., :d] - rows_x
         squared_error += err.pow(2).sum((1, 2))
         code_sum += xhat_aug[..., d].sum(1)
 
-        # Firing counts through a float 0/1 tile: comparing into float32 and summing is ~7x
-        # faster on CPU than count_nonzero or summing a bool tensor (both widen to int64).
-        tile = torch.gt(codes, 0, out=torch.empty_like(codes))
-        fired += tile.sum(1)
         g_aug = torch.zeros_like(xhat_aug)  # [dL/dx_hat, l1/B, 0...]
         torch.mul(err, mse_scale, out=g_aug[..., :d])
         g_aug[..., d] = l1_column
-        g_pre = torch.bmm(g_aug, D_aug.transpose(1, 2), out=tile)  # dL/dcodes [M, b, n], reusing the tile
+        if codes.is_cuda:
+            fired += (codes > 0).sum(1)  # one read of codes and a 1-byte mask
+            g_pre = torch.bmm(g_aug, D_aug.transpose(1, 2))  # dL/dcodes [M, b, n]
+        else:
+            # On CPU, comparing into a float32 tile and summing it is ~7x faster than summing a
+            # bool tensor (which widens to int64); the tile's memory then takes dL/dcodes.
+            tile = torch.gt(codes, 0, out=torch.empty_like(codes))
+            fired += tile.sum(1)
+            g_pre = torch.bmm(g_aug, D_aug.transpose(1, 2), out=tile)
         torch.ops.aten.threshold_backward(g_pre, codes, 0.0, grad_input=g_pre)  # ReLU/top-k mask, in place
         g_D_aug = _accumulate(g_D_aug, codes.transpose(1, 2), g_aug)
-        g_W_enc = _accumulate(g_W_enc, g_pre.transpose(1, 2), xc)
-        g_pre_sum += g_pre.sum(1)
+        g_W_aug = _accumulate(g_W_aug, g_pre.transpose(1, 2), xc_aug)
         g_xhat_sum += g_aug[..., :d].sum(1)
 
-    assert g_W_enc is not None and g_D_aug is not None  # x has at least one row
-    sums = Sums(g_D_aug[..., :d], g_W_enc, g_pre_sum, g_xhat_sum, squared_error, code_sum, fired)
+    assert g_W_aug is not None and g_D_aug is not None  # x has at least one row
+    sums = Sums(g_D_aug[..., :d], g_W_aug[..., :d], g_W_aug[..., d], g_xhat_sum, squared_error, code_sum, fired)
     return finish(params, hp, layout, D, norms, sums, B)
 
 
@@ -131,7 +139,7 @@ def finish(params: Params, hp: Hparams, layout: Layout, D: torch.Tensor, norms: 
     # Through the row normalisation D = rows / |rows|: project out the radial part.
     g_D = sums.g_D
     g_rows = (g_D - D * (g_D * D).sum(-1, keepdim=True)) / norms
-    g_W_enc = sums.g_W_enc
+    g_W_enc = sums.g_W_enc.contiguous()  # a view into the augmented gradient: own it before adding
     if layout.all_tied:
         g_W_enc += g_rows
         g_W_dec = torch.zeros_like(params["W_dec"])
