@@ -1,7 +1,8 @@
 """Everything that needs a GPU, checked and measured in one go (`make gpu-check`).
 
     python -m benchmarks.gpu_check                 # on the visible GPUs
-    python -m benchmarks.gpu_check --budget 300    # seconds for all steps together (default 540)
+    python -m benchmarks.gpu_check --budget 300    # seconds for all steps together (default 500)
+    python -m benchmarks.gpu_check --only tests,sweep_lm
 
 Steps, each in its own process group with its own timeout; one failing never stops the next:
     tests           pytest on the tests marked `cuda` (tests/test_cuda.py), their `gpu-figure` lines
@@ -151,10 +152,12 @@ def run_step(step: Step, seconds_left: float, work: Path, log) -> Result:
         return Result(step.name, "skipped", detail=f"out of time: {seconds_left:.0f} s of the budget left")
     log.write(f"\n===== {step.name}: {' '.join(step.command)} (timeout {timeout:.0f} s)\n")
     log.flush()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1", "WANDB_MODE": "disabled"}
+    # Offline flags: every model here is a local tiny one, so a hub lookup is a bug; fail fast, not at the timeout.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     started = time.monotonic()
     with tempfile.TemporaryFile("w+") as output:
-        process = subprocess.Popen(step.command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(step.command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
         try:
             code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -209,20 +212,21 @@ def _wrote_summary(figures: dict) -> str | None:
 def steps(work: Path, python: str) -> list[Step]:
     default_dir, lm_dir, stores = work / "sweep_default", work / "sweep_lm", work / "stores"
     plan = [
-        Step("tests", [python, "-m", "pytest", "-q", "-s", "-m", "cuda", "-p", "no:cacheprovider", f"--junitxml={work / 'junit.xml'}",
-                       *cuda_test_files()], 240, parse_tests, "CUDA-marked tests",
+        # faulthandler_timeout: a test hung past 90 s dumps every thread's stack into the log.
+        Step("tests", [python, "-m", "pytest", "-q", "-s", "-m", "cuda", "-p", "no:cacheprovider", "-o", "faulthandler_timeout=90",
+                       f"--junitxml={work / 'junit.xml'}", *cuda_test_files()], 200, parse_tests, "CUDA-marked tests",
              lambda f: None if f.get("passed") else "no CUDA test passed (all skipped?)"),
-        Step("bench_ensemble", [python, "-m", "benchmarks.ensemble", "--device", "cuda"], 150, parse_ensemble, "ensemble throughput"),
-        Step("bench_store", [python, "-m", "benchmarks.store", "--device", "cuda"], 180, parse_last_json, "store feed and harvest"),
+        Step("bench_ensemble", [python, "-m", "benchmarks.ensemble", "--device", "cuda"], 120, parse_ensemble, "ensemble throughput"),
+        Step("bench_store", [python, "-m", "benchmarks.store", "--device", "cuda"], 150, parse_last_json, "store feed and harvest"),
         Step("sweep_default", [python, "sweep.py", *SWEEP_ARGS, f"hydra.run.dir={default_dir}", f"data.store_root={stores}"],
-             180, parse_sweep(default_dir), "default synthetic sweep", _wrote_summary),
+             150, parse_sweep(default_dir), "default synthetic sweep", _wrote_summary),
         Step("sweep_lm", [python, "sweep.py", "data=lm", "model=tiny", "grid=quick", *SWEEP_ARGS, f"hydra.run.dir={lm_dir}",
-                          f"data.store_root={stores}"], 180, parse_sweep(lm_dir), "LM sweep, tiny GPT-2", _wrote_summary),
+                          f"data.store_root={stores}"], 150, parse_sweep(lm_dir), "LM sweep, tiny GPT-2", _wrote_summary),
     ]
     scale = importlib.util.find_spec("benchmarks.scale")
     if scale is not None:
         takes_device = "--device" in Path(scale.origin).read_text()
-        plan.append(Step("memory_model", [python, "-m", "benchmarks.scale", *(["--device", "cuda"] if takes_device else [])], 150,
+        plan.append(Step("memory_model", [python, "-m", "benchmarks.scale", *(["--device", "cuda"] if takes_device else [])], 120,
                          parse_last_json, "memory model vs max_memory_allocated"))
     return plan
 
@@ -230,11 +234,8 @@ def steps(work: Path, python: str) -> list[Step]:
 def environment() -> dict:
     """What the figures were measured on."""
     gpus = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
-    driver = "unknown"
-    if shutil.which("nvidia-smi"):
-        query = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True)
-        driver = query.stdout.strip().splitlines()[0] if query.returncode == 0 and query.stdout.strip() else driver
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    driver = _first_line(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or "unknown"
+    commit = _first_line(["git", "rev-parse", "--short", "HEAD"])  # none where the tree travelled without .git
     packages = {}
     for name in PACKAGES:
         try:
@@ -249,9 +250,21 @@ def environment() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
-        "commit": commit or "unknown",
+        "commit": commit or "unknown (no git checkout)",
         "packages": packages,
     }
+
+
+def _first_line(command: list[str]) -> str:
+    """First line a command prints, or "" when it is missing or fails."""
+    if not shutil.which(command[0]):
+        return ""
+    try:
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return ""
+    lines = done.stdout.strip().splitlines()
+    return lines[0] if done.returncode == 0 and lines else ""
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -285,7 +298,7 @@ def markdown(env: dict, results: list[Result], descriptions: dict[str, str]) -> 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=540, help="seconds for all steps together (default 540)")
+    parser.add_argument("--budget", type=float, default=500, help="seconds for all steps together (default 500)")
     parser.add_argument("--only", help="comma-separated step names to run (default: all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
