@@ -147,10 +147,11 @@ def test_diverging_member_is_frozen_on_cuda_and_the_others_are_unchanged():
     assert worst <= FP32_ATOL, f"a diverging member changed the others by {worst:.3g}"
 
 
-def test_cuda_step_never_waits_for_the_gpu():
+@pytest.mark.parametrize("execution", executions())
+def test_cuda_step_never_waits_for_the_gpu(execution):
     # The step's one data-dependent choice (is every member alive?) is made on the GPU, so
     # the host can queue step after step; any synchronising call raises in this mode.
-    ensemble = make(MIXED)
+    ensemble = make(MIXED, execution=execution)
     batches = sparse_batches(4)
     ensemble.step(batches[0])  # first call: lazy initialisation may synchronise
     torch.cuda.synchronize()
