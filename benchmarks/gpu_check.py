@@ -118,7 +118,7 @@ def parse_sweep(run_dir: Path) -> Callable[[str, Path], dict]:
     def parse(output: str, work: Path) -> dict:
         figures: dict = {}
         plan_path = run_dir / "plan.json"
-        done = list((run_dir / "checkpoints").glob("*/done.json"))
+        done = list((run_dir / "checkpoints").rglob("done.json"))
         if plan_path.exists() and done:
             plan = json.loads(plan_path.read_text())
             training = plan.get("training", {})
