@@ -166,6 +166,6 @@ def loss(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()
     l1_norm = codes.sum() / x.shape[0]  # codes >= 0 after ReLU, so |c| = c
     bias_norm = (params["b_enc"] * hp["feature_mask"]).norm()
     total = mse + hp["l1"] * l1_norm + hp["bias_decay"] * bias_norm
-    fired = torch.sign(codes).sum(0)  # [n] rows in which each feature fired (codes >= 0; sign is 2x faster than > 0 here)
+    fired = torch.sign(codes).sum(0, dtype=torch.float32)  # [n] rows in which each feature fired (codes >= 0; sign is 2x faster than > 0 here; float32: bf16 counts round above 256)
     aux = {"loss": total, "mse": mse, "l1_norm": l1_norm, "l0": fired.sum() / x.shape[0], "fired": fired}
     return total, aux
