@@ -42,6 +42,32 @@ def decoder_rows(params: Params, hp: Hparams, layout: Layout) -> torch.Tensor:
     return params["W_dec"]
 
 
+def augmented_width(d: int) -> int:
+    """Columns of the augmented operands: d + 1, padded to a multiple of 8, where BLAS runs as
+    fast as at d (measured: d + 1 columns cost 10-20% GEMM speed on CPU). Zero columns carry nothing."""
+    return (d + 1 + 7) // 8 * 8
+
+
+def augmented_encoder(params: Params, mask: torch.Tensor, d_aug: int) -> torch.Tensor:
+    """[W_enc, bias, 0...] [M, n, d_aug], to multiply [x - b_dec, 1, 0...]: the encoder bias rides in
+    the GEMM and the weight-gradient GEMM's column d is the bias gradient (no pass over [M, B, n])."""
+    W_enc = params["W_enc"]
+    M, n, d = W_enc.shape
+    W_aug = W_enc.new_zeros(M, n, d_aug)
+    W_aug[..., :d] = W_enc
+    W_aug[..., d] = params["b_enc"] - (1.0 - mask) * PAD_BIAS
+    return W_aug
+
+
+def augmented_rows(x: torch.Tensor, centre: torch.Tensor, d_aug: int) -> torch.Tensor:
+    """[x - b_dec, 1, 0...] [M, b, d_aug] of rows x [b, d] for every member's centre [M, d]."""
+    M, d = centre.shape
+    rows = x.new_zeros(M, x.shape[0], d_aug)
+    torch.sub(x.unsqueeze(0), centre.unsqueeze(1), out=rows[..., :d])
+    rows[..., d] = 1.0
+    return rows
+
+
 def topk_codes(pre: torch.Tensor, hp: Hparams, layout: Layout) -> torch.Tensor:
     """Codes [M, B, n]: each topk member keeps exactly its k largest ReLU'd pre-activations per row."""
     values, indices = torch.topk(pre, layout.k_max, dim=-1)  # [M, B, k_max], largest first
@@ -54,19 +80,13 @@ def topk_codes(pre: torch.Tensor, hp: Hparams, layout: Layout) -> torch.Tensor:
 
 def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chunk: int | None = None) -> tuple[Params, dict[str, torch.Tensor]]:
     """(gradients, aux) of every member's loss on x [B, d], equal to the vmapped autograd reference."""
-    W_enc, b_enc, b_dec = params["W_enc"], params["b_enc"], params["b_dec"]
+    W_enc, b_dec = params["W_enc"], params["b_dec"]
     M, n, d = W_enc.shape
     B = x.shape[0]
     mask = hp["feature_mask"]  # [M, n]
     centre = b_dec * hp["use_b_dec"].view(-1, 1)  # [M, d]
-    # Augmented operands, padded to a multiple of 8 columns, where BLAS runs as fast as at d
-    # (measured: d+1 columns cost 10-20% GEMM speed on CPU); the zero columns carry nothing.
-    d_aug = (d + 1 + 7) // 8 * 8
-    # Encoder [W_enc, bias] against [x - b_dec, 1]: the bias rides in the GEMM, and the
-    # weight-gradient GEMM's extra column is the bias gradient (no pass over [M, B, n] for either).
-    W_aug = W_enc.new_zeros(M, n, d_aug)
-    W_aug[..., :d] = W_enc
-    W_aug[..., d] = b_enc - (1.0 - mask) * PAD_BIAS
+    d_aug = augmented_width(d)
+    W_aug = augmented_encoder(params, mask, d_aug)
     # Decoder [D, 1]: the reconstruction GEMM also sums each row's codes (the L1 norm), and the
     # GEMM giving dL/dcodes also adds the L1 coefficient.
     rows = decoder_rows(params, hp, layout)
@@ -87,9 +107,7 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     mse_scale = 2.0 / (B * d)
 
     for rows_x in x.split(row_chunk or B):
-        xc_aug = x.new_zeros(M, rows_x.shape[0], d_aug)  # [x - b_dec, 1, 0...]
-        torch.sub(rows_x.unsqueeze(0), centre.unsqueeze(1), out=xc_aug[..., :d])
-        xc_aug[..., d] = 1.0
+        xc_aug = augmented_rows(rows_x, centre, d_aug)
         pre = torch.bmm(xc_aug, W_aug.transpose(1, 2))  # [M, b, n]
         codes = topk_codes(pre, hp, layout) if layout.k_max > 0 else pre.relu_()
         xhat_aug = torch.baddbmm(centre_aug, codes, D_aug)  # [M, b, d_aug]; column d: sum of codes
@@ -100,15 +118,12 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
         g_aug = torch.zeros_like(xhat_aug)  # [dL/dx_hat, l1/B, 0...]
         torch.mul(err, mse_scale, out=g_aug[..., :d])
         g_aug[..., d] = l1_column
-        if codes.is_cuda:
-            fired += (codes > 0).sum(1)  # one read of codes and a 1-byte mask
-            g_pre = torch.bmm(g_aug, D_aug.transpose(1, 2))  # dL/dcodes [M, b, n]
-        else:
-            # On CPU, comparing into a float32 tile and summing it is ~7x faster than summing a
-            # bool tensor (which widens to int64); the tile's memory then takes dL/dcodes.
-            tile = torch.gt(codes, 0, out=torch.empty_like(codes))
-            fired += tile.sum(1)
-            g_pre = torch.bmm(g_aug, D_aug.transpose(1, 2), out=tile)
+        # Firing counts through a float 0/1 tile: summing a bool tensor widens it to int64 first
+        # (a copy at 8 bytes per element: ~7x slower on CPU, ~2x on an H100); the tile's memory
+        # then takes dL/dcodes.
+        tile = torch.gt(codes, 0, out=torch.empty_like(codes))
+        fired += tile.sum(1)
+        g_pre = torch.bmm(g_aug, D_aug.transpose(1, 2), out=tile)  # dL/dcodes [M, b, n]
         torch.ops.aten.threshold_backward(g_pre, codes, 0.0, grad_input=g_pre)  # ReLU/top-k mask, in place
         g_D_aug = _accumulate(g_D_aug, codes.transpose(1, 2), g_aug)
         g_W_aug = _accumulate(g_W_aug, g_pre.transpose(1, 2), xc_aug)
