@@ -45,10 +45,13 @@ def _broadcast(per_member: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return per_member.view(-1, *([1] * (like.dim() - 1)))
 
 
+SPARSE_DENSITY = 0.05  # L0 / dict size at or below which the sparse kernel is a candidate for non-topk members
+RETUNE_EVERY = 1000  # steps between autotunes of an `auto` ensemble
 EXECUTIONS = ("auto", "reference", "fused", "sparse")
 """How a step computes gradients: `reference` is vmap(grad(sae.loss)), the definition; `fused`
-and `sparse` are the hand-written kernels (kernels/), equal to it; `auto` times the candidates
-on the first batch and keeps the fastest (see `autotune`)."""
+and `sparse` are the hand-written kernels (kernels/, docs/kernels.md), equal to it; `auto`
+times the candidates on the first batch, and again every RETUNE_EVERY steps, and keeps the
+fastest (see `autotune`)."""
 
 
 class Ensemble:
@@ -90,11 +93,10 @@ class Ensemble:
         self.d_in = members[0].d_in
         self.n_padded = max(m.dict_size for m in members)
         self.layout = sae.Layout.of([m.variant for m in members], [m.k for m in members])
-        if execution == "sparse" and not self.layout.all_topk:
-            raise ValueError("execution='sparse' needs every member to be topk (their codes are sparse by construction)")
         if execution in ("fused", "sparse") and autocast_bf16:
             raise ValueError(f"execution={execution!r} runs in float32; bf16 autocast uses execution='reference' (or 'auto')")
         self.execution = execution
+        self.retune = execution == "auto"  # re-time the candidates every RETUNE_EVERY steps: L0 changes as members learn
         self.row_chunk: int | None = None  # rows per kernel call (None: the whole micro-batch); set by autotune
         self.autotune_report: dict[str, float] = {}
 
@@ -182,32 +184,42 @@ class Ensemble:
 
         Only the (pure) gradient computation is timed, so tuning changes no state. Candidates:
         the reference; the fused kernel over the whole micro-batch and, on CPU, over row
-        chunks whose [M, chunk, n] tiles fit in cache; the sparse kernel for all-topk ensembles.
+        chunks whose [M, chunk, n] tiles fit in cache; the sparse kernel for all-topk
+        ensembles, and for others once the measured L0 is at most SPARSE_DENSITY of the
+        features (the density decides whether the sparse products can win at all).
         """
         hparams = {**self.hparams, "l1": self.schedules(self.step_count)[1]}
         micro_rows = -(-batch.shape[0] // self.micro_batches)
-        candidates: list[tuple[str, int | None]] = [("reference", None)]
-        if not self.autocast_bf16:
-            chunks = [micro_rows]
-            if self.device.type == "cpu":
-                row_bytes = len(self) * self.n_padded * 4
-                chunks += [c for c in (2**i for i in range(5, 12)) if c < micro_rows and c * row_bytes <= 2**24][-2:]
-            kinds = ["fused"] + (["sparse"] if self.layout.all_topk else [])
-            candidates += [(kind, chunk) for kind in kinds for chunk in chunks]
-        timings = {}
-        for kind, chunk in candidates:
+        chunks = [micro_rows]
+        if self.device.type == "cpu":
+            row_bytes = len(self) * self.n_padded * 4
+            chunks += [c for c in (2**i for i in range(5, 12)) if c < micro_rows and c * row_bytes <= 2**24][-2:]
+        timings: dict[tuple[str, int | None], float] = {}
+
+        def measure(kind: str, chunk: int | None):
             self.execution, self.row_chunk = kind, chunk
+            aux = {}
             try:
-                timings[(kind, chunk)] = _time(lambda: self.grads(batch, hparams), self.device)
+                timings[(kind, chunk)] = _time(lambda: aux.update(self.grads(batch, hparams)[1]), self.device)
             except torch.OutOfMemoryError:
-                continue
+                pass
+            return aux
+
+        aux = measure("reference", None)
+        if not self.autocast_bf16:  # the kernels run in float32
+            for chunk in chunks:
+                aux = measure("fused", chunk) or aux
+            density = float((aux["l0"] / self.hparams["feature_mask"].sum(-1)).max()) if aux else 1.0
+            if self.layout.all_topk or density <= SPARSE_DENSITY:
+                for chunk in chunks:
+                    measure("sparse", chunk)
         (self.execution, self.row_chunk), _ = min(timings.items(), key=lambda item: item[1])
         self.autotune_report = {_describe(kind, chunk): round(seconds * 1e3, 3) for (kind, chunk), seconds in timings.items()}
         return _describe(self.execution, self.row_chunk)
 
     def step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """One training step of every member on `batch` [B, d_in]; returns per-member stats [M]."""
-        if self.execution == "auto":
+        if self.execution == "auto" or (self.retune and self.step_count % RETUNE_EVERY == 0):
             self.autotune(batch)
         lr, l1 = self.schedules(self.step_count)
         grads, aux = self.grads(batch, {**self.hparams, "l1": l1})
