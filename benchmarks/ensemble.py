@@ -163,13 +163,10 @@ def main() -> None:
                  (512, [2048, 4096], 8, 4096, "relu"), (512, [4096], 8, 4096, "topk")]
     else:
         cases = [(args.d, args.dict_sizes or [4 * args.d], args.members or 8, args.batch or 1024, args.variant)]
-    results = []
     for d, sizes, m, b, variant in cases:
         steps = args.steps or (3 if device.type == "cpu" and b * m * max(sizes) > 10**8 else 10)
-        results.append(run_case(d, sizes, m, b, steps, device, variant, args.k, args.execution))
-        print(json.dumps(results[-1]), flush=True)  # progress; all results again at the end
-    for result in results:
-        print(json.dumps(result))
+        result = run_case(d, sizes, m, b, steps, device, variant, args.k, args.execution)
+        print(json.dumps(result), flush=True)  # one line per case, as each finishes
 
 
 if __name__ == "__main__":
