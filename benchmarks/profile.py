@@ -50,9 +50,14 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
     print(f"execution: {ensemble.execution}(rows={ensemble.row_chunk}); autotune ms: {ensemble.autotune_report}")
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = profiler.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=args.rows, max_name_column_width=40, max_shapes_column_width=60)
-    print(table)
+    cuda = device.type == "cuda"
+    events = [e for e in profiler.key_averages(group_by_input_shape=True) if not cuda or e.device_type.name == "CPU"]
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(own(e) for e in events)
+    print(f"{'op':<32} {'ms/step':>8} {'share':>6}  input shapes")
+    for event in sorted(events, key=own, reverse=True)[: args.rows]:
+        print(f"{event.key:<32} {own(event) / 1e3 / args.steps:>8.2f} {own(event) / total:>6.1%}  {event.input_shapes}")
+    print(f"{'total':<32} {total / 1e3 / args.steps:>8.2f}")
 
 
 if __name__ == "__main__":
