@@ -6,12 +6,14 @@ without special cases.
 
 One step:
   1. per-member schedules give this step's lr [M] and l1 [M];
-  2. `vmap(grad(sae.loss))` computes every member's gradient on the shared batch;
-  3. torchopt's Adam moment update runs on the stacked tensors directly, no vmap
-     (Adam is elementwise; vmapping it hits torchopt's slow fallback path), and the
-     per-member lr broadcasts over the member axis;
+  2. every member's gradient on the shared batch: `vmap(grad(sae.loss))` (the reference)
+     or a hand-written kernel equal to it (kernels/, chosen by `execution`);
+  3. Adam on the stacked tensors directly, no vmap (Adam is elementwise; vmapping
+     torchopt's hits its slow fallback path), the per-member lr broadcast over the member
+     axis: torchopt's for the reference, kernels/adam.py (equal, cache-chunked) for the kernels;
   4. decoder rows are rescaled to unit norm;
-  5. a member whose loss or new weights are not finite keeps its last finite params
+  5. a member whose loss or gradient is not finite skips the step (params and moments
+     unchanged); after `freeze_after` such steps in a row it keeps its last finite params
      from then on and is flagged in `alive` (the other members never see it).
 
 Dict sizes mix by padding to the largest with `hparams["feature_mask"]`: padded
@@ -67,10 +69,12 @@ class Ensemble:
         execution: str = "reference",
         micro_batches: int = 1,
         init: bool = True,
+        freeze_after: int = 1,
     ) -> None:
         """`micro_batches` splits every batch into that many chunks whose gradients are summed
         (equal to the whole batch; bounds the step's temporaries). `init=False` leaves the
-        stacked state zero, for a caller that fills every slot with `load_member_state`."""
+        stacked state zero, for a caller that fills every slot with `load_member_state`.
+        `freeze_after`: non-finite steps in a row (each skipped) before a member freezes."""
         if not members:
             raise ValueError("an ensemble needs at least one member")
         d_ins = {m.d_in for m in members}
@@ -83,6 +87,8 @@ class Ensemble:
             raise ValueError(f"execution={execution!r} is unknown; allowed: {', '.join(EXECUTIONS)}")
         if micro_batches < 1:
             raise ValueError(f"micro_batches={micro_batches} must be at least 1")
+        if freeze_after < 1:
+            raise ValueError(f"freeze_after={freeze_after} must be at least 1 (consecutive non-finite steps before a member freezes)")
         self.device = torch.device(device)
         if autocast_bf16 and self.device.type != "cuda":
             raise ValueError(f"autocast_bf16 needs a CUDA device; got device={self.device}")
@@ -90,6 +96,7 @@ class Ensemble:
         self.total_steps = int(total_steps)
         self.autocast_bf16 = autocast_bf16
         self.micro_batches = int(micro_batches)
+        self.freeze_after = int(freeze_after)
         self.d_in = members[0].d_in
         self.n_padded = max(m.dict_size for m in members)
         self.layout = sae.Layout.of([m.variant for m in members], [m.k for m in members])
@@ -114,6 +121,7 @@ class Ensemble:
         self.optimizer = torchopt.transform.scale_by_adam(b1=ADAM_BETAS[0], b2=ADAM_BETAS[1], eps=ADAM_EPS)
         self.opt_state = self.optimizer.init(self.params)
         self.alive = torch.ones(len(members), dtype=torch.bool, device=self.device)
+        self.nonfinite_streak = torch.zeros(len(members), dtype=torch.int64, device=self.device)  # [M] non-finite steps in a row
         self.step_count = 0
         self.rows_seen = 0
 
@@ -224,40 +232,48 @@ class Ensemble:
         lr, l1 = self.schedules(self.step_count)
         grads, aux = self.grads(batch, {**self.hparams, "l1": l1})
 
+        ok = self.alive & torch.isfinite(aux["loss"])
         if self.execution in ("fused", "sparse"):
-            alive = kernels.adam.step_(self.params, grads, self.opt_state.mu, self.opt_state.nu, self.step_count + 1, lr,
-                                       self.alive & torch.isfinite(aux["loss"]), ADAM_BETAS, ADAM_EPS,
-                                       check_on_host=self.device.type != "cuda")
+            taken = kernels.adam.step_(self.params, grads, self.opt_state.mu, self.opt_state.nu, self.step_count + 1, lr, ok,
+                                       ADAM_BETAS, ADAM_EPS, check_on_host=self.device.type != "cuda")
             self.opt_state = self.opt_state._replace(count={name: c + 1 for name, c in self.opt_state.count.items()})
         else:
-            alive = self._reference_update(grads, lr, self.alive & torch.isfinite(aux["loss"]))
-        self.alive = alive
+            taken = self._reference_update(grads, lr, ok)
+        # A live member that could not step skips it; freeze_after such steps in a row freeze it for good.
+        self.nonfinite_streak = torch.where(self.alive & ~taken, self.nonfinite_streak + 1, 0)
+        self.alive = self.alive & (self.nonfinite_streak < self.freeze_after)
+        alive = self.alive
         self.step_count += 1
         self.rows_seen += batch.shape[0]
         return {**aux, "lr": lr, "alive": alive}
 
     @torch.no_grad()
-    def _reference_update(self, grads: dict[str, torch.Tensor], lr: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-        """torchopt's Adam on the stacked tensors (no vmap: Adam is elementwise), then the step; returns alive [M]."""
-        # Moments update in place: a diverged member's moments are never used again (its
-        # params stay frozen), so they need no copy to roll back.
-        directions, self.opt_state = self.optimizer.update(grads, self.opt_state, inplace=True)
-        # A step is taken only if the loss and every weight change are finite. A NaN or inf
-        # gradient makes Adam's direction NaN, so checking the changes covers the gradients;
-        # a sum per member is one reduction, and NaN/inf survive it.
-        for direction in directions.values():
-            alive = alive & torch.isfinite(lr * direction.flatten(1).sum(1))
-        # Params update in place. A frozen member's direction is zeroed so it keeps its last
-        # finite params exactly. On CPU, checking first skips a pass per tensor in the usual
-        # all-alive case; on CUDA that check would stall the queue every step, so select always.
-        select = self.device.type == "cuda" or not bool(alive.all())
+    def _reference_update(self, grads: dict[str, torch.Tensor], lr: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """torchopt's Adam on the stacked tensors (no vmap: Adam is elementwise), then the step.
+
+        Returns taken [M]: members in `ok` whose gradient is finite (a NaN or inf anywhere
+        survives a per-member sum). The others keep their params and moments exactly.
+        """
+        taken = ok.clone()
+        for g in grads.values():
+            taken &= torch.isfinite(g.flatten(1).sum(1))
+        old_state = self.opt_state
+        # In place when a held-back member freezes at once: its moments are never used again.
+        directions, self.opt_state = self.optimizer.update(grads, self.opt_state, inplace=self.freeze_after == 1)
+        # On CPU, checking first skips a pass per tensor in the usual all-taken case; on CUDA
+        # that check would stall the queue every step, so select always.
+        select = self.device.type == "cuda" or not bool(taken.all())
         for name, p in self.params.items():
-            direction = torch.where(_broadcast(alive, p), directions[name], 0.0) if select else directions[name]
+            direction = torch.where(_broadcast(taken, p), directions[name], 0.0) if select else directions[name]
             p.addcmul_(_broadcast(lr, p), direction, value=-1)
         W_dec = self.params["W_dec"]
         unit = F.normalize(W_dec, dim=-1)
-        W_dec.copy_(torch.where(_broadcast(alive, W_dec), unit, W_dec) if select else unit)
-        return alive
+        W_dec.copy_(torch.where(_broadcast(taken, W_dec), unit, W_dec) if select else unit)
+        if select and self.freeze_after > 1:  # held-back members go on later from their old moments
+            kept = {part: {n: torch.where(_broadcast(taken, old), getattr(self.opt_state, part)[n], old)
+                           for n, old in getattr(old_state, part).items()} for part in ("mu", "nu")}
+            self.opt_state = self.opt_state._replace(**kept)
+        return taken
 
     @torch.no_grad()
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -154,3 +154,26 @@ def test_cuda_autotune_picks_a_measured_candidate_equal_to_the_reference():
         torch.backends.cuda.matmul.allow_tf32 = previous
     assert {"reference", "fused(rows=64)", "sparse(rows=64)"} == set(tuned.autotune_report)
     assert_same_members(tuned, train(TOPK, "reference"), atol=1e-4)
+
+
+@pytest.mark.parametrize("execution", ["reference", "fused"])
+def test_a_non_finite_step_is_skipped_and_freezes_only_after_freeze_after_in_a_row(execution):
+    members = MIXED[:3]
+    batches = sparse_batches(12)
+    ensembles = {}
+    for name in ("reference", execution):
+        ensemble = Ensemble(members, total_steps=12, execution=name, freeze_after=3)
+        for step, batch in enumerate(batches):
+            poisoned = step in (4, 5) or step >= 8  # member 1: two bad steps, then four in a row
+            ensemble.hparams["l1"][1] = float("nan") if poisoned else members[1].l1
+            before = {k: v[1].clone() for k, v in ensemble.params.items()}
+            moments = {k: v[1].clone() for k, v in ensemble.opt_state.mu.items()}
+            ensemble.step(batch)
+            if poisoned:  # the step is skipped: params and moments exactly as before
+                assert all(torch.equal(ensemble.params[k][1], before[k]) for k in before)
+                assert all(torch.equal(ensemble.opt_state.mu[k][1], moments[k]) for k in moments)
+            if step == 7:
+                assert ensemble.alive.tolist() == [True, True, True], "two skipped steps must not freeze"
+        assert ensemble.alive.tolist() == [True, False, True]
+        ensembles[name] = ensemble
+    assert_same_members(ensembles[execution], ensembles["reference"])

@@ -6,8 +6,8 @@ decoder renormalisation) while its tensors are still in cache. On CPU a chunk's 
 set fits the 32 MiB L3 while the whole stack often does not: the same passes over the
 whole stack ran from memory and cost as much as the GEMMs on small SAEs.
 
-A member whose loss is not finite, or whose direction is not, takes no step: its
-params stay exactly as they were (its moments are never used again: it is frozen).
+A member whose loss or gradient is not finite takes no step: its params and moments stay
+exactly as they were (the ensemble decides when such steps in a row freeze it).
 """
 
 from __future__ import annotations
@@ -32,47 +32,52 @@ def step_(
     nu: dict[str, torch.Tensor],
     count: int,
     lr: torch.Tensor,
-    alive: torch.Tensor,
+    ok: torch.Tensor,
     betas: tuple[float, float],
     eps: float,
     check_on_host: bool,
 ) -> torch.Tensor:
-    """Update params and moments in place for step number `count` (1-based); return alive [M].
+    """Update params and moments in place for step number `count` (1-based); return taken [M].
 
-    `alive` [M] says which members may step (not frozen, finite loss); a member whose
-    direction is not finite is held back too and comes out not alive.
-
-    `check_on_host`: decide per chunk on the host whether any member must be held back (CPU,
-    where reading a flag is free) instead of selecting on the device every time (CUDA).
+    `ok` [M] says which members may step (alive, finite loss). A member whose gradient is not
+    finite is held back too. A held-back member's params and moments stay exactly as they
+    were: its gradient is replaced by 0 and its decay rates by 1, so Adam leaves its moments
+    alone, and its learning rate by 0. `check_on_host`: decide per chunk on the host whether
+    anyone is held back (CPU, where reading a flag is free; the usual all-taken case then skips
+    the selections) instead of selecting on the device every step (CUDA).
     """
     b1, b2 = betas
     correction1, correction2 = 1 - b1**count, 1 - b2**count
     M = lr.shape[0]
-    finite = alive.clone()
+    taken = ok.clone()
     names = list(params)
     member_bytes = sum(p[0].numel() * p.element_size() for p in params.values())
     for chunk in member_chunks(M, member_bytes, lr.device):
-        directions = {}
-        for name in names:
-            g = grads[name][chunk]
-            m, v = mu[name][chunk], nu[name][chunk]
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            # torchopt: (m / c1) / (sqrt(v / c2) + eps)
-            direction = torch.div(v, correction2).sqrt_().add_(eps)
-            directions[name] = torch.div(m, correction1).div_(direction)
-            finite[chunk] &= torch.isfinite(directions[name].flatten(1).sum(1) * lr[chunk])
-        steps = finite[chunk]
+        for name in names:  # a NaN or inf anywhere in a member's gradient survives its sum
+            taken[chunk] &= torch.isfinite(grads[name][chunk].flatten(1).sum(1))
+        steps = taken[chunk]
         hold = not bool(steps.all()) if check_on_host else True
         for name in names:
-            p, direction = params[name][chunk], directions[name]
+            p, g, m, v = params[name][chunk], grads[name][chunk], mu[name][chunk], nu[name][chunk]
             if hold:
-                direction = torch.where(_broadcast(steps, p), direction, 0.0)
-            p.addcmul_(_broadcast(lr[chunk], p), direction, value=-1)
+                keep = _broadcast(steps, p)
+                g = torch.where(keep, g, 0.0)
+                decay1, decay2 = torch.where(keep, b1, 1.0), torch.where(keep, b2, 1.0)
+                m.mul_(decay1).addcmul_(g, 1 - decay1)
+                v.mul_(decay2).addcmul_(g * g, 1 - decay2)
+                scale = _broadcast(torch.where(steps, lr[chunk], 0.0), p)
+            else:
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                scale = _broadcast(lr[chunk], p)
+            # torchopt's direction: (m / c1) / (sqrt(v / c2) + eps)
+            direction = torch.div(v, correction2).sqrt_().add_(eps)
+            direction = torch.div(m, correction1).div_(direction)
+            p.addcmul_(scale, direction, value=-1)
             if name == "W_dec":
                 unit = F.normalize(p, dim=-1)
                 p.copy_(torch.where(_broadcast(steps, p), unit, p) if hold else unit)
-    return finite
+    return taken
 
 
 def _broadcast(per_member: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
