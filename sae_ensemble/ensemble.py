@@ -11,8 +11,9 @@ One step:
      (Adam is elementwise; vmapping it hits torchopt's slow fallback path), and the
      per-member lr broadcasts over the member axis;
   4. decoder rows are rescaled to unit norm;
-  5. a member whose loss or new weights are not finite keeps its last finite params
-     from then on and is flagged in `alive` (the other members never see it).
+  5. a member whose loss or new weights are not finite skips the step (params and
+     moments unchanged); after `freeze_after` such steps in a row it keeps its last
+     finite params from then on and is flagged in `alive` (the other members never see it).
 
 Dict sizes mix by padding to the largest with `hparams["feature_mask"]`: padded
 features start at zero, never activate and so get exactly zero gradient, and
@@ -53,6 +54,7 @@ class Ensemble:
         total_steps: int,
         device: str | torch.device = "cpu",
         autocast_bf16: bool = False,
+        freeze_after: int = 1,
     ) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -65,6 +67,9 @@ class Ensemble:
         self.device = torch.device(device)
         if autocast_bf16 and self.device.type != "cuda":
             raise ValueError(f"autocast_bf16 needs a CUDA device; got device={self.device}")
+        if freeze_after < 1:
+            raise ValueError(f"freeze_after={freeze_after} must be at least 1 (consecutive non-finite steps before a member freezes)")
+        self.freeze_after = int(freeze_after)
         self.members = list(members)
         self.total_steps = int(total_steps)
         self.autocast_bf16 = autocast_bf16
@@ -86,6 +91,7 @@ class Ensemble:
         self.optimizer = torchopt.transform.scale_by_adam(b1=ADAM_BETAS[0], b2=ADAM_BETAS[1], eps=ADAM_EPS)
         self.opt_state = self.optimizer.init(self.params)
         self.alive = torch.ones(len(members), dtype=torch.bool, device=self.device)
+        self.nonfinite_streak = torch.zeros(len(members), dtype=torch.int64, device=self.device)  # [M] non-finite steps in a row
         self.step_count = 0
         self.rows_seen = 0
 
@@ -117,9 +123,11 @@ class Ensemble:
         with autocast:
             grads, aux = self._grad(self.params, hparams, batch)
 
-        # Moments update in place: a diverged member's moments are never used again (its
-        # params stay frozen), so they need no copy to roll back, only its params do.
-        directions, self.opt_state = self.optimizer.update(grads, self.opt_state, inplace=True)
+        # With freeze_after=1 moments update in place: a diverged member's moments are never
+        # used again (its params stay frozen), so they need no copy to roll back, only its
+        # params do. A member allowed to skip a step and go on needs its old moments back.
+        old_state = self.opt_state
+        directions, self.opt_state = self.optimizer.update(grads, self.opt_state, inplace=self.freeze_after == 1)
         new_params = {name: torch.addcmul(p, _broadcast(lr, p), directions[name], value=-1) for name, p in self.params.items()}
         new_params["W_dec"] = F.normalize(new_params["W_dec"], dim=-1)
 
@@ -129,14 +137,21 @@ class Ensemble:
         finite = torch.isfinite(aux["loss"])
         for tensor in new_params.values():
             finite &= torch.isfinite(tensor.flatten(1).sum(1))
-        alive = self.alive & finite
+        # A non-finite step is skipped; freeze_after of them in a row freeze the member for good.
+        streak = torch.where(finite, 0, self.nonfinite_streak + 1)
+        alive = self.alive & (streak < self.freeze_after)
+        take = alive & finite  # [M] members whose step is kept
 
-        # A frozen member keeps its last finite params; the others take the step. On CPU,
-        # checking first skips a full pass per tensor in the usual all-alive case; on CUDA
-        # that check would stall the queue every step, so select always.
-        if self.device.type == "cuda" or not bool(alive.all()):
-            new_params = {n: torch.where(_broadcast(alive, p), new_params[n], p) for n, p in self.params.items()}
-        self.params, self.alive = new_params, alive
+        # A skipped or frozen member keeps its last finite params; the others take the step.
+        # On CPU, checking first skips a full pass per tensor in the usual all-taken case; on
+        # CUDA that check would stall the queue every step, so select always.
+        if self.device.type == "cuda" or not bool(take.all()):
+            new_params = {n: torch.where(_broadcast(take, p), new_params[n], p) for n, p in self.params.items()}
+            if self.freeze_after > 1:  # skipped members keep their moments (Adam's shared step count still advances)
+                mu = {n: torch.where(_broadcast(take, old), self.opt_state.mu[n], old) for n, old in old_state.mu.items()}
+                nu = {n: torch.where(_broadcast(take, old), self.opt_state.nu[n], old) for n, old in old_state.nu.items()}
+                self.opt_state = self.opt_state._replace(mu=mu, nu=nu)
+        self.params, self.alive, self.nonfinite_streak = new_params, alive, streak
         self.step_count += 1
         self.rows_seen += batch.shape[0]
         return {**aux, "lr": lr, "alive": alive}
