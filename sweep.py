@@ -100,7 +100,7 @@ def plan_for(cfg: SweepConfig, devices: list[str], store: ActivationStore, run_d
         if previous.get("store_fingerprint") != store.fingerprint:
             raise ConfigError(f"{run_dir} was trained on another store (fingerprint {previous.get('store_fingerprint')}, now {store.fingerprint}); use the same data settings or a new run dir")
         for name in RESUME_FIXED:
-            before, now = previous["training"].get(name), plan["training"][name]
+            before, now = previous["training"].get(name, getattr(dispatch.Training(), name)), plan["training"][name]  # absent: a run from before the field existed
             if before != now:
                 raise ConfigError(f"{run_dir} was started with training.{name}={before}; resuming with {now} would mix two trainings: set training.{name}={before} or use a new run dir")
         if len(previous["ensembles"]) != len(devices):
