@@ -251,9 +251,6 @@ class StopFlag:
             self.stop.set()  # the other workers stop too, as the parent would make them
         return self.signalled or self.stop.is_set()
 
-    def set(self) -> None:
-        self.stop.set()
-
 
 def _worker(index: int, device: str, plan: dict, store_path: str, run_dir: str, training: dict, threads: int, events, stop) -> None:
     """Train ensemble `index` of the plan on `device`; report through `events`; obey `stop`."""
@@ -263,7 +260,8 @@ def _worker(index: int, device: str, plan: dict, store_path: str, run_dir: str, 
         _train(index, device, plan, Path(store_path), Path(run_dir), Training(**training), threads, events, stop)
     except BaseException as error:
         # One line first (what went wrong), then the traceback for whoever debugs it.
-        summary = "".join(traceback.format_exception_only(type(error), error)).strip().splitlines()[-1]
+        message = str(error).strip().splitlines()
+        summary = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
         events.put(("error", index, f"{summary}\n{traceback.format_exc()}"))
         raise SystemExit(EXIT_FAILED)
 

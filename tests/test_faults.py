@@ -26,7 +26,9 @@ import pytest
 import torch
 
 from sae_ensemble.activations import store as store_module
-from sae_ensemble.activations.store import ActivationStore, ChunkWriter, Position, StoreError, store_lock
+from sae_ensemble.activations import lock as lock_module
+from sae_ensemble.activations.lock import store_lock
+from sae_ensemble.activations.store import ActivationStore, ChunkWriter, Position, StoreError
 from sae_ensemble.activations.synthetic import write_synthetic
 from sae_ensemble.checkpoint import load_member
 from sae_ensemble.dispatch import EXIT_FAILED, EXIT_FROZEN, EXIT_OK, EXIT_REQUEUE, Training, latest_checkpoint
@@ -401,7 +403,7 @@ def _no_flock(monkeypatch, error: int = errno.ENOSYS) -> None:
     def flock(*args):
         raise OSError(error, os.strerror(error))
 
-    monkeypatch.setattr(store_module.fcntl, "flock", flock)
+    monkeypatch.setattr(lock_module.fcntl, "flock", flock)
 
 
 def test_a_store_lock_without_flock_falls_back_to_an_exclusive_lock_file(tmp_path, monkeypatch, capsys):
@@ -431,13 +433,13 @@ def test_a_lock_file_left_by_a_dead_process_is_taken_over(tmp_path, monkeypatch,
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     owner = tmp_path / "s.lock.owner"
-    owner.write_text(json.dumps({"pid": dead.pid, "host": store_module.socket.gethostname()}))
+    owner.write_text(json.dumps({"pid": dead.pid, "host": lock_module.socket.gethostname()}))
     with store_lock(tmp_path / "s"):
         assert json.loads(owner.read_text())["pid"] == os.getpid()
     assert f"its holder pid {dead.pid}" in capsys.readouterr().err
     # a holder on another host is trusted until its file goes stale (no heartbeat for LOCK_STALE_SECONDS)
     owner.write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
-    os.utime(owner, (time.time() - store_module.LOCK_STALE_SECONDS - 5,) * 2)
+    os.utime(owner, (time.time() - lock_module.LOCK_STALE_SECONDS - 5,) * 2)
     with store_lock(tmp_path / "s"):
         pass
     assert "stale after" in capsys.readouterr().err
@@ -465,6 +467,9 @@ def test_the_chunk_writer_rejects_non_finite_rows_naming_chunk_and_row(tmp_path)
 def test_verify_once_records_a_pass_in_the_manifest_and_checks_again_after_any_write(store_path, tmp_path, monkeypatch):
     path = tmp_path / "copy"
     shutil.copytree(store_path, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest.pop("verified", None)  # another test may have verified the original (a copy keeping mtimes keeps the record)
+    (path / "manifest.json").write_text(json.dumps(manifest))
     hashed = []
     real = store_module._sha256_file
     monkeypatch.setattr(store_module, "_sha256_file", lambda p: hashed.append(p.name) or real(p))
