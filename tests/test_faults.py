@@ -271,6 +271,24 @@ def _checkpoint_at_step_0(run_dir: Path) -> None:
     save_checkpoint(ensemble_dir(run_dir, 0), Ensemble(members, training.steps, freeze_after=training.freeze_after), Position(), counter)
 
 
+def test_sigterm_while_the_store_is_built_exits_75_and_a_rerun_finishes_the_same_store(tmp_path):
+    data = dict(d_in=64, n_features=128, n_rows=100_000, rows_per_chunk=5_000, heldout_rows=1000)
+    args = [sys.executable, str(REPO / "sweep.py"), *(f"data.{k}={v}" for k, v in data.items()), f"data.store_root={tmp_path / 'stores'}",
+            "plan_only=true", "progress=false", "wandb=disabled", f"hydra.run.dir={tmp_path / 'run'}"]
+    sweep = subprocess.Popen(args, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: list((tmp_path / "stores").glob("*/progress.json")), what="the store build to start")
+    os.killpg(sweep.pid, signal.SIGTERM)
+    out, err = sweep.communicate(timeout=60)
+    assert sweep.returncode == EXIT_REQUEUE, out + err
+    assert "interrupted by SIGTERM outside training; rerun into" in err and "Traceback" not in err, err
+    (store_dir,) = [p for p in (tmp_path / "stores").iterdir() if p.is_dir()]
+    assert not (store_dir / "manifest.json").exists()
+    rerun = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == EXIT_OK, rerun.stderr
+    uninterrupted = write_synthetic(tmp_path / "uninterrupted", **data)  # n_active, seed, ... at the config's defaults
+    assert ActivationStore.open(store_dir, verify="checksum").fingerprint == uninterrupted.fingerprint
+
+
 # -- bad stores through the CLI: verification stops the sweep before anything trains -----------------
 
 
