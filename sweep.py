@@ -4,8 +4,10 @@
     python sweep.py grid=paper devices=cuda             # a bigger grid on every GPU
     python sweep.py -m data=lm model=tiny layer=0,1     # outer axes as Hydra multirun jobs
 
-Exit codes: 0 done, 1 a worker failed, 2 bad config or input, 75 interrupted after
-checkpointing (rerun into the same run dir to resume; the SLURM launchers requeue on it).
+Exit codes: 0 done, 1 a worker failed, 2 bad config or input (a corrupt store included),
+3 done but members froze (training.freeze_after; training.allow_frozen=true accepts it),
+75 interrupted after checkpointing (rerun into the same run dir to resume; the SLURM
+launchers requeue on it). docs/reliability.md lists each fault with its code.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def harvest_device(devices: list[str]) -> str:
 
 
 # Training settings that change results: a resume must use the values the run started with.
-RESUME_FIXED = ("steps", "batch_size", "data_seed", "normalize", "dead_window_tokens", "eval_rows", "autocast_bf16")
+RESUME_FIXED = ("steps", "batch_size", "data_seed", "normalize", "dead_window_tokens", "eval_rows", "autocast_bf16", "shuffle_window_chunks")
 
 
 def plan_for(cfg: SweepConfig, devices: list[str], store: ActivationStore, run_dir: Path) -> dict:
@@ -98,7 +100,7 @@ def plan_for(cfg: SweepConfig, devices: list[str], store: ActivationStore, run_d
         if previous.get("store_fingerprint") != store.fingerprint:
             raise ConfigError(f"{run_dir} was trained on another store (fingerprint {previous.get('store_fingerprint')}, now {store.fingerprint}); use the same data settings or a new run dir")
         for name in RESUME_FIXED:
-            before, now = previous["training"].get(name), plan["training"][name]
+            before, now = previous["training"].get(name, getattr(dispatch.Training(), name)), plan["training"][name]  # absent: a run from before the field existed
             if before != now:
                 raise ConfigError(f"{run_dir} was started with training.{name}={before}; resuming with {now} would mix two trainings: set training.{name}={before} or use a new run dir")
         if len(previous["ensembles"]) != len(devices):
@@ -145,6 +147,7 @@ def evaluate_lm(cfg: SweepConfig, store: ActivationStore, run_dir: Path, devices
 def sweep(cfg: SweepConfig, run_dir: Path) -> int:
     devices = config_module.validate(cfg)
     store = get_store(cfg, devices)
+    store.verify(cfg.data.verify)  # a corrupt chunk stops the sweep here, before anything trains on it
     print(f"store: {store}")
     if cfg.training.batch_size > store.n_train_rows or store.heldout_rows < 1:
         raise ConfigError(f"training.batch_size={cfg.training.batch_size} needs at most the store's {store.n_train_rows} training rows, "
@@ -176,7 +179,22 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
     print("\nMembers on the L0-FVU Pareto front:")
     print(report.format_table(report.pareto_front(rows)))
     print(f"\nwrote {summary} and {len(plots)} plots in {run_dir / 'plots'}")
-    return dispatch.EXIT_OK
+    return report_frozen(rows, cfg.training)
+
+
+def report_frozen(rows: list[dict], training: dispatch.Training) -> int:
+    """Name the members that froze, loudly; exit 3 for them unless training.allow_frozen."""
+    frozen = sorted(r["member_id"] for r in rows if r.get("alive") is False)
+    if not frozen:
+        return dispatch.EXIT_OK
+    shown = ", ".join(frozen[:10]) + (f" and {len(frozen) - 10} more" if len(frozen) > 10 else "")
+    what = (f"{len(frozen)} of {len(rows)} members FROZE after training.freeze_after={training.freeze_after} non-finite steps in a row "
+            f"and hold their last finite weights (alive=False in summary.csv): {shown}")
+    if training.allow_frozen:
+        print(f"\nwarning: {what}", file=sys.stderr)
+        return dispatch.EXIT_OK
+    print(f"\nerror: {what}; lower their lr or set training.allow_frozen=true to accept (exit {dispatch.EXIT_FROZEN})", file=sys.stderr)
+    return dispatch.EXIT_FROZEN
 
 
 class Interrupted(Exception):

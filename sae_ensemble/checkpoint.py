@@ -83,17 +83,19 @@ def load_member(
 
 
 def load_ensemble(
-    directories: list[str | Path], total_steps: int, device: str | torch.device = "cpu", autocast_bf16: bool = False
+    directories: list[str | Path], total_steps: int, device: str | torch.device = "cpu", autocast_bf16: bool = False,
+    freeze_after: int = 1,
 ) -> Ensemble:
     """An ensemble restored from saved members, optimizer moments and step included (to resume)."""
     loaded = [load_member(d, with_moments=True) for d in directories]
     steps = {cfg.get("steps") for _, _, _, cfg in loaded}
     if len(steps) != 1:
         raise CheckpointError(f"members in {[str(d) for d in directories]} were saved at different steps {sorted(steps)}")
-    ensemble = Ensemble([m for m, _, _, _ in loaded], total_steps, device, autocast_bf16)
+    ensemble = Ensemble([m for m, _, _, _ in loaded], total_steps, device, autocast_bf16, freeze_after)
     for index, (_, params, moments, cfg) in enumerate(loaded):
         ensemble.load_member_state(index, params, moments)
         ensemble.alive[index] = bool(cfg.get("alive", True))
+        ensemble.nonfinite_streak[index] = int(cfg.get("nonfinite_streak", 0))
     ensemble.set_step(loaded[0][3]["steps"], loaded[0][3]["tokens"])
     return ensemble
 

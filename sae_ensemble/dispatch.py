@@ -11,8 +11,9 @@ Run-dir layout written here:
     checkpoints/ensemble_<i>/done.json                       the ensemble finished
     members/<member_id>/{sae.safetensors,cfg.json,feature_freq.safetensors}   final members
 
-Exit codes (also sweep.py's): 0 done, 1 a worker failed, 75 stopped by SIGTERM/SIGINT
-after checkpointing (rerun into the same run dir to resume; SLURM requeues on it).
+Exit codes (also sweep.py's): 0 done, 1 a worker failed, 3 members froze (sweep.py; see
+Training.freeze_after), 75 stopped by SIGTERM/SIGINT after checkpointing (rerun into the same
+run dir to resume; SLURM requeues on it). docs/reliability.md lists every fault and its code.
 """
 
 from __future__ import annotations
@@ -35,15 +36,16 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from sae_ensemble import metrics
-from sae_ensemble.activations.store import ActivationStore, Position
-from sae_ensemble.atomic import atomic_write, write_json_atomic
+from sae_ensemble.activations.store import ActivationStore, Position, StoreError
+from sae_ensemble.atomic import atomic_write, fsync_dir, write_json_atomic
 from sae_ensemble.checkpoint import CheckpointError, load_ensemble, read_json, save_member
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.grid import plan_members
 
-EXIT_OK, EXIT_FAILED, EXIT_REQUEUE = 0, 1, 75
+EXIT_OK, EXIT_FAILED, EXIT_FROZEN, EXIT_REQUEUE = 0, 1, 3, 75
 PROGRESS_SECONDS = 1.0  # how often a worker reports its step between metric reports
 KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is ever unreadable
+FINAL_METRICS_ELEMENTS = 2**26  # [M, rows, n] codes per piece of the final metrics (256 MiB in float32)
 
 
 @dataclass
@@ -68,6 +70,14 @@ class Training:
     """Held-out rows for the final metrics."""
     autocast_bf16: bool = False
     """bf16 autocast of the forward/backward pass (CUDA only)."""
+    shuffle_window_chunks: int = 4
+    """Chunks whose rows are shuffled together: a batch mixes rows of this many chunks (more mixes
+    more contexts and costs no memory: the window is a list of row indices into the mapped store)."""
+    freeze_after: int = 10
+    """A member whose loss or new weights are non-finite skips that step; after this many such steps
+    in a row it is frozen at its last finite weights for the rest of the run (1 = at the first)."""
+    allow_frozen: bool = False
+    """Exit 0 even when members froze (otherwise the sweep reports them and exits 3)."""
 
 
 # -- devices -----------------------------------------------------------------------------------------
@@ -117,6 +127,18 @@ def reuse_freed_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 2**62)
 
 
+def cpu_threads(n_cpu_workers: int) -> int:
+    """Threads per CPU worker: this process's CPU allocation (SLURM cgroups, taskset) split evenly.
+
+    os.cpu_count() counts the whole machine and would oversubscribe a job given part of it.
+    """
+    try:
+        allocated = len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        allocated = os.cpu_count() or 1
+    return max(1, allocated // max(1, n_cpu_workers))
+
+
 def _torch_device(device: str) -> torch.device:
     return torch.device("cpu") if device.startswith("cpu") else torch.device(device)
 
@@ -143,20 +165,39 @@ def latest_checkpoint(directory: Path) -> Path | None:
 def load_checkpoint(step_dir: Path, members, training: Training, device, counter: metrics.FiringCounter) -> tuple[Ensemble, Position]:
     """The ensemble, firing counts and store position saved in one step dir."""
     record = read_json(step_dir / "resume.json")
-    ensemble = load_ensemble([step_dir / "members" / m.member_id for m in members], training.steps, device, training.autocast_bf16)
+    ensemble = load_ensemble([step_dir / "members" / m.member_id for m in members], training.steps, device, training.autocast_bf16,
+                             freeze_after=training.freeze_after)
     counter.load_state_dict(load_file(step_dir / "firing.safetensors"))
     return ensemble, Position.from_dict(record["position"])
 
 
 def save_checkpoint(directory: Path, ensemble: Ensemble, position: Position, counter: metrics.FiringCounter) -> Path:
-    """Write every member and the resume record; the record last, then prune old steps."""
+    """Write every member and the resume record into a fresh temp dir, rename it to step_<N>, prune old steps.
+
+    A step dir is never written in place: after a fallback from an unreadable checkpoint the
+    next save at that step would otherwise land beside the old resume.json, and a kill in
+    between would leave a dir that looks complete but mixes two saves. A kill at any point
+    leaves every older checkpoint as it was; pruning happens only after the rename.
+    """
     step_dir = directory / f"step_{ensemble.step_count:09d}"
+    for stale in directory.glob(".step_*.tmp"):  # left by a save that was killed or failed (disk full)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp_dir = directory / f".{step_dir.name}.{os.getpid()}.tmp"
     info = {"steps": ensemble.step_count, "tokens": ensemble.rows_seen}
     for index, member in enumerate(ensemble.members):
         params, moments = ensemble.member_state(index)
-        save_member(step_dir / "members" / member.member_id, member, params, moments, {**info, "alive": bool(ensemble.alive[index])})
-    atomic_write(step_dir / "firing.safetensors", lambda tmp: save_file(counter.state_dict(), tmp))
-    write_json_atomic(step_dir / "resume.json", {**info, "position": position.to_dict(), "members": [m.member_id for m in ensemble.members]})
+        save_member(tmp_dir / "members" / member.member_id, member, params, moments,
+                    {**info, "alive": bool(ensemble.alive[index]), "nonfinite_streak": int(ensemble.nonfinite_streak[index])})
+    atomic_write(tmp_dir / "firing.safetensors", lambda tmp: save_file(counter.state_dict(), tmp))
+    write_json_atomic(tmp_dir / "resume.json", {**info, "position": position.to_dict(), "members": [m.member_id for m in ensemble.members]})
+    if step_dir.exists():
+        # Mark the old dir incomplete before anything of it goes: a kill from here on leaves no
+        # complete-looking step_<N>, and resume falls back to an older checkpoint.
+        (step_dir / "resume.json").unlink(missing_ok=True)
+        fsync_dir(step_dir)
+        shutil.rmtree(step_dir)
+    os.rename(tmp_dir, step_dir)
+    fsync_dir(directory)
     complete = sorted(directory.glob("step_*/resume.json"), key=lambda p: int(p.parent.name.split("_")[1]))
     for old in complete[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old.parent)
@@ -178,21 +219,50 @@ def resume(directory: Path, members, training: Training, device, counter: metric
             unreadable.append(f"{step_dir.name} ({error})")
     if unreadable:
         raise CheckpointError(f"no checkpoint in {directory} could be read: {'; '.join(unreadable)}")
-    return Ensemble(members, training.steps, device, training.autocast_bf16), Position(), None, []
+    return Ensemble(members, training.steps, device, training.autocast_bf16, training.freeze_after), Position(), None, []
 
 
 # -- the worker ----------------------------------------------------------------------------------------
 
 
+class StopFlag:
+    """The shared stop event plus a plain flag that this process's signal handler sets.
+
+    A signal handler runs between two bytecodes of the main thread, possibly inside
+    `stop.is_set()` while it holds the event's lock; `stop.set()` there would wait on that
+    lock forever. So the handler only sets a Python attribute, and the training loop (which
+    polls `is_set()` every step) passes it on to the shared event from ordinary code.
+    """
+
+    def __init__(self, stop) -> None:
+        self.stop = stop
+        self.signalled = False
+
+    def install(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signalled = True  # nothing else here: see the class doc
+
+    def is_set(self) -> bool:
+        if self.signalled and not self.stop.is_set():
+            self.stop.set()  # the other workers stop too, as the parent would make them
+        return self.signalled or self.stop.is_set()
+
+
 def _worker(index: int, device: str, plan: dict, store_path: str, run_dir: str, training: dict, threads: int, events, stop) -> None:
     """Train ensemble `index` of the plan on `device`; report through `events`; obey `stop`."""
-    # The parent decides when to stop: SIGINT/SIGTERM here only set the same flag.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    # The parent decides when to stop; SIGINT/SIGTERM here (a process group signal) only raise a flag.
+    stop = StopFlag(stop).install()
     try:
         _train(index, device, plan, Path(store_path), Path(run_dir), Training(**training), threads, events, stop)
-    except BaseException:
-        events.put(("error", index, traceback.format_exc()))
+    except BaseException as error:
+        # One line first (what went wrong), then the traceback for whoever debugs it.
+        message = str(error).strip().splitlines()
+        summary = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
+        events.put(("error", index, f"{summary}\n{traceback.format_exc()}"))
         raise SystemExit(EXIT_FAILED)
 
 
@@ -215,10 +285,15 @@ def _train(index, device, plan, store_path: Path, run_dir: Path, training: Train
     events.put(("start", index, {"step": ensemble.step_count, "resumed_from": str(checkpoint) if checkpoint else None,
                                  "skipped": unreadable}))
 
-    batches = store.train_batches(training.batch_size, seed=training.data_seed, position=position, device=torch_device, normalize=training.normalize)
-    last_progress = time.monotonic()
+    batches = store.train_batches(training.batch_size, seed=training.data_seed, position=position, device=torch_device,
+                                  normalize=training.normalize, window=training.shuffle_window_chunks, skip_nonfinite=True)
+    last_progress, skipped_in_a_row = time.monotonic(), 0
     while ensemble.step_count < training.steps and not stop.is_set():
         batch, position = next(batches)
+        if batch is None:  # it holds a non-finite value: no member sees it (see _skip_batch)
+            skipped_in_a_row = _skip_batch(store, training, index, ensemble.step_count, position, skipped_in_a_row, events)
+            continue
+        skipped_in_a_row = 0
         stats = ensemble.step(batch)
         counter.update(torch.nan_to_num(stats["fired"]), batch.shape[0])  # a diverged member may fire NaN
         step = ensemble.step_count
@@ -252,12 +327,25 @@ def _train(index, device, plan, store_path: Path, run_dir: Path, training: Train
     events.put(("done", index, None))
 
 
+def _skip_batch(store: ActivationStore, training: Training, index: int, step: int, position: Position, in_a_row: int, events) -> int:
+    """Report a skipped non-finite batch; refuse to spin through a store where every batch is bad."""
+    in_a_row += 1
+    events.put(("skipped", index, {"step": step, "position": position.to_dict()}))
+    if in_a_row >= store.batches_per_epoch(training.batch_size):
+        raise StoreError(f"every batch of a whole epoch of store {store.path} holds non-finite values; "
+                         f"check it with ActivationStore.open(path, verify='checksum') and rebuild it")
+    return in_a_row
+
+
 @torch.no_grad()
 def _final_metrics(ensemble: Ensemble, store: ActivationStore, counter, training: Training, device) -> dict[str, torch.Tensor]:
     """Held-out reconstruction metrics, dead fraction over the training window, MMCS vs truth."""
     x = store.heldout(training.eval_rows, device=device, normalize=training.normalize)  # [R, d]
     mask = ensemble.hparams["feature_mask"]
-    rows_per_part = max(1, 2**22 // (len(ensemble) * ensemble.n_padded))  # bounds the [M, B, n] codes
+    # Pieces as large as a training batch (whose step held several [M, B, n] tensors at once), or
+    # larger while the codes stay within FINAL_METRICS_ELEMENTS: one or two rows per forward
+    # pass would make evaluating a large ensemble take longer than training it.
+    rows_per_part = max(training.batch_size, FINAL_METRICS_ELEMENTS // (len(ensemble) * ensemble.n_padded))
     sums: dict[str, torch.Tensor] = {}
     for rows in x.split(rows_per_part):
         codes, x_hat = ensemble.forward(rows)
@@ -288,19 +376,9 @@ def run(
     run_dir = Path(run_dir)
     ensembles = plan["ensembles"]
     devices = [e["device"] for e in ensembles]
-    n_cpu_workers = sum(d.startswith("cpu") for d in devices)
-    threads = max(1, (os.cpu_count() or 1) // max(1, n_cpu_workers))
+    threads = cpu_threads(sum(d.startswith("cpu") for d in devices))
     context = mp.get_context("spawn")
     events, stop = context.Queue(), context.Event()
-    workers = {}
-    for e in ensembles:
-        worker = context.Process(
-            target=_worker, name=f"sae-worker-{e['device']}",
-            args=(e["index"], e["device"], plan, str(store_path), str(run_dir), asdict(training),
-                  threads if e["device"].startswith("cpu") else 1, events, stop),
-        )
-        worker.start()
-        workers[e["index"]] = worker
 
     interrupted = []
     # SIGUSR2 is submitit's "about to time out / preempted" signal: when a handler (submitit's)
@@ -308,14 +386,34 @@ def run(
     stop_signals = [signal.SIGINT, signal.SIGTERM]
     if callable(signal.getsignal(signal.SIGUSR2)):
         stop_signals.append(signal.SIGUSR2)
-    previous = {sig: signal.signal(sig, lambda signum, _: (interrupted.append(signum), stop.set())) for sig in stop_signals}
+    # Installed before any worker exists: a signal while they start still stops them (they see
+    # `stop` at their first step and checkpoint); the old handlers would leave them running.
+    # The handler only appends to a list; the loop below sets `stop` (see StopFlag for why).
+    previous = {sig: signal.signal(sig, lambda signum, _: interrupted.append(signum)) for sig in stop_signals}
+    workers = {}
+    try:
+        for e in ensembles:
+            worker = context.Process(
+                target=_worker, name=f"sae-worker-{e['device']}",
+                args=(e["index"], e["device"], plan, str(store_path), str(run_dir), asdict(training),
+                      threads if e["device"].startswith("cpu") else 1, events, stop),
+            )
+            worker.start()
+            workers[e["index"]] = worker
+    except BaseException:
+        stop.set()
+        _stop_workers(workers, previous, events)
+        raise
     status = {e["index"]: "starting" for e in ensembles}
+    skipped = {e["index"]: 0 for e in ensembles}
     steps_done = {e["index"]: 0 for e in ensembles}
     failures: list[str] = []
     bar = tqdm(total=training.steps * len(ensembles), unit="step", disable=not progress, dynamic_ncols=True, mininterval=1.0)
     started, first_step = time.monotonic(), None
     try:
         while any(s in ("starting", "running") for s in status.values()):
+            if interrupted and not stop.is_set():
+                stop.set()
             try:
                 kind, index, payload = events.get(timeout=0.5)
             except queue_module.Empty:
@@ -340,9 +438,14 @@ def run(
                 status[index], steps_done[index] = "done", training.steps
             elif kind == "stopped":
                 status[index] = "stopped"
+            elif kind == "skipped":
+                skipped[index] += 1
+                if skipped[index] == 1:
+                    tqdm.write(f"warning: {ensembles[index]['device']}: skipped a batch holding non-finite values before step "
+                               f"{payload['step'] + 1} (store position {payload['position']}); no member saw it")
             elif kind == "error":
                 status[index] = "failed"
-                failures.append(_describe(ensembles[index], f"raised an exception:\n{payload}"))
+                failures.append(_describe(ensembles[index], f"raised an exception: {payload}"))
                 stop.set()
             # Liveness: a worker that exited without a final event died (SIGKILL, OOM killer, segfault).
             for i, worker in workers.items():
@@ -360,15 +463,11 @@ def run(
                 bar.update(done_now - bar.n)  # tqdm rate-limits redraws (mininterval)
     finally:
         bar.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for worker in workers.values():
-            worker.join(timeout=60)
-            if worker.is_alive():  # a worker stuck past a minute after stop: do not hang the sweep
-                worker.kill()
-                worker.join()
-        events.close()
+        _stop_workers(workers, previous, events)
 
+    for index, count in skipped.items():
+        if count:
+            print(f"warning: {ensembles[index]['device']}: skipped {count} batch(es) holding non-finite values this run", flush=True)
     for message in failures:
         print(f"error: {message}", flush=True)
     if failures:
@@ -380,6 +479,18 @@ def run(
             signal.raise_signal(signal.SIGUSR2)  # now the restored (submitit) handler requeues
         return EXIT_REQUEUE
     return EXIT_OK
+
+
+def _stop_workers(workers: dict, previous_handlers: dict, events) -> None:
+    """Restore the caller's signal handlers and wait for the workers (stop is already set or they are done)."""
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
+    for worker in workers.values():
+        worker.join(timeout=60)
+        if worker.is_alive():  # a worker stuck past a minute after stop: do not hang the sweep
+            worker.kill()
+            worker.join()
+    events.close()
 
 
 def _describe(ensemble: dict, what: str) -> str:
