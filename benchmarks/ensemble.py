@@ -36,6 +36,8 @@ from sae_ensemble.dispatch import reuse_freed_memory
 from sae_ensemble.ensemble import EXECUTIONS, Ensemble
 from sae_ensemble.member import Member
 
+FREEZE_AFTER = 10  # training.freeze_after's default: time the step training runs
+
 
 def timed(fn, repeats: int, device: torch.device, warmup: int = 2) -> float:
     """Mean seconds per call after `warmup` calls."""
@@ -65,7 +67,7 @@ def make_members(d: int, dict_sizes: list[int], n_members: int, variant: str = "
     ]
 
 
-def sequential_step_time(members: list[Member], batch: torch.Tensor, steps: int, device: torch.device) -> float:
+def sequential_step_time(members: list[Member], batch: torch.Tensor, steps: int, device: torch.device, autocast_bf16: bool = False) -> float:
     """Seconds per step of all members trained one after another: the plain-PyTorch baseline."""
     total = 0.0
     for member in members:
@@ -77,7 +79,8 @@ def sequential_step_time(members: list[Member], batch: torch.Tensor, steps: int,
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            loss, _ = sae.loss(params, hp, batch, layout)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast_bf16):
+                loss, _ = sae.loss(params, hp, batch, layout)
             loss.backward()
             optimizer.step()
             with torch.no_grad():
@@ -111,20 +114,21 @@ def sub_ensembles(members: list[Member]) -> list[list[Member]]:
 
 
 def run_case(d: int, dict_sizes: list[int], n_members: int, batch_size: int, steps: int, device: torch.device,
-             variant: str = "relu", k: int = 32, execution: str = "auto") -> dict:
+             variant: str = "relu", k: int = 32, execution: str = "auto", autocast_bf16: bool = False) -> dict:
     members = make_members(d, dict_sizes, n_members, variant, k)
     batch = torch.randn(batch_size, d, device=device)
     flops_per_step = sum(12 * batch_size * d * m.dict_size for m in members)
 
     gemm = gemm_peak_gflops(device)
-    ensembles = [Ensemble(group, total_steps=10**9, device=device, execution=execution) for group in sub_ensembles(members)]
+    ensembles = [Ensemble(group, total_steps=10**9, device=device, autocast_bf16=autocast_bf16, execution=execution, freeze_after=FREEZE_AFTER)
+                 for group in sub_ensembles(members)]
     chosen = [e.autotune(batch) if execution == "auto" else execution for e in ensembles]
     ensemble_time = timed(lambda: [e.step(batch) for e in ensembles], steps, device)
-    sequential_time = sequential_step_time(members, batch, steps, device)
+    sequential_time = sequential_step_time(members, batch, steps, device, autocast_bf16)
     encoder_time = encoder_gemm_time(members, batch, device)
     result = {
         "case": f"d={d} dict_sizes={','.join(map(str, dict_sizes))} members={n_members} batch={batch_size} variant={variant}"
-                + (f" k={k}" if variant == "topk" else ""),
+                + (f" k={k}" if variant == "topk" else "") + (" bf16" if autocast_bf16 else ""),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "gemm_gflops": round(gemm, 1),
         "ensemble_gflops": round(flops_per_step / ensemble_time / 1e9, 1),
@@ -150,6 +154,7 @@ def main() -> None:
     parser.add_argument("--variant", choices=sae.VARIANTS, default="relu")
     parser.add_argument("--k", type=int, default=32, help="active features per row (topk)")
     parser.add_argument("--execution", choices=EXECUTIONS, default="auto", help="auto: as a sweep worker (autotuned)")
+    parser.add_argument("--autocast-bf16", action="store_true", help="bf16 autocast on both sides (CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -165,7 +170,7 @@ def main() -> None:
         cases = [(args.d, args.dict_sizes or [4 * args.d], args.members or 8, args.batch or 1024, args.variant)]
     for d, sizes, m, b, variant in cases:
         steps = args.steps or (3 if device.type == "cpu" and b * m * max(sizes) > 10**8 else 10)
-        result = run_case(d, sizes, m, b, steps, device, variant, args.k, args.execution)
+        result = run_case(d, sizes, m, b, steps, device, variant, args.k, args.execution, args.autocast_bf16)
         print(json.dumps(result), flush=True)  # one line per case, as each finishes
 
 

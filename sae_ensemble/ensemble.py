@@ -100,8 +100,8 @@ class Ensemble:
         self.d_in = members[0].d_in
         self.n_padded = max(m.dict_size for m in members)
         self.layout = sae.Layout.of([m.variant for m in members], [m.k for m in members])
-        if execution in ("fused", "sparse") and autocast_bf16:
-            raise ValueError(f"execution={execution!r} runs in float32; bf16 autocast uses execution='reference' (or 'auto')")
+        if execution == "sparse" and autocast_bf16:
+            raise ValueError("execution='sparse' runs in float32; bf16 autocast uses execution='fused', 'reference' or 'auto'")
         self.execution = execution
         self.retune = execution == "auto"  # re-time the candidates every RETUNE_EVERY steps: L0 changes as members learn
         self.row_chunk: int | None = None  # rows per kernel call (None: the whole micro-batch); set by autotune
@@ -164,10 +164,12 @@ class Ensemble:
         of rows, so their sum is the whole batch's gradient (the bias-decay term too, since
         the weights sum to 1).
         """
-        if self.execution in ("fused", "sparse"):
-            kernel = kernels.sparse.grads if self.execution == "sparse" else kernels.dense.grads
-            chunk = self.row_chunk or -(-batch.shape[0] // self.micro_batches)
-            return kernel(self.params, hparams, batch, self.layout, row_chunk=chunk)
+        chunk = self.row_chunk or -(-batch.shape[0] // self.micro_batches)
+        if self.execution == "sparse":
+            return kernels.sparse.grads(self.params, hparams, batch, self.layout, row_chunk=chunk)
+        if self.execution == "fused":
+            dtype = torch.bfloat16 if self.autocast_bf16 else torch.float32
+            return kernels.dense.grads(self.params, hparams, batch, self.layout, row_chunk=chunk, dtype=dtype)
         if self.micro_batches == 1:
             return self._reference(batch, hparams)
         total: dict[str, torch.Tensor] = {}
@@ -214,9 +216,9 @@ class Ensemble:
             return aux
 
         aux = measure("reference", None)
-        if not self.autocast_bf16:  # the kernels run in float32
-            for chunk in chunks:
-                aux = measure("fused", chunk) or aux
+        for chunk in chunks:
+            aux = measure("fused", chunk) or aux
+        if not self.autocast_bf16:  # the sparse kernel runs in float32
             density = float((aux["l0"] / self.hparams["feature_mask"].sum(-1)).max()) if aux else 1.0
             if self.layout.all_topk or density <= SPARSE_DENSITY:
                 for chunk in chunks:

@@ -69,6 +69,24 @@ def test_kernel_gradients_and_stats_equal_reference_on_one_step(kernel):
         torch.testing.assert_close(aux[name], want_aux[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+def test_bf16_dense_kernel_stays_within_bf16_rounding_of_the_float32_reference():
+    """The bf16 path (CUDA's autocast choice) runs on CPU too, so CI checks its arithmetic."""
+    ensemble = train(MIXED, "reference", steps=5)
+    batch = sparse_batches(1, seed=3)[0]
+    hparams = {**ensemble.hparams, "l1": ensemble.schedules(5)[1]}
+    want_grads, want_aux = ensemble._reference(batch, hparams)
+    grads, aux = dense.grads(ensemble.params, hparams, batch, ensemble.layout, dtype=torch.bfloat16)
+    for name in want_grads:  # bf16 keeps 8 mantissa bits: ~0.4% per rounding
+        assert grads[name].dtype == torch.float32
+        assert relative_error(grads[name], want_grads[name]) < 3e-2, name
+    for name in ("loss", "mse", "l1_norm"):
+        assert relative_error(aux[name], want_aux[name]) < 1e-2, name
+
+
 @pytest.mark.parametrize("execution", ["reference", "fused"])
 def test_micro_batches_equal_the_whole_batch(execution, reference_mixed):
     assert_same_members(train(MIXED, execution, micro_batches=3), reference_mixed)
@@ -177,3 +195,18 @@ def test_a_non_finite_step_is_skipped_and_freezes_only_after_freeze_after_in_a_r
         assert ensemble.alive.tolist() == [True, False, True]
         ensembles[name] = ensemble
     assert_same_members(ensembles[execution], ensembles["reference"])
+
+
+@cuda
+def test_cuda_bf16_autocast_fused_step_matches_the_reference_autocast_step():
+    ensemble = Ensemble(MIXED, total_steps=STEPS, device="cuda", autocast_bf16=True, execution="fused")
+    batch = sparse_batches(1, seed=3)[0].cuda()
+    hparams = {**ensemble.hparams}
+    fused_grads, _ = ensemble.grads(batch, hparams)
+    ensemble.execution = "reference"
+    reference_grads, _ = ensemble.grads(batch, hparams)
+    for name in reference_grads:
+        assert relative_error(fused_grads[name], reference_grads[name]) < 3e-2, name
+    ensemble.execution = "fused"
+    losses = [float(ensemble.step(b.cuda())["loss"].sum()) for b in sparse_batches(STEPS)]
+    assert bool(ensemble.alive.all()) and losses[-1] < 0.5 * losses[0]

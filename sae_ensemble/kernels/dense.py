@@ -59,10 +59,10 @@ def augmented_encoder(params: Params, mask: torch.Tensor, d_aug: int) -> torch.T
     return W_aug
 
 
-def augmented_rows(x: torch.Tensor, centre: torch.Tensor, d_aug: int) -> torch.Tensor:
+def augmented_rows(x: torch.Tensor, centre: torch.Tensor, d_aug: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """[x - b_dec, 1, 0...] [M, b, d_aug] of rows x [b, d] for every member's centre [M, d]."""
     M, d = centre.shape
-    rows = x.new_zeros(M, x.shape[0], d_aug)
+    rows = x.new_zeros(M, x.shape[0], d_aug, dtype=dtype)
     torch.sub(x.unsqueeze(0), centre.unsqueeze(1), out=rows[..., :d])
     rows[..., d] = 1.0
     return rows
@@ -78,8 +78,14 @@ def topk_codes(pre: torch.Tensor, hp: Hparams, layout: Layout) -> torch.Tensor:
     return torch.where(hp["topk"].view(-1, 1, 1) > 0, kept, pre.relu_())
 
 
-def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chunk: int | None = None) -> tuple[Params, dict[str, torch.Tensor]]:
-    """(gradients, aux) of every member's loss on x [B, d], equal to the vmapped autograd reference."""
+def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chunk: int | None = None,
+          dtype: torch.dtype = torch.float32) -> tuple[Params, dict[str, torch.Tensor]]:
+    """(gradients, aux) of every member's loss on x [B, d], equal to the vmapped autograd reference.
+
+    `dtype`: of the GEMM operands and the [M, b, n] tensors. bfloat16 (CUDA) is what autocast
+    gives the reference: half the bytes per pass and twice the GEMM rate; the gradients are
+    accumulated, and the loss, the normalisation and Adam computed, in float32.
+    """
     W_enc, b_dec = params["W_enc"], params["b_dec"]
     M, n, d = W_enc.shape
     B = x.shape[0]
@@ -95,7 +101,8 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     torch.div(rows, norms, out=D_aug[..., :d])
     D_aug[..., d] = 1.0
     D = D_aug[..., :d]
-    centre_aug = F.pad(centre, (0, d_aug - d)).unsqueeze(1)  # [M, 1, d_aug]: no bias on the L1 column
+    centre_aug = F.pad(centre, (0, d_aug - d)).unsqueeze(1).to(dtype)  # [M, 1, d_aug]: no bias on the L1 column
+    W_aug, D_operand = W_aug.to(dtype), D_aug.to(dtype)
 
     g_W_aug: torch.Tensor | None = None
     g_D_aug: torch.Tensor | None = None
@@ -107,10 +114,10 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     mse_scale = 2.0 / (B * d)
 
     for rows_x in x.split(row_chunk or B):
-        xc_aug = augmented_rows(rows_x, centre, d_aug)
+        xc_aug = augmented_rows(rows_x, centre, d_aug, dtype)
         pre = torch.bmm(xc_aug, W_aug.transpose(1, 2))  # [M, b, n]
         codes = topk_codes(pre, hp, layout) if layout.k_max > 0 else pre.relu_()
-        xhat_aug = torch.baddbmm(centre_aug, codes, D_aug)  # [M, b, d_aug]; column d: sum of codes
+        xhat_aug = torch.baddbmm(centre_aug, codes, D_operand).float()  # [M, b, d_aug]; column d: sum of codes
         err = xhat_aug[..., :d] - rows_x
         squared_error += err.pow(2).sum((1, 2))
         code_sum += xhat_aug[..., d].sum(1)
@@ -118,14 +125,15 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
         g_aug = torch.zeros_like(xhat_aug)  # [dL/dx_hat, l1/B, 0...]
         torch.mul(err, mse_scale, out=g_aug[..., :d])
         g_aug[..., d] = l1_column
-        # Firing counts through a float 0/1 tile: summing a bool tensor widens it to int64 first
+        g_operand = g_aug.to(dtype)
+        # Firing counts through a 0/1 tile: summing a bool tensor widens it to int64 first
         # (a copy at 8 bytes per element: ~7x slower on CPU, ~2x on an H100); the tile's memory
         # then takes dL/dcodes.
         tile = torch.gt(codes, 0, out=torch.empty_like(codes))
-        fired += tile.sum(1)
-        g_pre = torch.bmm(g_aug, D_aug.transpose(1, 2), out=tile)  # dL/dcodes [M, b, n]
+        fired += tile.sum(1, dtype=torch.float32)
+        g_pre = torch.bmm(g_operand, D_operand.transpose(1, 2), out=tile)  # dL/dcodes [M, b, n]
         torch.ops.aten.threshold_backward(g_pre, codes, 0.0, grad_input=g_pre)  # ReLU/top-k mask, in place
-        g_D_aug = _accumulate(g_D_aug, codes.transpose(1, 2), g_aug)
+        g_D_aug = _accumulate(g_D_aug, codes.transpose(1, 2), g_operand)
         g_W_aug = _accumulate(g_W_aug, g_pre.transpose(1, 2), xc_aug)
         g_xhat_sum += g_aug[..., :d].sum(1)
 
@@ -181,5 +189,7 @@ def finish(params: Params, hp: Hparams, layout: Layout, D: torch.Tensor, norms: 
 
 
 def _accumulate(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """total + a @ b, batched; the first chunk's product is the total (no zero-fill pass)."""
-    return torch.bmm(a, b) if total is None else total.baddbmm_(a, b)
+    """total + a @ b, batched, in float32; the first chunk's product is the total (no zero-fill pass)."""
+    if total is None:
+        return torch.bmm(a, b).float()
+    return total.baddbmm_(a, b) if a.dtype == total.dtype else total.add_(torch.bmm(a, b))
