@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test sweep bench clean
+.PHONY: setup test sweep bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,12 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.ensemble
 	$(PY) -m benchmarks.store
 	$(PY) -m benchmarks.scale
+
+# Every CUDA test, benchmark and sweep on the visible GPUs; report in $$OUT or gpu_check/ (docs/benchmarks.md).
+# `make gpu-check PY=python3` runs with that interpreter as it is (an offline GPU box with a CUDA
+# torch): only the venv's python needs the venv installed first.
+gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
+	@$(PY) -m benchmarks.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun

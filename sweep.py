@@ -4,8 +4,10 @@
     python sweep.py grid=paper devices=cuda             # a bigger grid on every GPU
     python sweep.py -m data=lm model=tiny layer=0,1     # outer axes as Hydra multirun jobs
 
-Exit codes: 0 done, 1 a worker failed, 2 bad config or input, 75 interrupted after
-checkpointing (rerun into the same run dir to resume; the SLURM launchers requeue on it).
+Exit codes: 0 done, 1 a worker failed, 2 bad config or input (a corrupt store included),
+3 done but members froze (training.freeze_after; training.allow_frozen=true accepts it),
+75 interrupted after checkpointing (rerun into the same run dir to resume; the SLURM
+launchers requeue on it). docs/reliability.md lists each fault with its code.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def harvest_device(devices: list[str]) -> str:
 
 
 # Training settings that change results: a resume must use the values the run started with.
-RESUME_FIXED = ("steps", "batch_size", "data_seed", "normalize", "dead_window_tokens", "eval_rows", "autocast_bf16")
+RESUME_FIXED = ("steps", "batch_size", "data_seed", "normalize", "dead_window_tokens", "eval_rows", "autocast_bf16", "shuffle_window_chunks")
 # Not fixed: memory_budget (ensembles and micro-batches stay as planned; only their spread over devices changes),
 # checkpoint_every and log_every.
 
@@ -128,7 +130,7 @@ def _check_resume(previous: dict, members: dict, cfg: SweepConfig, store: Activa
                 raise ConfigError(f"{run_dir} was started with grid.{name}={before}; resuming with {now.get(name)} would mix two trainings: "
                                   f"set grid.{name}={before} or use a new run dir")
     for name in RESUME_FIXED:
-        before, now = previous["training"].get(name), getattr(cfg.training, name)
+        before, now = previous["training"].get(name, getattr(dispatch.Training(), name)), getattr(cfg.training, name)  # absent: a run from before the field existed
         if before != now:
             raise ConfigError(f"{run_dir} was started with training.{name}={before}; resuming with {now} would mix two trainings: set training.{name}={before} or use a new run dir")
 
@@ -180,6 +182,7 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
         except ValueError:
             pass  # grid errors are reported with the store's d_in below
     store = get_store(cfg, devices)
+    store.verify(cfg.data.verify)  # a corrupt chunk stops the sweep here, before anything trains on it
     print(f"store: {store}")
     if cfg.training.batch_size > store.n_train_rows or store.heldout_rows < 1:
         raise ConfigError(f"training.batch_size={cfg.training.batch_size} needs at most the store's {store.n_train_rows} training rows, "
@@ -190,7 +193,7 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
         return dispatch.EXIT_OK
     if finished(plan, run_dir):
         print(f"{run_dir} holds a finished sweep (summary.csv and every ensemble done): nothing to do")
-        return dispatch.EXIT_OK
+        return report_frozen(report.load_rows(run_dir), cfg.training)  # the same exit code as the run that finished it
 
     from sae_ensemble.tracking import Tracker
 
@@ -214,7 +217,22 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
     print("\nMembers on the L0-FVU Pareto front:")
     print(report.format_table(report.pareto_front(rows)))
     print(f"\nwrote {summary} and {len(plots)} plots in {run_dir / 'plots'}")
-    return dispatch.EXIT_OK
+    return report_frozen(rows, cfg.training)
+
+
+def report_frozen(rows: list[dict], training: dispatch.Training) -> int:
+    """Name the members that froze, loudly; exit 3 for them unless training.allow_frozen."""
+    frozen = sorted(r["member_id"] for r in rows if r.get("alive") is False)
+    if not frozen:
+        return dispatch.EXIT_OK
+    shown = ", ".join(frozen[:10]) + (f" and {len(frozen) - 10} more" if len(frozen) > 10 else "")
+    what = (f"{len(frozen)} of {len(rows)} members FROZE after training.freeze_after={training.freeze_after} non-finite steps in a row "
+            f"and hold their last finite weights (alive=False in summary.csv): {shown}")
+    if training.allow_frozen:
+        print(f"\nwarning: {what}", file=sys.stderr)
+        return dispatch.EXIT_OK
+    print(f"\nerror: {what}; lower their lr or set training.allow_frozen=true to accept (exit {dispatch.EXIT_FROZEN})", file=sys.stderr)
+    return dispatch.EXIT_FROZEN
 
 
 class Interrupted(Exception):

@@ -1,17 +1,25 @@
 """Ensemble training throughput against the device's GEMM peak and against sequential training.
 
-    python -m benchmarks.ensemble                      # the two recorded cases
+    python -m benchmarks.ensemble                      # the recorded cases (docs/benchmarks.md)
     python -m benchmarks.ensemble --d 512 --dict-sizes 2048,4096 --members 8 --batch 4096 --steps 10
+    python -m benchmarks.ensemble --d 512 --dict-sizes 4096 --members 8 --batch 4096 --variant topk --k 32
+
+The ensemble side runs exactly as a sweep worker does: the members are split into the
+planner's sub-ensembles (`plan.sub_ensembles`: one per dict size, so nothing is padded),
+each stepped with the execution its autotuner picks (`--execution` forces one).
+The sequential side is plain autograd + torch.optim.Adam, one member after another.
 
 Measured in one run, per case:
   gemm_gflops        fp32 peak of a large square torch.mm on the device
-  ensemble_gflops    12*B*d*n FLOPs per member per step (real dict sizes, padding not counted) / step time
+  ensemble_gflops    12*B*d*n FLOPs per member per step (real dict sizes, padding not counted; the
+                     dense-equivalent count, also for the sparse path) / step time
   mfu                ensemble_gflops / gemm_gflops
   sequential_gflops  the same members, one after another, plain autograd + torch.optim.Adam
   speedup            sequential time / ensemble time
   limit_ratio        ensemble step time / time of the members' encoder GEMMs alone (2*B*d*n each),
                      the part no SAE step can skip
   adam_vmap_ratio    torchopt Adam vmapped over members / the same update on the stacked tensors
+  execution          what each sub-ensemble ran (the autotuner's choice)
 The last line of each case is one JSON object.
 """
 
@@ -24,9 +32,11 @@ import time
 import torch
 
 from sae_ensemble import sae
-from sae_ensemble.ensemble import Ensemble
+from sae_ensemble.ensemble import EXECUTIONS, Ensemble
 from sae_ensemble.member import Member
 from sae_ensemble.train import reuse_freed_memory
+
+FREEZE_AFTER = 10  # training.freeze_after's default: time the step training runs
 
 
 def timed(fn, repeats: int, device: torch.device, warmup: int = 2) -> float:
@@ -49,24 +59,28 @@ def gemm_peak_gflops(device: torch.device, size: int = 4096) -> float:
     return 2 * size**3 / seconds / 1e9
 
 
-def make_members(d: int, dict_sizes: list[int], n_members: int) -> list[Member]:
+def make_members(d: int, dict_sizes: list[int], n_members: int, variant: str = "relu", k: int = 32) -> list[Member]:
+    sparsity = {"k": k} if variant == "topk" else {}
     return [
-        Member("relu", d, dict_sizes[i % len(dict_sizes)], l1=1e-3 * (1 + i), lr=1e-3, seed=i)
+        Member(variant, d, dict_sizes[i % len(dict_sizes)], l1=1e-3 * (1 + i), lr=1e-3, seed=i, **sparsity)
         for i in range(n_members)
     ]
 
 
-def sequential_step_time(members: list[Member], batch: torch.Tensor, steps: int, device: torch.device) -> float:
+def sequential_step_time(members: list[Member], batch: torch.Tensor, steps: int, device: torch.device, autocast_bf16: bool = False) -> float:
     """Seconds per step of all members trained one after another: the plain-PyTorch baseline."""
     total = 0.0
     for member in members:
-        params = {k: v.to(device).requires_grad_() for k, v in sae.init_params("relu", member.d_in, member.dict_size, member.seed).items()}
-        hp = {k: v.to(device) for k, v in sae.make_hparams("relu", member.dict_size, member.l1).items()}
+        init = sae.init_params(member.variant, member.d_in, member.dict_size, member.seed)
+        params = {k: v.to(device).requires_grad_() for k, v in init.items()}
+        hp = {k: v.to(device) for k, v in sae.make_hparams(member.variant, member.dict_size, member.l1, k=member.k).items()}
+        layout = sae.Layout.of([member.variant], [member.k])
         optimizer = torch.optim.Adam(params.values(), lr=member.lr)
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            loss, _ = sae.loss(params, hp, batch)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast_bf16):
+                loss, _ = sae.loss(params, hp, batch, layout)
             loss.backward()
             optimizer.step()
             with torch.no_grad():
@@ -93,18 +107,28 @@ def adam_vmap_ratio(ensemble: Ensemble, device: torch.device) -> float:
     return vmapped / stacked
 
 
-def run_case(d: int, dict_sizes: list[int], n_members: int, batch_size: int, steps: int, device: torch.device) -> dict:
-    members = make_members(d, dict_sizes, n_members)
+def sub_ensembles(members: list[Member]) -> list[list[Member]]:
+    """One sub-ensemble per dict size, as the planner does when mixing sizes would pad."""
+    sizes = sorted({m.dict_size for m in members})
+    return [[m for m in members if m.dict_size == size] for size in sizes]
+
+
+def run_case(d: int, dict_sizes: list[int], n_members: int, batch_size: int, steps: int, device: torch.device,
+             variant: str = "relu", k: int = 32, execution: str = "auto", autocast_bf16: bool = False) -> dict:
+    members = make_members(d, dict_sizes, n_members, variant, k)
     batch = torch.randn(batch_size, d, device=device)
     flops_per_step = sum(12 * batch_size * d * m.dict_size for m in members)
 
     gemm = gemm_peak_gflops(device)
-    ensemble = Ensemble(members, total_steps=10**9, device=device)
-    ensemble_time = timed(lambda: ensemble.step(batch), steps, device)
-    sequential_time = sequential_step_time(members, batch, steps, device)
+    ensembles = [Ensemble(group, total_steps=10**9, device=device, autocast_bf16=autocast_bf16, execution=execution, freeze_after=FREEZE_AFTER)
+                 for group in sub_ensembles(members)]
+    chosen = [e.autotune(batch) if execution == "auto" else execution for e in ensembles]
+    ensemble_time = timed(lambda: [e.step(batch) for e in ensembles], steps, device)
+    sequential_time = sequential_step_time(members, batch, steps, device, autocast_bf16)
     encoder_time = encoder_gemm_time(members, batch, device)
     result = {
-        "case": f"d={d} dict_sizes={','.join(map(str, dict_sizes))} members={n_members} batch={batch_size}",
+        "case": f"d={d} dict_sizes={','.join(map(str, dict_sizes))} members={n_members} batch={batch_size} variant={variant}"
+                + (f" k={k}" if variant == "topk" else "") + (" bf16" if autocast_bf16 else ""),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "gemm_gflops": round(gemm, 1),
         "ensemble_gflops": round(flops_per_step / ensemble_time / 1e9, 1),
@@ -112,9 +136,10 @@ def run_case(d: int, dict_sizes: list[int], n_members: int, batch_size: int, ste
         "sequential_gflops": round(flops_per_step / sequential_time / 1e9, 1),
         "speedup": round(sequential_time / ensemble_time, 2),
         "limit_ratio": round(ensemble_time / encoder_time, 2),
-        "adam_vmap_ratio": round(adam_vmap_ratio(ensemble, device), 2),
+        "adam_vmap_ratio": round(adam_vmap_ratio(ensembles[0], device), 2),
         "ensemble_step_ms": round(ensemble_time * 1e3, 2),
         "sequential_step_ms": round(sequential_time * 1e3, 2),
+        "execution": chosen,
     }
     return result
 
@@ -125,20 +150,28 @@ def main() -> None:
     parser.add_argument("--dict-sizes", type=lambda s: [int(x) for x in s.split(",")], help="comma-separated dict sizes, cycled over members")
     parser.add_argument("--members", type=int)
     parser.add_argument("--batch", type=int)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, help="timed steps per side (default: 10, or 3 for large cases)")
+    parser.add_argument("--variant", choices=sae.VARIANTS, default="relu")
+    parser.add_argument("--k", type=int, default=32, help="active features per row (topk)")
+    parser.add_argument("--execution", choices=EXECUTIONS, default="auto", help="auto: as a sweep worker (autotuned)")
+    parser.add_argument("--autocast-bf16", action="store_true", help="bf16 autocast on both sides (CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
         reuse_freed_memory()  # as the sweep's CPU workers do; helps both sides of the comparison
-    if args.d is None:
-        # The two cases recorded in docs/benchmarks.md: a large one (GEMM-bound) and a small one (overhead-bound).
-        cases = [(512, [2048, 4096], 8, 4096), (128, [512], 32, 256)]
     else:
-        cases = [(args.d, args.dict_sizes or [4 * args.d], args.members or 8, args.batch or 1024)]
-    results = [run_case(d, sizes, m, b, args.steps, device) for d, sizes, m, b in cases]
-    for result in results:
-        print(json.dumps(result))
+        torch.set_float32_matmul_precision("high")  # TF32, the sweep's default on CUDA (training.matmul_precision)
+    if args.d is None:
+        # The cases recorded in docs/benchmarks.md: small (overhead-bound), mid, mixed sizes, large (GEMM-bound), sparse.
+        cases = [(128, [512], 32, 256, "relu"), (256, [2048], 8, 1024, "relu"), (256, [1024, 2048], 16, 1024, "relu"),
+                 (512, [2048, 4096], 8, 4096, "relu"), (512, [4096], 8, 4096, "topk")]
+    else:
+        cases = [(args.d, args.dict_sizes or [4 * args.d], args.members or 8, args.batch or 1024, args.variant)]
+    for d, sizes, m, b, variant in cases:
+        steps = args.steps or (3 if device.type == "cpu" and b * m * max(sizes) > 10**8 else 10)
+        result = run_case(d, sizes, m, b, steps, device, variant, args.k, args.execution, args.autocast_bf16)
+        print(json.dumps(result), flush=True)  # one line per case, as each finishes
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Store benchmark: is training fed from disk as fast as from RAM, and does harvesting cost more than the forward?
 
-    .venv/bin/python -m benchmarks.store
+    .venv/bin/python -m benchmarks.store                 # on the GPU when there is one, else the CPU
+    .venv/bin/python -m benchmarks.store --device cpu
 
 feed_ratio    = time of N ensemble steps fed by store.train_batches / same steps fed from an in-memory
-                tensor (random batches by index) — goal <= 1.05.
+                tensor on the training device (random batches by index) — goal <= 1.05. On a GPU that
+                tensor lives in GPU memory, so the ratio is what the host-side feed (gather, pinned
+                copy, transfer) adds to a step.
 harvest_ratio = time of harvest() (tokenise, forward with hooks, background chunk writes, manifest)
                 / bare forward passes of the same model over the same token batches — goal <= 1.15.
 The last line printed is one JSON object.
@@ -11,6 +14,7 @@ The last line printed is one JSON object.
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 import time
@@ -29,39 +33,42 @@ STEPS_PER_ROUND, ROUNDS = 4, 4
 # of each variant (the least-disturbed measurement); totals are printed too.
 
 
-def make_step():
+def make_step(device: torch.device):
     """The ensemble's training step on MEMBERS x DICT features."""
     from sae_ensemble.ensemble import Ensemble
     from sae_ensemble.member import Member
 
     members = [Member("relu", D_IN, DICT, l1=1e-3 * (i + 1), seed=i) for i in range(MEMBERS)]
-    ensemble = Ensemble(members, total_steps=10**6, device="cpu")
+    ensemble = Ensemble(members, total_steps=10**6, device=device)
     return ensemble.step, "sae_ensemble.ensemble.Ensemble"
 
 
-def bench_feed(root: Path) -> dict:
+def bench_feed(root: Path, device: torch.device) -> dict:
     n_rows = BATCH * STEPS_PER_ROUND * ROUNDS * 2 + 4096  # every step of both feeds sees fresh rows
     writer = ChunkWriter(root / "feed", D_IN, "float32", 16_384, heldout_rows=4096)
     gen = torch.Generator().manual_seed(0)
     for start in range(0, n_rows, 16_384):
         writer.write(torch.randn(min(16_384, n_rows - start), D_IN, generator=gen))
     store = writer.close()
-    in_memory = store.rows(np.arange(store.n_train_rows))  # [n_train, d] in RAM
-    step, step_kind = make_step()
+    in_memory = store.rows(np.arange(store.n_train_rows)).to(device)  # [n_train, d] in RAM or GPU memory
+    step, step_kind = make_step(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # GPU work is async: time it done
 
-    from_store = store.train_batches(BATCH, seed=0)
-    order = torch.randperm(store.n_train_rows, generator=gen)
+    from_store = store.train_batches(BATCH, seed=0, device=device)
+    order = torch.randperm(store.n_train_rows, generator=gen).to(device)
     cursor = 0
 
     def run_store():
         for _ in range(STEPS_PER_ROUND):
             step(next(from_store)[0])
+        sync()
 
     def run_memory():
         nonlocal cursor
         for _ in range(STEPS_PER_ROUND):
             step(in_memory[order[cursor : cursor + BATCH]])
             cursor = (cursor + BATCH) % (len(order) - BATCH)
+        sync()
 
     run_store(), run_memory()  # warm up both paths
     store_t, memory_t = [], []
@@ -72,10 +79,12 @@ def bench_feed(root: Path) -> dict:
     t = time.perf_counter()
     for _ in range(50):
         next(from_store)
+    sync()
     feed_only_store = (time.perf_counter() - t) / 50
     t = time.perf_counter()
     for i in range(50):
         in_memory[order[(i * BATCH) % (len(order) - BATCH):][:BATCH]].sum()
+    sync()
     feed_only_memory = (time.perf_counter() - t) / 50
     steps = STEPS_PER_ROUND * ROUNDS
     print(f"feed alone: store {feed_only_store * 1e3:.2f} ms/batch, in-memory index {feed_only_memory * 1e3:.2f} ms/batch")
@@ -88,28 +97,30 @@ def bench_feed(root: Path) -> dict:
             "feed_only_ms_store": 1e3 * feed_only_store, "feed_only_ms_memory": 1e3 * feed_only_memory}
 
 
-def bench_harvest(root: Path) -> dict:
+def bench_harvest(root: Path, device: torch.device) -> dict:
     n_layer, d_model, context, batch_size, n_batches = 4, 256, 128, 16, 8
     model_dir = build_tiny_gpt2(root / "model", n_layer=n_layer, d_model=d_model, n_head=4, n_ctx=context)
     sentences = [s.strip() + "." for s in SAMPLE_TEXT.split(".") if s.strip()]
     text = root / "corpus.txt"
     text.write_text("\n".join(" ".join(f"{i}{j} {sentences[(i * j + j) % len(sentences)]}" for j in range(8))
                               for i in range(3000)))
-    bridge = harvest_module.boot_model(str(model_dir))
+    bridge = harvest_module.boot_model(str(model_dir), device=str(device))
     n_tokens = batch_size * n_batches * (context - 1)  # BOS positions are dropped
     contexts = list(harvest_module.iter_contexts(harvest_module.iter_texts(str(text)), bridge.tokenizer, context))
-    batches = [torch.tensor(contexts[i * batch_size : (i + 1) * batch_size]) for i in range(n_batches)]
+    batches = [torch.tensor(contexts[i * batch_size : (i + 1) * batch_size], device=device) for i in range(n_batches)]
     assert all(len(b) == batch_size for b in batches), "benchmark corpus too small"
 
     def bare():
         with torch.inference_mode():
             for tokens in batches:
                 bridge(tokens, return_type=None)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     def harvest(hook: str, tag: str):
         spec = harvest_module.HarvestSpec(str(model_dir), hook, str(text), n_tokens, context)
         out = root / f"harvest_{tag}"
-        harvest_module.harvest(bridge, {hook: spec}, {hook: out}, batch_size=batch_size,
+        harvest_module.harvest(bridge, {hook: spec}, {hook: out}, device=str(device), batch_size=batch_size,
                                rows_per_chunk=32_768, progress=False)
 
     bare()  # warm up
@@ -132,10 +143,14 @@ def bench_harvest(root: Path) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(parser.parse_args().device)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="bench_store_") as tmp:
-        result = {**bench_feed(Path(tmp)), **bench_harvest(Path(tmp))}
+        result = {**bench_feed(Path(tmp), device), **bench_harvest(Path(tmp), device)}
     result["threads"] = torch.get_num_threads()
+    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"feed_ratio {result['feed_ratio']:.3f} (goal <= 1.05), harvest_ratio {result['harvest_ratio']:.3f} (goal <= 1.15)")
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
 

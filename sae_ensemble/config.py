@@ -15,7 +15,7 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from sae_ensemble.activations.store import NORMALIZE_MODES
+from sae_ensemble.activations.store import NORMALIZE_MODES, VERIFY_MODES
 from sae_ensemble.dispatch import Training, resolve_devices
 from sae_ensemble.grid import Grid
 from sae_ensemble.plan import parse_size
@@ -37,6 +37,10 @@ class DataConfig:
     """synthetic (ground-truth toy data) or lm (harvested from a language model)."""
     store: str | None = None
     """Use this existing store directory as is (skips synthesis and harvesting)."""
+    verify: str = "once"
+    """Before training, check the store beyond chunk sizes: once = sha256 and finiteness of every row,
+    recorded in its manifest and skipped later while the chunk files are unchanged; checksum = every
+    time; size = sizes and headers only (the worker still skips any batch holding nan or inf)."""
     store_root: str = "stores"
     """Cache directory of content-addressed stores (relative to where you launch)."""
     rows_per_chunk: int = 65536
@@ -172,6 +176,9 @@ def validate(cfg: SweepConfig) -> list[str]:
         (training.normalize in NORMALIZE_MODES, f"training.normalize={training.normalize!r} is unknown; allowed: {', '.join(NORMALIZE_MODES)}"),
         (training.dead_window_tokens >= 1, f"training.dead_window_tokens={training.dead_window_tokens} must be at least 1"),
         (training.eval_rows >= 1, f"training.eval_rows={training.eval_rows} must be at least 1"),
+        (training.shuffle_window_chunks >= 1, f"training.shuffle_window_chunks={training.shuffle_window_chunks} must be at least 1"),
+        (training.freeze_after >= 1, f"training.freeze_after={training.freeze_after} must be at least 1 (non-finite steps in a row before a member freezes)"),
+        (data.verify in VERIFY_MODES, f"data.verify={data.verify!r} is unknown; allowed: {', '.join(VERIFY_MODES)}"),
         (data.heldout_rows >= 1, f"data.heldout_rows={data.heldout_rows} must be at least 1: the final metrics need held-out rows"),
         (cfg.eval.n_contexts >= 1, f"eval.n_contexts={cfg.eval.n_contexts} must be at least 1"),
         (cfg.wandb.mode in (None, "online", "offline", "disabled"), f"wandb.mode={cfg.wandb.mode!r} is unknown; allowed: online, offline, disabled, or null"),

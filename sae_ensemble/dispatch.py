@@ -7,8 +7,9 @@ it stop the others (they checkpoint) and report which device and members failed.
 
 Checkpoints and the run-dir layout: train.py.
 
-Exit codes (also sweep.py's): 0 done, 1 a worker failed, 75 stopped by SIGTERM/SIGINT
-after checkpointing (rerun into the same run dir to resume; SLURM requeues on it).
+Exit codes (also sweep.py's): 0 done, 1 a worker failed, 3 members froze (sweep.py; see
+Training.freeze_after), 75 stopped by SIGTERM/SIGINT after checkpointing (rerun into the same
+run dir to resume; SLURM requeues on it). docs/reliability.md lists every fault and its code.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from sae_ensemble.train import Training, train_worker
 
-EXIT_OK, EXIT_FAILED, EXIT_REQUEUE = 0, 1, 75
+EXIT_OK, EXIT_FAILED, EXIT_FROZEN, EXIT_REQUEUE = 0, 1, 3, 75
 
 
 # -- devices -----------------------------------------------------------------------------------------
@@ -61,18 +62,60 @@ def resolve_devices(spec: str) -> list[str]:
     raise ValueError(f"devices={spec!r} is unknown; allowed: auto, cpu, cpu:N, cuda, cuda:0,1,...")
 
 
+def cpu_threads(n_cpu_workers: int) -> int:
+    """Threads per CPU worker: this process's CPU allocation (SLURM cgroups, taskset) split evenly.
+
+    os.cpu_count() counts the whole machine and would oversubscribe a job given part of it.
+    """
+    try:
+        allocated = len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        allocated = os.cpu_count() or 1
+    return max(1, allocated // max(1, n_cpu_workers))
+
+
+
 # -- the worker ----------------------------------------------------------------------------------------
+
+
+class StopFlag:
+    """The shared stop event plus a plain flag that this process's signal handler sets.
+
+    A signal handler runs between two bytecodes of the main thread, possibly inside
+    `stop.is_set()` while it holds the event's lock; `stop.set()` there would wait on that
+    lock forever. So the handler only sets a Python attribute, and the training loop (which
+    polls `is_set()` every step) passes it on to the shared event from ordinary code.
+    """
+
+    def __init__(self, stop) -> None:
+        self.stop = stop
+        self.signalled = False
+
+    def install(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signalled = True  # nothing else here: see the class doc
+
+    def is_set(self) -> bool:
+        if self.signalled and not self.stop.is_set():
+            self.stop.set()  # the other workers stop too, as the parent would make them
+        return self.signalled or self.stop.is_set()
 
 
 def _worker(index: int, device: str, plan: dict, store_path: str, run_dir: str, training: dict, threads: int, events, stop) -> None:
     """Train worker `index` of the plan (its ensembles, stage by stage) on `device`; report through `events`; obey `stop`."""
-    # The parent decides when to stop: SIGINT/SIGTERM here only set the same flag.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    # The parent decides when to stop; SIGINT/SIGTERM here (a process group signal) only raise a flag.
+    stop = StopFlag(stop).install()
     try:
         train_worker(index, device, plan, Path(store_path), Path(run_dir), Training(**training), threads, events, stop)
-    except BaseException:
-        events.put(("error", index, traceback.format_exc()))
+    except BaseException as error:
+        # One line first (what went wrong), then the traceback for whoever debugs it.
+        message = str(error).strip().splitlines()
+        summary = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
+        events.put(("error", index, f"{summary}\n{traceback.format_exc()}"))
         raise SystemExit(EXIT_FAILED)
 
 
@@ -90,19 +133,9 @@ def run(
     """Train every ensemble of the plan, one worker per device; return an exit code (see module doc)."""
     run_dir = Path(run_dir)
     plan_workers = plan["workers"]
-    n_cpu_workers = sum(w["device"].startswith("cpu") for w in plan_workers)
-    threads = max(1, (os.cpu_count() or 1) // max(1, n_cpu_workers))
+    threads = cpu_threads(sum(w["device"].startswith("cpu") for w in plan_workers))
     context = mp.get_context("spawn")
     events, stop = context.Queue(), context.Event()
-    workers = {}
-    for index, w in enumerate(plan_workers):
-        worker = context.Process(
-            target=_worker, name=f"sae-worker-{w['device']}",
-            args=(index, w["device"], plan, str(store_path), str(run_dir), asdict(training),
-                  threads if w["device"].startswith("cpu") else 1, events, stop),
-        )
-        worker.start()
-        workers[index] = worker
 
     interrupted = []
     # SIGUSR2 is submitit's "about to time out / preempted" signal: when a handler (submitit's)
@@ -110,8 +143,26 @@ def run(
     stop_signals = [signal.SIGINT, signal.SIGTERM]
     if callable(signal.getsignal(signal.SIGUSR2)):
         stop_signals.append(signal.SIGUSR2)
-    previous = {sig: signal.signal(sig, lambda signum, _: (interrupted.append(signum), stop.set())) for sig in stop_signals}
+    # Installed before any worker exists: a signal while they start still stops them (they see
+    # `stop` at their first step and checkpoint); the old handlers would leave them running.
+    # The handler only appends to a list; the loop below sets `stop` (see StopFlag for why).
+    previous = {sig: signal.signal(sig, lambda signum, _: interrupted.append(signum)) for sig in stop_signals}
+    workers = {}
+    try:
+        for index, w in enumerate(plan_workers):
+            worker = context.Process(
+                target=_worker, name=f"sae-worker-{w['device']}",
+                args=(index, w["device"], plan, str(store_path), str(run_dir), asdict(training),
+                      threads if w["device"].startswith("cpu") else 1, events, stop),
+            )
+            worker.start()
+            workers[index] = worker
+    except BaseException:
+        stop.set()
+        _stop_workers(workers, previous, events)
+        raise
     status = {index: "starting" for index in workers}
+    skipped = {index: 0 for index in workers}
     steps_done = {index: 0 for index in workers}
     total_steps = {index: training.steps * sum(len(stage) for stage in w["stages"]) for index, w in enumerate(plan_workers)}
     failures: list[str] = []
@@ -120,6 +171,8 @@ def run(
     started, first_step = time.monotonic(), None
     try:
         while any(s in ("starting", "running") for s in status.values()):
+            if interrupted and not stop.is_set():
+                stop.set()
             try:
                 kind, index, payload = events.get(timeout=0.5)
             except queue_module.Empty:
@@ -141,9 +194,14 @@ def run(
                 status[index], steps_done[index] = "done", total_steps[index]
             elif kind == "stopped":
                 status[index] = "stopped"
+            elif kind == "skipped":
+                skipped[index] += 1
+                if skipped[index] == 1:
+                    tqdm.write(f"warning: {plan_workers[index]['device']}: skipped a batch holding non-finite values before step "
+                               f"{payload['step'] + 1} (store position {payload['position']}); no member saw it")
             elif kind == "error":
                 status[index] = "failed"
-                failures.append(_describe(plan, index, f"raised an exception:\n{payload}"))
+                failures.append(_describe(plan, index, f"raised an exception: {payload}"))
                 stop.set()
             # Liveness: a worker that exited without a final event died (SIGKILL, OOM killer, segfault).
             for i, worker in workers.items():
@@ -161,15 +219,11 @@ def run(
                 bar.update(done_now - bar.n)  # tqdm rate-limits redraws (mininterval)
     finally:
         bar.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for worker in workers.values():
-            worker.join(timeout=60)
-            if worker.is_alive():  # a worker stuck past a minute after stop: do not hang the sweep
-                worker.kill()
-                worker.join()
-        events.close()
+        _stop_workers(workers, previous, events)
 
+    for index, count in skipped.items():
+        if count:
+            print(f"warning: {plan_workers[index]['device']}: skipped {count} batch(es) holding non-finite values this run", flush=True)
     for message in failures:
         print(f"error: {message}", flush=True)
     if failures:
@@ -181,6 +235,18 @@ def run(
             signal.raise_signal(signal.SIGUSR2)  # now the restored (submitit) handler requeues
         return EXIT_REQUEUE
     return EXIT_OK
+
+
+def _stop_workers(workers: dict, previous_handlers: dict, events) -> None:
+    """Restore the caller's signal handlers and wait for the workers (stop is already set or they are done)."""
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
+    for worker in workers.values():
+        worker.join(timeout=60)
+        if worker.is_alive():  # a worker stuck past a minute after stop: do not hang the sweep
+            worker.kill()
+            worker.join()
+    events.close()
 
 
 def _describe(plan: dict, index: int, what: str) -> str:
@@ -195,3 +261,4 @@ def _exit_reason(code: int | None) -> str:
     if code is not None and code < 0:
         return f"signal {signal.Signals(-code).name}"
     return f"exit code {code}"
+

@@ -6,12 +6,14 @@ without special cases.
 
 One step:
   1. per-member schedules give this step's lr [M] and l1 [M];
-  2. `vmap(grad(sae.loss))` computes every member's gradient on the shared batch;
-  3. torchopt's Adam moment update runs on the stacked tensors directly, no vmap
-     (Adam is elementwise; vmapping it hits torchopt's slow fallback path), and the
-     per-member lr broadcasts over the member axis;
+  2. every member's gradient on the shared batch: `vmap(grad(sae.loss))` (the reference)
+     or a hand-written kernel equal to it (kernels/, chosen by `execution`);
+  3. Adam on the stacked tensors directly, no vmap (Adam is elementwise; vmapping
+     torchopt's hits its slow fallback path), the per-member lr broadcast over the member
+     axis: torchopt's for the reference, kernels/adam.py (equal, cache-chunked) for the kernels;
   4. decoder rows are rescaled to unit norm;
-  5. a member whose loss or new weights are not finite keeps its last finite params
+  5. a member whose loss or gradient is not finite skips the step (params and moments
+     unchanged); after `freeze_after` such steps in a row it keeps its last finite params
      from then on and is flagged in `alive` (the other members never see it).
 
 Dict sizes mix by padding to the largest with `hparams["feature_mask"]`: padded
@@ -22,13 +24,14 @@ Adam turns a zero gradient into a zero update, so they stay zero.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 import torchopt
 
-from sae_ensemble import sae
+from sae_ensemble import kernels, sae
 from sae_ensemble.member import Member
 
 ADAM_BETAS = (0.9, 0.999)
@@ -44,6 +47,15 @@ def _broadcast(per_member: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return per_member.view(-1, *([1] * (like.dim() - 1)))
 
 
+SPARSE_DENSITY = 0.05  # L0 / dict size at or below which the sparse kernel is a candidate for non-topk members
+RETUNE_EVERY = 1000  # steps between autotunes of an `auto` ensemble
+EXECUTIONS = ("auto", "reference", "fused", "sparse")
+"""How a step computes gradients: `reference` is vmap(grad(sae.loss)), the definition; `fused`
+and `sparse` are the hand-written kernels (kernels/, docs/kernels.md), equal to it; `auto`
+times the candidates on the first batch, and again every RETUNE_EVERY steps, and keeps the
+fastest (see `autotune`)."""
+
+
 class Ensemble:
     """Members trained in lockstep on the same batches."""
 
@@ -57,10 +69,12 @@ class Ensemble:
         execution: str = "reference",
         micro_batches: int = 1,
         init: bool = True,
+        freeze_after: int = 1,
     ) -> None:
-        """`micro_batches` splits each step's batch into that many equal parts and sums their
-        gradients (the same step as the whole batch, in less memory). `init=False` allocates
-        the state without random inits, for a caller that fills every slot (resume)."""
+        """`micro_batches` splits every batch into that many chunks whose gradients are summed
+        (equal to the whole batch; bounds the step's temporaries). `init=False` leaves the
+        stacked state zero, for a caller that fills every slot with `load_member_state`.
+        `freeze_after`: non-finite steps in a row (each skipped) before a member freezes."""
         if not members:
             raise ValueError("an ensemble needs at least one member")
         d_ins = {m.d_in for m in members}
@@ -69,30 +83,32 @@ class Ensemble:
         ids = [m.member_id for m in members]
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate members in one ensemble: {sorted({i for i in ids if ids.count(i) > 1})}")
-        if execution != "reference":
-            raise ValueError(f"execution={execution!r} is unknown; allowed: reference")
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution={execution!r} is unknown; allowed: {', '.join(EXECUTIONS)}")
         if micro_batches < 1:
             raise ValueError(f"micro_batches={micro_batches} must be at least 1")
+        if freeze_after < 1:
+            raise ValueError(f"freeze_after={freeze_after} must be at least 1 (consecutive non-finite steps before a member freezes)")
         self.device = torch.device(device)
-        self.execution = execution
-        self.micro_batches = int(micro_batches)
         if autocast_bf16 and self.device.type != "cuda":
             raise ValueError(f"autocast_bf16 needs a CUDA device; got device={self.device}")
         self.members = list(members)
         self.total_steps = int(total_steps)
         self.autocast_bf16 = autocast_bf16
+        self.micro_batches = int(micro_batches)
+        self.freeze_after = int(freeze_after)
         self.d_in = members[0].d_in
         self.n_padded = max(m.dict_size for m in members)
         self.layout = sae.Layout.of([m.variant for m in members], [m.k for m in members])
+        if execution == "sparse" and autocast_bf16:
+            raise ValueError("execution='sparse' runs in float32; bf16 autocast uses execution='fused', 'reference' or 'auto'")
+        self.execution = execution
+        self.retune = execution == "auto"  # re-time the candidates every RETUNE_EVERY steps: L0 changes as members learn
+        self.row_chunk: int | None = None  # rows per kernel call (None: the whole micro-batch); set by autotune
+        self.autotune_report: dict[str, float] = {}
 
+        self.params = self._allocate(init)
         n = self.n_padded
-        # Stacked on the device and filled one member at a time: the host holds one member's init at most.
-        self.params = {name: torch.zeros(len(members), *shape, device=self.device)
-                       for name, shape in (("W_enc", (n, self.d_in)), ("b_enc", (n,)), ("W_dec", (n, self.d_in)), ("b_dec", (self.d_in,)))}
-        if init:
-            for index, m in enumerate(members):
-                for name, value in sae.init_params(m.variant, m.d_in, m.dict_size, m.seed, n).items():
-                    self.params[name][index].copy_(value)
         self.hparams = _stack(
             [sae.make_hparams(m.variant, m.dict_size, m.l1, m.bias_decay, m.k, m.use_b_dec, n) for m in members],
             self.device,
@@ -105,12 +121,25 @@ class Ensemble:
         self.optimizer = torchopt.transform.scale_by_adam(b1=ADAM_BETAS[0], b2=ADAM_BETAS[1], eps=ADAM_EPS)
         self.opt_state = self.optimizer.init(self.params)
         self.alive = torch.ones(len(members), dtype=torch.bool, device=self.device)
+        self.nonfinite_streak = torch.zeros(len(members), dtype=torch.int64, device=self.device)  # [M] non-finite steps in a row
         self.step_count = 0
         self.rows_seen = 0
 
         grad_fn = torch.func.grad(sae.loss, has_aux=True)
         self._grad = torch.func.vmap(lambda p, h, x: grad_fn(p, h, x, self.layout), in_dims=(0, 0, None))
         self._forward = torch.func.vmap(lambda p, h, x: _encode_decode(p, h, x, self.layout), in_dims=(0, 0, None))
+
+    def _allocate(self, init: bool) -> dict[str, torch.Tensor]:
+        """Stacked params allocated on the device, each member's init generated and copied in
+        alone, so host memory holds one member's init at a time, never the whole stack."""
+        M, n, d = len(self.members), self.n_padded, self.d_in
+        shapes = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+        params = {name: torch.zeros(M, *shape, device=self.device) for name, shape in shapes.items()}
+        if init:
+            for index, member in enumerate(self.members):
+                for name, value in sae.init_params(member.variant, d, member.dict_size, member.seed).items():
+                    params[name][index, : value.shape[0]] = value.to(self.device)
+        return params
 
     def __len__(self) -> int:
         return len(self.members)
@@ -128,51 +157,125 @@ class Ensemble:
 
     # -- training --------------------------------------------------------------
 
+    def grads(self, batch: torch.Tensor, hparams: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(gradients, aux stats) of every member's loss on `batch`, by this ensemble's execution.
+
+        Pure: reads the params, changes nothing. Micro-batches are weighted by their share
+        of rows, so their sum is the whole batch's gradient (the bias-decay term too, since
+        the weights sum to 1).
+        """
+        chunk = self.row_chunk or -(-batch.shape[0] // self.micro_batches)
+        if self.execution == "sparse":
+            return kernels.sparse.grads(self.params, hparams, batch, self.layout, row_chunk=chunk)
+        if self.execution == "fused":
+            dtype = torch.bfloat16 if self.autocast_bf16 else torch.float32
+            return kernels.dense.grads(self.params, hparams, batch, self.layout, row_chunk=chunk, dtype=dtype)
+        if self.micro_batches == 1:
+            return self._reference(batch, hparams)
+        total: dict[str, torch.Tensor] = {}
+        total_aux: dict[str, torch.Tensor] = {}
+        for part in batch.tensor_split(self.micro_batches):
+            weight = part.shape[0] / batch.shape[0]
+            grads, aux = self._reference(part, hparams)
+            for tree, out in ((grads, total), (aux, total_aux)):
+                for name, value in tree.items():
+                    value = value if name == "fired" else value * weight  # firing counts add up
+                    out[name] = out[name] + value if name in out else value
+        return total, total_aux
+
+    def _reference(self, batch: torch.Tensor, hparams: dict[str, torch.Tensor]):
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast_bf16 else contextlib.nullcontext()
+        with autocast:
+            grads, aux = self._grad(self.params, hparams, batch)
+        return {name: g.float() for name, g in grads.items()}, aux
+
+    def autotune(self, batch: torch.Tensor) -> str:
+        """Time each execution that applies here on `batch` and keep the fastest; returns the choice.
+
+        Only the (pure) gradient computation is timed, so tuning changes no state. Candidates:
+        the reference; the fused kernel over the whole micro-batch and, on CPU, over row
+        chunks whose [M, chunk, n] tiles fit in cache; the sparse kernel for all-topk
+        ensembles, and for others once the measured L0 is at most SPARSE_DENSITY of the
+        features (the density decides whether the sparse products can win at all).
+        """
+        hparams = {**self.hparams, "l1": self.schedules(self.step_count)[1]}
+        micro_rows = -(-batch.shape[0] // self.micro_batches)
+        chunks = [micro_rows]
+        if self.device.type == "cpu":
+            row_bytes = len(self) * self.n_padded * 4
+            chunks += [c for c in (2**i for i in range(5, 12)) if c < micro_rows and c * row_bytes <= 2**24][-2:]
+        timings: dict[tuple[str, int | None], float] = {}
+
+        def measure(kind: str, chunk: int | None):
+            self.execution, self.row_chunk = kind, chunk
+            aux = {}
+            try:
+                timings[(kind, chunk)] = _time(lambda: aux.update(self.grads(batch, hparams)[1]), self.device)
+            except torch.OutOfMemoryError:
+                pass
+            return aux
+
+        aux = measure("reference", None)
+        for chunk in chunks:
+            aux = measure("fused", chunk) or aux
+        if not self.autocast_bf16:  # the sparse kernel runs in float32
+            density = float((aux["l0"] / self.hparams["feature_mask"].sum(-1)).max()) if aux else 1.0
+            if self.layout.all_topk or density <= SPARSE_DENSITY:
+                for chunk in chunks:
+                    measure("sparse", chunk)
+        (self.execution, self.row_chunk), _ = min(timings.items(), key=lambda item: item[1])
+        self.autotune_report = {_describe(kind, chunk): round(seconds * 1e3, 3) for (kind, chunk), seconds in timings.items()}
+        return _describe(self.execution, self.row_chunk)
+
     def step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """One training step of every member on `batch` [B, d_in]; returns per-member stats [M]."""
+        if self.execution == "auto" or (self.retune and self.step_count % RETUNE_EVERY == 0):
+            self.autotune(batch)
         lr, l1 = self.schedules(self.step_count)
-        hparams = {**self.hparams, "l1": l1}
-        if batch.shape[0] % self.micro_batches:
-            raise ValueError(f"a batch of {batch.shape[0]} rows does not split into micro_batches={self.micro_batches} equal parts")
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast_bf16 else contextlib.nullcontext()
-        grads, aux = None, None
-        for part in batch.chunk(self.micro_batches):
-            with autocast:
-                part_grads, part_aux = self._grad(self.params, hparams, part)
-            if grads is None:
-                grads, aux = part_grads, part_aux
-            else:  # equal parts: the batch's mean loss is the mean of the parts' means
-                for name in grads:
-                    grads[name] += part_grads[name]
-                aux = {name: aux[name] + part_aux[name] for name in aux}
-                del part_grads
-        if self.micro_batches > 1:
-            grads = {name: g.div_(self.micro_batches) for name, g in grads.items()}
-            aux = {name: v if name == "fired" else v / self.micro_batches for name, v in aux.items()}
+        grads, aux = self.grads(batch, {**self.hparams, "l1": l1})
 
-        # Moments update in place: a diverged member's moments are never used again (its
-        # params stay frozen), so they need no copy to roll back, only its params do.
-        directions, self.opt_state = self.optimizer.update(grads, self.opt_state, inplace=True)
-        new_params = {name: torch.addcmul(p, _broadcast(lr, p), directions[name], value=-1) for name, p in self.params.items()}
-        new_params["W_dec"] = F.normalize(new_params["W_dec"], dim=-1)
-
-        # A step is taken only if the loss and every new weight are finite. A NaN or inf
-        # gradient makes Adam's update NaN, so checking the new weights covers the
-        # gradients; a sum per member is one reduction, and NaN/inf survive it.
-        finite = torch.isfinite(aux["loss"])
-        for tensor in new_params.values():
-            finite &= torch.isfinite(tensor.flatten(1).sum(1))
-        alive = self.alive & finite
-
-        # A frozen member keeps its last finite params; the others take the step. On CPU,
-        # checking first skips a full pass per tensor in the usual all-alive case; on CUDA
-        # that check would stall the queue every step, so select always.
-        if self.device.type == "cuda" or not bool(alive.all()):
-            new_params = {n: torch.where(_broadcast(alive, p), new_params[n], p) for n, p in self.params.items()}
-        self.params, self.alive = new_params, alive
+        ok = self.alive & torch.isfinite(aux["loss"])
+        if self.execution in ("fused", "sparse"):
+            taken = kernels.adam.step_(self.params, grads, self.opt_state.mu, self.opt_state.nu, self.step_count + 1, lr, ok,
+                                       ADAM_BETAS, ADAM_EPS, check_on_host=self.device.type != "cuda")
+            self.opt_state = self.opt_state._replace(count={name: c + 1 for name, c in self.opt_state.count.items()})
+        else:
+            taken = self._reference_update(grads, lr, ok)
+        # A live member that could not step skips it; freeze_after such steps in a row freeze it for good.
+        self.nonfinite_streak = torch.where(self.alive & ~taken, self.nonfinite_streak + 1, 0)
+        self.alive = self.alive & (self.nonfinite_streak < self.freeze_after)
+        alive = self.alive
         self.step_count += 1
         self.rows_seen += batch.shape[0]
         return {**aux, "lr": lr, "alive": alive}
+
+    @torch.no_grad()
+    def _reference_update(self, grads: dict[str, torch.Tensor], lr: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """torchopt's Adam on the stacked tensors (no vmap: Adam is elementwise), then the step.
+
+        Returns taken [M]: members in `ok` whose gradient is finite (a NaN or inf anywhere
+        survives a per-member sum). The others keep their params and moments exactly.
+        """
+        taken = ok.clone()
+        for g in grads.values():
+            taken &= torch.isfinite(g.flatten(1).sum(1))
+        old_state = self.opt_state
+        # In place when a held-back member freezes at once: its moments are never used again.
+        directions, self.opt_state = self.optimizer.update(grads, self.opt_state, inplace=self.freeze_after == 1)
+        # On CPU, checking first skips a pass per tensor in the usual all-taken case; on CUDA
+        # that check would stall the queue every step, so select always.
+        select = self.device.type == "cuda" or not bool(taken.all())
+        for name, p in self.params.items():
+            direction = torch.where(_broadcast(taken, p), directions[name], 0.0) if select else directions[name]
+            p.addcmul_(_broadcast(lr, p), direction, value=-1)
+        W_dec = self.params["W_dec"]
+        unit = F.normalize(W_dec, dim=-1)
+        W_dec.copy_(torch.where(_broadcast(taken, W_dec), unit, W_dec) if select else unit)
+        if select and self.freeze_after > 1:  # held-back members go on later from their old moments
+            kept = {part: {n: torch.where(_broadcast(taken, old), getattr(self.opt_state, part)[n], old)
+                           for n, old in getattr(old_state, part).items()} for part in ("mu", "nu")}
+            self.opt_state = self.opt_state._replace(**kept)
+        return taken
 
     @torch.no_grad()
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,6 +328,22 @@ class Ensemble:
         self.rows_seen = int(rows_seen)
         for name, count in self.opt_state.count.items():
             self.opt_state.count[name] = torch.full_like(count, int(step))
+
+
+def _time(fn, device: torch.device, repeats: int = 2) -> float:
+    """Seconds per call of `fn` after one warm-up call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def _describe(kind: str, chunk: int | None) -> str:
+    return kind if chunk is None else f"{kind}(rows={chunk})"
 
 
 def _encode_decode(params, hp, x, layout):

@@ -21,7 +21,7 @@ Hparams of one member (0-d tensors unless noted):
 Variants (the seeds' formulation):
     relu  c = ReLU(W_enc (x - b_dec) + b_enc),  x_hat = c @ W_dec + b_dec
     tied  the same with W_dec = normalize_rows(W_enc)
-    topk  ReLU, then keep the k largest pre-activations per row; no L1 term
+    topk  ReLU, then keep the k largest pre-activations per row (exactly k: ties broken by index); no L1 term
 loss = mean((x_hat - x)^2) + l1 * mean_rows(sum |c|) + bias_decay * ||b_enc||_2
 
 Decoder rows are unit norm by construction: `decoder()` divides each row by its
@@ -103,12 +103,14 @@ class Layout(NamedTuple):
     """Some member is tied, so the decoder must be chosen per member."""
     all_tied: bool = False
     """Every member is tied: the decoder is always the normalised encoder."""
+    all_topk: bool = False
+    """Every member is topk: codes are sparse by construction (fast paths may exploit it)."""
 
     @classmethod
     def of(cls, variants: list[str], ks: list[int]) -> "Layout":
         k_max = max((k for v, k in zip(variants, ks) if v == "topk"), default=0)
         tied = [v == "tied" for v in variants]
-        return cls(k_max=k_max, any_tied=any(tied), all_tied=all(tied))
+        return cls(k_max=k_max, any_tied=any(tied), all_tied=all(tied), all_topk=all(v == "topk" for v in variants))
 
 
 def decoder(params: Params, hp: Hparams, layout: Layout = Layout()) -> torch.Tensor:
@@ -135,11 +137,20 @@ def encode(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout
     pre = torch.addmm(bias, x - b_dec, params["W_enc"].T)  # [B, n]
     codes = F.relu(pre)
     if layout.k_max > 0:
-        top_values = torch.topk(pre, layout.k_max, dim=-1).values  # [B, k_max]
-        kth = top_values.gather(-1, (hp["k"].clamp(min=1) - 1).long().expand(pre.shape[0], 1))  # [B, 1]
-        keep = torch.where(hp["topk"] > 0, (pre >= kth).to(pre.dtype), 1.0)
-        codes = codes * keep
+        codes = codes * topk_keep(pre, hp, layout.k_max)
     return codes
+
+
+def topk_keep(pre: torch.Tensor, hp: Hparams, k_max: int) -> torch.Tensor:
+    """1.0 where a topk member keeps a pre-activation (exactly its k largest per row), else 0.0.
+
+    Keeping by index, not by `pre >= k-th value`, keeps exactly k even when values tie
+    (bf16 rounds many pre-activations to equal values). Non-topk members keep everything.
+    """
+    indices = torch.topk(pre, k_max, dim=-1).indices  # [B, k_max], largest first
+    rank_kept = (torch.arange(k_max, device=pre.device) < hp["k"]).to(pre.dtype)  # [k_max]: the first k ranks
+    keep = torch.zeros_like(pre).scatter(-1, indices, rank_kept.expand_as(indices))
+    return torch.where(hp["topk"] > 0, keep, 1.0)
 
 
 def decode(params: Params, hp: Hparams, codes: torch.Tensor, layout: Layout = Layout()) -> torch.Tensor:
@@ -155,6 +166,6 @@ def loss(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()
     l1_norm = codes.sum() / x.shape[0]  # codes >= 0 after ReLU, so |c| = c
     bias_norm = (params["b_enc"] * hp["feature_mask"]).norm()
     total = mse + hp["l1"] * l1_norm + hp["bias_decay"] * bias_norm
-    fired = torch.sign(codes).sum(0)  # [n] rows in which each feature fired (codes >= 0; sign is 2x faster than > 0 here)
+    fired = torch.sign(codes).sum(0, dtype=torch.float32)  # [n] rows in which each feature fired (codes >= 0; sign is 2x faster than > 0 here; float32: bf16 counts round above 256)
     aux = {"loss": total, "mse": mse, "l1_norm": l1_norm, "l0": fired.sum() / x.shape[0], "fired": fired}
     return total, aux

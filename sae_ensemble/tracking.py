@@ -10,14 +10,23 @@ Runs start lazily, on a member's first `log` or `finish`, with a stable id deriv
 from (group, member_id): rerunning a sweep into the same group continues the same
 runs (resume="allow") instead of starting duplicates.
 
-Not thread- or process-safe: one process owns the Tracker (the dispatcher's parent,
-which receives workers' metrics through a queue) and calls it from one thread.
+Every wandb call runs in one background thread, fed by a queue: `log`, `finish` and
+`log_sweep_plots` return at once. Opening a run takes wandb a good fraction of a second,
+and the dispatcher's parent calls `log` from the loop that watches its workers: opening
+200+ runs inline would stall that loop for minutes. `flush()` waits for the queue;
+`close()` drains it. A wandb error there is warned about and tracking goes on (it never
+stops a sweep).
+
+Not process-safe, and callers use one thread: one process owns the Tracker (the
+dispatcher's parent, which receives workers' metrics through a queue).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -58,8 +67,10 @@ class Tracker:
         self.base_config = dict(base_config or {})
         self.directory = Path(directory)
         self.members: dict[str, Member] = {}
-        self.runs: dict[str, Any] = {}  # member_id (or SWEEP_RUN) -> open wandb Run
+        self.runs: dict[str, Any] = {}  # member_id (or SWEEP_RUN) -> open wandb Run (background thread only)
         self._started = False  # whether wandb's service was started by a run of ours
+        self._calls: queue.Queue = queue.Queue()  # (function, args) for the background thread; None stops it
+        self._thread: threading.Thread | None = None
 
     def register(self, members: Iterable[Member]) -> None:
         """Declare the members whose runs this tracker may start (their hyperparameters become the run config)."""
@@ -113,19 +124,59 @@ class Tracker:
             self.mode = "offline"
             return wandb.init(mode=self.mode, **args)
 
+    # -- the background thread -----------------------------------------------------------------
+
+    def _submit(self, function, *args) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="wandb-tracker", daemon=True)
+            self._thread.start()
+        self._calls.put((function, args))
+
+    def _serve(self) -> None:
+        while True:
+            call = self._calls.get()
+            try:
+                if call is None:
+                    return
+                function, args = call
+                function(*args)
+            except Exception as error:  # noqa: BLE001 - tracking must never stop a sweep
+                warnings.warn(f"wandb tracking failed ({type(error).__name__}: {error}); training goes on")
+            finally:
+                self._calls.task_done()
+
+    def flush(self) -> None:
+        """Wait until every call so far has reached wandb."""
+        if self._thread is not None:
+            self._calls.join()
+
+    def _check_registered(self, key: str) -> None:
+        if key != SWEEP_RUN and key not in self.members:
+            raise ValueError(f"member {key!r} was never registered with the tracker; registered: {sorted(self.members)[:5]}...")
+
+    # -- the interface (returns at once) ------------------------------------------------------
+
     def log(self, member_id: str, step: int, metrics: dict[str, float]) -> None:
         """Log a member's metrics at a training step."""
         if self.mode == "disabled":
             return
-        self._run(member_id).log(dict(metrics), step=int(step))
+        self._check_registered(member_id)
+        self._submit(self._log, member_id, int(step), dict(metrics))
+
+    def _log(self, member_id: str, step: int, metrics: dict[str, float]) -> None:
+        self._run(member_id).log(metrics, step=step)
 
     def finish(self, member_id: str, summary: dict[str, Any] | None = None) -> None:
         """Record a member's final metrics as its run summary and close its run."""
         if self.mode == "disabled":
             return
+        self._check_registered(member_id)
+        self._submit(self._finish, member_id, dict(summary or {}))
+
+    def _finish(self, member_id: str, summary: dict[str, Any]) -> None:
         run = self._run(member_id)
         if summary:
-            run.summary.update(dict(summary))
+            run.summary.update(summary)
         run.finish()
         del self.runs[member_id]
 
@@ -139,7 +190,10 @@ class Tracker:
 
         images = {Path(p).stem: wandb.Image(str(p)) for p in paths}
         if images:
-            self._run(SWEEP_RUN).log(images)
+            self._submit(self._log_images, images)
+
+    def _log_images(self, images: dict) -> None:
+        self._run(SWEEP_RUN).log(images)
 
     def close(self) -> None:
         """Finish every run still open (interrupted members stay resumable under the same id).
@@ -147,6 +201,14 @@ class Tracker:
         Then shut wandb's background service down: `finish()` returns before the service
         has flushed each run's log to disk, and teardown waits for it.
         """
+        if self._thread is None:
+            return
+        self._submit(self._close)
+        self._calls.put(None)
+        self._thread.join()
+        self._thread = None
+
+    def _close(self) -> None:
         for key in list(self.runs):
             self.runs.pop(key).finish()
         if self._started:

@@ -26,14 +26,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae_ensemble import metrics
-from sae_ensemble.activations.store import ActivationStore, Position
-from sae_ensemble.atomic import atomic_write, write_json_atomic
+from sae_ensemble.activations.store import ActivationStore, Position, StoreError
+from sae_ensemble.atomic import atomic_write, fsync_dir, write_json_atomic
 from sae_ensemble.checkpoint import CheckpointError, load_ensemble, read_json, save_member
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.plan import plan_members
 
 PROGRESS_SECONDS = 1.0  # how often a worker reports its progress
 KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is ever unreadable
+FINAL_METRICS_ELEMENTS = 2**26  # [M, rows, n] codes per piece of the final metrics (256 MiB in float32)
 
 
 @dataclass
@@ -58,6 +59,14 @@ class Training:
     """Held-out rows for the final metrics."""
     autocast_bf16: bool = False
     """bf16 autocast of the forward/backward pass (CUDA only)."""
+    shuffle_window_chunks: int = 4
+    """Chunks whose rows are shuffled together: a batch mixes rows of this many chunks (more mixes
+    more contexts and costs no memory: the window is a list of row indices into the mapped store)."""
+    freeze_after: int = 10
+    """A member whose loss or new weights are non-finite skips that step; after this many such steps
+    in a row it is frozen at its last finite weights for the rest of the run (1 = at the first)."""
+    allow_frozen: bool = False
+    """Exit 0 even when members froze (otherwise the sweep reports them and exits 3)."""
     memory_budget: str = "auto"
     """Bytes one worker's ensembles may use (params, Adam moments, a step's temporaries): auto (90% of a
     GPU's free memory; on CPU, 90% of available RAM shared among the CPU workers, less 512MiB each for
@@ -116,20 +125,38 @@ def load_checkpoint(step_dir: Path, members, training: Training, device, counter
     """The ensemble, firing counts and store position saved in one step dir."""
     record = read_json(step_dir / "resume.json")
     ensemble = load_ensemble([step_dir / "members" / m.member_id for m in members], training.steps, device, training.autocast_bf16,
-                             micro_batches=micro_batches)
+                             micro_batches=micro_batches, freeze_after=training.freeze_after)
     counter.load_state_dict(load_file(step_dir / "firing.safetensors"))
     return ensemble, Position.from_dict(record["position"])
 
 
 def save_checkpoint(directory: Path, ensemble: Ensemble, position: Position, counter: metrics.FiringCounter) -> Path:
-    """Write every member and the resume record; the record last, then prune old steps."""
+    """Write every member and the resume record into a fresh temp dir, rename it to step_<N>, prune old steps.
+
+    A step dir is never written in place: after a fallback from an unreadable checkpoint the
+    next save at that step would otherwise land beside the old resume.json, and a kill in
+    between would leave a dir that looks complete but mixes two saves. A kill at any point
+    leaves every older checkpoint as it was; pruning happens only after the rename.
+    """
     step_dir = directory / f"step_{ensemble.step_count:09d}"
+    for stale in directory.glob(".step_*.tmp"):  # left by a save that was killed or failed (disk full)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp_dir = directory / f".{step_dir.name}.{os.getpid()}.tmp"
     info = {"steps": ensemble.step_count, "tokens": ensemble.rows_seen}
     for index, member in enumerate(ensemble.members):
         params, moments = ensemble.member_state(index)
-        save_member(step_dir / "members" / member.member_id, member, params, moments, {**info, "alive": bool(ensemble.alive[index])})
-    atomic_write(step_dir / "firing.safetensors", lambda tmp: save_file(counter.state_dict(), tmp))
-    write_json_atomic(step_dir / "resume.json", {**info, "position": position.to_dict(), "members": [m.member_id for m in ensemble.members]})
+        save_member(tmp_dir / "members" / member.member_id, member, params, moments,
+                    {**info, "alive": bool(ensemble.alive[index]), "nonfinite_streak": int(ensemble.nonfinite_streak[index])})
+    atomic_write(tmp_dir / "firing.safetensors", lambda tmp: save_file(counter.state_dict(), tmp))
+    write_json_atomic(tmp_dir / "resume.json", {**info, "position": position.to_dict(), "members": [m.member_id for m in ensemble.members]})
+    if step_dir.exists():
+        # Mark the old dir incomplete before anything of it goes: a kill from here on leaves no
+        # complete-looking step_<N>, and resume falls back to an older checkpoint.
+        (step_dir / "resume.json").unlink(missing_ok=True)
+        fsync_dir(step_dir)
+        shutil.rmtree(step_dir)
+    os.rename(tmp_dir, step_dir)
+    fsync_dir(directory)
     complete = sorted(directory.glob("step_*/resume.json"), key=lambda p: int(p.parent.name.split("_")[1]))
     for old in complete[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old.parent)
@@ -151,7 +178,8 @@ def resume(directory: Path, members, training: Training, device, counter: metric
             unreadable.append(f"{step_dir.name} ({error})")
     if unreadable:
         raise CheckpointError(f"no checkpoint in {directory} could be read: {'; '.join(unreadable)}")
-    return Ensemble(members, training.steps, device, training.autocast_bf16, micro_batches=micro_batches), Position(), None, []
+    return (Ensemble(members, training.steps, device, training.autocast_bf16, micro_batches=micro_batches, freeze_after=training.freeze_after),
+            Position(), None, [])
 
 
 # -- the worker's loop ---------------------------------------------------------------------------------
@@ -213,8 +241,9 @@ def _train_stage(worker: int, indices: list[int], plan: dict, store: ActivationS
     # joins when the stream reaches its step (the stream is a function of the step, so it must be there).
     slots.sort(key=lambda s: s.ensemble.step_count)
     step, stream_position = slots[0].ensemble.step_count, slots[0].position
-    batches = store.train_batches(training.batch_size, seed=training.data_seed, position=stream_position, device=device, normalize=training.normalize)
-    last_progress = time.monotonic()
+    batches = store.train_batches(training.batch_size, seed=training.data_seed, position=stream_position, device=device,
+                                  normalize=training.normalize, window=training.shuffle_window_chunks, skip_nonfinite=True)
+    last_progress, skipped_in_a_row = time.monotonic(), 0
     while step < training.steps and not stop.is_set():
         active = [s for s in slots if s.ensemble.step_count == step]
         for slot in active:
@@ -222,6 +251,12 @@ def _train_stage(worker: int, indices: list[int], plan: dict, store: ActivationS
                 raise CheckpointError(f"ensemble {slot.index} was saved at step {step} with store position {slot.position.to_dict()}, "
                                       f"but the batch stream is at {stream_position.to_dict()}; its checkpoint belongs to another run")
         batch, stream_position = next(batches)
+        if batch is None:  # it holds a non-finite value: no member sees it (see _skip_batch)
+            # Positions stay before it: a resume reads it again and skips it again, and the stream stays
+            # a function of the step (an ensemble saved further on joins at its saved position).
+            skipped_in_a_row = _skip_batch(store, training, worker, step, stream_position, skipped_in_a_row, events)
+            continue
+        skipped_in_a_row = 0
         step += 1
         for slot in active:
             _step(worker, slot, batch, stream_position, training, events)
@@ -297,7 +332,10 @@ def _final_metrics(ensemble: Ensemble, store: ActivationStore, counter, training
     """Held-out reconstruction metrics, dead fraction over the training window, MMCS vs truth."""
     x = store.heldout(training.eval_rows, device=device, normalize=training.normalize)  # [R, d]
     mask = ensemble.hparams["feature_mask"]
-    rows_per_part = max(1, 2**22 // (len(ensemble) * ensemble.n_padded))  # bounds the [M, B, n] codes
+    # Pieces as large as a training batch (whose step held several [M, B, n] tensors at once), or
+    # larger while the codes stay within FINAL_METRICS_ELEMENTS: one or two rows per forward
+    # pass would make evaluating a large ensemble take longer than training it.
+    rows_per_part = max(training.batch_size, FINAL_METRICS_ELEMENTS // (len(ensemble) * ensemble.n_padded))
     sums: dict[str, torch.Tensor] = {}
     for rows in x.split(rows_per_part):
         codes, x_hat = ensemble.forward(rows)
@@ -311,3 +349,13 @@ def _final_metrics(ensemble: Ensemble, store: ActivationStore, counter, training
     if truth is not None:
         result["mmcs_truth"] = metrics.mmcs_truth(ensemble.decoders(), mask, truth.to(device))
     return {name: value.float().cpu() for name, value in result.items()}
+
+
+def _skip_batch(store: ActivationStore, training: Training, index: int, step: int, position: Position, in_a_row: int, events) -> int:
+    """Report a skipped non-finite batch; refuse to spin through a store where every batch is bad."""
+    in_a_row += 1
+    events.put(("skipped", index, {"step": step, "position": position.to_dict()}))
+    if in_a_row >= store.batches_per_epoch(training.batch_size):
+        raise StoreError(f"every batch of a whole epoch of store {store.path} holds non-finite values; "
+                         f"check it with ActivationStore.open(path, verify='checksum') and rebuild it")
+    return in_a_row

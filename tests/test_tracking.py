@@ -154,6 +154,7 @@ def test_a_key_without_network_falls_back_to_offline_and_the_key_is_written_nowh
     tracker.register(MEMBERS[:1])
     with pytest.warns(UserWarning, match="offline"):
         tracker.log(MEMBERS[0].member_id, 0, {"mse": 1.0})
+        tracker.flush()  # runs open in the tracker's background thread
     tracker.close()
     assert tracker.mode == "offline"
     assert len(list((offline_env / "runs" / "wandb").glob("offline-run-*"))) == 1

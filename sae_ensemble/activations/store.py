@@ -12,13 +12,12 @@ See docs/store.md for the format, the shuffling scheme and the zero-copy reasoni
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import struct
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from sae_ensemble.activations.lock import store_lock  # noqa: F401 - synthesis and harvest take it from here
 from sae_ensemble.atomic import atomic_write, write_json_atomic
 
 FORMAT_VERSION = 1
@@ -38,6 +38,10 @@ DEFAULT_HELDOUT_FRACTION = 0.1
 DEFAULT_HELDOUT_CAP = 65_536
 DEFAULT_WINDOW_CHUNKS = 4
 NORMALIZE_MODES = ("none", "center", "center_scale")
+# How ActivationStore.open checks chunks beyond their size and header: size = nothing more;
+# once = sha256 and finiteness of every row, unless the manifest records a pass on the same files;
+# checksum = sha256 and finiteness every time.
+VERIFY_MODES = ("size", "once", "checksum")
 
 # store dtype -> (safetensors dtype code, numpy dtype used for the memmap, torch dtype)
 # bfloat16 has no numpy dtype: it is mapped as uint16 and reinterpreted by torch.
@@ -60,23 +64,6 @@ def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise StoreError(f"Store dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
     return dtype
-
-
-@contextlib.contextmanager
-def store_lock(paths: list[Path] | Path) -> Iterator[None]:
-    """Hold exclusive locks on stores being checked, written or resumed.
-
-    Two jobs asking for the same content-addressed store (array tasks that differ only in
-    their grid) would otherwise both write it and delete each other's chunks. The lock is
-    a sibling file `<store>.lock`, taken in sorted order so two lockers never deadlock.
-    """
-    paths = sorted({Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)})
-    with contextlib.ExitStack() as stack:
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle = stack.enter_context(open(path.with_name(path.name + ".lock"), "w"))
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def _library_versions() -> dict[str, str]:
@@ -233,6 +220,15 @@ class ChunkWriter:
         values = rows if self.dtype != "bfloat16" else torch.from_numpy(rows).view(torch.bfloat16).float().numpy()
         values = values.astype(np.float64, copy=False)  # stats from the stored (rounded) values
         sq_norms = np.einsum("ij,ij->i", values, values)
+        # A squared norm in float64 is finite exactly when the row is (float32 squares cannot
+        # overflow it), so this costs nothing extra. A float16 harvest overflows to inf here.
+        bad = np.flatnonzero(~np.isfinite(sq_norms))
+        if len(bad):
+            raise StoreError(
+                f"Row {int(bad[0])} of chunk {chunk_name(len(self.chunks))} (row {self.n_rows + int(bad[0])} of store {self.path}) "
+                f"holds a non-finite value (nan or inf){f' as do {len(bad) - 1} more rows of that chunk' if len(bad) > 1 else ''}; "
+                f"stores hold finite rows only (a float16 store overflows beyond 65504: use dtype=bfloat16 or float32)."
+            )
         self._sum += values.sum(axis=0)
         self._sum_norm += float(np.sqrt(sq_norms).sum())
         self._sum_sq_norm += float(sq_norms.sum())
@@ -338,6 +334,32 @@ def _rng(*keys: int) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in keys])
 
 
+class _PinnedRing:
+    """Reused page-locked staging buffers for host-to-GPU batch copies.
+
+    Pinning fresh memory for every batch (cudaHostAlloc) cost about as much as a small
+    ensemble's step on an H100. A buffer is refilled only after the copy that read it has
+    finished (its CUDA event; normally long done, `len(buffers)` batches later), so the
+    copies stay asynchronous and the consumer never waits on the host.
+    """
+
+    def __init__(self, shape: tuple[int, int], n_buffers: int = 3) -> None:
+        self.buffers = [torch.empty(shape, pin_memory=True) for _ in range(n_buffers)]
+        self.events: list[torch.cuda.Event | None] = [None] * n_buffers
+        self.next = 0
+
+    def to_device(self, x: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+        i, self.next = self.next, (self.next + 1) % len(self.buffers)
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+        staged = self.buffers[i][: x.shape[0]]
+        staged.copy_(x)
+        on_device = staged.to(device, non_blocking=True)
+        self.events[i] = torch.cuda.Event()
+        self.events[i].record(torch.cuda.current_stream(torch.device(device)))
+        return on_device
+
+
 class ActivationStore:
     """A complete store opened read-only. Chunk data is memory-mapped, never copied whole."""
 
@@ -362,10 +384,10 @@ class ActivationStore:
 
     @classmethod
     def open(cls, path: str | Path, verify: str = "size") -> "ActivationStore":
-        """Validate the manifest and every chunk (size and header; sha256 too with verify="checksum")."""
+        """Validate the manifest and every chunk's size and header, then `verify(verify)` (see VERIFY_MODES)."""
         path = Path(path)
-        if verify not in ("size", "checksum"):
-            raise StoreError(f"verify={verify!r} is not a mode; use 'size' or 'checksum'.")
+        if verify not in VERIFY_MODES:
+            raise StoreError(f"verify={verify!r} is not a mode; use one of {VERIFY_MODES}.")
         if not path.exists():
             raise StoreError(f"Store directory {path} does not exist.")
         if not path.is_dir():
@@ -402,12 +424,58 @@ class ActivationStore:
             lo, hi = info.get("data_offsets", [None, None])
             if lo is None or hi - lo != c["rows"] * manifest["d_in"] * np_dtype.itemsize or start + hi != size:
                 raise StoreError(f"Chunk {chunk_path} has data offsets {info.get('data_offsets')} that do not match its shape and file size.")
-            if verify == "checksum":
-                sha = _sha256_file(chunk_path)
-                if sha != c["sha256"]:
-                    raise StoreError(f"Chunk {chunk_path} has sha256 {sha[:12]}… but the manifest says {c['sha256'][:12]}…; it is corrupt.")
             offsets.append(start + lo)
-        return cls(path, manifest, offsets)
+        store = cls(path, manifest, offsets)
+        store.verify(verify)
+        return store
+
+    def verify(self, mode: str = "once") -> None:
+        """Check every chunk's sha256 against the manifest and that every row is finite (see VERIFY_MODES).
+
+        A passed check is recorded in the manifest (`verified`: when, and each chunk's size and
+        mtime); mode "once" skips the check while that record still matches the files. Any
+        write to a chunk (a flipped byte included) changes its mtime, and so does a copy
+        (unless cp -p), so a modified or copied store is checked again.
+        """
+        if mode not in VERIFY_MODES:
+            raise StoreError(f"verify={mode!r} is not a mode; use one of {VERIFY_MODES}.")
+        if mode == "size" or (mode == "once" and self.manifest.get("verified", {}).get("chunks") == self._chunk_stats()):
+            return
+        for index, c in enumerate(self.manifest["chunks"]):
+            chunk_path = self.path / c["file"]
+            sha = _sha256_file(chunk_path)
+            if sha != c["sha256"]:
+                raise StoreError(f"Chunk {chunk_path} has sha256 {sha[:12]}… but the manifest says {c['sha256'][:12]}…; it is corrupt "
+                                 f"(rebuild the store, or restore that file from a good copy).")
+            bad = self._first_nonfinite_row(index)
+            if bad is not None:
+                raise StoreError(f"Row {bad} of chunk {chunk_path} (row {int(self._chunk_starts[index]) + bad} of the store) holds a "
+                                 f"non-finite value (nan or inf); stores hold finite rows only: rebuild it from its source.")
+        self.manifest["verified"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "chunks": self._chunk_stats()}
+        try:
+            write_json_atomic(self.path / MANIFEST, self.manifest)
+        except OSError as error:  # a read-only store is still usable: it is checked again next time
+            warnings.warn(f"store {self.path} verified but the result could not be recorded in {MANIFEST} ({error.strerror})")
+
+    def _chunk_stats(self) -> list[list[int]]:
+        """[size, mtime_ns] of every chunk file: what a recorded verification vouches for."""
+        stats = [(self.path / c["file"]).stat() for c in self.manifest["chunks"]]
+        return [[st.st_size, st.st_mtime_ns] for st in stats]
+
+    def _first_nonfinite_row(self, index: int, block_rows: int = 8192) -> int | None:
+        """Index within chunk `index` of its first row holding nan or inf, or None."""
+        chunk = self._chunk(index)
+        for lo in range(0, len(chunk), block_rows):
+            block = chunk[lo : lo + block_rows]
+            if self.dtype == "float32":
+                finite = np.isfinite(block)
+            else:  # float16 / bfloat16 as uint16: non-finite iff every exponent bit is set
+                exponent = np.uint16(0x7C00 if self.dtype == "float16" else 0x7F80)
+                finite = (block & exponent) != exponent
+            bad = np.flatnonzero(~finite.all(axis=1))
+            if len(bad):
+                return lo + int(bad[0])
+        return None
 
     @staticmethod
     def _check_manifest(manifest_path: Path, m: dict) -> None:
@@ -521,20 +589,23 @@ class ActivationStore:
         device: str | torch.device = "cpu",
         normalize: str = "none",
         window: int = DEFAULT_WINDOW_CHUNKS,
-    ) -> Iterator[tuple[torch.Tensor, Position]]:
+        skip_nonfinite: bool = False,
+    ) -> Iterator[tuple[torch.Tensor | None, Position]]:
         """Yield (batch float32 [batch_size, d_in] on device, next Position) forever.
 
         Per epoch: chunks are shuffled by (seed, epoch); consecutive groups of `window` chunks are
         concatenated and their rows shuffled by (seed, epoch, window index); the epoch is the
         concatenation of these windows, cut into batches (a batch may span windows, never epochs).
         drop_last: the final n_train_rows % batch_size rows of each epoch's order are skipped.
+        skip_nonfinite: a batch holding nan or inf is yielded as (None, next Position) instead, checked
+        on the CPU before the copy to the device, so a GPU consumer never waits for the check.
         """
         if batch_size <= 0 or window <= 0:
             raise StoreError(f"batch_size ({batch_size}) and window ({window}) must be positive.")
         if batch_size > self.n_train_rows:
             raise StoreError(f"batch_size={batch_size} exceeds the {self.n_train_rows} training rows of store {self.path}.")
         norm = self._normalizer(normalize, device)
-        pin = torch.device(device).type == "cuda"
+        staging = _PinnedRing((batch_size, self.d_in)) if torch.device(device).type == "cuda" else None
         position = Position.from_dict(position) if isinstance(position, dict) else (position or Position())
         n_batches = self.batches_per_epoch(batch_size)
         epoch, batch = position.epoch, position.batch
@@ -563,9 +634,10 @@ class ActivationStore:
                     a, b = max(lo, window_starts[w]) - window_starts[w], min(hi, window_starts[w + 1]) - window_starts[w]
                     parts.append(cache[w][a:b])
                 x = self.rows(np.concatenate(parts), buffer)  # [batch_size, d_in] float32
-                if pin:
-                    x = x.pin_memory()
-                x = norm(x.to(device, non_blocking=pin))
+                if skip_nonfinite and not bool(torch.isfinite(x).all()):
+                    x = None
+                else:
+                    x = norm(staging.to_device(x, device) if staging else x.to(device))
                 batch += 1
                 if batch < n_batches:
                     nxt = Position(epoch, int(np.searchsorted(window_starts, batch * batch_size, side="right") - 1) * window, batch)

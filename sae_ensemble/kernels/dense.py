@@ -1,0 +1,195 @@
+"""The ensemble's gradient written by hand on the stacked tensors: the fused dense path.
+
+`grads(params, hp, x, layout, row_chunk)` returns exactly what
+`vmap(grad(sae.loss, has_aux=True))` returns (gradients and aux stats, every tensor with a
+leading member axis), computed without autograd:
+
+- batched GEMMs over the member axis; the encoder bias rides in `baddbmm`;
+- the decoder gets one extra column of ones (`D_aug = [D, 1]`), so the same GEMM that
+  reconstructs x also sums each row's codes (the L1 norm), and the backward GEMM that
+  gives dL/dcodes also adds the L1 coefficient: neither costs a pass over [M, B, n];
+- ReLU runs in place and its mask is reused by the backward (`threshold_backward`,
+  in place), so an [M, B, n] tensor is touched by ReLU, its backward, and the two
+  reductions that must read it (firing counts, the encoder-bias gradient);
+- GEMM outputs are written into buffers already used (the firing tile becomes dL/dpre),
+  so a chunk holds two [M, b, n] tensors at a time (plus top-k's own when k > 0);
+- the b_dec gradient through the encoder is a GEMV, (sum_rows dL/dpre) @ W_enc, not
+  the [B, d] GEMM that autograd runs for d(x - b_dec);
+- rows are processed in chunks of `row_chunk` with gradients accumulated, so on CPU an
+  [M, chunk, n] tile stays in cache (and the same loop gives micro-batching for free).
+
+Shapes: M members, B rows, d = d_in, n = padded dict size.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from sae_ensemble.sae import Hparams, Layout, Params
+
+PAD_BIAS = 1e30  # as sae.encode: padded features never fire
+
+
+def decoder_rows(params: Params, hp: Hparams, layout: Layout) -> torch.Tensor:
+    """[M, n, d] rows that normalise into each member's dictionary (W_enc's for tied members)."""
+    if layout.all_tied:
+        return params["W_enc"]
+    if layout.any_tied:
+        return torch.where(hp["tied"].view(-1, 1, 1) > 0, params["W_enc"], params["W_dec"])
+    return params["W_dec"]
+
+
+def augmented_width(d: int) -> int:
+    """Columns of the augmented operands: d + 1, padded to a multiple of 8, where BLAS runs as
+    fast as at d (measured: d + 1 columns cost 10-20% GEMM speed on CPU). Zero columns carry nothing."""
+    return (d + 1 + 7) // 8 * 8
+
+
+def augmented_encoder(params: Params, mask: torch.Tensor, d_aug: int) -> torch.Tensor:
+    """[W_enc, bias, 0...] [M, n, d_aug], to multiply [x - b_dec, 1, 0...]: the encoder bias rides in
+    the GEMM and the weight-gradient GEMM's column d is the bias gradient (no pass over [M, B, n])."""
+    W_enc = params["W_enc"]
+    M, n, d = W_enc.shape
+    W_aug = W_enc.new_zeros(M, n, d_aug)
+    W_aug[..., :d] = W_enc
+    W_aug[..., d] = params["b_enc"] - (1.0 - mask) * PAD_BIAS
+    return W_aug
+
+
+def augmented_rows(x: torch.Tensor, centre: torch.Tensor, d_aug: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[x - b_dec, 1, 0...] [M, b, d_aug] of rows x [b, d] for every member's centre [M, d]."""
+    M, d = centre.shape
+    rows = x.new_zeros(M, x.shape[0], d_aug, dtype=dtype)
+    torch.sub(x.unsqueeze(0), centre.unsqueeze(1), out=rows[..., :d])
+    rows[..., d] = 1.0
+    return rows
+
+
+def topk_codes(pre: torch.Tensor, hp: Hparams, layout: Layout) -> torch.Tensor:
+    """Codes [M, B, n]: each topk member keeps exactly its k largest ReLU'd pre-activations per row."""
+    values, indices = torch.topk(pre, layout.k_max, dim=-1)  # [M, B, k_max], largest first
+    rank_kept = torch.arange(layout.k_max, device=pre.device) < hp["k"].view(-1, 1, 1)  # [M, 1, k_max]
+    kept = torch.zeros_like(pre).scatter_(-1, indices, values.relu_() * rank_kept)
+    if layout.all_topk:
+        return kept
+    return torch.where(hp["topk"].view(-1, 1, 1) > 0, kept, pre.relu_())
+
+
+def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chunk: int | None = None,
+          dtype: torch.dtype = torch.float32) -> tuple[Params, dict[str, torch.Tensor]]:
+    """(gradients, aux) of every member's loss on x [B, d], equal to the vmapped autograd reference.
+
+    `dtype`: of the GEMM operands and the [M, b, n] tensors. bfloat16 (CUDA) is what autocast
+    gives the reference: half the bytes per pass and twice the GEMM rate; the gradients are
+    accumulated, and the loss, the normalisation and Adam computed, in float32.
+    """
+    W_enc, b_dec = params["W_enc"], params["b_dec"]
+    M, n, d = W_enc.shape
+    B = x.shape[0]
+    mask = hp["feature_mask"]  # [M, n]
+    centre = b_dec * hp["use_b_dec"].view(-1, 1)  # [M, d]
+    d_aug = augmented_width(d)
+    W_aug = augmented_encoder(params, mask, d_aug)
+    # Decoder [D, 1]: the reconstruction GEMM also sums each row's codes (the L1 norm), and the
+    # GEMM giving dL/dcodes also adds the L1 coefficient.
+    rows = decoder_rows(params, hp, layout)
+    norms = rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # F.normalize's eps
+    D_aug = rows.new_zeros(M, n, d_aug)
+    torch.div(rows, norms, out=D_aug[..., :d])
+    D_aug[..., d] = 1.0
+    D = D_aug[..., :d]
+    centre_aug = F.pad(centre, (0, d_aug - d)).unsqueeze(1).to(dtype)  # [M, 1, d_aug]: no bias on the L1 column
+    W_aug, D_operand = W_aug.to(dtype), D_aug.to(dtype)
+
+    g_W_aug: torch.Tensor | None = None
+    g_D_aug: torch.Tensor | None = None
+    g_xhat_sum = torch.zeros_like(b_dec)  # [M, d]
+    squared_error = x.new_zeros(M)
+    code_sum = x.new_zeros(M)
+    fired = x.new_zeros(M, n)
+    l1_column = (hp["l1"] / B).view(-1, 1)  # [M, 1]: dL/dcode from the L1 term
+    mse_scale = 2.0 / (B * d)
+
+    for rows_x in x.split(row_chunk or B):
+        xc_aug = augmented_rows(rows_x, centre, d_aug, dtype)
+        pre = torch.bmm(xc_aug, W_aug.transpose(1, 2))  # [M, b, n]
+        codes = topk_codes(pre, hp, layout) if layout.k_max > 0 else pre.relu_()
+        xhat_aug = torch.baddbmm(centre_aug, codes, D_operand).float()  # [M, b, d_aug]; column d: sum of codes
+        err = xhat_aug[..., :d] - rows_x
+        squared_error += err.pow(2).sum((1, 2))
+        code_sum += xhat_aug[..., d].sum(1)
+
+        g_aug = torch.zeros_like(xhat_aug)  # [dL/dx_hat, l1/B, 0...]
+        torch.mul(err, mse_scale, out=g_aug[..., :d])
+        g_aug[..., d] = l1_column
+        g_operand = g_aug.to(dtype)
+        # Firing counts through a 0/1 tile: summing a bool tensor widens it to int64 first
+        # (a copy at 8 bytes per element: ~7x slower on CPU, ~2x on an H100); the tile's memory
+        # then takes dL/dcodes.
+        tile = torch.gt(codes, 0, out=torch.empty_like(codes))
+        fired += tile.sum(1, dtype=torch.float32)
+        g_pre = torch.bmm(g_operand, D_operand.transpose(1, 2), out=tile)  # dL/dcodes [M, b, n]
+        torch.ops.aten.threshold_backward(g_pre, codes, 0.0, grad_input=g_pre)  # ReLU/top-k mask, in place
+        g_D_aug = _accumulate(g_D_aug, codes.transpose(1, 2), g_operand)
+        g_W_aug = _accumulate(g_W_aug, g_pre.transpose(1, 2), xc_aug)
+        g_xhat_sum += g_aug[..., :d].sum(1)
+
+    assert g_W_aug is not None and g_D_aug is not None  # x has at least one row
+    sums = Sums(g_D_aug[..., :d], g_W_aug[..., :d], g_W_aug[..., d], g_xhat_sum, squared_error, code_sum, fired)
+    return finish(params, hp, layout, D, norms, sums, B)
+
+
+class Sums(NamedTuple):
+    """What the per-chunk loop accumulates over the batch's rows (every kernel fills the same)."""
+
+    g_D: torch.Tensor  # [M, n, d] dL/d(unit-norm decoder rows)
+    g_W_enc: torch.Tensor  # [M, n, d] dL/dW_enc through the encoder GEMM
+    g_pre_sum: torch.Tensor  # [M, n] dL/dpre summed over rows (= the encoder-bias gradient)
+    g_xhat_sum: torch.Tensor  # [M, d] dL/dx_hat summed over rows
+    squared_error: torch.Tensor  # [M]
+    code_sum: torch.Tensor  # [M] sum of all codes (the L1 norm times B)
+    fired: torch.Tensor  # [M, n] rows in which each feature fired
+
+
+def finish(params: Params, hp: Hparams, layout: Layout, D: torch.Tensor, norms: torch.Tensor, sums: Sums, B: int) -> tuple[Params, dict[str, torch.Tensor]]:
+    """The per-parameter gradients and aux stats from the accumulated sums."""
+    W_enc, b_enc = params["W_enc"], params["b_enc"]
+    d = W_enc.shape[-1]
+    mask = hp["feature_mask"]
+    # Through the row normalisation D = rows / |rows|: project out the radial part.
+    g_D = sums.g_D
+    g_rows = (g_D - D * (g_D * D).sum(-1, keepdim=True)) / norms
+    g_W_enc = sums.g_W_enc.contiguous()  # a view into the augmented gradient: own it before adding
+    if layout.all_tied:
+        g_W_enc += g_rows
+        g_W_dec = torch.zeros_like(params["W_dec"])
+    elif layout.any_tied:
+        tied = hp["tied"].view(-1, 1, 1) > 0
+        g_W_enc += torch.where(tied, g_rows, 0.0)
+        g_W_dec = torch.where(tied, 0.0, g_rows)
+    else:
+        g_W_dec = g_rows
+
+    masked_b_enc = b_enc * mask
+    bias_norm = masked_b_enc.norm(dim=-1)  # [M]
+    # d|b|/db = b/|b|, and 0 at b = 0 (as autograd's norm backward).
+    g_norm = torch.where(bias_norm.unsqueeze(-1) > 0, masked_b_enc / bias_norm.clamp(min=1e-30).unsqueeze(-1), 0.0) * mask
+    g_b_enc = sums.g_pre_sum + hp["bias_decay"].view(-1, 1) * g_norm
+    through_encoder = torch.bmm(sums.g_pre_sum.unsqueeze(1), W_enc).squeeze(1)  # [M, d]: d(x - b_dec) part
+    g_b_dec = (sums.g_xhat_sum - through_encoder) * hp["use_b_dec"].view(-1, 1)
+
+    mse = sums.squared_error / (B * d)
+    l1_norm = sums.code_sum / B
+    loss = mse + hp["l1"] * l1_norm + hp["bias_decay"] * bias_norm
+    aux = {"loss": loss, "mse": mse, "l1_norm": l1_norm, "l0": sums.fired.sum(-1) / B, "fired": sums.fired}
+    return {"W_enc": g_W_enc, "b_enc": g_b_enc, "W_dec": g_W_dec, "b_dec": g_b_dec}, aux
+
+
+def _accumulate(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """total + a @ b, batched, in float32; the first chunk's product is the total (no zero-fill pass)."""
+    if total is None:
+        return torch.bmm(a, b).float()
+    return total.baddbmm_(a, b) if a.dtype == total.dtype else total.add_(torch.bmm(a, b))

@@ -1,0 +1,212 @@
+"""The hand-written kernels equal the reference vmap(grad(sae.loss)): per step and after training."""
+
+import pytest
+import torch
+
+from sae_ensemble.ensemble import Ensemble
+from sae_ensemble.kernels import dense, sparse
+from sae_ensemble.member import Member
+from test_ensemble import D_IN, MIXED, STEPS, sparse_batches
+
+TOPK = [
+    Member("topk", D_IN, 64, k=4, seed=5),
+    Member("topk", D_IN, 32, k=8, lr=2e-3, seed=6, lr_warmup_steps=5),
+    Member("topk", D_IN, 48, k=3, bias_decay=0.1, seed=1, use_b_dec=False),
+    Member("topk", D_IN, 48, k=6, bias_decay=0.05, lr=3e-3, seed=2, lr_decay_steps=15),
+]
+
+
+def train(members, execution, micro_batches=1, steps=STEPS, row_chunk=None):
+    ensemble = Ensemble(members, total_steps=steps, execution=execution, micro_batches=micro_batches)
+    ensemble.row_chunk = row_chunk
+    for batch in sparse_batches(steps):
+        ensemble.step(batch)
+    return ensemble
+
+
+def assert_same_members(a: Ensemble, b: Ensemble, atol: float = 1e-5) -> None:
+    for index in range(len(a)):
+        params_a, moments_a = a.member_state(index)
+        params_b, moments_b = b.member_state(index)
+        for name in params_a:
+            torch.testing.assert_close(params_a[name], params_b[name], atol=atol, rtol=0, msg=f"member {index} {name}")
+    assert torch.equal(a.alive.cpu(), b.alive.cpu())
+
+
+@pytest.fixture(scope="module")
+def reference_mixed():
+    return train(MIXED, "reference")
+
+
+@pytest.mark.parametrize("row_chunk", [None, 24])
+def test_fused_training_equals_reference_for_every_variant(reference_mixed, row_chunk):
+    # MIXED: relu, tied and topk; 4 dict sizes; per-member l1, k, lr, bias decay, warmups, decay, no b_dec.
+    assert_same_members(train(MIXED, "fused", row_chunk=row_chunk), reference_mixed)
+
+
+@pytest.mark.parametrize("execution", ["fused", "sparse"])
+def test_topk_kernels_equal_reference_training(execution):
+    assert_same_members(train(TOPK, execution, row_chunk=20), train(TOPK, "reference"))
+
+
+def test_sparse_kernel_equals_reference_for_every_variant(reference_mixed):
+    # relu and tied members take the nonzeros of their dense codes; topk members mixed in too.
+    assert_same_members(train(MIXED, "sparse", row_chunk=24), reference_mixed)
+
+
+@pytest.mark.parametrize("kernel", [dense, sparse], ids=["dense", "sparse"])
+def test_kernel_gradients_and_stats_equal_reference_on_one_step(kernel):
+    ensemble = train(TOPK, "reference", steps=5)
+    with torch.no_grad():
+        ensemble.params["b_enc"].normal_()  # non-zero encoder bias: the bias-decay gradient matters
+    batch = sparse_batches(1, seed=3)[0]
+    hparams = {**ensemble.hparams, "l1": ensemble.schedules(5)[1]}
+    want_grads, want_aux = ensemble._reference(batch, hparams)
+    grads, aux = kernel.grads(ensemble.params, hparams, batch, ensemble.layout, row_chunk=13)
+    for name in want_grads:
+        torch.testing.assert_close(grads[name], want_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    for name in want_aux:
+        torch.testing.assert_close(aux[name], want_aux[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+def test_bf16_dense_kernel_stays_within_bf16_rounding_of_the_float32_reference():
+    """The bf16 path (CUDA's autocast choice) runs on CPU too, so CI checks its arithmetic."""
+    ensemble = train(MIXED, "reference", steps=5)
+    batch = sparse_batches(1, seed=3)[0]
+    hparams = {**ensemble.hparams, "l1": ensemble.schedules(5)[1]}
+    want_grads, want_aux = ensemble._reference(batch, hparams)
+    grads, aux = dense.grads(ensemble.params, hparams, batch, ensemble.layout, dtype=torch.bfloat16)
+    for name in want_grads:  # bf16 keeps 8 mantissa bits: ~0.4% per rounding
+        assert grads[name].dtype == torch.float32
+        assert relative_error(grads[name], want_grads[name]) < 3e-2, name
+    for name in ("loss", "mse", "l1_norm"):
+        assert relative_error(aux[name], want_aux[name]) < 1e-2, name
+
+
+@pytest.mark.parametrize("execution", ["reference", "fused"])
+def test_micro_batches_equal_the_whole_batch(execution, reference_mixed):
+    assert_same_members(train(MIXED, execution, micro_batches=3), reference_mixed)
+
+
+def test_diverging_member_is_frozen_on_the_fused_path_and_others_are_unchanged():
+    healthy = MIXED[:3]
+    diverging = Member("relu", D_IN, 32, l1=1e-3, lr=1e30, seed=7)
+    with_bad = train([*healthy, diverging], "fused", steps=20)
+    without = train(healthy, "fused", steps=20)
+    assert with_bad.alive.tolist() == [True, True, True, False]
+    for name, tensor in with_bad.params.items():
+        assert torch.isfinite(tensor[3]).all(), name
+    for index in range(3):
+        a, _ = with_bad.member_state(index)
+        b, _ = without.member_state(index)
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def test_autotune_keeps_a_measured_candidate_and_trains_like_the_reference(reference_mixed):
+    tuned = Ensemble(MIXED, total_steps=STEPS, execution="auto")
+    choice = tuned.autotune(sparse_batches(1)[0])
+    assert choice in tuned.autotune_report and {"reference", "fused"} <= {c.split("(")[0] for c in tuned.autotune_report}
+    assert tuned.execution in ("reference", "fused")
+    for batch in sparse_batches(STEPS):
+        tuned.step(batch)
+    assert_same_members(tuned, reference_mixed)
+
+
+def test_sparse_is_a_candidate_for_topk_ensembles_and_for_others_only_when_codes_are_sparse():
+    tuned = Ensemble(TOPK, total_steps=1, execution="auto")
+    tuned.autotune(sparse_batches(1)[0])
+    assert any(c.startswith("sparse") for c in tuned.autotune_report)
+    dense_codes = [Member("relu", D_IN, 48, l1=1e-6, seed=0)]  # at init about half the features fire
+    tuned = Ensemble(dense_codes, total_steps=1, execution="auto")
+    tuned.autotune(sparse_batches(1)[0] - 0.3)
+    assert not any(c.startswith("sparse") for c in tuned.autotune_report)
+    with pytest.raises(ValueError, match="execution='vectorised' is unknown; allowed: auto, reference, fused, sparse"):
+        Ensemble(MIXED, total_steps=1, execution="vectorised")
+
+
+def test_topk_keeps_exactly_k_when_pre_activations_tie():
+    member = Member("topk", 8, 16, k=3, seed=0)
+    ensemble = Ensemble([member], total_steps=1, execution="fused")
+    with torch.no_grad():
+        ensemble.params["W_enc"].fill_(1.0)  # every feature gets the same pre-activation
+    codes, _ = ensemble.forward(torch.ones(5, 8))
+    assert ((codes > 0).sum(-1) == 3).all()
+    _, aux = ensemble.grads(torch.ones(5, 8), ensemble.hparams)
+    assert torch.equal(aux["l0"], torch.tensor([3.0]))
+
+
+def cuda(test):
+    """A CUDA test: part of `make gpu-check` (-m cuda), skipped without a GPU."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
+
+
+@cuda
+@pytest.mark.parametrize("execution,members", [("fused", MIXED), ("sparse", TOPK)], ids=["fused", "sparse"])
+def test_cuda_kernels_equal_the_cpu_reference(execution, members):
+    """On CUDA in full fp32 (TF32 off): the kernels' members equal the CPU reference's to 1e-4 after 50 steps."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        on_gpu = Ensemble(members, total_steps=STEPS, device="cuda", execution=execution)
+        for batch in sparse_batches(STEPS):
+            on_gpu.step(batch.cuda())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert_same_members(on_gpu, train(members, "reference"), atol=1e-4)
+
+
+@cuda
+def test_cuda_autotune_picks_a_measured_candidate_equal_to_the_reference():
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        tuned = Ensemble(TOPK, total_steps=STEPS, device="cuda", execution="auto")
+        for batch in sparse_batches(STEPS):
+            tuned.step(batch.cuda())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert {"reference", "fused(rows=64)", "sparse(rows=64)"} == set(tuned.autotune_report)
+    assert_same_members(tuned, train(TOPK, "reference"), atol=1e-4)
+
+
+@pytest.mark.parametrize("execution", ["reference", "fused"])
+def test_a_non_finite_step_is_skipped_and_freezes_only_after_freeze_after_in_a_row(execution):
+    members = MIXED[:3]
+    batches = sparse_batches(12)
+    ensembles = {}
+    for name in ("reference", execution):
+        ensemble = Ensemble(members, total_steps=12, execution=name, freeze_after=3)
+        for step, batch in enumerate(batches):
+            poisoned = step in (4, 5) or step >= 8  # member 1: two bad steps, then four in a row
+            ensemble.hparams["l1"][1] = float("nan") if poisoned else members[1].l1
+            before = {k: v[1].clone() for k, v in ensemble.params.items()}
+            moments = {k: v[1].clone() for k, v in ensemble.opt_state.mu.items()}
+            ensemble.step(batch)
+            if poisoned:  # the step is skipped: params and moments exactly as before
+                assert all(torch.equal(ensemble.params[k][1], before[k]) for k in before)
+                assert all(torch.equal(ensemble.opt_state.mu[k][1], moments[k]) for k in moments)
+            if step == 7:
+                assert ensemble.alive.tolist() == [True, True, True], "two skipped steps must not freeze"
+        assert ensemble.alive.tolist() == [True, False, True]
+        ensembles[name] = ensemble
+    assert_same_members(ensembles[execution], ensembles["reference"])
+
+
+@cuda
+def test_cuda_bf16_autocast_fused_step_matches_the_reference_autocast_step():
+    ensemble = Ensemble(MIXED, total_steps=STEPS, device="cuda", autocast_bf16=True, execution="fused")
+    batch = sparse_batches(1, seed=3)[0].cuda()
+    hparams = {**ensemble.hparams}
+    fused_grads, _ = ensemble.grads(batch, hparams)
+    ensemble.execution = "reference"
+    reference_grads, _ = ensemble.grads(batch, hparams)
+    for name in reference_grads:
+        assert relative_error(fused_grads[name], reference_grads[name]) < 3e-2, name
+    ensemble.execution = "fused"
+    losses = [float(ensemble.step(b.cuda())["loss"].sum()) for b in sparse_batches(STEPS)]
+    assert bool(ensemble.alive.all()) and losses[-1] < 0.5 * losses[0]
