@@ -27,7 +27,8 @@ from sae_ensemble.activations.synthetic import write_synthetic
 from sae_ensemble.checkpoint import load_ensemble, load_member, save_member
 from sae_ensemble.dispatch import Training, resolve_devices, run
 from sae_ensemble.ensemble import Ensemble
-from sae_ensemble.grid import Grid, make_plan
+from sae_ensemble.grid import Grid
+from sae_ensemble.plan import make_plan
 from sae_ensemble.member import Member
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -250,7 +251,7 @@ def trained_members(run_dir) -> dict[str, dict[str, torch.Tensor]]:
 @pytest.fixture(scope="module")
 def cpu_run(synthetic_store, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("cpu_run")
-    assert run(make_plan(GRID.members(16), resolve_devices("cpu:1"), 64), synthetic_store, run_dir, TRAINING, progress=False) == 0
+    assert run(make_plan(GRID.members(16), resolve_devices("cpu:1"), 64, 2**34), synthetic_store, run_dir, TRAINING, progress=False) == 0
     return trained_members(run_dir)
 
 
@@ -259,7 +260,7 @@ def test_dispatcher_on_cuda_trains_the_members_cpu_trains(devices, synthetic_sto
     if len(devices.split(",")) > torch.cuda.device_count():
         pytest.skip(f"{devices} needs {len(devices.split(','))} GPUs; {torch.cuda.device_count()} visible")
     # Workers run with PyTorch's default, TF32 off for matmuls, as the comparison needs.
-    plan = make_plan(GRID.members(16), resolve_devices(devices), 64)
+    plan = make_plan(GRID.members(16), resolve_devices(devices), 64, 2**34)
     assert run(plan, synthetic_store, tmp_path, TRAINING, progress=False) == 0
     on_gpu = trained_members(tmp_path)
     assert sorted(on_gpu) == sorted(cpu_run)
