@@ -196,6 +196,7 @@ class _Slot:
     counter: metrics.FiringCounter
     position: Position
     saved_step: int  # the step of its newest checkpoint: a stop before it moves again writes nothing
+    joined: bool = False  # stepping with the stage's batch stream (see _train_stage)
 
 
 def train_worker(index, device, plan, store_path: Path, run_dir: Path, training: Training, threads, events, stop) -> None:
@@ -238,28 +239,31 @@ def _train_stage(worker: int, indices: list[int], plan: dict, store: ActivationS
         slots.append(_Slot(i, members, directory, ensemble, counter, position, ensemble.step_count if checkpoint else -1))
 
     # One batch stream for the stage, from the least advanced ensemble; an ensemble saved further on
-    # joins when the stream reaches its step (the stream is a function of the step, so it must be there).
+    # joins when the stream reaches its step and position (the same stream, with the same skipped
+    # batches, brought it there), and a checkpoint the stream passes by belongs to another run.
     slots.sort(key=lambda s: s.ensemble.step_count)
     step, stream_position = slots[0].ensemble.step_count, slots[0].position
     batches = store.train_batches(training.batch_size, seed=training.data_seed, position=stream_position, device=device,
                                   normalize=training.normalize, window=training.shuffle_window_chunks, skip_nonfinite=True)
     last_progress, skipped_in_a_row = time.monotonic(), 0
     while step < training.steps and not stop.is_set():
-        active = [s for s in slots if s.ensemble.step_count == step]
-        for slot in active:
-            if slot.position != stream_position:
-                raise CheckpointError(f"ensemble {slot.index} was saved at step {step} with store position {slot.position.to_dict()}, "
-                                      f"but the batch stream is at {stream_position.to_dict()}; its checkpoint belongs to another run")
+        for slot in slots:  # an ensemble joins when the stream reaches its step and its saved position
+            slot.joined = slot.joined or (slot.ensemble.step_count == step and slot.position == stream_position)
+        active = [s for s in slots if s.joined and s.ensemble.step_count == step]
         batch, stream_position = next(batches)
         if batch is None:  # it holds a non-finite value: no member sees it (see _skip_batch)
-            # Positions stay before it: a resume reads it again and skips it again, and the stream stays
-            # a function of the step (an ensemble saved further on joins at its saved position).
             skipped_in_a_row = _skip_batch(store, training, worker, step, stream_position, skipped_in_a_row, events)
+            for slot in active:  # they go on after it, as a resume from their next checkpoint will
+                slot.position = stream_position
             continue
         skipped_in_a_row = 0
         step += 1
         for slot in active:
             _step(worker, slot, batch, stream_position, training, events)
+        for slot in slots:
+            if not slot.joined and slot.ensemble.step_count < step:
+                raise CheckpointError(f"ensemble {slot.index} was saved at step {slot.ensemble.step_count} with store position "
+                                      f"{slot.position.to_dict()}, which the batch stream passed; its checkpoint belongs to another run")
         if time.monotonic() - last_progress > PROGRESS_SECONDS:
             events.put(("progress", worker, {"step": behind + sum(s.ensemble.step_count for s in slots)}))
             last_progress = time.monotonic()

@@ -587,7 +587,7 @@ def test_the_non_finite_streak_survives_a_checkpoint(tmp_path):
     ensemble, counter, _ = _checkpointed_ensemble(tmp_path)
     ensemble.step(torch.full((16, 4), float("nan")))
     ensemble.step(torch.full((16, 4), float("nan")))
-    from sae_ensemble.dispatch import save_checkpoint
+    from sae_ensemble.train import save_checkpoint
 
     save_checkpoint(tmp_path, ensemble, Position(0, 0, 3), counter)
     restored = resume(tmp_path, ensemble.members, Training(steps=10, freeze_after=5), "cpu", FiringCounter(3, 8, 100))[0]
