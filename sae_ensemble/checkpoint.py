@@ -91,7 +91,7 @@ def load_ensemble(
     steps = {cfg.get("steps") for _, _, _, cfg in loaded}
     if len(steps) != 1:
         raise CheckpointError(f"members in {[str(d) for d in directories]} were saved at different steps {sorted(steps)}")
-    ensemble = Ensemble([m for m, _, _, _ in loaded], total_steps, device, autocast_bf16, freeze_after)
+    ensemble = Ensemble([m for m, _, _, _ in loaded], total_steps, device, autocast_bf16, freeze_after=freeze_after)
     for index, (_, params, moments, cfg) in enumerate(loaded):
         ensemble.load_member_state(index, params, moments)
         ensemble.alive[index] = bool(cfg.get("alive", True))

@@ -219,7 +219,7 @@ def resume(directory: Path, members, training: Training, device, counter: metric
             unreadable.append(f"{step_dir.name} ({error})")
     if unreadable:
         raise CheckpointError(f"no checkpoint in {directory} could be read: {'; '.join(unreadable)}")
-    return Ensemble(members, training.steps, device, training.autocast_bf16, training.freeze_after), Position(), None, []
+    return Ensemble(members, training.steps, device, training.autocast_bf16, freeze_after=training.freeze_after), Position(), None, []
 
 
 # -- the worker ----------------------------------------------------------------------------------------
