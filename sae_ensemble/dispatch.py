@@ -258,14 +258,7 @@ def _final_metrics(ensemble: Ensemble, store: ActivationStore, counter, training
     x = store.heldout(training.eval_rows, device=device, normalize=training.normalize)  # [R, d]
     mask = ensemble.hparams["feature_mask"]
     rows_per_part = max(1, 2**22 // (len(ensemble) * ensemble.n_padded))  # bounds the [M, B, n] codes
-    sums: dict[str, torch.Tensor] = {}
-    for rows in x.split(rows_per_part):
-        codes, x_hat = ensemble.forward(rows)
-        for name, value in metrics.reconstruction_metrics(rows, x_hat, codes, mask).items():
-            sums[name] = sums.get(name, 0) + value * rows.shape[0]
-    result = {name: total / x.shape[0] for name, total in sums.items()}
-    # FVU is a ratio of sums over all rows, not a mean of per-part ratios: rebuild it from the MSE.
-    result["fvu"] = result["mse"] * x.numel() / (x - x.mean(0)).pow(2).sum().clamp(min=1e-30)
+    result = metrics.heldout_metrics(x, ensemble.forward, mask, rows_per_part)
     result["dead_frac"] = counter.dead_fraction(mask)
     truth = store.ground_truth()
     if truth is not None:
