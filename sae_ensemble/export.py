@@ -66,15 +66,25 @@ def run_context(run_dir: Path) -> dict[str, Any]:
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         return context
-    from omegaconf import OmegaConf  # Hydra's config library: only needed to resolve ${layer} in the hook name
+    from omegaconf import OmegaConf  # Hydra's config library: resolves ${layer} in the hook name
+    from omegaconf.errors import OmegaConfBaseException
 
+    from sae_ensemble.config import register
+
+    register()  # our resolvers (repo_path, logspace), which saved values may use
     cfg = OmegaConf.load(saved)
-    source = OmegaConf.select(cfg, "data.source", default="unknown")
-    context["source"] = source
-    if source == "lm":
-        context["model_name"] = str(OmegaConf.select(cfg, "model.name", default="unknown"))
-        context["hook_name"] = str(OmegaConf.select(cfg, "hook", default="unknown"))
-        context["context_size"] = OmegaConf.select(cfg, "data.context_length", default=None)
+
+    def select(key: str, default: Any) -> Any:
+        try:
+            return OmegaConf.select(cfg, key, default=default)
+        except OmegaConfBaseException:  # an interpolation this process cannot resolve: say unknown, never fail the export
+            return default
+
+    context["source"] = select("data.source", "unknown")
+    if context["source"] == "lm":
+        context["model_name"] = str(select("model.name", "unknown"))
+        context["hook_name"] = str(select("hook", "unknown"))
+        context["context_size"] = select("data.context_length", None)
     return context
 
 

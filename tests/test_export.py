@@ -22,13 +22,14 @@ from sae_ensemble.member import Member
 REPO = Path(__file__).resolve().parents[1]
 D_IN, N = 12, 40
 MEMBERS = [Member("relu", D_IN, N, l1=1e-3, seed=0), Member("tied", D_IN, N, l1=1e-3, seed=1), Member("topk", D_IN, N, k=5, seed=2)]
-SHIFT_SCALE = 2.5  # the test store's rows are 2.5 * z + offset: a scale far from 1 shows a missed fold
+SHIFT_SCALE = 0.25  # the test store's rows are 0.25 * z + offset: a scale far from 1 shows a missed fold, values of
+# order 1 keep float32 rounding (about 1e-7 relative) well inside the interop tests' atol of 1e-5
 
 
 def random_params(member: Member, seed: int) -> dict[str, torch.Tensor]:
     """Params as a trained member saves them: unit-norm W_dec (the normalised encoder if tied), nonzero biases."""
     g = torch.Generator().manual_seed(seed)
-    W_enc = torch.randn(member.dict_size, member.d_in, generator=g)
+    W_enc = torch.randn(member.dict_size, member.d_in, generator=g) / member.d_in**0.5
     W_dec = F.normalize(W_enc if member.variant == "tied" else torch.randn(member.dict_size, member.d_in, generator=g), dim=-1)
     return {"W_enc": W_enc, "b_enc": 0.3 * torch.randn(member.dict_size, generator=g), "W_dec": W_dec,
             "b_dec": torch.randn(member.d_in, generator=g)}
@@ -49,7 +50,7 @@ def make_store(path: Path):
     from tests.test_store import write_store
 
     g = torch.Generator().manual_seed(7)
-    return write_store(path, SHIFT_SCALE * torch.randn(256, D_IN, generator=g) + torch.linspace(-3, 3, D_IN), heldout_rows=32)
+    return write_store(path, SHIFT_SCALE * torch.randn(256, D_IN, generator=g) + torch.linspace(-0.5, 0.5, D_IN), heldout_rows=32)
 
 
 def reference_outputs(member_dir: Path, x: torch.Tensor, shift: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
@@ -66,7 +67,7 @@ def reference_outputs(member_dir: Path, x: torch.Tensor, shift: torch.Tensor, sc
 
 def inputs(seed: int = 3, rows: int = 64) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return SHIFT_SCALE * torch.randn(rows, D_IN, generator=g) + 0.5
+    return SHIFT_SCALE * torch.randn(rows, D_IN, generator=g) + 0.1
 
 
 def topk_dense(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -129,6 +130,19 @@ def test_saelens_config_declares_what_the_loader_needs(tmp_path):
     assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
     assert int(cfg["metadata"]["sae_lens_version"].split(".")[0]) >= 6
     assert {"model_name", "hook_name", "context_size", "prepend_bos"} <= set(cfg["metadata"])
+
+
+def test_saelens_metadata_comes_from_the_runs_hydra_config(tmp_path):
+    run_dir = build_run(tmp_path / "run")
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text(
+        "data:\n  source: lm\n  context_length: 32\n  store_root: stores\nmodel:\n  name: ${data.store_root}/models/tiny-gpt2\n"
+        "layer: 1\nhook: blocks.${layer}.hook_resid_post\n"
+    )
+    (directory,) = export_run(run_dir, "saelens", members="relu-*")
+    metadata = json.loads((directory / "cfg.json").read_text())["metadata"]
+    assert metadata["model_name"] == "stores/models/tiny-gpt2" and metadata["hook_name"] == "blocks.1.hook_resid_post"
+    assert metadata["context_size"] == 32 and metadata["prepend_bos"] is True
 
 
 def test_sparsify_refuses_relu_members_and_writes_nothing(tmp_path):
