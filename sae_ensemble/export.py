@@ -46,13 +46,14 @@ class ExportError(ValueError):
     """A member cannot be exported as asked (unknown format, inexpressible variant, missing store)."""
 
 
-def folded_params(params: dict[str, torch.Tensor], shift: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
+def folded_params(member: Member, params: dict[str, torch.Tensor], shift: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
     """Our params rewritten for raw activations (module docstring); W_* [n, d] rows, b_enc [n], b_dec [d]."""
+    b_dec = params["b_dec"].float() * float(member.use_b_dec)  # sae.py ignores b_dec when use_b_dec is off
     return {
         "W_enc": params["W_enc"].float(),
         "b_enc": params["b_enc"].float() * scale,
         "W_dec": params["W_dec"].float(),
-        "b_dec": shift.float() + scale * params["b_dec"].float(),
+        "b_dec": shift.float() + scale * b_dec,
     }
 
 
@@ -212,7 +213,7 @@ def export_run(run_dir: str | Path, fmt: str, members: str = "*", out: str | Pat
         member, params, _, _ = load_member(directory)
         target = out / member.member_id
         target.mkdir(parents=True, exist_ok=True)
-        WRITERS[fmt](target, member, folded_params(params, shift, scale), context)
+        WRITERS[fmt](target, member, folded_params(member, params, shift, scale), context)
         written.append(target)
     return written
 

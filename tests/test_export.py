@@ -21,7 +21,8 @@ from sae_ensemble.member import Member
 
 REPO = Path(__file__).resolve().parents[1]
 D_IN, N = 12, 40
-MEMBERS = [Member("relu", D_IN, N, l1=1e-3, seed=0), Member("tied", D_IN, N, l1=1e-3, seed=1), Member("topk", D_IN, N, k=5, seed=2)]
+MEMBERS = [Member("relu", D_IN, N, l1=1e-3, seed=0), Member("tied", D_IN, N, l1=1e-3, seed=1), Member("topk", D_IN, N, k=5, seed=2),
+           Member("relu", D_IN, N, l1=1e-3, seed=3, use_b_dec=False)]  # its saved b_dec must not leak into the export
 SHIFT_SCALE = 0.25  # the test store's rows are 0.25 * z + offset: a scale far from 1 shows a missed fold, values of
 # order 1 keep float32 rounding (about 1e-7 relative) well inside the interop tests' atol of 1e-5
 
@@ -110,7 +111,7 @@ def test_export_reproduces_our_codes_and_reconstructions(tmp_path, fmt, normaliz
     run_dir = build_run(tmp_path / "run", store, normalize)
     selection = "topk-*" if fmt == "sparsify" else "*"
     written = export_run(run_dir, fmt, members=selection, store_dir=store.path)
-    assert len(written) == (1 if fmt == "sparsify" else 3)
+    assert len(written) == (1 if fmt == "sparsify" else len(MEMBERS))
     shift, scale = store.normalization(normalize)
     assert normalize == "none" or abs(scale - 1.0) > 0.5  # the fold is exercised
     x = inputs()
@@ -139,7 +140,7 @@ def test_saelens_metadata_comes_from_the_runs_hydra_config(tmp_path):
         "data:\n  source: lm\n  context_length: 32\n  store_root: stores\nmodel:\n  name: ${data.store_root}/models/tiny-gpt2\n"
         "layer: 1\nhook: blocks.${layer}.hook_resid_post\n"
     )
-    (directory,) = export_run(run_dir, "saelens", members="relu-*")
+    (directory,) = export_run(run_dir, "saelens", members="relu-*-s0")
     metadata = json.loads((directory / "cfg.json").read_text())["metadata"]
     assert metadata["model_name"] == "stores/models/tiny-gpt2" and metadata["hook_name"] == "blocks.1.hook_resid_post"
     assert metadata["context_size"] == 32 and metadata["prepend_bos"] is True
@@ -167,7 +168,7 @@ def test_cli_exit_codes_and_one_line_errors(tmp_path, capsys):
     assert main([str(run_dir), "--format", "saelens", "--members", "nothing-*"]) == 2
     assert "matches --members 'nothing-*'" in capsys.readouterr().err
     out = tmp_path / "out"
-    assert main([str(run_dir), "--format", "dictionary_learning", "--members", "relu-*", "--out", str(out)]) == 0
+    assert main([str(run_dir), "--format", "dictionary_learning", "--members", "relu-*-s0", "--out", str(out)]) == 0
     assert [p.name for p in out.iterdir()] == [MEMBERS[0].member_id]
 
 
@@ -176,5 +177,5 @@ def test_module_runs_as_a_script(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sae_ensemble.export", str(run_dir), "--format", "saelens"],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.split()) == 3
+    assert len(result.stdout.split()) == len(MEMBERS)
     assert all((Path(p) / "sae_weights.safetensors").is_file() for p in result.stdout.split())
