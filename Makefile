@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test sweep bench gpu-check clean
+.PHONY: setup test sweep bench gpu-check interop clean
 
 setup: $(STAMP)
 
@@ -34,5 +34,23 @@ bench: $(STAMP)
 gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
 	@$(PY) -m benchmarks.gpu_check $(ARGS)
 
+# One venv per library our exports target (SAELens pins transformer-lens < 4, so none can share
+# .venv); tests/test_interop.py loads our exports with each library's own loader (docs/interop.md).
+INTEROP := .interop
+INTEROP_LIBS := saelens dictionary_learning sparsify
+
+interop: $(foreach lib,$(INTEROP_LIBS),$(INTEROP)/$(lib)/.installed)
+
+# Rebuilt from scratch when its pinned requirements change.
+$(INTEROP)/%/.installed: tests/interop/requirements-%.txt
+	rm -rf $(INTEROP)/$*
+	$(PYTHON) -m venv $(INTEROP)/$*
+	$(INTEROP)/$*/bin/python -m pip install -q --upgrade pip
+	$(INTEROP)/$*/bin/python -m pip install -q -r $<
+	# nnsight (dictionary_learning's dependency) pulls torchvision, whose PyPI build needs CUDA torch and then
+	# breaks `import transformers` on our CPU torch; no library here uses it. A no-op where it is absent.
+	$(INTEROP)/$*/bin/python -m pip uninstall -q -y torchvision
+	touch $@
+
 clean:
-	rm -rf $(VENV) outputs multirun
+	rm -rf $(VENV) $(INTEROP) outputs multirun

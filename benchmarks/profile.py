@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--execution", choices=EXECUTIONS, default="auto")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25, help="ops shown")
+    parser.add_argument("--autocast-bf16", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -39,7 +40,8 @@ def main() -> None:
         reuse_freed_memory()
     else:
         torch.set_float32_matmul_precision("high")
-    ensemble = Ensemble(make_members(args.d, [args.dict_size], args.members, args.variant, args.k), 10**9, device, execution=args.execution)
+    ensemble = Ensemble(make_members(args.d, [args.dict_size], args.members, args.variant, args.k), 10**9, device,
+                        autocast_bf16=args.autocast_bf16, execution=args.execution)
     batch = torch.randn(args.batch, args.d, device=device)
     for _ in range(2):
         ensemble.step(batch)

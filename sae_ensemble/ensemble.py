@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -70,11 +71,13 @@ class Ensemble:
         micro_batches: int = 1,
         init: bool = True,
         freeze_after: int = 1,
+        cuda_graphs: bool = True,
     ) -> None:
         """`micro_batches` splits every batch into that many chunks whose gradients are summed
         (equal to the whole batch; bounds the step's temporaries). `init=False` leaves the
         stacked state zero, for a caller that fills every slot with `load_member_state`.
-        `freeze_after`: non-finite steps in a row (each skipped) before a member freezes."""
+        `freeze_after`: non-finite steps in a row (each skipped) before a member freezes.
+        `cuda_graphs`: replay the fused step as a CUDA graph (CUDA only)."""
         if not members:
             raise ValueError("an ensemble needs at least one member")
         d_ins = {m.d_in for m in members}
@@ -123,6 +126,10 @@ class Ensemble:
         self.alive = torch.ones(len(members), dtype=torch.bool, device=self.device)
         self.nonfinite_streak = torch.zeros(len(members), dtype=torch.int64, device=self.device)  # [M] non-finite steps in a row
         self.step_count = 0
+        self._device_step = torch.zeros((), device=self.device)  # step_count on the device, read by the step itself
+        self.cuda_graphs = cuda_graphs
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_warm = False
         self.rows_seen = 0
 
         grad_fn = torch.func.grad(sae.loss, has_aux=True)
@@ -146,11 +153,12 @@ class Ensemble:
 
     # -- schedules -------------------------------------------------------------
 
-    def schedules(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lr [M], l1 [M]) at `step` (0-based): linear warmups and an optional linear lr decay to 0."""
-        s = float(step)
+    def schedules(self, step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lr [M], l1 [M]) at `step` (0-based; an int or a 0-d tensor on the device): linear warmups
+        and an optional linear lr decay to 0."""
+        s = torch.as_tensor(step, dtype=torch.float32, device=self.device)
         lr_factor = torch.clamp((s + 1) / self.lr_warmup.clamp(min=1), max=1.0)
-        steps_left = float(self.total_steps - step)
+        steps_left = self.total_steps - s
         decay_factor = torch.where(self.lr_decay > 0, torch.clamp(steps_left / self.lr_decay.clamp(min=1), max=1.0), 1.0)
         l1_factor = torch.clamp((s + 1) / self.l1_warmup.clamp(min=1), max=1.0)
         return self.lr * lr_factor * decay_factor, self.hparams["l1"] * l1_factor
@@ -228,26 +236,68 @@ class Ensemble:
         return _describe(self.execution, self.row_chunk)
 
     def step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One training step of every member on `batch` [B, d_in]; returns per-member stats [M]."""
+        """One training step of every member on `batch` [B, d_in]; returns per-member stats [M].
+
+        On CUDA the fused step is captured once as a CUDA graph and replayed: launching its
+        ~200 small kernels one by one from Python kept the GPU waiting on the host (measured on
+        an H100). The stats returned then live in the graph's buffers until the next step.
+        """
         if self.execution == "auto" or (self.retune and self.step_count % RETUNE_EVERY == 0):
             self.autotune(batch)
-        lr, l1 = self.schedules(self.step_count)
-        grads, aux = self.grads(batch, {**self.hparams, "l1": l1})
+            self._graph = None
+        if self.cuda_graphs and self.device.type == "cuda" and self.execution == "fused":
+            stats = self._graphed_step(batch)
+        else:
+            stats = self._step(batch)
+        self.step_count += 1
+        self.rows_seen += batch.shape[0]
+        return stats
 
+    def _step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The step on the device. No host reads on CUDA and every state update in place, so it can be
+        captured as a CUDA graph: the step number is the device tensor `_device_step`."""
+        lr, l1 = self.schedules(self._device_step)
+        grads, aux = self.grads(batch, {**self.hparams, "l1": l1})
         ok = self.alive & torch.isfinite(aux["loss"])
         if self.execution in ("fused", "sparse"):
-            taken = kernels.adam.step_(self.params, grads, self.opt_state.mu, self.opt_state.nu, self.step_count + 1, lr, ok,
+            taken = kernels.adam.step_(self.params, grads, self.opt_state.mu, self.opt_state.nu, self._device_step + 1, lr, ok,
                                        ADAM_BETAS, ADAM_EPS, check_on_host=self.device.type != "cuda")
-            self.opt_state = self.opt_state._replace(count={name: c + 1 for name, c in self.opt_state.count.items()})
+            for count in self.opt_state.count.values():
+                count.add_(1)
         else:
             taken = self._reference_update(grads, lr, ok)
         # A live member that could not step skips it; freeze_after such steps in a row freeze it for good.
-        self.nonfinite_streak = torch.where(self.alive & ~taken, self.nonfinite_streak + 1, 0)
-        self.alive = self.alive & (self.nonfinite_streak < self.freeze_after)
-        alive = self.alive
-        self.step_count += 1
-        self.rows_seen += batch.shape[0]
-        return {**aux, "lr": lr, "alive": alive}
+        self.nonfinite_streak.copy_(torch.where(self.alive & ~taken, self.nonfinite_streak + 1, 0))
+        self.alive &= self.nonfinite_streak < self.freeze_after
+        self._device_step.add_(1)
+        return {**aux, "lr": lr, "alive": self.alive}
+
+    def _graphed_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`_step` as a replayed CUDA graph: one eager step on a side stream first (cuBLAS sets up
+        its workspaces), then a capture, then replays. A capture that fails falls back to eager steps."""
+        if self._graph is not None and batch.shape == self._graph_batch.shape:
+            self._graph_batch.copy_(batch)
+            self._graph.replay()
+            return self._graph_stats
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        if not self._graph_warm:
+            with torch.cuda.stream(side):
+                stats = self._step(batch)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._graph_warm = True
+            return stats
+        graph, static_batch = torch.cuda.CUDAGraph(), batch.clone()
+        try:
+            with torch.cuda.graph(graph):
+                static_stats = self._step(static_batch)
+        except RuntimeError as error:  # an op that cannot be captured: train eagerly, say so once
+            warnings.warn(f"CUDA graph capture of the fused step failed ({error}); stepping eagerly")
+            self.cuda_graphs = False
+            return self._step(batch)
+        self._graph, self._graph_batch, self._graph_stats = graph, static_batch, static_stats
+        self._graph.replay()  # capturing recorded the step; replaying runs it
+        return self._graph_stats
 
     @torch.no_grad()
     def _reference_update(self, grads: dict[str, torch.Tensor], lr: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -326,8 +376,9 @@ class Ensemble:
         """Restore the step counters (the Adam bias correction counts steps too)."""
         self.step_count = int(step)
         self.rows_seen = int(rows_seen)
-        for name, count in self.opt_state.count.items():
-            self.opt_state.count[name] = torch.full_like(count, int(step))
+        self._device_step.fill_(int(step))
+        for count in self.opt_state.count.values():
+            count.fill_(int(step))
 
 
 def _time(fn, device: torch.device, repeats: int = 2) -> float:

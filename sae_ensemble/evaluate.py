@@ -7,12 +7,18 @@ with the activation replaced by each member's reconstruction. Members are batche
 the tokens are repeated `members_per_pass` times along the batch axis and the hook
 hands each copy to a different member, so one forward pass evaluates many members.
 
-    ce_recovered = (CE_zero - CE_recon) / (CE_zero - CE_clean)
+    ce_recovered = ce_loss_score = (CE_zero - CE_recon) / (CE_zero - CE_clean)
+    kl_div_score = (KL_zero - KL_recon) / KL_zero          (KL of the clean next-token distribution)
 1 means the reconstruction loses nothing; 0 means it is as bad as deleting the activation.
+`ce_loss_score` and `kl_div_score` are SAELens's names (sae_lens.evals); `ce_recovered` stays
+as our name for the same number. When zero-ablation raises CE by less than `min_ce_gap` nats
+(a random model, a hook the model ignores), both scores are NaN with a one-line warning: the
+ratio of two differences near zero is noise. ce_clean, ce_zero_ablation and ce_recon are kept.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,6 +30,10 @@ from sae_ensemble import sae
 from sae_ensemble.checkpoint import CFG_FILE, load_member, read_json
 
 Reconstruction = Callable[[torch.Tensor], torch.Tensor]  # x [..., d] -> x_hat [..., d]
+MIN_CE_GAP = 0.05
+"""Nats by which zero-ablation must raise CE for ce_recovered / kl_div_score to be reported (else NaN).
+CE means over a few thousand held-out tokens differ by noise of order 0.01 nats between runs of
+the same model; a gap of 0.05 keeps that noise under ~20% of the score's denominator."""
 
 
 # -- reconstructions from saved members ----------------------------------------------------------
@@ -91,8 +101,10 @@ def ce_loss_recovered(
     members_per_pass: int = 8,
     progress: bool = True,
     skip_first_position: bool = False,
+    min_ce_gap: float = MIN_CE_GAP,
 ) -> list[dict[str, float]]:
-    """One dict per reconstruction: ce_clean, ce_zero_ablation, ce_recon, ce_recovered, kl.
+    """One dict per reconstruction: ce_clean, ce_zero_ablation, ce_recon, ce_recovered, ce_loss_score,
+    kl, kl_zero_ablation, kl_div_score (module docstring; the scores are NaN below `min_ce_gap`).
 
     tokens [N, ctx] are run `batch_size` sequences at a time; CE and KL are means over
     every predicted position (all positions but the last of each sequence).
@@ -147,20 +159,26 @@ def ce_loss_recovered(
             bar.update()
     bar.close()
 
-    clean_mean, zero_mean = ce_clean / positions, ce_zero / positions
+    clean_mean, zero_mean, kl_zero_mean = ce_clean / positions, ce_zero / positions, kl_zero / positions
+    gap = zero_mean - clean_mean
+    scored = gap >= min_ce_gap and gap != 0 and kl_zero_mean > 0  # -inf scores any nonzero gap (tests of the formulas)
+    if not scored:
+        print(f"warning: zero-ablating {hook_name} raises CE by only {gap:.4f} nats (< min_ce_gap={min_ce_gap}); "
+              f"ce_recovered, ce_loss_score and kl_div_score are NaN, since that ratio would be noise", file=sys.stderr)
     results = []
     for m in range(n_members):
-        recon_mean = ce_recon[m] / positions
-        gap = zero_mean - clean_mean
+        recon_mean, kl_mean = ce_recon[m] / positions, kl[m] / positions
+        score = (zero_mean - recon_mean) / gap if scored else float("nan")
         results.append(
             {
                 "ce_clean": clean_mean,
                 "ce_zero_ablation": zero_mean,
                 "ce_recon": recon_mean,
-                # A zero gap (ablating the hook changes nothing) leaves nothing to recover.
-                "ce_recovered": (zero_mean - recon_mean) / gap if gap != 0 else float("nan"),
-                "kl": kl[m] / positions,
-                "kl_zero_ablation": kl_zero / positions,
+                "ce_recovered": score,
+                "ce_loss_score": score,
+                "kl": kl_mean,
+                "kl_zero_ablation": kl_zero_mean,
+                "kl_div_score": (kl_zero_mean - kl_mean) / kl_zero_mean if scored else float("nan"),
             }
         )
     return results

@@ -17,7 +17,7 @@ a's rows of the best match among b's rows, i.e. "how well is a found in b".
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 
 import torch
@@ -31,14 +31,40 @@ from sae_ensemble.member import Member
 def reconstruction_metrics(
     x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor, feature_mask: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Per-member `mse`, `fvu`, `l0`, `l1`, each a tensor [M].
+    """Per-member reconstruction and sparsity metrics on one batch, each a tensor [M].
 
-    mse  mean squared error over all elements
-    fvu  fraction of variance unexplained: sum of squared error / sum of squared
-         deviation of x from its per-dimension batch mean (0 = perfect, 1 = as good as the mean)
-    l0   mean number of active (> 0) real features per row
-    l1   mean L1 norm of a row's real feature activations
+    mse    mean squared error over all elements (SAELens's `mse` sums over dimensions: d_in x ours)
+    fvu    fraction of variance unexplained: sum of squared error / sum of squared
+           deviation of x from its per-dimension batch mean (0 = perfect, 1 = as good as the mean)
+    explained_variance  1 - fvu (SAELens's definition: 1 - E||x - x_hat||^2 / total variance)
+    l0     mean number of active (> 0) real features per row
+    l1     mean L1 norm of a row's real feature activations (SAELens's `l1`)
+    cossim mean over rows of cos(x, x_hat)
+    l2_ratio  mean over rows of ||x_hat|| / ||x|| (rows with ||x|| < 1e-4 divide by 1, as SAELens does)
+    relative_reconstruction_bias  E||x_hat||^2 / E<x, x_hat> (Gemma Scope eq. 10): 1 = no shrinkage
     """
+    return _metrics_from_sums(_reconstruction_sums(x, x_hat, codes, feature_mask))
+
+
+def heldout_metrics(
+    x: torch.Tensor, forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], feature_mask: torch.Tensor, rows_per_part: int
+) -> dict[str, torch.Tensor]:
+    """`reconstruction_metrics` over all of x [R, d], `rows_per_part` rows at a time.
+
+    `forward(rows)` gives (codes [M, b, n], x_hat [M, b, d]). Sums are added over parts and the
+    ratios (fvu, relative_reconstruction_bias) formed once at the end, so the result equals one
+    call on all rows while only a part's codes are in memory.
+    """
+    total: dict[str, torch.Tensor] = {}
+    for rows in x.split(rows_per_part):
+        codes, x_hat = forward(rows)
+        for name, value in _reconstruction_sums(rows, x_hat, codes, feature_mask).items():
+            total[name] = total[name] + value if name in total else value
+    return _metrics_from_sums(total)
+
+
+def _reconstruction_sums(x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor, feature_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sums over rows that every metric of `reconstruction_metrics` is a function of (float64, so they add exactly enough)."""
     if x_hat.dim() != 3 or x_hat.shape[1:] != x.shape:
         raise ValueError(f"x_hat has shape {list(x_hat.shape)}; expected [M, {x.shape[0]}, {x.shape[1]}] to match x")
     if codes.shape[:2] != x_hat.shape[:2] or feature_mask.shape != (codes.shape[0], codes.shape[2]):
@@ -48,14 +74,40 @@ def reconstruction_metrics(
         )
     x, x_hat, codes = x.float(), x_hat.float(), codes.float()
     mask = feature_mask.float().unsqueeze(1)  # [M, 1, n]
-    squared_error = (x_hat - x).pow(2)  # [M, B, d]
-    variance = (x - x.mean(0)).pow(2).sum()  # a constant batch has no variance: FVU would be 0/0
+    x_norm = x.norm(dim=-1)  # [B]
+    x_hat_norm = x_hat.norm(dim=-1)  # [M, B]
+    dot = (x_hat * x).sum(-1)  # [M, B]
     return {
-        "mse": squared_error.mean((1, 2)),
-        "fvu": squared_error.sum((1, 2)) / variance.clamp(min=torch.finfo(x.dtype).tiny),
-        "l0": ((codes > 0).float() * mask).sum(-1).mean(-1),
-        "l1": (codes.abs() * mask).sum(-1).mean(-1),
+        "rows": torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
+        "elements": torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),
+        "x_sum": x.double().sum(0),  # [d]
+        "x_sq": x.double().pow(2).sum(),
+        "sq_err": (x_hat - x).pow(2).sum((1, 2)).double(),  # [M]
+        "l0": ((codes > 0).float() * mask).sum((1, 2)).double(),
+        "l1": (codes.abs() * mask).sum((1, 2)).double(),
+        "cossim": (dot / (x_hat_norm * x_norm).clamp(min=torch.finfo(x.dtype).tiny)).sum(-1).double(),
+        "l2_ratio": (x_hat_norm / torch.where(x_norm < 1e-4, 1.0, x_norm)).sum(-1).double(),
+        "x_hat_sq": x_hat_norm.pow(2).sum(-1).double(),
+        "x_dot_x_hat": dot.sum(-1).double(),
     }
+
+
+def _metrics_from_sums(s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    rows = s["rows"]
+    # Total variance from sums, in float64: a difference of two large, nearly equal numbers when x has a big mean.
+    variance = s["x_sq"] - s["x_sum"].pow(2).sum() / rows  # a constant batch has none: FVU would be 0/0
+    fvu = s["sq_err"] / variance.clamp(min=torch.finfo(torch.float32).tiny)
+    out = {
+        "mse": s["sq_err"] / s["elements"],
+        "fvu": fvu,
+        "explained_variance": 1.0 - fvu,
+        "l0": s["l0"] / rows,
+        "l1": s["l1"] / rows,
+        "cossim": s["cossim"] / rows,
+        "l2_ratio": s["l2_ratio"] / rows,
+        "relative_reconstruction_bias": s["x_hat_sq"] / s["x_dot_x_hat"],
+    }
+    return {name: value.float() for name, value in out.items()}
 
 
 # -- dead features -------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ byte-identical summary.csv: rows sorted by member_id, fixed columns, fixed numbe
 Columns: the Member hyperparameters, steps/tokens/alive, the final metrics from cfg.json
 (`metrics.l1`, the mean L1 norm of the codes, is renamed `l1_norm` so it cannot be
 mistaken for the L1 coefficient `l1`), and `mmcs_next` / `mmcs_seed` computed here from the
-saved decoders. A value a member does not have is an empty cell.
+saved decoders. A value a member does not have is an empty cell. Metrics SAELens and SAEBench
+also report carry their names (explained_variance, cossim, l2_ratio, relative_reconstruction_bias,
+ce_loss_score, kl_div_score); docs/metrics.md lists where our names differ and why.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ COLUMNS = (
     "steps", "tokens", "alive",
     "mse", "fvu", "l0", "dead_frac", "mmcs_truth", "ce_recovered", "mmcs_next", "mmcs_seed",
     "l1_norm", "kl", "ce_clean", "ce_zero_ablation", "ce_recon",
+    # SAELens / SAEBench names (docs/metrics.md): their `l1` is our l1_norm, their `mse` is d_in x ours
+    "explained_variance", "cossim", "l2_ratio", "relative_reconstruction_bias", "ce_loss_score", "kl_div_score", "kl_zero_ablation",
     "d_in", "use_b_dec", "lr_warmup_steps", "lr_decay_steps", "l1_warmup_steps",
 )  # fmt: skip
 METRIC_RENAMES = {"l1": "l1_norm"}

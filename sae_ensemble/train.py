@@ -340,14 +340,7 @@ def _final_metrics(ensemble: Ensemble, store: ActivationStore, counter, training
     # larger while the codes stay within FINAL_METRICS_ELEMENTS: one or two rows per forward
     # pass would make evaluating a large ensemble take longer than training it.
     rows_per_part = max(training.batch_size, FINAL_METRICS_ELEMENTS // (len(ensemble) * ensemble.n_padded))
-    sums: dict[str, torch.Tensor] = {}
-    for rows in x.split(rows_per_part):
-        codes, x_hat = ensemble.forward(rows)
-        for name, value in metrics.reconstruction_metrics(rows, x_hat, codes, mask).items():
-            sums[name] = sums.get(name, 0) + value * rows.shape[0]
-    result = {name: total / x.shape[0] for name, total in sums.items()}
-    # FVU is a ratio of sums over all rows, not a mean of per-part ratios: rebuild it from the MSE.
-    result["fvu"] = result["mse"] * x.numel() / (x - x.mean(0)).pow(2).sum().clamp(min=1e-30)
+    result = metrics.heldout_metrics(x, ensemble.forward, mask, rows_per_part)
     result["dead_frac"] = counter.dead_fraction(mask)
     truth = store.ground_truth()
     if truth is not None:

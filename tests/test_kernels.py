@@ -210,3 +210,17 @@ def test_cuda_bf16_autocast_fused_step_matches_the_reference_autocast_step():
     ensemble.execution = "fused"
     losses = [float(ensemble.step(b.cuda())["loss"].sum()) for b in sparse_batches(STEPS)]
     assert bool(ensemble.alive.all()) and losses[-1] < 0.5 * losses[0]
+
+
+@cuda
+def test_cuda_graph_replay_of_the_fused_step_equals_eager_steps():
+    runs = {}
+    for graphs in (True, False):
+        ensemble = Ensemble(MIXED, total_steps=STEPS, device="cuda", execution="fused", cuda_graphs=graphs, freeze_after=3)
+        for batch in sparse_batches(STEPS):
+            stats = ensemble.step(batch.cuda())
+        runs[graphs] = ensemble
+        assert (ensemble._graph is not None) == graphs and ensemble.cuda_graphs == graphs
+    assert_same_members(runs[True], runs[False], atol=1e-6)
+    assert int(runs[True]._device_step) == STEPS and int(runs[True].opt_state.count["W_enc"]) == STEPS
+    assert torch.isfinite(stats["loss"]).all()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sae_ensemble.member import Member
-from sae_ensemble.metrics import FiringCounter, mmcs, mmcs_between, mmcs_truth, reconstruction_metrics
+from sae_ensemble.metrics import FiringCounter, heldout_metrics, mmcs, mmcs_between, mmcs_truth, reconstruction_metrics
 
 
 def _random_case(seed=0, members=3, batch=16, d=5, n=7):
@@ -32,9 +32,38 @@ def test_reconstruction_metrics_match_a_loop_over_members():
             "fvu": np.sum(err**2) / np.sum((xn - xn.mean(axis=0)) ** 2),
             "l0": np.mean([np.count_nonzero(row > 0) for row in c]),
             "l1": np.mean([np.sum(np.abs(row)) for row in c]),
+            # SAELens / SAEBench names (sae_lens.evals.get_sparsity_and_variance_metrics), row by row
+            "explained_variance": 1 - np.mean(np.sum(err**2, 1)) / (np.mean(np.sum(xn**2, 1)) - np.sum(xn.mean(0) ** 2)),
+            "cossim": np.mean([np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(xn, xn + err)]),
+            "l2_ratio": np.mean([np.linalg.norm(b) / np.linalg.norm(a) for a, b in zip(xn, xn + err)]),
+            "relative_reconstruction_bias": np.mean(np.sum((xn + err) ** 2, 1)) / np.mean(np.sum(xn * (xn + err), 1)),
         }
         for name, value in expected.items():
             assert got[name][m].item() == pytest.approx(value, rel=1e-5), (name, m)
+
+
+def test_heldout_metrics_over_parts_equal_one_call_on_all_rows():
+    x, x_hat, codes, mask = _random_case(batch=37)
+    whole = reconstruction_metrics(x, x_hat, codes, mask)
+    starts = iter(range(0, 37, 5))
+
+    def forward(rows):
+        start = next(starts)
+        return codes[:, start : start + len(rows)], x_hat[:, start : start + len(rows)]
+
+    parts = heldout_metrics(x, forward, mask, rows_per_part=5)
+    assert set(parts) == set(whole)
+    for name in whole:
+        torch.testing.assert_close(parts[name], whole[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_shrunken_reconstruction_has_relative_bias_and_l2_ratio_below_one():
+    x, _, codes, mask = _random_case(members=2)
+    got = reconstruction_metrics(x, torch.stack([0.5 * x, x]), codes, mask)
+    assert got["relative_reconstruction_bias"].tolist() == pytest.approx([0.5, 1.0], rel=1e-5)
+    assert got["l2_ratio"].tolist() == pytest.approx([0.5, 1.0], rel=1e-5)
+    assert got["cossim"].tolist() == pytest.approx([1.0, 1.0], rel=1e-5)
+    assert got["explained_variance"][1].item() == pytest.approx(1.0, abs=1e-6)
 
 
 def test_fvu_is_zero_for_a_perfect_reconstruction_and_one_for_the_mean():

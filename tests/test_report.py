@@ -83,6 +83,9 @@ def test_summary_has_one_sorted_row_per_member_with_metrics_and_mmcs(run_dir):
         assert float(row["l1"]) == member.l1 and int(row["dict_size"]) == member.dict_size and int(row["seed"]) == member.seed
         assert row["ce_recovered"] == ""  # never evaluated on an LM
         assert 0 <= float(row["fvu"]) and 0 <= float(row["dead_frac"]) <= 1 and 0 < float(row["mmcs_truth"]) <= 1 + 1e-6
+        # SAELens names sit in their own columns; explained_variance is 1 - fvu by definition
+        assert float(row["explained_variance"]) == pytest.approx(1 - float(row["fvu"]), abs=2e-6)
+        assert all(row[c] != "" for c in ("cossim", "l2_ratio", "relative_reconstruction_bias"))
 
     def decoder(member):
         return load_file(run_dir / "members" / member.member_id / "sae.safetensors")["W_dec"]

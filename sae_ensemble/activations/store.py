@@ -334,32 +334,6 @@ def _rng(*keys: int) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in keys])
 
 
-class _PinnedRing:
-    """Reused page-locked staging buffers for host-to-GPU batch copies.
-
-    Pinning fresh memory for every batch (cudaHostAlloc) cost about as much as a small
-    ensemble's step on an H100. A buffer is refilled only after the copy that read it has
-    finished (its CUDA event; normally long done, `len(buffers)` batches later), so the
-    copies stay asynchronous and the consumer never waits on the host.
-    """
-
-    def __init__(self, shape: tuple[int, int], n_buffers: int = 3) -> None:
-        self.buffers = [torch.empty(shape, pin_memory=True) for _ in range(n_buffers)]
-        self.events: list[torch.cuda.Event | None] = [None] * n_buffers
-        self.next = 0
-
-    def to_device(self, x: torch.Tensor, device: str | torch.device) -> torch.Tensor:
-        i, self.next = self.next, (self.next + 1) % len(self.buffers)
-        if self.events[i] is not None:
-            self.events[i].synchronize()
-        staged = self.buffers[i][: x.shape[0]]
-        staged.copy_(x)
-        on_device = staged.to(device, non_blocking=True)
-        self.events[i] = torch.cuda.Event()
-        self.events[i].record(torch.cuda.current_stream(torch.device(device)))
-        return on_device
-
-
 class ActivationStore:
     """A complete store opened read-only. Chunk data is memory-mapped, never copied whole."""
 
@@ -605,7 +579,7 @@ class ActivationStore:
         if batch_size > self.n_train_rows:
             raise StoreError(f"batch_size={batch_size} exceeds the {self.n_train_rows} training rows of store {self.path}.")
         norm = self._normalizer(normalize, device)
-        staging = _PinnedRing((batch_size, self.d_in)) if torch.device(device).type == "cuda" else None
+        pin = torch.device(device).type == "cuda"
         position = Position.from_dict(position) if isinstance(position, dict) else (position or Position())
         n_batches = self.batches_per_epoch(batch_size)
         epoch, batch = position.epoch, position.batch
@@ -637,7 +611,9 @@ class ActivationStore:
                 if skip_nonfinite and not bool(torch.isfinite(x).all()):
                     x = None
                 else:
-                    x = norm(staging.to_device(x, device) if staging else x.to(device))
+                    if pin:
+                        x = x.pin_memory()
+                    x = norm(x.to(device, non_blocking=pin))
                 batch += 1
                 if batch < n_batches:
                     nxt = Position(epoch, int(np.searchsorted(window_starts, batch * batch_size, side="right") - 1) * window, batch)

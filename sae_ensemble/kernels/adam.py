@@ -30,14 +30,15 @@ def step_(
     grads: dict[str, torch.Tensor],
     mu: dict[str, torch.Tensor],
     nu: dict[str, torch.Tensor],
-    count: int,
+    count: torch.Tensor,
     lr: torch.Tensor,
     ok: torch.Tensor,
     betas: tuple[float, float],
     eps: float,
     check_on_host: bool,
 ) -> torch.Tensor:
-    """Update params and moments in place for step number `count` (1-based); return taken [M].
+    """Update params and moments in place for step number `count` (1-based, a 0-d tensor, so a
+    captured CUDA graph reads it afresh each replay); return taken [M].
 
     `ok` [M] says which members may step (alive, finite loss). A member whose gradient is not
     finite is held back too. A held-back member's params and moments stay exactly as they
@@ -47,7 +48,7 @@ def step_(
     the selections) instead of selecting on the device every step (CUDA).
     """
     b1, b2 = betas
-    correction1, correction2 = 1 - b1**count, 1 - b2**count
+    correction1, correction2 = 1 - torch.pow(b1, count), 1 - torch.pow(b2, count)
     M = lr.shape[0]
     taken = ok.clone()
     names = list(params)

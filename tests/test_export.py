@@ -1,0 +1,181 @@
+"""export.py: every format's files, read back with a plain re-implementation of that library's forward pass.
+
+The real libraries load the same files in tests/test_interop.py; these tests run everywhere and
+pin the layout (names, shapes, transposes, the normalisation fold) without them.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from sae_ensemble import sae
+from sae_ensemble.checkpoint import load_member, save_member
+from sae_ensemble.export import ExportError, export_run, main
+from sae_ensemble.member import Member
+
+REPO = Path(__file__).resolve().parents[1]
+D_IN, N = 12, 40
+MEMBERS = [Member("relu", D_IN, N, l1=1e-3, seed=0), Member("tied", D_IN, N, l1=1e-3, seed=1), Member("topk", D_IN, N, k=5, seed=2),
+           Member("relu", D_IN, N, l1=1e-3, seed=3, use_b_dec=False)]  # its saved b_dec must not leak into the export
+SHIFT_SCALE = 0.25  # the test store's rows are 0.25 * z + offset: a scale far from 1 shows a missed fold, values of
+# order 1 keep float32 rounding (about 1e-7 relative) well inside the interop tests' atol of 1e-5
+
+
+def random_params(member: Member, seed: int) -> dict[str, torch.Tensor]:
+    """Params as a trained member saves them: unit-norm W_dec (the normalised encoder if tied), nonzero biases."""
+    g = torch.Generator().manual_seed(seed)
+    W_enc = torch.randn(member.dict_size, member.d_in, generator=g) / member.d_in**0.5
+    W_dec = F.normalize(W_enc if member.variant == "tied" else torch.randn(member.dict_size, member.d_in, generator=g), dim=-1)
+    return {"W_enc": W_enc, "b_enc": 0.3 * torch.randn(member.dict_size, generator=g), "W_dec": W_dec,
+            "b_dec": torch.randn(member.d_in, generator=g)}
+
+
+def build_run(run_dir: Path, store=None, normalize: str = "none") -> Path:
+    """A run directory holding MEMBERS with random params, trained (on paper) with `normalize` on `store`."""
+    for i, member in enumerate(MEMBERS):
+        info = {"steps": 1, "tokens": 1, "normalize": normalize, "metrics": {}}
+        if store is not None:
+            info["store_fingerprint"] = store.fingerprint
+        save_member(run_dir / "members" / member.member_id, member, random_params(member, i), None, info)
+    return run_dir
+
+
+def make_store(path: Path):
+    """A store with nonzero mean and a scale far from 1, so normalisation matters."""
+    from tests.test_store import write_store
+
+    g = torch.Generator().manual_seed(7)
+    return write_store(path, SHIFT_SCALE * torch.randn(256, D_IN, generator=g) + torch.linspace(-0.5, 0.5, D_IN), heldout_rows=32)
+
+
+def reference_outputs(member_dir: Path, x: torch.Tensor, shift: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
+    """What an export must compute on raw rows x [B, d], from our own encode/decode in the normalised space.
+
+    Codes are scaled by `scale` (export.py folds the scale into them); reconstructions are in raw units.
+    """
+    member, params, _, _ = load_member(member_dir)
+    hp = sae.make_hparams(member.variant, member.dict_size, member.l1, member.bias_decay, member.k, member.use_b_dec)
+    layout = sae.Layout.of([member.variant], [member.k])
+    codes = sae.encode(params, hp, (x - shift) / scale, layout)
+    return {"x": x, "codes": scale * codes, "recon": scale * sae.decode(params, hp, codes, layout) + shift}
+
+
+def inputs(seed: int = 3, rows: int = 64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return SHIFT_SCALE * torch.randn(rows, D_IN, generator=g) + 0.1
+
+
+def topk_dense(pre: torch.Tensor, k: int) -> torch.Tensor:
+    values, indices = F.relu(pre).topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, indices, values)
+
+
+# Plain forward passes in each library's conventions (their code: tests/interop/check.py runs it).
+def saelens_forward(directory: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg, w = json.loads((directory / "cfg.json").read_text()), load_file(directory / "sae_weights.safetensors")
+    assert w["W_enc"].shape == (cfg["d_in"], cfg["d_sae"]) and w["W_dec"].shape == (cfg["d_sae"], cfg["d_in"])
+    pre = (x - w["b_dec"] * cfg["apply_b_dec_to_input"]) @ w["W_enc"] + w["b_enc"]
+    codes = topk_dense(pre, cfg["k"]) if cfg["architecture"] == "topk" else F.relu(pre)
+    return codes, codes @ w["W_dec"] + w["b_dec"]
+
+
+def dictionary_learning_forward(directory: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = json.loads((directory / "config.json").read_text())["trainer"]
+    state = torch.load(directory / "ae.pt", weights_only=True)  # a file this test just wrote
+    b_dec = state["b_dec" if cfg["dict_class"] == "AutoEncoderTopK" else "bias"]
+    pre = (x - b_dec) @ state["encoder.weight"].T + state["encoder.bias"]
+    codes = topk_dense(pre, int(state["k"])) if cfg["dict_class"] == "AutoEncoderTopK" else F.relu(pre)
+    return codes, codes @ state["decoder.weight"].T + b_dec
+
+
+def sparsify_forward(directory: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg, w = json.loads((directory / "cfg.json").read_text()), load_file(directory / "sae.safetensors")
+    assert cfg["num_latents"] == w["W_dec"].shape[0] and cfg["d_in"] == w["W_dec"].shape[1]
+    codes = topk_dense((x - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"], cfg["k"])
+    return codes, codes @ w["W_dec"] + w["b_dec"]
+
+
+FORWARD = {"saelens": saelens_forward, "dictionary_learning": dictionary_learning_forward, "sparsify": sparsify_forward}
+
+
+@pytest.mark.parametrize("normalize", ["none", "center_scale"])
+@pytest.mark.parametrize("fmt", ["saelens", "dictionary_learning", "sparsify"])
+def test_export_reproduces_our_codes_and_reconstructions(tmp_path, fmt, normalize):
+    store = make_store(tmp_path / "store")
+    run_dir = build_run(tmp_path / "run", store, normalize)
+    selection = "topk-*" if fmt == "sparsify" else "*"
+    written = export_run(run_dir, fmt, members=selection, store_dir=store.path)
+    assert len(written) == (1 if fmt == "sparsify" else len(MEMBERS))
+    shift, scale = store.normalization(normalize)
+    assert normalize == "none" or abs(scale - 1.0) > 0.5  # the fold is exercised
+    x = inputs()
+    for directory in written:
+        expected = reference_outputs(run_dir / "members" / directory.name, x, shift, scale)
+        codes, recon = FORWARD[fmt](directory, x)
+        assert (codes > 0).any()
+        torch.testing.assert_close(codes, expected["codes"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(recon, expected["recon"], atol=1e-5, rtol=1e-5)
+
+
+def test_saelens_config_declares_what_the_loader_needs(tmp_path):
+    run_dir = build_run(tmp_path / "run")
+    (directory,) = export_run(run_dir, "saelens", members="topk-*")
+    cfg = json.loads((directory / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 5 and cfg["d_sae"] == N and cfg["d_in"] == D_IN
+    assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
+    assert int(cfg["metadata"]["sae_lens_version"].split(".")[0]) >= 6
+    assert {"model_name", "hook_name", "context_size", "prepend_bos"} <= set(cfg["metadata"])
+
+
+def test_saelens_metadata_comes_from_the_runs_hydra_config(tmp_path):
+    run_dir = build_run(tmp_path / "run")
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text(
+        "data:\n  source: lm\n  context_length: 32\n  store_root: stores\nmodel:\n  name: ${data.store_root}/models/tiny-gpt2\n"
+        "layer: 1\nhook: blocks.${layer}.hook_resid_post\n"
+    )
+    (directory,) = export_run(run_dir, "saelens", members="relu-*-s0")
+    metadata = json.loads((directory / "cfg.json").read_text())["metadata"]
+    assert metadata["model_name"] == "stores/models/tiny-gpt2" and metadata["hook_name"] == "blocks.1.hook_resid_post"
+    assert metadata["context_size"] == 32 and metadata["prepend_bos"] is True
+
+
+def test_sparsify_refuses_relu_members_and_writes_nothing(tmp_path):
+    run_dir = build_run(tmp_path / "run")
+    with pytest.raises(ExportError, match="sparsify cannot express variant.*relu.*select those with --members"):
+        export_run(run_dir, "sparsify")
+    assert not (run_dir / "export").exists()
+
+
+def test_normalised_member_without_store_is_refused(tmp_path):
+    store = make_store(tmp_path / "store")
+    run_dir = build_run(tmp_path / "run", store, "center")
+    with pytest.raises(ExportError, match="normalize='center'; pass --store"):
+        export_run(run_dir, "saelens")
+
+
+def test_cli_exit_codes_and_one_line_errors(tmp_path, capsys):
+    run_dir = build_run(tmp_path / "run")
+    assert main([str(run_dir), "--format", "sparsify"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: sparsify cannot express")
+    assert main([str(run_dir), "--format", "saelens", "--members", "nothing-*"]) == 2
+    assert "matches --members 'nothing-*'" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main([str(run_dir), "--format", "dictionary_learning", "--members", "relu-*-s0", "--out", str(out)]) == 0
+    assert [p.name for p in out.iterdir()] == [MEMBERS[0].member_id]
+
+
+def test_module_runs_as_a_script(tmp_path):
+    run_dir = build_run(tmp_path / "run")
+    result = subprocess.run([sys.executable, "-m", "sae_ensemble.export", str(run_dir), "--format", "saelens"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) == len(MEMBERS)
+    assert all((Path(p) / "sae_weights.safetensors").is_file() for p in result.stdout.split())
