@@ -17,12 +17,14 @@ from omegaconf import OmegaConf
 
 from sae_ensemble.activations.store import NORMALIZE_MODES, VERIFY_MODES
 from sae_ensemble.dispatch import Training, resolve_devices
+from sae_ensemble.ensemble import EXECUTIONS
 from sae_ensemble.grid import Grid
 from sae_ensemble.plan import parse_size
 from sae_ensemble.sae import VARIANTS
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("synthetic", "lm")
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
 class ConfigError(ValueError):
@@ -178,6 +180,9 @@ def validate(cfg: SweepConfig) -> list[str]:
         (training.eval_rows >= 1, f"training.eval_rows={training.eval_rows} must be at least 1"),
         (training.shuffle_window_chunks >= 1, f"training.shuffle_window_chunks={training.shuffle_window_chunks} must be at least 1"),
         (training.freeze_after >= 1, f"training.freeze_after={training.freeze_after} must be at least 1 (non-finite steps in a row before a member freezes)"),
+        (training.execution in EXECUTIONS, f"training.execution={training.execution!r} is unknown; allowed: {', '.join(EXECUTIONS)}"),
+        (training.matmul_precision in MATMUL_PRECISIONS, f"training.matmul_precision={training.matmul_precision!r} is unknown; allowed: {', '.join(MATMUL_PRECISIONS)}"),
+        (not (training.autocast_bf16 and training.execution == "sparse"), "training.execution=sparse runs in float32; with training.autocast_bf16=true use auto, fused or reference"),
         (data.verify in VERIFY_MODES, f"data.verify={data.verify!r} is unknown; allowed: {', '.join(VERIFY_MODES)}"),
         (data.heldout_rows >= 1, f"data.heldout_rows={data.heldout_rows} must be at least 1: the final metrics need held-out rows"),
         (cfg.eval.n_contexts >= 1, f"eval.n_contexts={cfg.eval.n_contexts} must be at least 1"),

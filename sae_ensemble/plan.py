@@ -36,6 +36,9 @@ FIRING_BLOCKS = 9  # FiringCounter: 8 ring blocks + the current one, int64 [M, n
 # dominates: `python -m benchmarks.scale --calibrate` measures and prints the fit. Most of
 # c_P is the reference step's Adam update: torchopt's tree_map makes several P-sized
 # temporaries at once.
+# The kernels' steps (training.execution fused, sparse, or auto's picks) hold fewer temporaries than
+# the reference's (docs/kernels.md: two [M, b, n] tensors per chunk, Adam in place): they are planned
+# with the reference's costs, an upper bound, until their own are fitted.
 STEP_COST = {
     "reference": {"relu": (6.4, 5.1, 10.4), "tied": (6.6, 5.7, 9.8), "topk": (5.8, 10.1, 11.4)},
 }

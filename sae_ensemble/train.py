@@ -63,10 +63,18 @@ class Training:
     """Chunks whose rows are shuffled together: a batch mixes rows of this many chunks (more mixes
     more contexts and costs no memory: the window is a list of row indices into the mapped store)."""
     freeze_after: int = 10
-    """A member whose loss or new weights are non-finite skips that step; after this many such steps
+    """A member whose loss or gradient is non-finite skips that step; after this many such steps
     in a row it is frozen at its last finite weights for the rest of the run (1 = at the first)."""
     allow_frozen: bool = False
     """Exit 0 even when members froze (otherwise the sweep reports them and exits 3)."""
+    execution: str = "auto"
+    """How each ensemble computes its step (docs/kernels.md): auto (time the candidates when a worker
+    starts and every 1000 steps, keep the fastest), reference (vmap(grad) + torchopt: the definition),
+    fused (the hand-written dense kernel) or sparse (active latents only). All are equal to 1e-5; auto
+    may choose differently in two runs, so pin one for bitwise-reproducible reruns."""
+    matmul_precision: str = "high"
+    """float32 matmul precision on CUDA (torch.set_float32_matmul_precision): high (TF32, ~3x faster
+    GEMMs on an H100), highest (full float32), or medium."""
     memory_budget: str = "auto"
     """Bytes one worker's ensembles may use (params, Adam moments, a step's temporaries): auto (90% of a
     GPU's free memory; on CPU, 90% of available RAM shared among the CPU workers, less 512MiB each for
@@ -125,7 +133,7 @@ def load_checkpoint(step_dir: Path, members, training: Training, device, counter
     """The ensemble, firing counts and store position saved in one step dir."""
     record = read_json(step_dir / "resume.json")
     ensemble = load_ensemble([step_dir / "members" / m.member_id for m in members], training.steps, device, training.autocast_bf16,
-                             micro_batches=micro_batches, freeze_after=training.freeze_after)
+                             micro_batches=micro_batches, freeze_after=training.freeze_after, execution=training.execution)
     counter.load_state_dict(load_file(step_dir / "firing.safetensors"))
     return ensemble, Position.from_dict(record["position"])
 
@@ -178,8 +186,8 @@ def resume(directory: Path, members, training: Training, device, counter: metric
             unreadable.append(f"{step_dir.name} ({error})")
     if unreadable:
         raise CheckpointError(f"no checkpoint in {directory} could be read: {'; '.join(unreadable)}")
-    return (Ensemble(members, training.steps, device, training.autocast_bf16, micro_batches=micro_batches, freeze_after=training.freeze_after),
-            Position(), None, [])
+    return (Ensemble(members, training.steps, device, training.autocast_bf16, micro_batches=micro_batches, freeze_after=training.freeze_after,
+                     execution=training.execution), Position(), None, [])
 
 
 # -- the worker's loop ---------------------------------------------------------------------------------
@@ -197,6 +205,7 @@ class _Slot:
     position: Position
     saved_step: int  # the step of its newest checkpoint: a stop before it moves again writes nothing
     joined: bool = False  # stepping with the stage's batch stream (see _train_stage)
+    tuned: str = ""  # the execution its autotuner last chose, once announced
 
 
 def train_worker(index, device, plan, store_path: Path, run_dir: Path, training: Training, threads, events, stop) -> None:
@@ -206,6 +215,7 @@ def train_worker(index, device, plan, store_path: Path, run_dir: Path, training:
         reuse_freed_memory()
     if device_.type == "cuda":
         torch.cuda.set_device(device_)
+        torch.set_float32_matmul_precision(training.matmul_precision)
     baseline = _resident_bytes() if device_.type == "cpu" else 0
     worker = plan["workers"][index]
     mine = [i for stage in worker["stages"] for i in stage]
@@ -281,6 +291,10 @@ def _step(worker: int, slot: _Slot, batch: torch.Tensor, position: Position, tra
     ensemble = slot.ensemble
     stats = ensemble.step(batch)
     slot.position = position
+    chosen = f"{ensemble.execution}" + (f"(rows={ensemble.row_chunk})" if ensemble.row_chunk else "")
+    if ensemble.autotune_report and chosen != slot.tuned:
+        slot.tuned = chosen
+        events.put(("note", worker, f"ensemble {slot.index} runs {chosen} (autotuned; ms per gradient: {ensemble.autotune_report})"))
     slot.counter.update(torch.nan_to_num(stats["fired"]), batch.shape[0])  # a diverged member may fire NaN
     step = ensemble.step_count
     if step % training.log_every == 0 or step == training.steps:

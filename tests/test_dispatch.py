@@ -20,7 +20,8 @@ from sae_ensemble.train import latest_checkpoint
 
 GRID = Grid(variants=["relu", "tied"], dict_sizes=[32, 64], l1=[1e-3, 1e-2], bias_decay=[0.0, 0.05])
 LONG_STEPS = 300  # long enough to signal a run mid-way after its first checkpoint
-TRAINING = dict(steps=40, batch_size=64, checkpoint_every=10, log_every=5, eval_rows=256, dead_window_tokens=2000)
+TRAINING = dict(steps=40, batch_size=64, checkpoint_every=10, log_every=5, eval_rows=256, dead_window_tokens=2000,
+                execution="fused")  # pinned: runs compared to 1e-6 must take the same path (auto times the candidates)
 BUDGET = 2**34  # these tiny ensembles always fit
 
 

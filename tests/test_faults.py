@@ -39,7 +39,8 @@ from sae_ensemble.grid import Grid
 REPO = Path(__file__).resolve().parents[1]
 D_IN = 16
 GRID = dict(variants=["relu", "tied"], dict_sizes=[32], l1=[1e-3, 1e-2])
-TRAINING = dict(steps=60, batch_size=64, checkpoint_every=5, log_every=5, eval_rows=256, dead_window_tokens=2000)
+TRAINING = dict(steps=60, batch_size=64, checkpoint_every=5, log_every=5, eval_rows=256, dead_window_tokens=2000,
+                execution="fused")  # pinned: runs compared to 1e-6 must take the same path (auto times the candidates)
 N_MEMBERS = len(Grid(**GRID).members(D_IN))
 
 # The sweep every fault test interrupts: CPU workers (one, to start fewer processes, unless a test

@@ -243,7 +243,7 @@ def _real_sweep_overrides(tmp: Path) -> list[str]:
     checkpointing every 50 of 600 steps: time to signal it after its first checkpoint."""
     return ["grid=quick", "data.d_in=32", "data.n_features=48", "data.n_rows=40000",
             "data.rows_per_chunk=5000", "data.heldout_rows=2000", "training.steps=600",
-            "training.batch_size=256", "training.checkpoint_every=50", "training.log_every=50",
+            "training.batch_size=256", "training.checkpoint_every=50", "training.log_every=50", "training.execution=fused",
             "devices=cpu", "wandb=disabled", "progress=false", f"data.store_root={tmp / 'stores'}"]
 
 
