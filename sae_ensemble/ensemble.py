@@ -309,12 +309,13 @@ class Ensemble:
         taken = ok.clone()
         for g in grads.values():
             taken &= torch.isfinite(g.flatten(1).sum(1))
-        old_state = self.opt_state
-        # In place when a held-back member freezes at once: its moments are never used again.
-        directions, self.opt_state = self.optimizer.update(grads, self.opt_state, inplace=self.freeze_after == 1)
         # On CPU, checking first skips a pass per tensor in the usual all-taken case; on CUDA
         # that check would stall the queue every step, so select always.
         select = self.device.type == "cuda" or not bool(taken.all())
+        old_state = self.opt_state
+        # In place unless a held-back member must keep its moments (it goes on later); one that
+        # freezes at once never uses them again.
+        directions, self.opt_state = self.optimizer.update(grads, self.opt_state, inplace=not select or self.freeze_after == 1)
         for name, p in self.params.items():
             direction = torch.where(_broadcast(taken, p), directions[name], 0.0) if select else directions[name]
             p.addcmul_(_broadcast(lr, p), direction, value=-1)
