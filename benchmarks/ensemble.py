@@ -27,29 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 from sae_ensemble import sae
-from sae_ensemble.ensemble import EXECUTIONS, Ensemble
+from sae_ensemble.ensemble import EXECUTIONS, Ensemble, timed
 from sae_ensemble.member import Member
 from sae_ensemble.train import reuse_freed_memory
 
 FREEZE_AFTER = 10  # training.freeze_after's default: time the step training runs
-
-
-def timed(fn, repeats: int, device: torch.device, warmup: int = 2) -> float:
-    """Mean seconds per call after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / repeats
 
 
 def gemm_peak_gflops(device: torch.device, size: int = 4096) -> float:
@@ -86,7 +72,7 @@ def sequential_step_time(members: list[Member], batch: torch.Tensor, steps: int,
             with torch.no_grad():
                 params["W_dec"].copy_(torch.nn.functional.normalize(params["W_dec"], dim=-1))
 
-        total += timed(step, steps, device)
+        total += timed(step, steps, device, warmup=2)
     return total
 
 
@@ -123,7 +109,7 @@ def run_case(d: int, dict_sizes: list[int], n_members: int, batch_size: int, ste
     ensembles = [Ensemble(group, total_steps=10**9, device=device, autocast_bf16=autocast_bf16, execution=execution, freeze_after=FREEZE_AFTER)
                  for group in sub_ensembles(members)]
     chosen = [e.autotune(batch) if execution == "auto" else execution for e in ensembles]
-    ensemble_time = timed(lambda: [e.step(batch) for e in ensembles], steps, device)
+    ensemble_time = timed(lambda: [e.step(batch) for e in ensembles], steps, device, warmup=2)
     sequential_time = sequential_step_time(members, batch, steps, device, autocast_bf16)
     encoder_time = encoder_gemm_time(members, batch, device)
     result = {

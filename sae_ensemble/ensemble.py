@@ -218,7 +218,7 @@ class Ensemble:
             self.execution, self.row_chunk = kind, chunk
             aux = {}
             try:
-                timings[(kind, chunk)] = _time(lambda: aux.update(self.grads(batch, hparams)[1]), self.device)
+                timings[(kind, chunk)] = timed(lambda: aux.update(self.grads(batch, hparams)[1]), 2, self.device)
             except torch.OutOfMemoryError:
                 pass
             return aux
@@ -382,10 +382,11 @@ class Ensemble:
             count.fill_(int(step))
 
 
-def _time(fn, device: torch.device, repeats: int = 2) -> float:
-    """Seconds per call of `fn` after one warm-up call."""
+def timed(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
+    """Mean seconds per call of `fn` after `warmup` calls (waiting for the GPU on CUDA)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
+    for _ in range(warmup):
+        fn()
     sync()
     start = time.perf_counter()
     for _ in range(repeats):
