@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -47,10 +46,10 @@ CALIBRATION_SHAPES = [(32, 32, 1, 32), (512, 4096, 2, 16), (32, 4096, 2, 2048), 
 def measure_step_peak(members: list[Member], batch_size: int, micro_batches: int = 1, steps: int = 2, repeats: int = 3) -> int:
     """Peak bytes of building `members` as one ensemble and stepping it, on CPU: the median of `repeats` fresh processes.
 
-    Each child runs as a worker does (glibc heap reuse, one thread) and reports its peak RSS
-    (ru_maxrss) over its RSS just before building the ensemble: a fresh process, so the peak
-    is this ensemble's and nothing before it. The median, because the untrimmed heap's peak
-    varies between identical runs (seen: 300-333 MiB, once 431 MiB, for one shape).
+    Each child runs as a worker does (glibc heap reuse, one thread) and reports its peak anonymous
+    RSS over that just before building the ensemble (`train.peak_bytes`: library pages the kernel
+    pages out and back in do not count): a fresh process, so the peak is this ensemble's and
+    nothing before it. The median, because the untrimmed heap's peak varies between identical runs.
     """
     spec = json.dumps({"members": [m.to_dict() for m in members], "batch_size": batch_size, "micro_batches": micro_batches, "steps": steps})
     peaks = []
@@ -67,18 +66,17 @@ def _measure_child(spec: dict) -> None:
     import torch
 
     from sae_ensemble.ensemble import Ensemble
-    from sae_ensemble.train import reuse_freed_memory
+    from sae_ensemble.train import peak_bytes, resident_bytes, reuse_freed_memory
 
     torch.set_num_threads(1)
     reuse_freed_memory()
     members = [Member.from_dict(m) for m in spec["members"]]
     batch = torch.randn(spec["batch_size"], members[0].d_in)
-    with open("/proc/self/statm") as f:
-        baseline = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    baseline = resident_bytes()
     ensemble = Ensemble(members, spec["steps"], micro_batches=spec["micro_batches"])
     for _ in range(spec["steps"]):
         ensemble.step(batch)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline)
+    print(peak_bytes(torch.device("cpu"), baseline))
 
 
 def calibrate() -> None:

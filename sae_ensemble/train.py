@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -216,7 +215,7 @@ def train_worker(index, device, plan, store_path: Path, run_dir: Path, training:
     if device_.type == "cuda":
         torch.cuda.set_device(device_)
         torch.set_float32_matmul_precision(training.matmul_precision)
-    baseline = _resident_bytes() if device_.type == "cpu" else 0
+    baseline = resident_bytes() if device_.type == "cpu" else 0
     worker = plan["workers"][index]
     mine = [i for stage in worker["stages"] for i in stage]
     events.put(("start", index, {"step": sum(_steps_done(ensemble_dir(run_dir, i), training) for i in mine)}))
@@ -333,16 +332,29 @@ def _steps_done(directory: Path, training: Training) -> int:
     return int(newest.name.split("_")[1]) if newest else 0
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _memory_status() -> dict[str, int]:
+    """This process's /proc/self/status memory fields (VmHWM, RssAnon, RssFile, RssShmem, ...) in bytes."""
+    with open("/proc/self/status") as f:
+        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f) if v.strip().endswith("kB")}
+
+
+def resident_bytes() -> int:
+    """Anonymous resident bytes now: the memory this process allocated (library code pages excluded)."""
+    return _memory_status()["RssAnon"]
 
 
 def peak_bytes(device: torch.device, baseline: int) -> int:
-    """This worker's peak memory for training: CUDA allocated bytes, or CPU peak RSS over the RSS at its start."""
+    """This worker's peak memory for training: CUDA allocated bytes, or on CPU the peak anonymous RSS over
+    `baseline` (resident_bytes() at its start).
+
+    The kernel records only the total peak (VmHWM), which counts mapped library pages too; those can be
+    paged out while idle (this machine's DAMON reclaims cold pages) and back in later, which once added
+    ~150 MiB to a 330 MiB measurement. So the file-backed part is taken off at its current size.
+    """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    status = _memory_status()
+    return status["VmHWM"] - status["RssFile"] - status.get("RssShmem", 0) - baseline
 
 
 @torch.no_grad()
