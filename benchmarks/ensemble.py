@@ -5,8 +5,9 @@
     python -m benchmarks.ensemble --d 512 --dict-sizes 4096 --members 8 --batch 4096 --variant topk --k 32
 
 The ensemble side runs exactly as a sweep worker does: the members are split into the
-planner's sub-ensembles (`plan.sub_ensembles`: one per dict size, so nothing is padded),
-each stepped with the execution its autotuner picks (`--execution` forces one).
+planner's ensembles (`plan.make_plan` with the device's auto budget: one per dict size, so
+nothing is padded, with its micro-batches), each stepped with the execution its autotuner
+picks (`--execution` forces one).
 The sequential side is plain autograd + torch.optim.Adam, one member after another.
 
 Measured in one run, per case:
@@ -33,6 +34,7 @@ import torch
 from sae_ensemble import sae
 from sae_ensemble.ensemble import EXECUTIONS, Ensemble, timed
 from sae_ensemble.member import Member
+from sae_ensemble.plan import make_plan, plan_members, resolve_budget
 from sae_ensemble.train import reuse_freed_memory
 
 FREEZE_AFTER = 10  # training.freeze_after's default: time the step training runs
@@ -93,10 +95,12 @@ def adam_vmap_ratio(ensemble: Ensemble, device: torch.device) -> float:
     return vmapped / stacked
 
 
-def sub_ensembles(members: list[Member]) -> list[list[Member]]:
-    """One sub-ensemble per dict size, as the planner does when mixing sizes would pad."""
-    sizes = sorted({m.dict_size for m in members})
-    return [[m for m in members if m.dict_size == size] for size in sizes]
+def planned_ensembles(members: list[Member], batch_size: int, device: torch.device, **options) -> list[Ensemble]:
+    """The members as a sweep worker on `device` would train them: the planner's ensembles, auto budget."""
+    name = "cuda:0" if device.type == "cuda" else "cpu:0"
+    plan = make_plan(members, [name], batch_size, resolve_budget("auto", [name]))
+    return [Ensemble(plan_members(plan, e["index"]), total_steps=10**9, device=device, micro_batches=e["micro_batches"], **options)
+            for e in plan["ensembles"]]
 
 
 def run_case(d: int, dict_sizes: list[int], n_members: int, batch_size: int, steps: int, device: torch.device,
@@ -106,8 +110,7 @@ def run_case(d: int, dict_sizes: list[int], n_members: int, batch_size: int, ste
     flops_per_step = sum(12 * batch_size * d * m.dict_size for m in members)
 
     gemm = gemm_peak_gflops(device)
-    ensembles = [Ensemble(group, total_steps=10**9, device=device, autocast_bf16=autocast_bf16, execution=execution, freeze_after=FREEZE_AFTER)
-                 for group in sub_ensembles(members)]
+    ensembles = planned_ensembles(members, batch_size, device, autocast_bf16=autocast_bf16, execution=execution, freeze_after=FREEZE_AFTER)
     chosen = [e.autotune(batch) if execution == "auto" else execution for e in ensembles]
     ensemble_time = timed(lambda: [e.step(batch) for e in ensembles], steps, device, warmup=2)
     sequential_time = sequential_step_time(members, batch, steps, device, autocast_bf16)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import torchopt
 
 from sae_ensemble import kernels, sae
+from sae_ensemble.kernels.adam import broadcast
 from sae_ensemble.member import Member
 
 ADAM_BETAS = (0.9, 0.999)
@@ -42,10 +43,6 @@ ADAM_EPS = 1e-8
 def _per_member(values: Sequence[float], device: torch.device) -> torch.Tensor:
     return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
 
-
-def _broadcast(per_member: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[M] -> [M, 1, ...] so it broadcasts against a stacked tensor."""
-    return per_member.view(-1, *([1] * (like.dim() - 1)))
 
 
 SPARSE_DENSITY = 0.05  # L0 / dict size at or below which the sparse kernel is a candidate for non-topk members
@@ -109,6 +106,7 @@ class Ensemble:
         self.retune = execution == "auto"  # re-time the candidates every RETUNE_EVERY steps: L0 changes as members learn
         self.row_chunk: int | None = None  # rows per kernel call (None: the whole micro-batch); set by autotune
         self.autotune_report: dict[str, float] = {}
+        self.choice = execution  # what the step runs, as the autotuner names it
 
         self.params = self._allocate(init)
         n = self.n_padded
@@ -233,7 +231,8 @@ class Ensemble:
                     measure("sparse", chunk)
         (self.execution, self.row_chunk), _ = min(timings.items(), key=lambda item: item[1])
         self.autotune_report = {_describe(kind, chunk): round(seconds * 1e3, 3) for (kind, chunk), seconds in timings.items()}
-        return _describe(self.execution, self.row_chunk)
+        self.choice = _describe(self.execution, self.row_chunk)
+        return self.choice
 
     def step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """One training step of every member on `batch` [B, d_in]; returns per-member stats [M].
@@ -317,13 +316,13 @@ class Ensemble:
         # freezes at once never uses them again.
         directions, self.opt_state = self.optimizer.update(grads, self.opt_state, inplace=not select or self.freeze_after == 1)
         for name, p in self.params.items():
-            direction = torch.where(_broadcast(taken, p), directions[name], 0.0) if select else directions[name]
-            p.addcmul_(_broadcast(lr, p), direction, value=-1)
+            direction = torch.where(broadcast(taken, p), directions[name], 0.0) if select else directions[name]
+            p.addcmul_(broadcast(lr, p), direction, value=-1)
         W_dec = self.params["W_dec"]
         unit = F.normalize(W_dec, dim=-1)
-        W_dec.copy_(torch.where(_broadcast(taken, W_dec), unit, W_dec) if select else unit)
+        W_dec.copy_(torch.where(broadcast(taken, W_dec), unit, W_dec) if select else unit)
         if select and self.freeze_after > 1:  # held-back members go on later from their old moments
-            kept = {part: {n: torch.where(_broadcast(taken, old), getattr(self.opt_state, part)[n], old)
+            kept = {part: {n: torch.where(broadcast(taken, old), getattr(self.opt_state, part)[n], old)
                            for n, old in getattr(old_state, part).items()} for part in ("mu", "nu")}
             self.opt_state = self.opt_state._replace(**kept)
         return taken

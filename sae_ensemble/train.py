@@ -290,10 +290,9 @@ def _step(worker: int, slot: _Slot, batch: torch.Tensor, position: Position, tra
     ensemble = slot.ensemble
     stats = ensemble.step(batch)
     slot.position = position
-    chosen = f"{ensemble.execution}" + (f"(rows={ensemble.row_chunk})" if ensemble.row_chunk else "")
-    if ensemble.autotune_report and chosen != slot.tuned:
-        slot.tuned = chosen
-        events.put(("note", worker, f"ensemble {slot.index} runs {chosen} (autotuned; ms per gradient: {ensemble.autotune_report})"))
+    if ensemble.autotune_report and ensemble.choice != slot.tuned:
+        slot.tuned = ensemble.choice
+        events.put(("note", worker, f"ensemble {slot.index} runs {slot.tuned} (autotuned; ms per gradient: {ensemble.autotune_report})"))
     slot.counter.update(torch.nan_to_num(stats["fired"]), batch.shape[0])  # a diverged member may fire NaN
     step = ensemble.step_count
     if step % training.log_every == 0 or step == training.steps:

@@ -61,25 +61,26 @@ def step_(
         for name in names:
             p, g, m, v = params[name][chunk], grads[name][chunk], mu[name][chunk], nu[name][chunk]
             if hold:
-                keep = _broadcast(steps, p)
+                keep = broadcast(steps, p)
                 g = torch.where(keep, g, 0.0)
                 decay1, decay2 = torch.where(keep, b1, 1.0), torch.where(keep, b2, 1.0)
                 m.mul_(decay1).addcmul_(g, 1 - decay1)
                 v.mul_(decay2).addcmul_(g * g, 1 - decay2)
-                scale = _broadcast(torch.where(steps, lr[chunk], 0.0), p)
+                scale = broadcast(torch.where(steps, lr[chunk], 0.0), p)
             else:
                 m.mul_(b1).add_(g, alpha=1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                scale = _broadcast(lr[chunk], p)
+                scale = broadcast(lr[chunk], p)
             # torchopt's direction: (m / c1) / (sqrt(v / c2) + eps)
             direction = torch.div(v, correction2).sqrt_().add_(eps)
             direction = torch.div(m, correction1).div_(direction)
             p.addcmul_(scale, direction, value=-1)
             if name == "W_dec":
                 unit = F.normalize(p, dim=-1)
-                p.copy_(torch.where(_broadcast(steps, p), unit, p) if hold else unit)
+                p.copy_(torch.where(broadcast(steps, p), unit, p) if hold else unit)
     return taken
 
 
-def _broadcast(per_member: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def broadcast(per_member: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[M] -> [M, 1, ...] so it broadcasts against a stacked tensor."""
     return per_member.view(-1, *([1] * (like.dim() - 1)))
