@@ -42,8 +42,11 @@ def sweep(tmp_path: Path, *overrides: str, multirun: bool = False) -> subprocess
         (["grid.seeds=[]"], "the grid axis seeds is empty"),
         (["data.source=images"], "data.source='images' is unknown; allowed: synthetic, lm"),
         (["model=tiny", "data=lm", "hook=blocks.0.hook_resid_psot"], "blocks.0.hook_resid_post"),
+        (["training.execution=bogus"], "training.execution='bogus' is unknown; allowed: auto, reference, fused, sparse"),
+        (["training.matmul_precision=fast"], "training.matmul_precision='fast' is unknown; allowed: highest, high, medium"),
     ],
-    ids=["negative-l1", "dict-size", "k-too-big", "variant", "device", "too-many-gpus", "empty-grid", "source", "hook"],
+    ids=["negative-l1", "dict-size", "k-too-big", "variant", "device", "too-many-gpus", "empty-grid", "source", "hook",
+         "execution", "matmul-precision"],
 )
 def test_bad_input_prints_one_sentence_and_exits_2(tmp_path, overrides, message):
     result = sweep(tmp_path, *overrides, *SMALL_DATA, "plan_only=true")
