@@ -74,8 +74,8 @@ class Training:
     compile: bool = True
     """torch.compile the fused kernel and Adam on CUDA workers (docs/kernels.md): the generated code fuses
     the elementwise passes between the GEMMs (measured on an H100: a step 1.3-2x faster; the first step
-    of each ensemble shape compiles, ~10 s). CPU workers never compile: inductor's C++ build costs
-    about a minute per shape on a small CPU box."""
+    of each ensemble shape compiles, ~10 s). CPU workers never compile: there the compiled step
+    measured slower (112 vs 95 ms, small benchmark case) and inductor's C++ build costs up to a minute."""
     matmul_precision: str = "high"
     """float32 matmul precision on CUDA (torch.set_float32_matmul_precision): high (TF32, ~3x faster
     GEMMs on an H100), highest (full float32), or medium."""
