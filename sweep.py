@@ -81,7 +81,8 @@ def ensure_model(cfg: SweepConfig) -> None:
     if cfg.model.build_tiny:
         from sae_ensemble.activations.tiny_model import ensure_tiny_gpt2
 
-        directory = ensure_tiny_gpt2(cfg.model.name, trained=cfg.model.build_tiny == "trained", progress=cfg.progress)
+        # Log lines, not bars: minutes of silence on first use would look like a hang even with progress=false.
+        directory = ensure_tiny_gpt2(cfg.model.name, trained=cfg.model.build_tiny == "trained")
         cfg.model.name = str(directory)
 
 
