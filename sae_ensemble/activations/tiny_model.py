@@ -5,7 +5,7 @@ library's `pydoc_data.topics` plus the second part of the shipped corpus `data/t
 The corpus's first lines are held out (`Recipe.heldout_corpus_fraction`): the `model=tiny`
 harvest and CE evaluation read that file from its start, so with the default `data.n_tokens`
 they see only text the model never trained on. Training is deterministic (fixed seeds, a fixed
-data order, CPU only) and takes a few CPU minutes; `ensure_tiny_gpt2` caches the result in a
+data order, one CPU thread) and takes about a CPU minute; `ensure_tiny_gpt2` caches the result in a
 directory keyed by the fingerprint of the recipe and its text, so a changed recipe (or a Python
 whose pydoc text differs) trains a new model instead of reusing a stale one. The random model
 (`build_tiny_gpt2`) is instant, for tests that need speed, not meaning.
@@ -184,7 +184,7 @@ def train_tiny_gpt2(directory: str | Path, recipe: Recipe = Recipe(), progress: 
     """Train a GPT-2 by `recipe` on CPU and write it (config, weights, tokenizer, training.json) to `directory`.
 
     Deterministic: the init, the data order (a seeded generator) and the text are fixed, and the
-    model trains on CPU with as many threads as this process may use. Returns training.json's content.
+    model trains on CPU in one thread. Returns training.json's content.
     """
     import torch
 
@@ -193,7 +193,10 @@ def train_tiny_gpt2(directory: str | Path, recipe: Recipe = Recipe(), progress: 
     tokenizer = train_tokenizer(train_docs, recipe.vocab_size)
     stream = _token_stream(tokenizer, train_docs)
     threads = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    # One thread: 1000 steps took 88 s on one core of a loaded 2-core box, and 989 s with two threads on
+    # the same box (OpenMP threads spin when cores are oversubscribed). With one thread the bytes also
+    # do not depend on the machine's core count (one and two threads give different bytes).
+    torch.set_num_threads(1)
     start = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=[]):
@@ -260,7 +263,7 @@ def ensure_tiny_gpt2(root: str | Path, trained: bool = True, recipe: Recipe = Re
         temp = root / f".{directory.name}.tmp-{socket.gethostname()}-{os.getpid()}"
         if trained:
             if progress:
-                print(f"tiny GPT-2: training on first use ({recipe.steps} steps on CPU, a few minutes); "
+                print(f"tiny GPT-2: training on first use ({recipe.steps} steps on one CPU thread, a minute or two); "
                       f"later runs reuse {directory}", file=sys.stderr, flush=True)
             train_tiny_gpt2(temp, recipe, progress)
         else:
