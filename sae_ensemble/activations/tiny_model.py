@@ -39,7 +39,7 @@ SAMPLE_TEXT = (
 
 @dataclass(frozen=True)
 class Recipe:
-    """Everything that determines the trained model's bytes (with the text and torch version)."""
+    """Everything that determines the trained model's bytes, with the text, the torch version and the CPU type."""
 
     n_layer: int = 2
     d_model: int = 64
