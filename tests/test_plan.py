@@ -120,3 +120,57 @@ def test_budget_sizes_parse(spec, expected):
 def test_a_bad_budget_names_the_value_and_the_allowed_forms():
     with pytest.raises(ValueError, match=r"training.memory_budget='lots' is not a size; allowed: auto, or a positive size such as 8GiB"):
         parse_size("lots")
+
+
+# -- lean host memory: init and resume fill the stacked state member by member -----------------
+
+LEAN_CHILD = """
+import json, sys
+import torch
+from sae_ensemble.checkpoint import load_ensemble
+from sae_ensemble.ensemble import Ensemble
+from sae_ensemble.member import Member
+from sae_ensemble.train import peak_bytes, resident_bytes, reuse_freed_memory
+
+torch.set_num_threads(1)
+reuse_freed_memory()  # as a worker runs
+members = [Member.from_dict(m) for m in json.loads(sys.argv[2])]
+Ensemble(members[:1], 1)  # the runtime's one-off allocations (RNG, allocator pools) land before the baseline
+baseline = resident_bytes()
+if sys.argv[1] == "init":
+    ensemble = Ensemble(members, 10)
+else:
+    ensemble = load_ensemble([f"{sys.argv[3]}/{m.member_id}" for m in members], 10)
+stacked = sum(t.numel() * t.element_size() for tree in (ensemble.params, ensemble.opt_state.mu, ensemble.opt_state.nu, ensemble.hparams)
+              for t in tree.values())
+print(json.dumps({"peak": peak_bytes(torch.device("cpu"), baseline), "stacked": stacked}))
+"""
+
+
+@pytest.mark.parametrize("how", ["init", "resume"])
+def test_host_memory_peaks_at_one_member_beyond_the_stacked_state(how, tmp_path):
+    """On CPU the stacked state is host memory itself; beyond it, building or resuming an ensemble may hold
+    one member's params and moments plus 10% of the stacked size (issue #11 item 3). Stacking members built
+    whole (or loading them all first) would hold a second copy of the params: 2.6x that allowance here."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sae_ensemble.checkpoint import save_member
+
+    members = [Member("relu", 256, 2048, l1=1e-3, seed=i) for i in range(8)]
+    if how == "resume":
+        ensemble = Ensemble(members, 10)
+        for i, member in enumerate(members):
+            params, moments = ensemble.member_state(i)
+            save_member(tmp_path / member.member_id, member, params, moments, {"steps": 3, "tokens": 96})
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", LEAN_CHILD, how, json.dumps([m.to_dict() for m in members]), str(tmp_path)],
+                            capture_output=True, text=True, cwd=repo, timeout=300)
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout.split("\n")[-2])
+    one_member = 3 * 4 * (2 * 2048 * 256 + 2048 + 256)  # params and two Adam moments, float32
+    allowed = measured["stacked"] + one_member + 0.1 * measured["stacked"]
+    print(f"{how}: peak {measured['peak'] / 2**20:.1f} MiB, stacked {measured['stacked'] / 2**20:.1f} MiB, allowed {allowed / 2**20:.1f} MiB")
+    assert measured["peak"] <= allowed
