@@ -103,13 +103,13 @@ def plan_for(cfg: SweepConfig, devices: list[str], store: ActivationStore, run_d
     plan_path = run_dir / "plan.json"
     try:
         if not plan_path.exists():
-            plan = make_plan(members, devices, cfg.training.batch_size, budget)
+            plan = make_plan(members, devices, cfg.training.batch_size, budget, cfg.training.execution)
             plan["training"] = asdict(cfg.training)
             plan["store_fingerprint"] = store.fingerprint
         else:
             previous = read_json(plan_path)
             _check_resume(previous, {m.member_id: m.to_dict() for m in members}, cfg, store, run_dir)
-            plan = assign(previous, devices, budget)
+            plan = assign(previous, devices, budget, cfg.training.execution)
     except PlanError as error:
         raise ConfigError(str(error)) from None
     write_json_atomic(plan_path, plan)
@@ -155,7 +155,8 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
     devices = config_module.validate(cfg)
     if cfg.data.source == "synthetic" and not cfg.data.store and not (run_dir / "plan.json").exists():
         try:  # refuse a grid that cannot fit before synthesising its data
-            make_plan(cfg.grid.members(cfg.data.d_in), devices, cfg.training.batch_size, resolve_budget(cfg.training.memory_budget, devices))
+            make_plan(cfg.grid.members(cfg.data.d_in), devices, cfg.training.batch_size, resolve_budget(cfg.training.memory_budget, devices),
+                      cfg.training.execution)
         except PlanError as error:
             raise ConfigError(str(error)) from None
         except ValueError:

@@ -3,6 +3,7 @@
     python -m benchmarks.scale                         # CPU: d_in=768, dict sizes 6144 and 12288, 8 members, 4GiB
     python -m benchmarks.scale --device cuda           # one GPU with the auto budget (90% of its free memory)
     python -m benchmarks.scale --budget 2GiB --steps 3
+    python -m benchmarks.scale --execution fused       # the plan and the run of a kernel's step
     python -m benchmarks.scale --calibrate             # refit plan.STEP_COST["reference"] from measured single-ensemble peaks
     python -m benchmarks.scale --calibrate --execution fused   # the same for a kernel (fused or sparse)
 
@@ -126,11 +127,10 @@ def main() -> None:
     members = Grid(dict_sizes=sizes, l1=[1e-4 * 2**i for i in range(per_size)]).members(args.d_in)
     device = "cuda:0" if args.device == "cuda" else "cpu:0"
     budget = resolve_budget(args.budget or ("auto" if args.device == "cuda" else "4GiB"), [device])
-    # The memory model is fitted to the reference step (plan.STEP_COST); the kernels' steps need less
-    # and have no fitted costs yet, so the run that checks the model takes the path it models.
+    # The plan models the execution that runs (plan.STEP_COST); a pinned one, so the run takes the path modelled.
     training = Training(steps=args.steps, batch_size=args.batch, checkpoint_every=10**9, log_every=args.steps,
-                        eval_rows=args.batch, dead_window_tokens=args.batch * args.steps, execution="reference")
-    plan = make_plan(members, [device], args.batch, budget)
+                        eval_rows=args.batch, dead_window_tokens=args.batch * args.steps, execution=args.execution)
+    plan = make_plan(members, [device], args.batch, budget, args.execution)
     print(format_plan(plan), flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
