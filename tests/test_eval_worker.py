@@ -89,3 +89,56 @@ def test_workers_evaluate_their_members_and_the_report_only_reads(trained, tmp_p
     for member_id, values in expected.items():
         assert found[member_id]["metrics"] == pytest.approx(values, abs=1e-6)
         assert {k: rows[member_id].get(k) for k in values} == pytest.approx(values, abs=1e-6) and rows[member_id]["fvu"] == 0.5
+
+
+def test_sigterm_during_the_evaluation_stage_exits_75_and_a_rerun_finishes_it(trained, tmp_path):
+    """The dispatcher's signal path: SIGTERM once a worker exists (its handlers are installed before any) stops the
+    workers at their next group with exit 75; a rerun evaluates what is left, to the values of an uninterrupted stage."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from sae_ensemble.dispatch import EXIT_REQUEUE
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    script = (f"import sys\nfrom sae_ensemble.dispatch import Training, evaluate\nfrom sae_ensemble.member import Member\n"
+              f"from sae_ensemble.plan import make_plan\nmembers = [Member.from_dict(m) for m in {[m.to_dict() for m in MEMBERS]!r}]\n"
+              f"plan = make_plan(members, ['cpu:0'], 32, 2**34)\n"
+              f"sys.exit(evaluate(plan, {str(tmp_path / 'no-store')!r}, {str(run_dir)!r}, Training(), progress=False))\n")
+    repo = Path(__file__).resolve().parents[1]
+
+    def launch():
+        return subprocess.Popen([sys.executable, "-c", script], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONPATH": str(repo)})
+
+    def has_worker(pid: int) -> bool:
+        for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+            try:
+                if "spawn_main" in Path(f"/proc/{child}/cmdline").read_text():  # not the resource tracker
+                    return True
+            except FileNotFoundError:  # it exited in between
+                pass
+        return False
+
+    parent = launch()
+    deadline = time.monotonic() + 120
+    while not has_worker(parent.pid):
+        assert time.monotonic() < deadline and parent.poll() is None, parent.communicate()[0]
+        time.sleep(0.05)
+    parent.send_signal(signal.SIGTERM)  # the worker is still importing torch: it sees the stop before its first group
+    output = parent.communicate(timeout=120)[0]
+    assert parent.returncode == EXIT_REQUEUE, output
+    assert "interrupted: evaluation results (eval.json) written to" in output
+    assert len(evaluations(run_dir)) < len(MEMBERS)
+
+    rerun = launch()
+    output = rerun.communicate(timeout=120)[0]
+    assert rerun.returncode == EXIT_OK, output
+    found = evaluations(run_dir)
+    for member_id, values in expected_mmcs(run_dir).items():
+        assert found[member_id]["metrics"] == pytest.approx(values, abs=1e-6)

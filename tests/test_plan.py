@@ -197,3 +197,23 @@ def test_host_memory_peaks_at_one_member_beyond_the_stacked_state(how, tmp_path)
     allowed = measured["stacked"] + one_member + 0.1 * measured["stacked"]
     print(f"{how}: peak {measured['peak'] / 2**20:.1f} MiB, stacked {measured['stacked'] / 2**20:.1f} MiB, allowed {allowed / 2**20:.1f} MiB")
     assert measured["peak"] <= allowed
+
+
+def test_final_metrics_run_in_pieces_no_larger_than_the_planned_micro_batch(tmp_path):
+    """The plan counts a step's [M, b, n] tensors for micro-batches of b rows; the final metrics must not take more."""
+    from sae_ensemble.activations.synthetic import write_synthetic
+    from sae_ensemble.metrics import FiringCounter
+    from sae_ensemble.train import Training, _final_metrics
+
+    store = write_synthetic(tmp_path / "store", d_in=D_IN, n_features=40, n_active=3, n_rows=2000, rows_per_chunk=1000, heldout_rows=500, seed=0)
+    training = Training(batch_size=64, eval_rows=256)
+    results = {}
+    for micro in (1, 4):
+        ensemble, rows = Ensemble(MIXED, 10, micro_batches=micro), []
+        forward = ensemble.forward
+        ensemble.forward = lambda x, forward=forward, rows=rows: (rows.append(x.shape[0]), forward(x))[1]
+        counter = FiringCounter(len(MIXED), ensemble.n_padded, 1000)
+        results[micro] = _final_metrics(ensemble, store, counter, training, torch.device("cpu"))
+        assert max(rows) == 64 // micro and sum(rows) == 256
+    for name, value in results[1].items():
+        torch.testing.assert_close(results[4][name], value, atol=1e-6, rtol=1e-5, msg=name)
