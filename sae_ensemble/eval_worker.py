@@ -67,9 +67,13 @@ class Decoders(Mapping):
 
     def __init__(self, run_dir: Path, member_ids: Sequence[str], device: torch.device) -> None:
         self.run_dir, self.ids, self.device = run_dir, list(member_ids), device
+        self.known = set(self.ids)
+
+    def __contains__(self, member_id: object) -> bool:  # Mapping's default would read the tensor
+        return member_id in self.known
 
     def __getitem__(self, member_id: str) -> torch.Tensor:
-        if member_id not in self.ids:
+        if member_id not in self.known:
             raise KeyError(member_id)
         with safe_open(str(member_dir(self.run_dir, member_id) / SAE_FILE), framework="pt") as f:
             return f.get_tensor("W_dec").to(self.device)
@@ -165,12 +169,12 @@ def _ce_evaluator(lm: LMEvaluation, store: ActivationStore, training: Training, 
         return None
     tokens = torch.tensor(contexts, device=device)
     normalization = store.normalization(training.normalize)
-    first_kept = lm.drop_bos and bridge.tokenizer.bos_token_id is not None
+    skip_first = lm.drop_bos and bridge.tokenizer.bos_token_id is not None
 
     # Per group, the clean and zero-ablated passes run again (2 passes beside the group's spliced one,
     # which is MEMBERS_PER_GROUP times as large): the price of never holding more members than a group.
     def ce(dirs: list[Path]) -> dict[str, dict[str, float]]:
         return evaluate_members(bridge, tokens, lm.hook, dirs, normalization, progress=False, members_per_pass=MEMBERS_PER_GROUP,
-                                skip_first_position=first_kept)
+                                skip_first_position=skip_first)
 
     return ce

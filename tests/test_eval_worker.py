@@ -142,3 +142,17 @@ def test_sigterm_during_the_evaluation_stage_exits_75_and_a_rerun_finishes_it(tr
     found = evaluations(run_dir)
     for member_id, values in expected_mmcs(run_dir).items():
         assert found[member_id]["metrics"] == pytest.approx(values, abs=1e-6)
+
+
+def test_decoders_are_read_only_for_the_pairs_compared(trained, monkeypatch):
+    """Lazy loading: evaluating one member reads its own dictionary and its partners', never the whole run's."""
+    from sae_ensemble import eval_worker
+
+    reads = []
+    real = eval_worker.Decoders.__getitem__
+    monkeypatch.setattr(eval_worker.Decoders, "__getitem__", lambda self, member_id: (reads.append(member_id), real(self, member_id))[1])
+    small = MEMBERS[0]  # d16, l1 1e-3, seed 0: next size MEMBERS[6], other seed MEMBERS[1]
+    decoders = eval_worker.Decoders(trained, [m.member_id for m in MEMBERS], torch.device("cpu"))
+    for pairing in ("next_size", "seed"):
+        mmcs_between(MEMBERS, decoders, pairing=pairing, of=[small.member_id])
+    assert sorted(set(reads)) == sorted({small.member_id, MEMBERS[6].member_id, MEMBERS[1].member_id})
