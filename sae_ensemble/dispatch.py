@@ -1,4 +1,5 @@
-"""One worker process per device, each training its ensembles of the plan (train.py) from the shared store.
+"""One worker process per device, each training its ensembles of the plan (train.py) from the shared store;
+then (`evaluate`) one per device again, each evaluating the members of its ensembles (eval_worker.py).
 
 Workers open the store themselves (memory-mapped: no activations cross a pipe), train,
 checkpoint, and report through one queue. The parent shows a progress bar, forwards
