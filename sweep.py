@@ -29,6 +29,7 @@ from sae_ensemble.activations.store import ActivationStore, StoreError
 from sae_ensemble.atomic import write_json_atomic
 from sae_ensemble.checkpoint import CheckpointError, read_json
 from sae_ensemble.config import ConfigError, SweepConfig
+from sae_ensemble.eval_worker import LMEvaluation
 from sae_ensemble.member import Member
 from sae_ensemble.plan import PlanError, assign, format_plan, make_plan, resolve_budget
 from sae_ensemble.train import ensemble_dir
@@ -110,13 +111,13 @@ def plan_for(cfg: SweepConfig, devices: list[str], store: ActivationStore, run_d
     plan_path = run_dir / "plan.json"
     try:
         if not plan_path.exists():
-            plan = make_plan(members, devices, cfg.training.batch_size, budget)
+            plan = make_plan(members, devices, cfg.training.batch_size, budget, cfg.training.execution)
             plan["training"] = asdict(cfg.training)
             plan["store_fingerprint"] = store.fingerprint
         else:
             previous = read_json(plan_path)
             _check_resume(previous, {m.member_id: m.to_dict() for m in members}, cfg, store, run_dir)
-            plan = assign(previous, devices, budget)
+            plan = assign(previous, devices, budget, cfg.training.execution)
     except PlanError as error:
         raise ConfigError(str(error)) from None
     write_json_atomic(plan_path, plan)
@@ -148,43 +149,22 @@ def finished(plan: dict, run_dir: Path) -> bool:
     return (run_dir / "summary.csv").exists() and all((ensemble_dir(run_dir, e["index"]) / "done.json").exists() for e in plan["ensembles"])
 
 
-def evaluate_lm(cfg: SweepConfig, store: ActivationStore, run_dir: Path, devices: list[str]) -> None:
-    """CE loss recovered and KL for every finished member, written into its cfg.json metrics."""
-    from sae_ensemble.activations.harvest import boot_model, iter_contexts, iter_texts, rows_per_context
-    from sae_ensemble.evaluate import evaluate_members
-
-    import torch
-
-    device = harvest_device(devices)
-    bridge = boot_model(cfg.model.name, device=device, revision=cfg.model.revision)
-    # Held-out text: contexts after the ones harvested for training.
-    texts = iter_texts(cfg.data.dataset, cfg.data.split, cfg.data.dataset_config, cfg.data.text_field)
-    skip = -(-cfg.data.n_tokens // rows_per_context(bridge.tokenizer, cfg.data.context_length, cfg.data.drop_bos))
-    contexts = []
-    for i, context in enumerate(iter_contexts(texts, bridge.tokenizer, cfg.data.context_length)):
-        if i >= skip:
-            contexts.append(context)
-        if len(contexts) == cfg.eval.n_contexts:
-            break
-    if not contexts:
-        print(f"warning: no held-out text left after the {skip} harvested contexts; CE evaluation skipped", file=sys.stderr)
-        return
-    tokens = torch.tensor(contexts, device=device)
-    member_dirs = report.member_dirs(run_dir)
-    normalization = store.normalization(cfg.training.normalize)
-    results = evaluate_members(bridge, tokens, cfg.hook, member_dirs, normalization, progress=cfg.progress,
-                               skip_first_position=cfg.data.drop_bos and bridge.tokenizer.bos_token_id is not None)
-    for directory in member_dirs:
-        member_cfg = read_json(directory / "cfg.json")
-        member_cfg["metrics"].update(results[member_cfg["member_id"]])
-        write_json_atomic(directory / "cfg.json", member_cfg)
+def lm_evaluation(cfg: SweepConfig) -> LMEvaluation | None:
+    """What the workers' CE evaluation needs (LM data with eval.ce_loss), else None."""
+    if cfg.data.source != "lm" or not cfg.eval.ce_loss:
+        return None
+    data = cfg.data
+    return LMEvaluation(model=cfg.model.name, revision=cfg.model.revision, hook=cfg.hook, dataset=data.dataset, split=data.split,
+                        dataset_config=data.dataset_config, text_field=data.text_field, context_length=data.context_length,
+                        n_tokens=data.n_tokens, drop_bos=data.drop_bos, n_contexts=cfg.eval.n_contexts)
 
 
 def sweep(cfg: SweepConfig, run_dir: Path) -> int:
     devices = config_module.validate(cfg)
     if cfg.data.source == "synthetic" and not cfg.data.store and not (run_dir / "plan.json").exists():
         try:  # refuse a grid that cannot fit before synthesising its data
-            make_plan(cfg.grid.members(cfg.data.d_in), devices, cfg.training.batch_size, resolve_budget(cfg.training.memory_budget, devices))
+            make_plan(cfg.grid.members(cfg.data.d_in), devices, cfg.training.batch_size, resolve_budget(cfg.training.memory_budget, devices),
+                      cfg.training.execution)
         except PlanError as error:
             raise ConfigError(str(error)) from None
         except ValueError:
@@ -214,8 +194,10 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
         code = dispatch.run(plan, store.path, run_dir, cfg.training, on_metrics=tracker.log, progress=cfg.progress)
         if code != dispatch.EXIT_OK:
             return code
-        if cfg.data.source == "lm" and cfg.eval.ce_loss:
-            evaluate_lm(cfg, store, run_dir, devices)
+        # MMCS between dictionaries and CE scores, on the workers' devices; the report below only reads them.
+        code = dispatch.evaluate(plan, store.path, run_dir, cfg.training, lm_evaluation(cfg), progress=cfg.progress)
+        if code != dispatch.EXIT_OK:
+            return code
         rows = report.load_rows(run_dir)
         summary = report.write_summary(run_dir, rows)
         plots = report.write_plots(run_dir, rows)
@@ -244,7 +226,7 @@ def report_frozen(rows: list[dict], training: dispatch.Training) -> int:
 
 
 class Interrupted(Exception):
-    """SIGTERM/SIGINT outside training (harvest, evaluation): every stage there resumes on a rerun."""
+    """SIGTERM/SIGINT outside the workers (harvest, report): every stage there resumes on a rerun."""
 
 
 def _interrupt(signum, frame) -> None:

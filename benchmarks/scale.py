@@ -3,7 +3,9 @@
     python -m benchmarks.scale                         # CPU: d_in=768, dict sizes 6144 and 12288, 8 members, 4GiB
     python -m benchmarks.scale --device cuda           # one GPU with the auto budget (90% of its free memory)
     python -m benchmarks.scale --budget 2GiB --steps 3
-    python -m benchmarks.scale --calibrate             # refit plan.STEP_COST from measured single-ensemble peaks
+    python -m benchmarks.scale --execution fused       # the plan and the run of a kernel's step
+    python -m benchmarks.scale --calibrate             # refit plan.STEP_COST["reference"] from measured single-ensemble peaks
+    python -m benchmarks.scale --calibrate --execution fused   # the same for a kernel (fused or sparse)
 
 Runs the real path (plan -> store -> dispatch -> worker -> checkpoints) on one device for a
 few steps. The worker measures its own peak (CPU: peak RSS over its RSS at start; CUDA:
@@ -43,15 +45,17 @@ CALIBRATION_SHAPES = [(32, 32, 1, 32), (512, 4096, 2, 16), (32, 4096, 2, 2048), 
 # -- measuring one ensemble's peak -----------------------------------------------------------------
 
 
-def measure_step_peak(members: list[Member], batch_size: int, micro_batches: int = 1, steps: int = 2, repeats: int = 3) -> int:
-    """Peak bytes of building `members` as one ensemble and stepping it, on CPU: the median of `repeats` fresh processes.
+def measure_step_peak(members: list[Member], batch_size: int, micro_batches: int = 1, steps: int = 2, repeats: int = 3,
+                      execution: str = "reference") -> int:
+    """Peak bytes of building `members` as one ensemble and stepping it with `execution`, on CPU: the median of `repeats` fresh processes.
 
     Each child runs as a worker does (glibc heap reuse, one thread) and reports its peak anonymous
     RSS over that just before building the ensemble (`train.peak_bytes`: library pages the kernel
     pages out and back in do not count): a fresh process, so the peak is this ensemble's and
     nothing before it. The median, because the untrimmed heap's peak varies between identical runs.
     """
-    spec = json.dumps({"members": [m.to_dict() for m in members], "batch_size": batch_size, "micro_batches": micro_batches, "steps": steps})
+    spec = json.dumps({"members": [m.to_dict() for m in members], "batch_size": batch_size, "micro_batches": micro_batches, "steps": steps,
+                       "execution": execution})
     peaks = []
     for _ in range(repeats):
         result = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--measure", spec], capture_output=True, text=True, cwd=REPO,
@@ -73,28 +77,29 @@ def _measure_child(spec: dict) -> None:
     members = [Member.from_dict(m) for m in spec["members"]]
     batch = torch.randn(spec["batch_size"], members[0].d_in)
     baseline = resident_bytes()
-    ensemble = Ensemble(members, spec["steps"], micro_batches=spec["micro_batches"])
+    ensemble = Ensemble(members, spec["steps"], micro_batches=spec["micro_batches"], execution=spec["execution"])
     for _ in range(spec["steps"]):
         ensemble.step(batch)
     print(peak_bytes(torch.device("cpu"), baseline))
 
 
-def calibrate() -> None:
-    """Fit (c_P, c_A, c_X, runtime bytes) per variant over CALIBRATION_SHAPES (least relative error); print beside plan's."""
+def calibrate(execution: str) -> None:
+    """Fit (c_P, c_A, c_X, runtime bytes) of `execution` per variant over CALIBRATION_SHAPES (least relative error); print beside plan's."""
     for variant in ("relu", "tied", "topk"):
         rows, peaks, states = [], [], []
         for d, n, m, b in CALIBRATION_SHAPES:
             members = [Member(variant, d, n, l1=1e-3, k=min(32, n), seed=i) for i in range(m)]
             rows.append([BYTES * m * (2 * n * d + n + d), BYTES * m * b * n, BYTES * m * b * d, 1.0])
             states.append(ensemble_memory(members, b)["state_bytes"])
-            peaks.append(measure_step_peak(members, b, repeats=1))
+            peaks.append(measure_step_peak(members, b, repeats=1, execution=execution))
         rows, peaks, states = np.array(rows), np.array(peaks, dtype=float), np.array(states, dtype=float)
+        current = STEP_COST.get(execution, STEP_COST["reference"])[variant]  # a path not yet fitted is planned as the reference
         fit = np.linalg.lstsq(rows / peaks[:, None], (peaks - states) / peaks, rcond=None)[0]
         for shape, row, peak, state in zip(CALIBRATION_SHAPES, rows, peaks, states):
-            planned = state + row[:3] @ np.array(STEP_COST["reference"][variant]) + CPU_RUNTIME_BYTES
+            planned = state + row[:3] @ np.array(current) + CPU_RUNTIME_BYTES
             print(f"{variant} d,n,M,B={shape}: measured {format_size(peak)}, fit {format_size(state + row @ fit)}, "
                   f"plan {format_size(planned)} ({planned / peak - 1:+.0%})", flush=True)
-        print(json.dumps({"variant": variant, "fit": [round(float(c), 2) for c in fit[:3]], "plan": STEP_COST["reference"][variant],
+        print(json.dumps({"execution": execution, "variant": variant, "fit": [round(float(c), 2) for c in fit[:3]], "plan": current,
                           "runtime_mib": round(float(fit[3]) / 2**20), "plan_runtime_mib": CPU_RUNTIME_BYTES / 2**20}), flush=True)
 
 
@@ -108,23 +113,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--calibrate", action="store_true", help=calibrate.__doc__)
+    parser.add_argument("--execution", default="reference", choices=["reference", "fused", "sparse"],
+                        help="the step whose peak is measured: the scale run's execution, or the one --calibrate fits")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # the child of measure_step_peak
     args = parser.parse_args()
     if args.measure:
         return _measure_child(json.loads(args.measure))
     if args.calibrate:
-        return calibrate()
+        return calibrate(args.execution)
 
     sizes = [int(s) for s in args.dict_sizes.split(",")]
     per_size = max(1, args.members // len(sizes))
     members = Grid(dict_sizes=sizes, l1=[1e-4 * 2**i for i in range(per_size)]).members(args.d_in)
     device = "cuda:0" if args.device == "cuda" else "cpu:0"
     budget = resolve_budget(args.budget or ("auto" if args.device == "cuda" else "4GiB"), [device])
-    # The memory model is fitted to the reference step (plan.STEP_COST); the kernels' steps need less
-    # and have no fitted costs yet, so the run that checks the model takes the path it models.
+    # The plan models the execution that runs (plan.STEP_COST); a pinned one, so the run takes the path modelled.
     training = Training(steps=args.steps, batch_size=args.batch, checkpoint_every=10**9, log_every=args.steps,
-                        eval_rows=args.batch, dead_window_tokens=args.batch * args.steps, execution="reference")
-    plan = make_plan(members, [device], args.batch, budget)
+                        eval_rows=args.batch, dead_window_tokens=args.batch * args.steps, execution=args.execution)
+    plan = make_plan(members, [device], args.batch, budget, args.execution)
     print(format_plan(plan), flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:

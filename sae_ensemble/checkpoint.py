@@ -8,6 +8,8 @@ sae.safetensors (float32; n = dict_size, d = d_in):
 optim.safetensors: Adam moments `mu.<name>` and `nu.<name>` of the same shapes (for resuming).
 cfg.json: every Member field plus member_id, steps, tokens and whatever the caller adds
 (store fingerprint, final metrics). It is written last, so a directory with cfg.json is complete.
+eval.json (after the evaluation stage, eval_worker.py): {"metrics": {mmcs_next, mmcs_seed, CE scores},
+"ce_loss": whether CE was evaluated}; a member without it has not been evaluated yet.
 
 Every write goes to a temporary file in the same directory and is renamed into
 place, so a crash never leaves a half-written file under the final name.
@@ -30,6 +32,7 @@ from sae_ensemble.member import Member
 SAE_FILE = "sae.safetensors"
 OPTIM_FILE = "optim.safetensors"
 CFG_FILE = "cfg.json"
+EVAL_FILE = "eval.json"
 
 
 class CheckpointError(ValueError):
@@ -80,6 +83,12 @@ def load_member(
             part = {k.split(".", 1)[1]: v for k, v in moments.items() if k.startswith(prefix + ".")}
             _check_shapes(directory / OPTIM_FILE, member, part, expected=("W_enc", "b_enc", "W_dec", "b_dec"), prefix=prefix + ".")
     return member, params, moments, cfg
+
+
+def read_evaluation(directory: str | Path) -> dict[str, float]:
+    """The metrics of a member's eval.json ({} before its evaluation)."""
+    path = Path(directory) / EVAL_FILE
+    return read_json(path)["metrics"] if path.exists() else {}
 
 
 def load_ensemble(

@@ -1,4 +1,5 @@
-"""One worker process per device, each training its ensembles of the plan (train.py) from the shared store.
+"""One worker process per device, each training its ensembles of the plan (train.py) from the shared store;
+then (`evaluate`) one per device again, each evaluating the members of its ensembles (eval_worker.py).
 
 Workers open the store themselves (memory-mapped: no activations cross a pipe), train,
 checkpoint, and report through one queue. The parent shows a progress bar, forwards
@@ -27,6 +28,7 @@ import torch
 import torch.multiprocessing as mp
 from tqdm import tqdm
 
+from sae_ensemble.eval_worker import LMEvaluation, evaluate_worker
 from sae_ensemble.train import Training, train_worker
 
 EXIT_OK, EXIT_FAILED, EXIT_FROZEN, EXIT_REQUEUE = 0, 1, 3, 75
@@ -105,12 +107,18 @@ class StopFlag:
         return self.signalled or self.stop.is_set()
 
 
-def _worker(index: int, device: str, plan: dict, store_path: str, run_dir: str, training: dict, threads: int, events, stop) -> None:
-    """Train worker `index` of the plan (its ensembles, stage by stage) on `device`; report through `events`; obey `stop`."""
+def _worker(job: str, index: int, device: str, plan: dict, store_path: str, run_dir: str, training: dict, lm: dict | None,
+            threads: int, events, stop) -> None:
+    """Worker `index` of the plan on `device`: train its ensembles (stage by stage), or evaluate their members;
+    report through `events`; obey `stop`."""
     # The parent decides when to stop; SIGINT/SIGTERM here (a process group signal) only raise a flag.
     stop = StopFlag(stop).install()
     try:
-        train_worker(index, device, plan, Path(store_path), Path(run_dir), Training(**training), threads, events, stop)
+        if job == "train":
+            train_worker(index, device, plan, Path(store_path), Path(run_dir), Training(**training), threads, events, stop)
+        else:
+            evaluate_worker(index, device, plan, Path(store_path), Path(run_dir), Training(**training),
+                            None if lm is None else LMEvaluation(**lm), threads, events, stop)
     except BaseException as error:
         # One line first (what went wrong), then the traceback for whoever debugs it.
         message = str(error).strip().splitlines()
@@ -131,6 +139,23 @@ def run(
     progress: bool = True,
 ) -> int:
     """Train every ensemble of the plan, one worker per device; return an exit code (see module doc)."""
+    totals = [training.steps * sum(len(stage) for stage in w["stages"]) for w in plan["workers"]]
+    return _supervise("train", plan, store_path, run_dir, training, None, totals, on_metrics, progress)
+
+
+def evaluate(plan: dict, store_path: str | Path, run_dir: str | Path, training: Training, lm: LMEvaluation | None = None,
+             progress: bool = True) -> int:
+    """Evaluate every trained member (eval_worker.py), each on the device of the worker given its ensemble; an exit code.
+
+    `lm`: splice members into this language model for CE loss recovered (None: MMCS only)."""
+    totals = [sum(len(plan["ensembles"][i]["members"]) for stage in w["stages"] for i in stage) for w in plan["workers"]]
+    return _supervise("evaluate", plan, store_path, run_dir, training, None if lm is None else asdict(lm), totals, None, progress)
+
+
+def _supervise(job: str, plan: dict, store_path: str | Path, run_dir: str | Path, training: Training, lm: dict | None,
+               totals: list[int], on_metrics: Callable[[str, int, dict[str, float]], None] | None, progress: bool) -> int:
+    """Start one `job` worker per device of the plan, follow them to the end (progress counts `totals` units
+    per worker: ensemble-steps or members), stop them all on a failure or a signal; an exit code."""
     run_dir = Path(run_dir)
     plan_workers = plan["workers"]
     threads = cpu_threads(sum(w["device"].startswith("cpu") for w in plan_workers))
@@ -152,7 +177,7 @@ def run(
         for index, w in enumerate(plan_workers):
             worker = context.Process(
                 target=_worker, name=f"sae-worker-{w['device']}",
-                args=(index, w["device"], plan, str(store_path), str(run_dir), asdict(training),
+                args=(job, index, w["device"], plan, str(store_path), str(run_dir), asdict(training), lm,
                       threads if w["device"].startswith("cpu") else 1, events, stop),
             )
             worker.start()
@@ -164,10 +189,11 @@ def run(
     status = {index: "starting" for index in workers}
     skipped = {index: 0 for index in workers}
     steps_done = {index: 0 for index in workers}
-    total_steps = {index: training.steps * sum(len(stage) for stage in w["stages"]) for index, w in enumerate(plan_workers)}
+    total_steps = dict(enumerate(totals))
     failures: list[str] = []
-    # Progress counts ensemble-steps: a worker with three ensembles has 3 x steps to do.
-    bar = tqdm(total=sum(total_steps.values()), unit="step", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    # Training counts ensemble-steps (a worker with three ensembles has 3 x steps to do); evaluation counts members.
+    bar = tqdm(total=sum(total_steps.values()), unit="step" if job == "train" else "member", desc=None if job == "train" else "evaluate",
+               disable=not progress, dynamic_ncols=True, mininterval=1.0)
     started, first_step = time.monotonic(), None
     try:
         while any(s in ("starting", "running") for s in status.values()):
@@ -213,24 +239,27 @@ def run(
                         stop.set()
             done_now = sum(steps_done.values())
             if done_now != bar.n:
-                rows_per_s = (done_now - (first_step or 0)) * training.batch_size / max(time.monotonic() - started, 1e-9)
                 states = " ".join(f"{plan_workers[i]['device']}={s}" for i, s in status.items())
-                bar.set_postfix_str(f"{rows_per_s:,.0f} rows/s {states}", refresh=False)
+                if job == "train":
+                    rows_per_s = (done_now - (first_step or 0)) * training.batch_size / max(time.monotonic() - started, 1e-9)
+                    states = f"{rows_per_s:,.0f} rows/s {states}"
+                bar.set_postfix_str(states, refresh=False)
                 bar.update(done_now - bar.n)  # tqdm rate-limits redraws (mininterval)
     finally:
         bar.close()
         _stop_workers(workers, previous, events)
 
+    what, where = ("checkpoints", run_dir / "checkpoints") if job == "train" else ("evaluation results (eval.json)", run_dir / "members")
     for index, count in skipped.items():
         if count:
             print(f"warning: {plan_workers[index]['device']}: skipped {count} batch(es) holding non-finite values this run", flush=True)
     for message in failures:
         print(f"error: {message}", flush=True)
     if failures:
-        print(f"error: {len(failures)} worker(s) failed; checkpoints are kept in {run_dir / 'checkpoints'}; rerun to resume", flush=True)
+        print(f"error: {len(failures)} worker(s) failed; {what} are kept in {where}; rerun to resume", flush=True)
         return EXIT_FAILED
     if interrupted or any(s == "stopped" for s in status.values()):
-        print(f"interrupted: checkpoints written to {run_dir / 'checkpoints'}; rerun into {run_dir} to resume (exit {EXIT_REQUEUE})", flush=True)
+        print(f"interrupted: {what} written to {where}; rerun into {run_dir} to resume (exit {EXIT_REQUEUE})", flush=True)
         if signal.SIGUSR2 in interrupted:
             signal.raise_signal(signal.SIGUSR2)  # now the restored (submitit) handler requeues
         return EXIT_REQUEUE

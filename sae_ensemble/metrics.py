@@ -17,7 +17,7 @@ a's rows of the best match among b's rows, i.e. "how well is a found in b".
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import fields
 
 import torch
@@ -242,7 +242,7 @@ PAIRINGS = ("next_size", "seed")
 
 
 def mmcs_between(
-    members: Sequence[Member], decoders: dict[str, torch.Tensor], pairing: str = "next_size"
+    members: Sequence[Member], decoders: Mapping[str, torch.Tensor], pairing: str = "next_size", of: Collection[str] | None = None
 ) -> dict[str, float]:
     """MMCS of each member's dictionary against its partners; members without a partner are absent.
 
@@ -251,13 +251,16 @@ def mmcs_between(
         the value is mmcs(this member, that member).
     pairing="seed": partners are all members equal but for the seed; the value is the mean of
         mmcs(this member, partner) over partners (stability across initialisations).
-    `decoders` maps member_id to that member's unpadded dictionary [dict_size, d].
+    `decoders` maps member_id to that member's unpadded dictionary [dict_size, d]; a lazy mapping
+    (read on access) keeps only the pair compared in memory. `of`: the member ids whose values are
+    wanted (default all); their partners come from all of `members`.
     """
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing={pairing!r} is unknown; allowed: {', '.join(PAIRINGS)}")
     varied = "dict_size" if pairing == "next_size" else "seed"
     others = [f.name for f in fields(Member) if f.name != varied]
     groups: dict[tuple, list[Member]] = defaultdict(list)
+    wanted = {m.member_id for m in members} if of is None else set(of)
     for member in members:
         if member.member_id not in decoders:
             raise ValueError(f"no decoder given for member {member.member_id}")
@@ -267,6 +270,8 @@ def mmcs_between(
     for group in groups.values():
         group = sorted(group, key=lambda m: getattr(m, varied))
         for index, member in enumerate(group):
+            if member.member_id not in wanted:
+                continue
             if pairing == "next_size":
                 partners = [m for m in group[index + 1 :] if m.dict_size > member.dict_size][:1]
             else:

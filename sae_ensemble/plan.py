@@ -14,7 +14,8 @@ Memory model, per ensemble of M members, padded dict size n, width d, micro-batc
     A = 4 M b n               bytes of one [M, b, n] activation tensor
     X = 4 M b d               bytes of one [M, b, d] tensor (centred input, reconstruction, their grads)
     state = 3 P + hparams + firing counts                           held for the whole run
-    step  = c_P P + c_A A + c_X X (+ c_M P with micro-batches)   transient, one ensemble at a time
+    step  = c_P P + c_A A + c_X X (+ c_M P with micro-batches)   transient, one ensemble at a time;
+            the c's are the execution's (training.execution; auto: the largest of its candidates)
 A worker's peak in a stage = sum of its ensembles' states + the largest step + its batch
 + the runtime's own memory (CPU workers: allocator arenas, thread pools, store buffers).
 """
@@ -33,19 +34,26 @@ FIRING_BLOCKS = 9  # FiringCounter: 8 ring blocks + the current one, int64 [M, n
 # Transient bytes of one step beyond the state, in units of (P, A, X), per execution path and
 # variant; a mixed ensemble takes the largest. Fitted to the peak RSS of one CPU ensemble over
 # its state (glibc heap with no trimming, as the worker runs) on shapes where each term
-# dominates: `python -m benchmarks.scale --calibrate` measures and prints the fit. Most of
-# c_P is the reference step's Adam update: torchopt's tree_map makes several P-sized
-# temporaries at once.
-# The kernels' steps (training.execution fused, sparse, or auto's picks) hold fewer temporaries than
-# the reference's (docs/kernels.md: two [M, b, n] tensors per chunk, Adam in place): they are planned
-# with the reference's costs, an upper bound, until their own are fitted.
+# dominates: `python -m benchmarks.scale --calibrate --execution E` measures and prints the fit.
+# Most of the reference's c_P is its Adam update: torchopt's tree_map makes several P-sized
+# temporaries at once; the kernels update in place (docs/kernels.md). The sparse path's c_A is
+# fitted at init, where half of a relu or tied member's latents are active (its CSR codes then
+# cost 3 bytes per element for each one of a dense tensor): the worst case of `sparse` pinned.
 STEP_COST = {
     "reference": {"relu": (6.4, 5.1, 10.4), "tied": (6.6, 5.7, 9.8), "topk": (5.8, 10.1, 11.4)},
+    "fused": {"relu": (3.5, 2.0, 4.5), "tied": (4.3, 2.8, 5.0), "topk": (3.6, 3.8, 4.5)},
+    "sparse": {"relu": (3.0, 14.5, 6.3), "tied": (4.2, 13.1, 5.7), "topk": (3.5, 1.2, 5.3)},
 }
-# Micro-batches add more than their gradient accumulator (P): each part's gradients land in new
-# blocks of the untrimmed heap. Measured: 4 x 12288 features, d_in 768, 8 micro-batches of 256 rows
-# peaked 4.9 P above the model without this term. So on CPU they pay off only when A dominates P.
-MICRO_BATCH_COST = 5.0
+# What `auto` may run: every candidate its autotuner times (ensemble.autotune), so the plan takes the
+# largest cost of them. The sparse kernel is timed for relu and tied members only once at most
+# SPARSE_DENSITY (5%) of their latents fire, where its CSR codes are small: it adds nothing then.
+AUTO_CANDIDATES = {"relu": ("reference", "fused"), "tied": ("reference", "fused"), "topk": ("reference", "fused", "sparse")}
+# Micro-batches of the reference add more than their gradient accumulator (P): each part's gradients
+# land in new blocks of the untrimmed heap. Measured: 4 x 12288 features, d_in 768, 8 micro-batches of
+# 256 rows peaked 4.9 P above the model without this term. So on CPU they pay off only when A
+# dominates P. The kernels accumulate over row chunks in place: fused needs no such term (measured,
+# 2 x 6144 features, d_in 768, 4 micro-batches: 4.3 P over the state, modelled 4.0); sparse 1 P there.
+MICRO_BATCH_COST = {"reference": 5.0, "fused": 0.0, "sparse": 1.0}
 MIN_MICRO_ROWS = 256  # below this a micro-batch's GEMMs lose efficiency: split members first
 CPU_RUNTIME_BYTES = 86 * 2**20  # a CPU worker's own peak beyond the model (thread pools, store buffers), fitted with STEP_COST
 # A CPU worker's heap is never trimmed (train.reuse_freed_memory), so its peak also depends on
@@ -108,17 +116,23 @@ def resolve_budget(spec: str | int, devices: Sequence[str]) -> int:
 # -- the memory model ----------------------------------------------------------------------------
 
 
+def step_costs(execution: str, variant: str) -> tuple[float, float, float, float]:
+    """(c_P, c_A, c_X, c_M) of one member's step by `execution`: auto takes the largest over what it may run."""
+    if execution != "auto" and execution not in STEP_COST:
+        raise ValueError(f"execution={execution!r} has no memory model; known: auto, {', '.join(STEP_COST)}")
+    paths = AUTO_CANDIDATES[variant] if execution == "auto" else (execution,)
+    return tuple(max(values) for values in zip(*((*STEP_COST[path][variant], MICRO_BATCH_COST[path]) for path in paths)))
+
+
 def ensemble_memory(members: Sequence[Member], batch_size: int, micro_batches: int = 1, execution: str = "reference") -> dict:
-    """state_bytes (held all run) and step_bytes (transient) of one ensemble; see the module doc."""
-    if execution not in STEP_COST:
-        raise ValueError(f"execution={execution!r} has no memory model; known: {', '.join(STEP_COST)}")
+    """state_bytes (held all run) and step_bytes (transient) of one ensemble stepped by `execution`; see the module doc."""
     m, n, d = len(members), max(x.dict_size for x in members), members[0].d_in
     params = BYTES * m * (2 * n * d + n + d)
     activations = BYTES * m * (batch_size // micro_batches) * n
     wide = BYTES * m * (batch_size // micro_batches) * d
     state = 3 * params + BYTES * m * (n + 8) + 8 * FIRING_BLOCKS * m * n
-    c_params, c_activations, c_wide = (max(c) for c in zip(*(STEP_COST[execution][x.variant] for x in members)))
-    step = c_params * params + c_activations * activations + c_wide * wide + (MICRO_BATCH_COST * params if micro_batches > 1 else 0)
+    c_params, c_activations, c_wide, c_micro = (max(c) for c in zip(*(step_costs(execution, x.variant) for x in members)))
+    step = c_params * params + c_activations * activations + c_wide * wide + (c_micro * params if micro_batches > 1 else 0)
     return {"state_bytes": int(state), "step_bytes": int(step)}
 
 
@@ -253,14 +267,17 @@ def _ensemble(index: int, members: list[Member], batch_size: int, micro_batches:
             "flops_per_step": 12 * batch_size * d * n * len(members), **ensemble_memory(members, batch_size, micro_batches, execution)}
 
 
-def assign(plan: dict, devices: Sequence[str], budget: int) -> dict:
-    """The plan's ensembles spread over `devices` (a resume on another device count).
+def assign(plan: dict, devices: Sequence[str], budget: int, execution: str) -> dict:
+    """The plan's ensembles spread over `devices` (a resume on another device count), stepped by `execution`.
 
-    Ensembles stay as planned; each must fit the budget alone. The same device count keeps
+    Ensembles keep their members and micro-batches; their memory is modelled again for `execution`
+    (a resume may change it), and each must fit the budget alone. The same device count keeps
     the old assignment; otherwise the costliest ensemble goes to the least-loaded worker.
     """
     d_in = next(iter(plan["members"].values()))["d_in"]
     batch_size = plan["batch_size"]
+    plan = {**plan, "execution": execution, "ensembles": [
+        {**e, **ensemble_memory(plan_members(plan, e["index"]), batch_size, e["micro_batches"], execution)} for e in plan["ensembles"]]}
     for e in plan["ensembles"]:
         needed = max(stage_bytes([e], batch_size, d_in, device) for device in devices)
         if any(stage_bytes([e], batch_size, d_in, device) > usable(budget, device) for device in devices):

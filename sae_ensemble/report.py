@@ -8,8 +8,9 @@ byte-identical summary.csv: rows sorted by member_id, fixed columns, fixed numbe
 
 Columns: the Member hyperparameters, steps/tokens/alive, the final metrics from cfg.json
 (`metrics.l1`, the mean L1 norm of the codes, is renamed `l1_norm` so it cannot be
-mistaken for the L1 coefficient `l1`), and `mmcs_next` / `mmcs_seed` computed here from the
-saved decoders. A value a member does not have is an empty cell. Metrics SAELens and SAEBench
+mistaken for the L1 coefficient `l1`), and the evaluation stage's results from eval.json
+(`mmcs_next`, `mmcs_seed`, CE scores: eval_worker.py, run on the workers' devices). The
+report only reads: it computes no metric. A value a member does not have is an empty cell. Metrics SAELens and SAEBench
 also report carry their names (explained_variance, cossim, l2_ratio, relative_reconstruction_bias,
 ce_loss_score, kl_div_score); docs/metrics.md lists where our names differ and why.
 """
@@ -21,16 +22,15 @@ import io
 import math
 import sys
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from sae_ensemble.checkpoint import CFG_FILE, SAE_FILE, CheckpointError, read_json
+from sae_ensemble.checkpoint import CFG_FILE, CheckpointError, read_evaluation, read_json
 from sae_ensemble.member import Member
-from sae_ensemble.metrics import mmcs_between
 
 SUMMARY_FILE = "summary.csv"
 PLOTS_DIR = "plots"
@@ -60,29 +60,12 @@ def member_dirs(run_dir: str | Path) -> list[Path]:
     return sorted(p.parent for p in Path(run_dir).glob(f"members/*/{CFG_FILE}"))
 
 
-class _Decoders(Mapping):
-    """member_id -> saved W_dec [dict_size, d], read on access so a big sweep never holds them all."""
-
-    def __init__(self, dirs: dict[str, Path]) -> None:
-        self.dirs = dirs
-
-    def __getitem__(self, member_id: str) -> torch.Tensor:
-        with safe_open(str(self.dirs[member_id] / SAE_FILE), framework="pt") as f:
-            return f.get_tensor("W_dec")
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.dirs)
-
-    def __len__(self) -> int:
-        return len(self.dirs)
-
-
 def load_rows(run_dir: str | Path) -> list[Row]:
-    """One row per finished member, sorted by member_id; MMCS between dictionaries included."""
+    """One row per finished member, sorted by member_id: cfg.json's final metrics and eval.json's results."""
     dirs = member_dirs(run_dir)
     if not dirs:
         raise ReportError(f"{run_dir} has no members: expected {Path(run_dir) / 'members' / '<member_id>' / CFG_FILE}")
-    rows, members, paths = [], [], {}
+    rows = []
     for directory in dirs:
         cfg = read_json(directory / CFG_FILE)
         try:
@@ -91,16 +74,10 @@ def load_rows(run_dir: str | Path) -> list[Row]:
             raise ReportError(f"{directory / CFG_FILE} does not describe a member ({error})") from None
         row: Row = {**member.to_dict(), "member_id": member.member_id}
         row.update({key: cfg.get(key) for key in ("steps", "tokens", "alive")})
-        for name, value in (cfg.get("metrics") or {}).items():
+        for name, value in {**(cfg.get("metrics") or {}), **read_evaluation(directory)}.items():
             row[METRIC_RENAMES.get(name, name)] = value
         rows.append(row)
-        members.append(member)
-        paths[member.member_id] = directory
-    by_id = {row["member_id"]: row for row in rows}
-    for column, pairing in (("mmcs_next", "next_size"), ("mmcs_seed", "seed")):
-        for member_id, value in mmcs_between(members, _Decoders(paths), pairing=pairing).items():
-            by_id[member_id][column] = value
-    return [by_id[member_id] for member_id in sorted(by_id)]
+    return sorted(rows, key=lambda row: row["member_id"])
 
 
 def _cell(value: Any) -> str:

@@ -33,7 +33,6 @@ from sae_ensemble.plan import plan_members
 
 PROGRESS_SECONDS = 1.0  # how often a worker reports its progress
 KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is ever unreadable
-FINAL_METRICS_ELEMENTS = 2**26  # [M, rows, n] codes per piece of the final metrics (256 MiB in float32)
 
 
 @dataclass
@@ -372,10 +371,9 @@ def _final_metrics(ensemble: Ensemble, store: ActivationStore, counter, training
     """Held-out reconstruction metrics, dead fraction over the training window, MMCS vs truth."""
     x = store.heldout(training.eval_rows, device=device, normalize=training.normalize)  # [R, d]
     mask = ensemble.hparams["feature_mask"]
-    # Pieces as large as a training batch (whose step held several [M, B, n] tensors at once), or
-    # larger while the codes stay within FINAL_METRICS_ELEMENTS: one or two rows per forward
-    # pass would make evaluating a large ensemble take longer than training it.
-    rows_per_part = max(training.batch_size, FINAL_METRICS_ELEMENTS // (len(ensemble) * ensemble.n_padded))
+    # Pieces as large as a step's micro-batch: its step held several [M, b, n] tensors at once, and
+    # the plan counted those; a forward pass holds fewer. Larger pieces could break the budget.
+    rows_per_part = -(-training.batch_size // ensemble.micro_batches)
     result = metrics.heldout_metrics(x, ensemble.forward, mask, rows_per_part)
     result["dead_frac"] = counter.dead_fraction(mask)
     truth = store.ground_truth()

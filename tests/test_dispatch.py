@@ -85,7 +85,8 @@ def _launch(run_dir: Path, store_path: Path, steps: int, extra: str = "", device
         from sae_ensemble.plan import assign, make_plan
         grid = Grid(variants=["relu", "tied"], dict_sizes=[32, 64], l1=[1e-3, 1e-2], bias_decay=[0.0, 0.05])
         training = Training(**{dict(TRAINING, steps=steps, checkpoint_every=5)!r})
-        plan = assign(make_plan(grid.members(16), resolve_devices("cpu:2"), training.batch_size, {BUDGET}), resolve_devices({devices!r}), {BUDGET})
+        plan = assign(make_plan(grid.members(16), resolve_devices("cpu:2"), training.batch_size, {BUDGET}, training.execution),
+                      resolve_devices({devices!r}), {BUDGET}, training.execution)
         {extra}
         sys.exit(run(plan, {str(store_path)!r}, {str(run_dir)!r}, training, progress=False))
     """)

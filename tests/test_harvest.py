@@ -133,3 +133,28 @@ def test_too_small_dataset_and_bad_records(tmp_path, model_dir, text_file):
     bad.write_text(json.dumps({"body": "hello"}) + "\n")
     with pytest.raises(StoreError, match=r"bad\.jsonl line 1 has no 'text' field"):
         get_or_harvest(model_dir, HOOKS[0], str(bad), **harvest_kwargs(tmp_path))
+
+
+def test_the_harvest_lets_go_of_its_model_before_training_starts(tmp_path, model_dir, text_file, monkeypatch):
+    """Nothing references the model once get_or_harvest returns, with the garbage collector off: so the harvest
+    itself collected the model's reference cycles (on a GPU, then emptied the cache), and training gets its memory."""
+    import gc
+    import weakref
+
+    booted = []
+    real_boot = harvest.boot_model
+
+    def boot(*args, **kwargs):
+        model = real_boot(*args, **kwargs)
+        booted.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(harvest, "boot_model", boot)
+    gc.collect()
+    gc.disable()  # only the harvest's own collection may free the model
+    try:
+        stores = get_or_harvest(model_dir, HOOKS[:1], text_file, **harvest_kwargs(tmp_path))
+        assert len(booted) == 1 and booted[0]() is None
+    finally:
+        gc.enable()
+    assert stores[HOOKS[0]].n_rows == 2000

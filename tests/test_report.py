@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_ensemble.checkpoint import save_member
 from sae_ensemble.ensemble import Ensemble
+from sae_ensemble.eval_worker import evaluate_members_of_run
 from sae_ensemble.member import Member
 from sae_ensemble.metrics import FiringCounter, mmcs, mmcs_truth, reconstruction_metrics
 from sae_ensemble.report import (
@@ -60,6 +61,8 @@ def build_run_dir(run_dir: Path, with_frequencies: bool) -> Path:
         save_member(directory, member, params, moments, info=info)
         if with_frequencies:
             save_file({"frequency": frequencies[index, : member.dict_size].contiguous()}, directory / FREQ_FILE)
+    # The evaluation stage (eval_worker.py; a sweep runs it in its workers): MMCS between dictionaries into eval.json.
+    assert evaluate_members_of_run(run_dir, [m.member_id for m in MEMBERS], MEMBERS, torch.device("cpu"))
     return run_dir
 
 

@@ -9,6 +9,7 @@ harvests the rest, all hooks that still need rows in one pass over the model.
 from __future__ import annotations
 
 import difflib
+import gc
 import hashlib
 import json
 import queue
@@ -151,6 +152,14 @@ def boot_model(model: str, device: str = "cpu", revision: str | None = None):
         raise StoreError(f"Model {model!r} could not be loaded (an HF model name or a local directory is needed): {first}") from None
 
 
+def free_device_memory(device: str | torch.device) -> None:
+    """After a model is dropped: collect it (a model holds reference cycles, which refcounting never frees)
+    and hand a GPU's cached blocks back, so training gets the memory the model held."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def rows_per_context(tokenizer, context_length: int, drop_bos: bool) -> int:
     """Stored rows per context: every position, less the BOS one when it is dropped."""
     return context_length - int(drop_bos and tokenizer.bos_token_id is not None)
@@ -280,9 +289,13 @@ def get_or_harvest(
         todo = [h for h in hooks if h not in stores]
         if todo:
             bridge = boot_model(model, device=device, revision=revision)
-            stores.update(harvest(bridge, {h: specs[h] for h in todo}, {h: dirs[h] for h in todo},
-                                  device=device, batch_size=batch_size, rows_per_chunk=rows_per_chunk,
-                                  heldout_rows=heldout_rows, progress=progress))
+            try:
+                stores.update(harvest(bridge, {h: specs[h] for h in todo}, {h: dirs[h] for h in todo},
+                                      device=device, batch_size=batch_size, rows_per_chunk=rows_per_chunk,
+                                      heldout_rows=heldout_rows, progress=progress))
+            finally:
+                del bridge  # training starts next: the model must not keep its device memory
+                free_device_memory(device)
     return {h: stores[h] for h in hooks}
 
 

@@ -1,0 +1,180 @@
+"""The evaluation stage: after training, each worker evaluates the members it trained, on its own device.
+
+dispatch.evaluate runs `evaluate_worker` in one process per device once every ensemble is
+done (the final reconstruction metrics and MMCS against the ground truth were already
+computed by the training worker, with the ensemble still in memory). Here, per member:
+    mmcs_next, mmcs_seed   MMCS against its partners' dictionaries (metrics.mmcs_between)
+    CE loss recovered, KL  the member spliced into the language model (evaluate.py; LM data only)
+Members are loaded from `members/<id>/` a group at a time (`MEMBERS_PER_GROUP`, the members one
+spliced forward pass evaluates): the device never holds every member, and the parent only reads
+the results. Each member's results go to `members/<id>/eval.json`, written last: a stopped
+evaluation resumes with the members that lack it, and finished ones are not evaluated again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from sae_ensemble.activations.store import ActivationStore
+from sae_ensemble.atomic import write_json_atomic
+from sae_ensemble.checkpoint import EVAL_FILE, SAE_FILE, read_json
+from sae_ensemble.member import Member
+from sae_ensemble.metrics import mmcs_between
+from sae_ensemble.plan import plan_members
+from sae_ensemble.train import Training, torch_device
+
+MEMBERS_PER_GROUP = 8  # members loaded at once: one spliced forward pass of the CE evaluation evaluates them all
+
+
+@dataclass
+class LMEvaluation:
+    """What the CE evaluation needs (sweep.py fills it from the config; plain data for the workers)."""
+
+    model: str
+    revision: str | None
+    hook: str
+    dataset: str
+    split: str
+    dataset_config: str | None
+    text_field: str
+    context_length: int
+    n_tokens: int
+    """Rows harvested for training: held-out contexts start after the contexts that gave them."""
+    drop_bos: bool
+    n_contexts: int
+
+
+# -- what one member's evaluation holds ----------------------------------------------------------
+
+
+def member_dir(run_dir: Path, member_id: str) -> Path:
+    return run_dir / "members" / member_id
+
+
+def evaluated(run_dir: Path, member_id: str, with_ce: bool) -> bool:
+    """True when the member has eval.json covering what is asked (CE scores too, when `with_ce`)."""
+    path = member_dir(run_dir, member_id) / EVAL_FILE
+    return path.exists() and (read_json(path).get("ce_loss", False) or not with_ce)
+
+
+class Decoders(Mapping):
+    """member_id -> saved W_dec [dict_size, d] on `device`, read on access so only the pair compared is held."""
+
+    def __init__(self, run_dir: Path, member_ids: Sequence[str], device: torch.device) -> None:
+        self.run_dir, self.ids, self.device = run_dir, list(member_ids), device
+        self.known = set(self.ids)
+
+    def __contains__(self, member_id: object) -> bool:  # Mapping's default would read the tensor
+        return member_id in self.known
+
+    def __getitem__(self, member_id: str) -> torch.Tensor:
+        if member_id not in self.known:
+            raise KeyError(member_id)
+        with safe_open(str(member_dir(self.run_dir, member_id) / SAE_FILE), framework="pt") as f:
+            return f.get_tensor("W_dec").to(self.device)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+# -- the stage ------------------------------------------------------------------------------------
+
+
+def pending(run_dir: Path, member_ids: Sequence[str], with_ce: bool) -> list[str]:
+    """The members of `member_ids` still to evaluate (in order)."""
+    return [member_id for member_id in member_ids if not evaluated(run_dir, member_id, with_ce)]
+
+
+def evaluate_members_of_run(run_dir: Path, mine: Sequence[str], members: Sequence[Member], device: torch.device,
+                            ce: Callable[[list[Path]], dict[str, dict[str, float]]] | None = None,
+                            should_stop: Callable[[], bool] = lambda: False, on_group: Callable[[int], None] = lambda n: None) -> bool:
+    """Evaluate the members `mine` (ids) of a run whose members are `members`, a group at a time; False if stopped first.
+
+    Members evaluated before (eval.json, covering CE when `ce` is given) are skipped. `ce(dirs)` gives CE
+    metrics by member id for a group's member dirs (None: no CE evaluation).
+    """
+    todo = pending(run_dir, mine, ce is not None)
+    decoders = Decoders(run_dir, [m.member_id for m in members], device)
+    for start in range(0, len(todo), MEMBERS_PER_GROUP):
+        if should_stop():
+            return False
+        group = list(todo[start : start + MEMBERS_PER_GROUP])
+        results: dict[str, dict[str, float]] = {member_id: {} for member_id in group}
+        for column, pairing in (("mmcs_next", "next_size"), ("mmcs_seed", "seed")):
+            for member_id, value in mmcs_between(members, decoders, pairing=pairing, of=group).items():
+                results[member_id][column] = value
+        if ce is not None:
+            for member_id, values in ce([member_dir(run_dir, member_id) for member_id in group]).items():
+                results[member_id].update(values)
+        for member_id, values in results.items():
+            write_json_atomic(member_dir(run_dir, member_id) / EVAL_FILE, {"metrics": values, "ce_loss": ce is not None})
+        on_group(len(group))
+    return True
+
+
+def evaluate_worker(index: int, device: str, plan: dict, store_path: Path, run_dir: Path, training: Training,
+                    lm: LMEvaluation | None, threads: int, events, stop) -> None:
+    """Worker `index`'s share of the evaluation: the members of its ensembles (see the module doc)."""
+    torch.set_num_threads(threads)
+    device_ = torch_device(device)
+    if device_.type == "cuda":
+        torch.cuda.set_device(device_)
+    mine = [m.member_id for stage in plan["workers"][index]["stages"] for i in stage for m in plan_members(plan, i)]
+    todo = pending(run_dir, mine, lm is not None)
+    events.put(("start", index, {"step": len(mine) - len(todo)}))
+    ce = None
+    if todo and lm is not None:
+        ce = _ce_evaluator(lm, ActivationStore.open(store_path), training, device_, lambda text: events.put(("note", index, text)))
+    done = len(mine) - len(todo)
+
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        events.put(("progress", index, {"step": done}))
+
+    members = [Member.from_dict(values) for values in plan["members"].values()]
+    if evaluate_members_of_run(run_dir, mine, members, device_, ce, stop.is_set, report):
+        events.put(("done", index, None))
+    else:
+        events.put(("stopped", index, None))
+
+
+def _ce_evaluator(lm: LMEvaluation, store: ActivationStore, training: Training, device: torch.device, note: Callable[[str], None]):
+    """The CE evaluation of a group of member dirs on `device` (the model booted once), or None without held-out text."""
+    from sae_ensemble.activations.harvest import boot_model, free_device_memory, iter_contexts, iter_texts, rows_per_context
+    from sae_ensemble.evaluate import evaluate_members
+
+    bridge = boot_model(lm.model, device=str(device), revision=lm.revision)
+    # Held-out text: the contexts after the ones harvested for training.
+    texts = iter_texts(lm.dataset, lm.split, lm.dataset_config, lm.text_field)
+    skip = -(-lm.n_tokens // rows_per_context(bridge.tokenizer, lm.context_length, lm.drop_bos))
+    contexts = []
+    for i, context in enumerate(iter_contexts(texts, bridge.tokenizer, lm.context_length)):
+        if i >= skip:
+            contexts.append(context)
+        if len(contexts) == lm.n_contexts:
+            break
+    if not contexts:
+        note(f"warning: no held-out text left after the {skip} harvested contexts; CE evaluation skipped")
+        del bridge
+        free_device_memory(device)
+        return None
+    tokens = torch.tensor(contexts, device=device)
+    normalization = store.normalization(training.normalize)
+    skip_first = lm.drop_bos and bridge.tokenizer.bos_token_id is not None
+
+    # Per group, the clean and zero-ablated passes run again (2 passes beside the group's spliced one,
+    # which is MEMBERS_PER_GROUP times as large): the price of never holding more members than a group.
+    def ce(dirs: list[Path]) -> dict[str, dict[str, float]]:
+        return evaluate_members(bridge, tokens, lm.hook, dirs, normalization, progress=False, members_per_pass=MEMBERS_PER_GROUP,
+                                skip_first_position=skip_first)
+
+    return ce
