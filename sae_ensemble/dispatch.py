@@ -164,7 +164,8 @@ def run(
     status = {index: "starting" for index in workers}
     skipped = {index: 0 for index in workers}
     steps_done = {index: 0 for index in workers}
-    total_steps = {index: training.steps * sum(len(stage) for stage in w["stages"]) for index, w in enumerate(plan_workers)}
+    until = plan.get("until", training.steps)  # a halving segment's last step (halving.py)
+    total_steps = {index: until * sum(len(stage) for stage in w["stages"]) for index, w in enumerate(plan_workers)}
     failures: list[str] = []
     # Progress counts ensemble-steps: a worker with three ensembles has 3 x steps to do.
     bar = tqdm(total=sum(total_steps.values()), unit="step", disable=not progress, dynamic_ncols=True, mininterval=1.0)
