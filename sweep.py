@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sae_ensemble import config as config_module
-from sae_ensemble import dispatch, report
+from sae_ensemble import dispatch, halving, report
 from sae_ensemble.activations.store import ActivationStore, StoreError
 from sae_ensemble.atomic import write_json_atomic
 from sae_ensemble.checkpoint import CheckpointError, read_json
@@ -93,7 +93,8 @@ def harvest_device(devices: list[str]) -> str:
 
 
 # Training settings that change results: a resume must use the values the run started with.
-RESUME_FIXED = ("steps", "batch_size", "data_seed", "normalize", "dead_window_tokens", "eval_rows", "autocast_bf16", "shuffle_window_chunks")
+RESUME_FIXED = ("steps", "batch_size", "data_seed", "normalize", "dead_window_tokens", "eval_rows", "autocast_bf16", "shuffle_window_chunks",
+                "halving")
 # Not fixed: memory_budget (ensembles and micro-batches stay as planned; only their spread over devices changes),
 # checkpoint_every and log_every.
 
@@ -139,14 +140,18 @@ def _check_resume(previous: dict, members: dict, cfg: SweepConfig, store: Activa
                 raise ConfigError(f"{run_dir} was started with grid.{name}={before}; resuming with {now.get(name)} would mix two trainings: "
                                   f"set grid.{name}={before} or use a new run dir")
     for name in RESUME_FIXED:
-        before, now = previous["training"].get(name, getattr(dispatch.Training(), name)), getattr(cfg.training, name)  # absent: a run from before the field existed
+        before, now = (asdict(dispatch.Training(**{name: previous["training"].get(name, getattr(dispatch.Training(), name))}))[name],  # absent: a run from before the field existed
+                       asdict(cfg.training)[name])
         if before != now:
             raise ConfigError(f"{run_dir} was started with training.{name}={before}; resuming with {now} would mix two trainings: set training.{name}={before} or use a new run dir")
 
 
 def finished(plan: dict, run_dir: Path) -> bool:
     """Every ensemble trained and the report written: a rerun has nothing to do."""
-    return (run_dir / "summary.csv").exists() and all((ensemble_dir(run_dir, e["index"]) / "done.json").exists() for e in plan["ensembles"])
+    segment = halving.latest_segment(plan, run_dir)
+    rungs = dispatch.Training(**plan["training"]).halving.rungs if "training" in plan else []
+    return ((run_dir / "summary.csv").exists() and segment.get("rung", 0) == len(rungs)
+            and all((ensemble_dir(run_dir, e["index"], segment) / "done.json").exists() for e in segment["ensembles"]))
 
 
 def lm_evaluation(cfg: SweepConfig) -> LMEvaluation | None:
@@ -191,7 +196,11 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
             **{f"training.{k}": v for k, v in asdict(cfg.training).items()}}
     with Tracker(cfg.wandb.project, cfg.name, cfg.wandb.mode, cfg.wandb.entity, base, run_dir) as tracker:
         tracker.register(members)
-        code = dispatch.run(plan, store.path, run_dir, cfg.training, on_metrics=tracker.log, progress=cfg.progress)
+        if cfg.training.halving.rungs:
+            budget = resolve_budget(cfg.training.memory_budget, devices)
+            code = halving.run(plan, store, run_dir, cfg.training, devices, budget, on_metrics=tracker.log, progress=cfg.progress)
+        else:
+            code = dispatch.run(plan, store.path, run_dir, cfg.training, on_metrics=tracker.log, progress=cfg.progress)
         if code != dispatch.EXIT_OK:
             return code
         # MMCS between dictionaries and CE scores, on the workers' devices; the report below only reads them.
@@ -206,6 +215,8 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
         tracker.log_sweep_plots(plots)
     print("\nMembers on the L0-FVU Pareto front:")
     print(report.format_table(report.pareto_front(rows)))
+    if cfg.training.halving.rungs:
+        print("\n" + halving.format_summary(halving.member_steps(rows, cfg.training.steps)))
     print(f"\nwrote {summary} and {len(plots)} plots in {run_dir / 'plots'}")
     return report_frozen(rows, cfg.training)
 
@@ -241,7 +252,7 @@ def main(raw: DictConfig) -> None:
     try:
         cfg: SweepConfig = OmegaConf.to_object(raw)
         code = sweep(cfg, run_dir)
-    except (ConfigError, StoreError, CheckpointError, report.ReportError) as error:
+    except (ConfigError, StoreError, CheckpointError, report.ReportError, halving.HalvingError) as error:
         print(f"error: {error}", file=sys.stderr)
         code = EXIT_BAD_INPUT
     except Interrupted as signal_name:

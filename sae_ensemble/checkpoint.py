@@ -111,6 +111,8 @@ def load_ensemble(
         ensemble.load_member_state(index, params, moments)
         ensemble.alive[index] = bool(cfg.get("alive", True))
         ensemble.nonfinite_streak[index] = int(cfg.get("nonfinite_streak", 0))
+        if "controller" in cfg:  # target-L0 members' controller (steering.py); older checkpoints have none
+            ensemble.load_controller_state(index, cfg["controller"])
         del params, moments
     ensemble.set_step(cfgs[0]["steps"], cfgs[0]["tokens"])
     return ensemble

@@ -21,6 +21,7 @@ from sae_ensemble.ensemble import EXECUTIONS
 from sae_ensemble.grid import Grid
 from sae_ensemble.plan import parse_size
 from sae_ensemble.sae import VARIANTS
+from sae_ensemble.steering import STEERABLE
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("synthetic", "lm")
@@ -175,6 +176,11 @@ def validate(cfg: SweepConfig) -> list[str]:
         (all(b >= 0 for b in grid.bias_decay), f"grid.bias_decay={list(grid.bias_decay)} must be non-negative"),
         (all(lr > 0 for lr in grid.lr), f"grid.lr={list(grid.lr)} must hold positive learning rates"),
         (all(k >= 1 for k in grid.k) or "topk" not in grid.variants, f"grid.k={list(grid.k)} must hold counts of at least 1"),
+        (all(t > 0 for t in grid.target_l0), f"grid.target_l0={list(grid.target_l0)} must hold positive L0 targets (active features per row)"),
+        (all(round(t) >= 1 for t in grid.target_l0) or "topk" not in grid.variants, f"grid.target_l0={list(grid.target_l0)} gives topk members k = round(target) < 1; use targets of at least 0.5"),
+        (not grid.target_l0 or all(v in STEERABLE or v == "topk" for v in grid.variants),
+         f"grid.target_l0 steers variants {', '.join(STEERABLE)} and sets k of topk; grid.variants={list(grid.variants)} has another"),
+        (grid.l1_start > 0, f"grid.l1_start={grid.l1_start} must be positive (the starting coefficient of target-L0 members)"),
         (training.steps >= 1, f"training.steps={training.steps} must be at least 1"),
         (training.batch_size >= 1, f"training.batch_size={training.batch_size} must be at least 1"),
         (training.checkpoint_every >= 1, f"training.checkpoint_every={training.checkpoint_every} must be at least 1"),
@@ -187,6 +193,7 @@ def validate(cfg: SweepConfig) -> list[str]:
         (training.execution in EXECUTIONS, f"training.execution={training.execution!r} is unknown; allowed: {', '.join(EXECUTIONS)}"),
         (training.matmul_precision in MATMUL_PRECISIONS, f"training.matmul_precision={training.matmul_precision!r} is unknown; allowed: {', '.join(MATMUL_PRECISIONS)}"),
         (not (training.autocast_bf16 and training.execution == "sparse"), "training.execution=sparse runs in float32; with training.autocast_bf16=true use auto, fused or reference"),
+        (training.halving.problem(training.steps) is None, str(training.halving.problem(training.steps))),
         (data.verify in VERIFY_MODES, f"data.verify={data.verify!r} is unknown; allowed: {', '.join(VERIFY_MODES)}"),
         (data.heldout_rows >= 1, f"data.heldout_rows={data.heldout_rows} must be at least 1: the final metrics need held-out rows"),
         (cfg.model.build_tiny in (None, *TINY_MODEL_KINDS), f"model.build_tiny={cfg.model.build_tiny!r} is unknown; allowed: {', '.join(TINY_MODEL_KINDS)}, or null"),

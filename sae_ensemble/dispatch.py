@@ -139,7 +139,8 @@ def run(
     progress: bool = True,
 ) -> int:
     """Train every ensemble of the plan, one worker per device; return an exit code (see module doc)."""
-    totals = [training.steps * sum(len(stage) for stage in w["stages"]) for w in plan["workers"]]
+    until = plan.get("until", training.steps)  # a halving segment's last step (halving.py)
+    totals = [until * sum(len(stage) for stage in w["stages"]) for w in plan["workers"]]
     return _supervise("train", plan, store_path, run_dir, training, None, totals, on_metrics, progress)
 
 

@@ -5,7 +5,8 @@ first axis is the member, so the ensemble can be sliced, saved and resumed
 without special cases.
 
 One step:
-  1. per-member schedules give this step's lr [M] and l1 [M];
+  1. per-member schedules give this step's lr [M] and l1 [M] (a target-L0 member's l1 comes from
+     its controller, steering.py, which folds the step's measured L0 in after the step);
   2. every member's gradient on the shared batch: `vmap(grad(sae.loss))` (the reference)
      or a hand-written kernel equal to it (kernels/, chosen by `execution`);
   3. Adam on the stacked tensors directly, no vmap (Adam is elementwise; vmapping
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 import torchopt
 
-from sae_ensemble import kernels, sae
+from sae_ensemble import kernels, sae, steering
 from sae_ensemble.kernels.adam import broadcast
 from sae_ensemble.member import Member
 
@@ -123,6 +124,9 @@ class Ensemble:
         self.lr_warmup = _per_member([m.lr_warmup_steps for m in members], self.device)
         self.lr_decay = _per_member([m.lr_decay_steps for m in members], self.device)
         self.l1_warmup = _per_member([m.l1_warmup_steps for m in members], self.device)
+        self.target_l0 = _per_member([m.target_l0 if m.variant in steering.STEERABLE else 0.0 for m in members], self.device)
+        self.steered = self.target_l0 > 0  # [M] members whose coefficient the controller sets
+        self.controller = steering.init_state(self.hparams["l1"])  # [M] tensors, updated in place by the step
 
         self.optimizer = torchopt.transform.scale_by_adam(b1=ADAM_BETAS[0], b2=ADAM_BETAS[1], eps=ADAM_EPS)
         self.opt_state = self.optimizer.init(self.params)
@@ -165,13 +169,14 @@ class Ensemble:
 
     def schedules(self, step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(lr [M], l1 [M]) at `step` (0-based; an int or a 0-d tensor on the device): linear warmups
-        and an optional linear lr decay to 0."""
+        and an optional linear lr decay to 0. A steered member's l1 is its controller's coefficient."""
         s = torch.as_tensor(step, dtype=torch.float32, device=self.device)
         lr_factor = torch.clamp((s + 1) / self.lr_warmup.clamp(min=1), max=1.0)
         steps_left = self.total_steps - s
         decay_factor = torch.where(self.lr_decay > 0, torch.clamp(steps_left / self.lr_decay.clamp(min=1), max=1.0), 1.0)
         l1_factor = torch.clamp((s + 1) / self.l1_warmup.clamp(min=1), max=1.0)
-        return self.lr * lr_factor * decay_factor, self.hparams["l1"] * l1_factor
+        l1 = torch.where(self.steered, steering.coefficients(self.controller, self.target_l0), self.hparams["l1"])
+        return self.lr * lr_factor * decay_factor, l1 * l1_factor
 
     # -- training --------------------------------------------------------------
 
@@ -280,8 +285,10 @@ class Ensemble:
         # A live member that could not step skips it; freeze_after such steps in a row freeze it for good.
         self.nonfinite_streak.copy_(torch.where(self.alive & ~taken, self.nonfinite_streak + 1, 0))
         self.alive &= self.nonfinite_streak < self.freeze_after
+        # The controller learns only from steps taken at the full coefficient (after any l1 warmup).
+        steering.update_(self.controller, aux["l0"], self.target_l0, self.steered & taken & (self._device_step + 1 >= self.l1_warmup))
         self._device_step.add_(1)
-        return {**aux, "lr": lr, "alive": self.alive}
+        return {**aux, "lr": lr, "l1": l1, "alive": self.alive}
 
     def _graphed_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """`_step` as a replayed CUDA graph: one eager step on a side stream first (cuBLAS sets up
@@ -383,6 +390,14 @@ class Ensemble:
             slot = stacked[index]
             slot.zero_()
             slot[: value.shape[0]] = value.to(self.device)
+
+    def controller_state(self, index: int) -> dict[str, float]:
+        """One member's controller state as plain floats (float32 values: exact through JSON)."""
+        return {name: float(self.controller[name][index]) for name in steering.STATE}
+
+    def load_controller_state(self, index: int, state: dict[str, float]) -> None:
+        for name in steering.STATE:
+            self.controller[name][index] = state[name]
 
     def set_step(self, step: int, rows_seen: int) -> None:
         """Restore the step counters (the Adam bias correction counts steps too)."""

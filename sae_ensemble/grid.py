@@ -19,7 +19,13 @@ class Grid:
     dict_ratios: list[float] = field(default_factory=list)
     """Dictionary sizes as multiples of d_in."""
     l1: list[float] = field(default_factory=lambda: [1e-3])
-    """L1 coefficients (relu and tied members)."""
+    """L1 coefficients (relu and tied members); unused when target_l0 is set."""
+    target_l0: list[float] = field(default_factory=list)
+    """Target L0s (active features per row): when set, this axis replaces l1 and k. relu and tied
+    members steer their coefficient toward each target (starting from l1_start; steering.py); topk
+    members take k = round(target). Ids read `relu-d512-L0_8-...`."""
+    l1_start: float = 1e-3
+    """Starting sparsity coefficient of target-L0 members (the controller moves it from there)."""
     k: list[int] = field(default_factory=lambda: [32])
     """Active features per row (topk members)."""
     bias_decay: list[float] = field(default_factory=lambda: [0.0])
@@ -50,7 +56,10 @@ class Grid:
                 raise ValueError(f"the grid axis {name} is empty; give at least one value")
         members = []
         for variant, size, bias_decay, lr, seed in itertools.product(self.variants, sizes, self.bias_decay, self.lr, self.seeds):
-            sparsity = [{"k": k} for k in self.k] if variant == "topk" else [{"l1": l1} for l1 in self.l1]
+            if self.target_l0:
+                sparsity = [{"k": round(t), "target_l0": t} if variant == "topk" else {"l1": self.l1_start, "target_l0": t} for t in self.target_l0]
+            else:
+                sparsity = [{"k": k} for k in self.k] if variant == "topk" else [{"l1": l1} for l1 in self.l1]
             if not sparsity:
                 raise ValueError(f"the grid axis {'k' if variant == 'topk' else 'l1'} is empty but variant {variant} needs it")
             for extra in sparsity:

@@ -36,8 +36,8 @@ SUMMARY_FILE = "summary.csv"
 PLOTS_DIR = "plots"
 FREQ_FILE = "feature_freq.safetensors"
 COLUMNS = (
-    "member_id", "variant", "l1", "dict_size", "bias_decay", "lr", "seed", "k",
-    "steps", "tokens", "alive",
+    "member_id", "variant", "l1", "target_l0", "l1_final", "dict_size", "bias_decay", "lr", "seed", "k",
+    "steps", "tokens", "alive", "stopped_early",
     "mse", "fvu", "l0", "dead_frac", "mmcs_truth", "ce_recovered", "mmcs_next", "mmcs_seed",
     "l1_norm", "kl", "ce_clean", "ce_zero_ablation", "ce_recon",
     # SAELens / SAEBench names (docs/metrics.md): their `l1` is our l1_norm, their `mse` is d_in x ours
@@ -73,7 +73,8 @@ def load_rows(run_dir: str | Path) -> list[Row]:
         except (TypeError, ValueError) as error:
             raise ReportError(f"{directory / CFG_FILE} does not describe a member ({error})") from None
         row: Row = {**member.to_dict(), "member_id": member.member_id}
-        row.update({key: cfg.get(key) for key in ("steps", "tokens", "alive")})
+        row.update({key: cfg.get(key) for key in ("steps", "tokens", "alive", "l1_final")})
+        row["stopped_early"] = bool(cfg.get("stopped_early", False))  # by successive halving, at `steps` (halving.py)
         for name, value in {**(cfg.get("metrics") or {}), **read_evaluation(directory)}.items():
             row[METRIC_RENAMES.get(name, name)] = value
         rows.append(row)

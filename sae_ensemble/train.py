@@ -17,7 +17,7 @@ import ctypes
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,40 @@ from sae_ensemble.plan import plan_members
 
 PROGRESS_SECONDS = 1.0  # how often a worker reports its progress
 KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is ever unreadable
+
+
+HALVING_METRICS = ("auto", "pareto", "mmcs_truth", "fvu")
+
+
+@dataclass
+class Halving:
+    """Successive halving (halving.py): at each rung the members are ranked and only the best go on."""
+
+    rungs: list[float] = field(default_factory=list)
+    """Fractions of training.steps at which members are ranked, increasing, each in (0, 1); [] = no halving."""
+    eta: int = 3
+    """Each rung keeps ceil(members / eta) of the members still training."""
+    metric: str = "auto"
+    """Ranking on held-out rows: pareto (Pareto rank on (L0, FVU), ties by FVU), mmcs_truth (highest first;
+    synthetic stores), fvu (lowest first), or auto (mmcs_truth when the store has ground truth, else pareto)."""
+
+    def steps_at(self, steps: int) -> list[int]:
+        """The step of each rung: round(fraction x steps)."""
+        return [round(f * steps) for f in self.rungs]
+
+    def problem(self, steps: int) -> str | None:
+        """One sentence on what is wrong with these settings for a run of `steps`, or None."""
+        at = self.steps_at(steps)
+        if any(not 0 < f < 1 for f in self.rungs):
+            return f"training.halving.rungs={list(self.rungs)} must hold fractions of training.steps strictly between 0 and 1"
+        if any(b <= a for a, b in zip(at, at[1:])) or (at and (at[0] < 1 or at[-1] >= steps)):
+            return (f"training.halving.rungs={list(self.rungs)} fall on steps {at} of training.steps={steps}; "
+                    "they must be increasing, distinct whole steps between 1 and steps - 1")
+        if self.eta < 2:
+            return f"training.halving.eta={self.eta} must be at least 2 (each rung keeps 1/eta of the members)"
+        if self.metric not in HALVING_METRICS:
+            return f"training.halving.metric={self.metric!r} is unknown; allowed: {', '.join(HALVING_METRICS)}"
+        return None
 
 
 @dataclass
@@ -84,6 +118,12 @@ class Training:
     the runtime) or a size such as 8GiB or 512MiB. The plan splits members into ensembles, micro-batches
     and stages to fit it (on CPU its modelled peak stays 25% under, for heap fragmentation), and refuses
     a member that does not fit alone. A resume may change it: planned ensembles stay as they are."""
+    halving: Halving = field(default_factory=Halving)
+    """Successive halving across the whole grid (halving.py, docs/steering.md)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.halving, dict):  # Training(**asdict(training)), as the workers rebuild it
+            self.halving = Halving(**self.halving)
 
 
 # -- devices -----------------------------------------------------------------------------------------
@@ -116,8 +156,14 @@ def torch_device(device: str) -> torch.device:
 # -- checkpoints ---------------------------------------------------------------------------------------
 
 
-def ensemble_dir(run_dir: Path, index: int) -> Path:
-    return run_dir / "checkpoints" / f"ensemble_{index}"
+def ensemble_dir(run_dir: Path, index: int, plan: dict | None = None) -> Path:
+    """Checkpoints of ensemble `index`: under the plan's `checkpoint_dir` (a halving segment's own; halving.py)."""
+    return run_dir / (plan or {}).get("checkpoint_dir", "checkpoints") / f"ensemble_{index}"
+
+
+def rung_file(directory: Path, step: int) -> Path:
+    """Held-out metrics of an ensemble's members at a halving rung, written when its segment ends there."""
+    return directory / f"rung_{step:09d}.json"
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:
@@ -157,7 +203,8 @@ def save_checkpoint(directory: Path, ensemble: Ensemble, position: Position, cou
     for index, member in enumerate(ensemble.members):
         params, moments = ensemble.member_state(index)
         save_member(tmp_dir / "members" / member.member_id, member, params, moments,
-                    {**info, "alive": bool(ensemble.alive[index]), "nonfinite_streak": int(ensemble.nonfinite_streak[index])})
+                    {**info, "alive": bool(ensemble.alive[index]), "nonfinite_streak": int(ensemble.nonfinite_streak[index]),
+                     "controller": ensemble.controller_state(index)})
     atomic_write(tmp_dir / "firing.safetensors", lambda tmp: save_file(counter.state_dict(), tmp))
     write_json_atomic(tmp_dir / "resume.json", {**info, "position": position.to_dict(), "members": [m.member_id for m in ensemble.members]})
     if step_dir.exists():
@@ -228,11 +275,13 @@ def train_worker(index, device, plan, store_path: Path, run_dir: Path, training:
     baseline = resident_bytes() if device_.type == "cpu" else 0
     worker = plan["workers"][index]
     mine = [i for stage in worker["stages"] for i in stage]
-    events.put(("start", index, {"step": sum(_steps_done(ensemble_dir(run_dir, i), training) for i in mine)}))
+    events.put(("start", index, {"step": sum(_steps_done(ensemble_dir(run_dir, i, plan), training) for i in mine)}))
     store = ActivationStore.open(store_path)
+    until = plan.get("until", training.steps)  # a halving segment ends at its rung (halving.py)
     for stage in worker["stages"]:
-        todo = [i for i in stage if not (ensemble_dir(run_dir, i) / "done.json").exists()]
-        behind = sum(_steps_done(ensemble_dir(run_dir, i), training) for i in mine if i not in todo)
+        ended = (lambda d: rung_file(d, until).exists()) if until < training.steps else (lambda d: (d / "done.json").exists())
+        todo = [i for i in stage if not ended(ensemble_dir(run_dir, i, plan))]
+        behind = sum(_steps_done(ensemble_dir(run_dir, i, plan), training) for i in mine if i not in todo)
         if todo and not _train_stage(index, todo, plan, store, run_dir, training, device_, baseline, behind, events, stop):
             events.put(("stopped", index, None))
             return
@@ -248,7 +297,7 @@ def _train_stage(worker: int, indices: list[int], plan: dict, store: ActivationS
     `behind`: steps the worker's other ensembles have done, so progress reports count the whole worker."""
     slots = []
     for i in indices:
-        members, directory = plan_members(plan, i), ensemble_dir(run_dir, i)
+        members, directory = plan_members(plan, i), ensemble_dir(run_dir, i, plan)
         counter = metrics.FiringCounter(len(members), max(m.dict_size for m in members), training.dead_window_tokens, device)
         ensemble, position, checkpoint, unreadable = resume(directory, members, training, device, counter, plan["ensembles"][i]["micro_batches"])
         for skipped in unreadable:
@@ -265,7 +314,8 @@ def _train_stage(worker: int, indices: list[int], plan: dict, store: ActivationS
     batches = store.train_batches(training.batch_size, seed=training.data_seed, position=stream_position, device=device,
                                   normalize=training.normalize, window=training.shuffle_window_chunks, skip_nonfinite=True)
     last_progress, skipped_in_a_row = time.monotonic(), 0
-    while step < training.steps and not stop.is_set():
+    until = plan.get("until", training.steps)
+    while step < until and not stop.is_set():
         for slot in slots:  # an ensemble joins when the stream reaches its step and its saved position
             slot.joined = slot.joined or (slot.ensemble.step_count == step and slot.position == stream_position)
         active = [s for s in slots if s.joined and s.ensemble.step_count == step]
@@ -289,10 +339,13 @@ def _train_stage(worker: int, indices: list[int], plan: dict, store: ActivationS
     for slot in slots:
         if slot.ensemble.step_count != slot.saved_step:
             save_checkpoint(slot.directory, slot.ensemble, slot.position, slot.counter)
-    if any(s.ensemble.step_count < training.steps for s in slots):
+    if any(s.ensemble.step_count < until for s in slots):
         return False
     for slot in slots:
-        _finish(slot, store, run_dir, training, device, baseline)
+        if until < training.steps:
+            _rung_metrics(slot, store, training, device)
+        else:
+            _finish(slot, store, run_dir, training, device, baseline)
     return True
 
 
@@ -307,7 +360,7 @@ def _step(worker: int, slot: _Slot, batch: torch.Tensor, position: Position, tra
     step = ensemble.step_count
     if step % training.log_every == 0 or step == training.steps:
         dead = slot.counter.dead_fraction(ensemble.hparams["feature_mask"])
-        report = {name: stats[name].detach().float().cpu() for name in ("loss", "mse", "l0", "l1_norm", "lr")}
+        report = {name: stats[name].detach().float().cpu() for name in ("loss", "mse", "l0", "l1_norm", "lr", "l1")}
         report["dead_frac"], report["alive"] = dead.cpu(), stats["alive"].float().cpu()
         events.put(("metrics", worker, {"step": step, "tokens": ensemble.rows_seen,
                                         "members": {m.member_id: {k: float(v[i]) for k, v in report.items()} for i, m in enumerate(slot.members)}}))
@@ -323,14 +376,26 @@ def _finish(slot: _Slot, store: ActivationStore, run_dir: Path, training: Traini
     info = {"steps": ensemble.step_count, "tokens": ensemble.rows_seen, "store_fingerprint": store.fingerprint,
             "normalize": training.normalize, "data_seed": training.data_seed}
     frequencies = counter.frequencies().cpu()
+    coefficients = ensemble.schedules(ensemble.step_count)[1].cpu()  # the last coefficient (steered members': where the controller left it)
     for i, member in enumerate(slot.members):
         params, _ = ensemble.member_state(i)
         out = run_dir / "members" / member.member_id
-        save_member(out, member, params, None, {**info, "alive": bool(ensemble.alive[i]), "metrics": {k: float(v[i]) for k, v in final.items()}})
+        save_member(out, member, params, None, {**info, "alive": bool(ensemble.alive[i]), "l1_final": float(coefficients[i]),
+                                                "metrics": {k: float(v[i]) for k, v in final.items()}})
         frequency = {"frequency": frequencies[i, : member.dict_size].contiguous()}
         atomic_write(out / "feature_freq.safetensors", lambda tmp: save_file(frequency, tmp))
     write_json_atomic(slot.directory / "done.json", {"steps": ensemble.step_count, "members": [m.member_id for m in slot.members],
                                                      "peak_bytes": peak_bytes(device, baseline)})
+
+
+def _rung_metrics(slot: _Slot, store: ActivationStore, training: Training, device: torch.device) -> None:
+    """At a halving rung: each member's held-out metrics and coefficient, for the ranking (halving.py)."""
+    ensemble = slot.ensemble
+    final = _final_metrics(ensemble, store, slot.counter, training, device)
+    coefficients = ensemble.schedules(ensemble.step_count)[1].cpu()
+    write_json_atomic(rung_file(slot.directory, ensemble.step_count),
+                      {m.member_id: {"l1_final": float(coefficients[i]), "alive": bool(ensemble.alive[i]),
+                                     "metrics": {k: float(v[i]) for k, v in final.items()}} for i, m in enumerate(slot.members)})
 
 
 def _steps_done(directory: Path, training: Training) -> int:

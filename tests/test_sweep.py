@@ -45,9 +45,12 @@ def sweep(tmp_path: Path, *overrides: str, multirun: bool = False) -> subprocess
         (["model=tiny", "data=lm", "model.build_tiny=trianed"], "model.build_tiny='trianed' is unknown; allowed: trained, random, or null"),
         (["training.execution=bogus"], "training.execution='bogus' is unknown; allowed: auto, reference, fused, sparse"),
         (["training.matmul_precision=fast"], "training.matmul_precision='fast' is unknown; allowed: highest, high, medium"),
+        (["grid.target_l0=[8,-2]"], "grid.target_l0=[8.0, -2.0] must hold positive L0 targets"),
+        (["training.halving.rungs=[0.5,0.25]"], "training.halving.rungs=[0.5, 0.25] fall on steps [1500, 750]"),
+        (["training.halving.rungs=[0.5]", "training.halving.metric=loss"], "training.halving.metric='loss' is unknown; allowed: auto, pareto, mmcs_truth, fvu"),
     ],
     ids=["negative-l1", "dict-size", "k-too-big", "variant", "device", "too-many-gpus", "empty-grid", "source", "hook",
-         "build-tiny", "execution", "matmul-precision"],
+         "build-tiny", "execution", "matmul-precision", "target-l0", "halving-rungs", "halving-metric"],
 )
 def test_bad_input_prints_one_sentence_and_exits_2(tmp_path, overrides, message):
     result = sweep(tmp_path, *overrides, *SMALL_DATA, "plan_only=true")
@@ -92,6 +95,24 @@ def test_reduced_default_sweep_recovers_the_ground_truth(tmp_path):
     for name in ("plan.json", ".hydra/config.yaml", "plots/pareto_l0_fvu.png"):
         assert (run / name).exists(), name
     assert "Pareto front" in result.stdout
+
+
+def test_a_halving_sweep_of_target_l0_members_reports_stopped_members_and_a_rerun_does_nothing(tmp_path):
+    args = (*SMALL_DATA, "grid.dict_ratios=[0.25]", "grid.target_l0=[2,4,8]", "grid.seeds=[0,1]", "training.steps=40",
+            "training.checkpoint_every=10", "training.halving.rungs=[0.25,0.5]", "training.halving.eta=2", "training.execution=fused")
+    result = sweep(tmp_path, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {r["member_id"]: r for r in csv.DictReader(open(tmp_path / "run" / "summary.csv"))}
+    assert len(rows) == 6 and "relu-d64-L0_4-bd0-lr0.003-s1" in rows
+    assert sorted(int(r["steps"]) for r in rows.values()) == [10, 10, 10, 20, 40, 40]  # 6 -> 3 -> 2 members
+    for r in rows.values():
+        assert r["stopped_early"] == str(int(r["steps"]) < 40) and float(r["target_l0"]) in (2, 4, 8)
+        assert float(r["l1_final"]) > 0 and float(r["l1_final"]) != float(r["l1"])  # the controller moved it
+    assert "halving: 130 member-steps of the full grid's 240 (54.2%); 4 members stopped early; best mmcs_truth" in result.stdout
+    rerun = sweep(tmp_path, *args)
+    assert rerun.returncode == 0 and "nothing to do" in rerun.stdout, rerun.stdout + rerun.stderr
+    changed = sweep(tmp_path, *args[:-3], "training.halving.rungs=[0.5]", "training.execution=fused")
+    assert changed.returncode == 2 and "was started with training.halving=" in changed.stderr, changed.stderr
 
 
 def test_multirun_over_two_layers_of_the_tiny_model(tmp_path):
