@@ -20,7 +20,8 @@ from sae_ensemble.dispatch import Training, resolve_devices
 from sae_ensemble.ensemble import EXECUTIONS
 from sae_ensemble.grid import Grid
 from sae_ensemble.plan import parse_size
-from sae_ensemble.sae import VARIANTS
+from sae_ensemble.architectures import VARIANTS
+from sae_ensemble.member import K_VARIANTS, L1_VARIANTS
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("synthetic", "lm")
@@ -164,13 +165,18 @@ def validate(cfg: SweepConfig) -> list[str]:
     checks = [
         (data.source in SOURCES, f"data.source={data.source!r} is unknown; allowed: {', '.join(SOURCES)}"),
         (all(v in VARIANTS for v in grid.variants), f"grid.variants={list(grid.variants)} has an unknown variant; allowed: {', '.join(VARIANTS)}"),
-        (all(v > 0 for v in grid.l1) or grid.variants == ["topk"], f"grid.l1={list(grid.l1)} must hold positive values (use variant topk for no L1 term)"),
+        (all(v > 0 for v in grid.l1) or not set(grid.variants) & set(L1_VARIANTS), f"grid.l1={list(grid.l1)} must hold positive values (use variant topk for no L1 term)"),
         (all(s >= 1 for s in grid.dict_sizes), f"grid.dict_sizes={list(grid.dict_sizes)} must all be at least 1"),
         (all(r > 0 for r in grid.dict_ratios), f"grid.dict_ratios={list(grid.dict_ratios)} must all be positive"),
         (bool(grid.dict_sizes or grid.dict_ratios), "the grid has no dictionary size: set grid.dict_sizes or grid.dict_ratios"),
         (all(b >= 0 for b in grid.bias_decay), f"grid.bias_decay={list(grid.bias_decay)} must be non-negative"),
         (all(lr > 0 for lr in grid.lr), f"grid.lr={list(grid.lr)} must hold positive learning rates"),
-        (all(k >= 1 for k in grid.k) or "topk" not in grid.variants, f"grid.k={list(grid.k)} must hold counts of at least 1"),
+        (all(k >= 1 for k in grid.k) or not set(grid.variants) & set(K_VARIANTS), f"grid.k={list(grid.k)} must hold counts of at least 1"),
+        (all(c >= 0 for c in grid.l0_coefficient), f"grid.l0_coefficient={list(grid.l0_coefficient)} must be non-negative"),
+        (grid.threshold > 0 and grid.bandwidth > 0, f"grid.threshold={grid.threshold} and grid.bandwidth={grid.bandwidth} must be positive"),
+        (0 < grid.topk_threshold_lr <= 1, f"grid.topk_threshold_lr={grid.topk_threshold_lr} must be in (0, 1]"),
+        (all(0 < f < 1 for f in grid.matryoshka_fractions) and (grid.matryoshka_fractions or "matryoshka" not in grid.variants),
+         f"grid.matryoshka_fractions={list(grid.matryoshka_fractions)} must be fractions in (0, 1), at least one for matryoshka"),
         (training.steps >= 1, f"training.steps={training.steps} must be at least 1"),
         (training.batch_size >= 1, f"training.batch_size={training.batch_size} must be at least 1"),
         (training.checkpoint_every >= 1, f"training.checkpoint_every={training.checkpoint_every} must be at least 1"),

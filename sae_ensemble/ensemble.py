@@ -5,17 +5,21 @@ first axis is the member, so the ensemble can be sliced, saved and resumed
 without special cases.
 
 One step:
-  1. per-member schedules give this step's lr [M] and l1 [M];
-  2. every member's gradient on the shared batch: `vmap(grad(sae.loss))` (the reference)
-     or a hand-written kernel equal to it (kernels/, chosen by `execution`);
+  1. per-member schedules give this step's lr [M] and sparsity coefficient [M] (l1 or l0_coefficient);
+  2. every member's gradient on the shared batch: `vmap(grad(loss))` of the members' architecture
+     (architectures/; the reference) or, for sae.py's variants, a hand-written kernel equal to it
+     (kernels/, chosen by `execution`);
   3. Adam on the stacked tensors directly, no vmap (Adam is elementwise; vmapping
      torchopt's hits its slow fallback path), the per-member lr broadcast over the member
      axis: torchopt's for the reference, kernels/adam.py (equal, cache-chunked) for the kernels;
-  4. decoder rows are rescaled to unit norm;
+  4. decoder rows are rescaled to unit norm, and an architecture's untrained state (BatchTopK's
+     running threshold) takes its new value from the step's aux outputs;
   5. a member whose loss or gradient is not finite skips the step (params and moments
      unchanged); after `freeze_after` such steps in a row it keeps its last finite params
      from then on and is flagged in `alive` (the other members never see it).
 
+Params come from the architecture (architectures.param_shapes): every member of an ensemble has
+the same architecture module, so one vmapped loss and one set of stacked tensors serves them all.
 Dict sizes mix by padding to the largest with `hparams["feature_mask"]`: padded
 features start at zero, never activate and so get exactly zero gradient, and
 Adam turns a zero gradient into a zero update, so they stay zero.
@@ -32,7 +36,7 @@ import torch
 import torch.nn.functional as F
 import torchopt
 
-from sae_ensemble import kernels, sae
+from sae_ensemble import architectures, kernels, sae
 from sae_ensemble.kernels.adam import broadcast
 from sae_ensemble.member import Member
 
@@ -45,6 +49,7 @@ def _per_member(values: Sequence[float], device: torch.device) -> torch.Tensor:
 
 
 
+SPARSITY_COEFFICIENTS = ("l1", "l0_coefficient")  # the hparam l1_warmup_steps warms up, whichever the architecture has
 SPARSE_DENSITY = 0.05  # L0 / dict size at or below which the sparse kernel is a candidate for non-topk members
 RETUNE_EVERY = 1000  # steps between autotunes of an `auto` ensemble
 EXECUTIONS = ("auto", "reference", "fused", "sparse")
@@ -99,7 +104,13 @@ class Ensemble:
         self.freeze_after = int(freeze_after)
         self.d_in = members[0].d_in
         self.n_padded = max(m.dict_size for m in members)
-        self.layout = sae.Layout.of([m.variant for m in members], [m.k for m in members])
+        self.architecture = architectures.module_for(members)  # raises if members' parameter sets differ
+        self.layout = self.architecture.layout(members)
+        if execution in ("fused", "sparse") and self.architecture is not sae:
+            raise ValueError(f"execution={execution!r} implements variants {', '.join(architectures.KERNEL_VARIANTS)} only; "
+                             f"variants {sorted({m.variant for m in members})} need execution='reference' or 'auto'")
+        if execution == "auto" and self.architecture is not sae:
+            execution = "reference"  # the only execution for other architectures: nothing to tune
         if execution == "sparse" and autocast_bf16:
             raise ValueError("execution='sparse' runs in float32; bf16 autocast uses execution='fused', 'reference' or 'auto'")
         self.execution = execution
@@ -110,10 +121,8 @@ class Ensemble:
 
         self.params = self._allocate(init)
         n = self.n_padded
-        self.hparams = _stack(
-            [sae.make_hparams(m.variant, m.dict_size, m.l1, m.bias_decay, m.k, m.use_b_dec, n) for m in members],
-            self.device,
-        )
+        self.hparams = _stack([architectures.make_hparams(m, n, self.layout) for m in members], self.device)
+        self.sparsity_key = next((key for key in SPARSITY_COEFFICIENTS if key in self.hparams), None)
         self.lr = _per_member([m.lr for m in members], self.device)
         self.lr_warmup = _per_member([m.lr_warmup_steps for m in members], self.device)
         self.lr_decay = _per_member([m.lr_decay_steps for m in members], self.device)
@@ -130,20 +139,20 @@ class Ensemble:
         self._graph_warm = False
         self.rows_seen = 0
 
-        grad_fn = torch.func.grad(sae.loss, has_aux=True)
+        arch = self.architecture
+        grad_fn = torch.func.grad(arch.loss, has_aux=True)
         self._grad = torch.func.vmap(lambda p, h, x: grad_fn(p, h, x, self.layout), in_dims=(0, 0, None))
-        self._forward = torch.func.vmap(lambda p, h, x: _encode_decode(p, h, x, self.layout), in_dims=(0, 0, None))
+        self._forward = torch.func.vmap(lambda p, h, x: _encode_decode(arch, p, h, x, self.layout), in_dims=(0, 0, None))
 
     def _allocate(self, init: bool) -> dict[str, torch.Tensor]:
         """Stacked params allocated on the device, each member's init generated and copied in
         alone, so host memory holds one member's init at a time, never the whole stack."""
-        M, n, d = len(self.members), self.n_padded, self.d_in
-        shapes = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
-        params = {name: torch.zeros(M, *shape, device=self.device) for name, shape in shapes.items()}
+        shapes = architectures.param_shapes(self.architecture, self.d_in, self.n_padded)
+        params = {name: torch.zeros(len(self.members), *shape, device=self.device) for name, shape in shapes.items()}
         if init:
             for index, member in enumerate(self.members):
-                for name, value in sae.init_params(member.variant, d, member.dict_size, member.seed).items():
-                    params[name][index, : value.shape[0]] = value.to(self.device)
+                for name, value in architectures.init_params(member).items():
+                    _fill(params[name][index], value)
         return params
 
     def __len__(self) -> int:
@@ -152,14 +161,20 @@ class Ensemble:
     # -- schedules -------------------------------------------------------------
 
     def schedules(self, step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lr [M], l1 [M]) at `step` (0-based; an int or a 0-d tensor on the device): linear warmups
-        and an optional linear lr decay to 0."""
+        """(lr [M], sparsity coefficient [M]) at `step` (0-based; an int or a 0-d tensor on the device): linear
+        warmups and an optional linear lr decay to 0. The coefficient is the architecture's l1 or l0_coefficient
+        (zeros for architectures with neither, which take no sparsity penalty)."""
         s = torch.as_tensor(step, dtype=torch.float32, device=self.device)
         lr_factor = torch.clamp((s + 1) / self.lr_warmup.clamp(min=1), max=1.0)
         steps_left = self.total_steps - s
         decay_factor = torch.where(self.lr_decay > 0, torch.clamp(steps_left / self.lr_decay.clamp(min=1), max=1.0), 1.0)
         l1_factor = torch.clamp((s + 1) / self.l1_warmup.clamp(min=1), max=1.0)
-        return self.lr * lr_factor * decay_factor, self.hparams["l1"] * l1_factor
+        coefficient = self.hparams[self.sparsity_key] if self.sparsity_key else torch.zeros_like(self.lr)
+        return self.lr * lr_factor * decay_factor, coefficient * l1_factor
+
+    def with_sparsity(self, coefficient: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The hparams with this step's sparsity coefficient [M] (see `schedules`)."""
+        return {**self.hparams, self.sparsity_key: coefficient} if self.sparsity_key else self.hparams
 
     # -- training --------------------------------------------------------------
 
@@ -185,6 +200,9 @@ class Ensemble:
             grads, aux = self._reference(part, hparams)
             for tree, out in ((grads, total), (aux, total_aux)):
                 for name, value in tree.items():
+                    if name == "min_kept":  # a minimum over the rows is the minimum of the parts'
+                        out[name] = torch.minimum(out[name], value) if name in out else value
+                        continue
                     value = value if name == "fired" else value * weight  # firing counts add up
                     out[name] = out[name] + value if name in out else value
         return total, total_aux
@@ -204,7 +222,7 @@ class Ensemble:
         ensembles, and for others once the measured L0 is at most SPARSE_DENSITY of the
         features (the density decides whether the sparse products can win at all).
         """
-        hparams = {**self.hparams, "l1": self.schedules(self.step_count)[1]}
+        hparams = self.with_sparsity(self.schedules(self.step_count)[1])
         micro_rows = -(-batch.shape[0] // self.micro_batches)
         chunks = [micro_rows]
         if self.device.type == "cpu":
@@ -255,8 +273,8 @@ class Ensemble:
     def _step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """The step on the device. No host reads on CUDA and every state update in place, so it can be
         captured as a CUDA graph: the step number is the device tensor `_device_step`."""
-        lr, l1 = self.schedules(self._device_step)
-        grads, aux = self.grads(batch, {**self.hparams, "l1": l1})
+        lr, coefficient = self.schedules(self._device_step)
+        grads, aux = self.grads(batch, self.with_sparsity(coefficient))
         ok = self.alive & torch.isfinite(aux["loss"])
         if self.execution in ("fused", "sparse"):
             taken = kernels.adam.step_(self.params, grads, self.opt_state.mu, self.opt_state.nu, self._device_step + 1, lr, ok,
@@ -265,6 +283,10 @@ class Ensemble:
                 count.add_(1)
         else:
             taken = self._reference_update(grads, lr, ok)
+        if hasattr(self.architecture, "update_state"):
+            with torch.no_grad():
+                for name, value in self.architecture.update_state(self.params, self.hparams, aux).items():
+                    self.params[name].copy_(torch.where(broadcast(taken, value), value, self.params[name]))
         # A live member that could not step skips it; freeze_after such steps in a row freeze it for good.
         self.nonfinite_streak.copy_(torch.where(self.alive & ~taken, self.nonfinite_streak + 1, 0))
         self.alive &= self.nonfinite_streak < self.freeze_after
@@ -307,7 +329,7 @@ class Ensemble:
         """
         taken = ok.clone()
         for g in grads.values():
-            taken &= torch.isfinite(g.flatten(1).sum(1))
+            taken &= torch.isfinite(g.reshape(g.shape[0], -1).sum(1))
         # On CPU, checking first skips a pass per tensor in the usual all-taken case; on CUDA
         # that check would stall the queue every step, so select always.
         select = self.device.type == "cuda" or not bool(taken.all())
@@ -335,7 +357,7 @@ class Ensemble:
     @torch.no_grad()
     def decoders(self) -> torch.Tensor:
         """Every member's unit-norm dictionary [M, n_padded, d] (padded rows are zero)."""
-        return torch.func.vmap(lambda p, h: sae.decoder(p, h, self.layout))(self.params, self.hparams)
+        return torch.func.vmap(lambda p, h: self.architecture.decoder(p, h, self.layout))(self.params, self.hparams)
 
     # -- plain-data views ------------------------------------------------------
 
@@ -346,18 +368,15 @@ class Ensemble:
         normalised encoder), so every saved SAE decodes the same way.
         """
         member = self.members[index]
-        n = member.dict_size
         params = {name: p[index].detach().cpu().clone() for name, p in self.params.items()}
         hp = {name: h[index].cpu() for name, h in self.hparams.items()}
         if member.variant == "tied":  # stored W_dec rows are already unit norm; renormalising would perturb a resume
-            params["W_dec"] = sae.decoder(params, hp, sae.Layout.of([member.variant], [member.k]))
-        for name in ("W_enc", "b_enc", "W_dec"):
-            params[name] = params[name][:n].contiguous()
+            params["W_dec"] = sae.decoder(params, hp, sae.layout([member]))
+        params = architectures.unpad(self.architecture, params, member.dict_size)
         moments = {}
         for prefix, tree in (("mu", self.opt_state.mu), ("nu", self.opt_state.nu)):
-            for name, value in tree.items():
-                value = value[index].detach().cpu()
-                moments[f"{prefix}.{name}"] = (value[:n] if name != "b_dec" else value).contiguous().clone()
+            cut = architectures.unpad(self.architecture, {name: value[index].detach().cpu() for name, value in tree.items()}, member.dict_size)
+            moments.update({f"{prefix}.{name}": value.clone() for name, value in cut.items()})
         return params, moments
 
     def load_member_state(self, index: int, params: dict[str, torch.Tensor], moments: dict[str, torch.Tensor] | None) -> None:
@@ -370,7 +389,7 @@ class Ensemble:
         for stacked, value in slots:
             slot = stacked[index]
             slot.zero_()
-            slot[: value.shape[0]] = value.to(self.device)
+            _fill(slot, value)
 
     def set_step(self, step: int, rows_seen: int) -> None:
         """Restore the step counters (the Adam bias correction counts steps too)."""
@@ -398,9 +417,14 @@ def _describe(kind: str, chunk: int | None) -> str:
     return kind if chunk is None else f"{kind}(rows={chunk})"
 
 
-def _encode_decode(params, hp, x, layout):
-    codes = sae.encode(params, hp, x, layout)
-    return codes, sae.decode(params, hp, codes, layout)
+def _encode_decode(architecture, params, hp, x, layout):
+    codes = architecture.encode(params, hp, x, layout)
+    return codes, architecture.decode(params, hp, codes, layout)
+
+
+def _fill(slot: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy one member's `value` into the start of its padded `slot` (any rank, 0-d included)."""
+    slot[tuple(slice(0, size) for size in value.shape)] = value.to(slot.device)
 
 
 def _stack(trees: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from sae_ensemble.member import Member
+from sae_ensemble.member import K_VARIANTS, Member
 
 
 @dataclass
@@ -13,15 +13,17 @@ class Grid:
     """The inner-grid axes; every combination becomes one member."""
 
     variants: list[str] = field(default_factory=lambda: ["relu"])
-    """SAE variants (relu, tied, topk)."""
+    """SAE variants: relu, tied, topk, batchtopk, matryoshka, jumprelu, gated (docs/architectures.md)."""
     dict_sizes: list[int] = field(default_factory=list)
     """Absolute dictionary sizes; combined with dict_ratios (sizes = these + ratio * d_in)."""
     dict_ratios: list[float] = field(default_factory=list)
     """Dictionary sizes as multiples of d_in."""
     l1: list[float] = field(default_factory=lambda: [1e-3])
-    """L1 coefficients (relu and tied members)."""
+    """L1 coefficients (relu, tied and gated members)."""
     k: list[int] = field(default_factory=lambda: [32])
-    """Active features per row (topk members)."""
+    """Active features per row (topk members; batchtopk and matryoshka: on average over a batch)."""
+    l0_coefficient: list[float] = field(default_factory=lambda: [1e-4])
+    """L0-penalty coefficients (jumprelu members; our MSE is a mean over d_in, so SAELens' value / d_in)."""
     bias_decay: list[float] = field(default_factory=lambda: [0.0])
     """Encoder-bias decay coefficients."""
     lr: list[float] = field(default_factory=lambda: [1e-3])
@@ -35,7 +37,15 @@ class Grid:
     lr_decay_steps: int = 0
     """Final steps of linear learning-rate decay to 0."""
     l1_warmup_steps: int = 0
-    """Linear L1 warmup steps."""
+    """Linear warmup steps of the sparsity coefficient (l1; jumprelu: l0_coefficient)."""
+    threshold: float = 0.01
+    """jumprelu: initial threshold of every feature."""
+    bandwidth: float = 0.05
+    """jumprelu: width of the rectangle kernel of the threshold's straight-through estimators."""
+    topk_threshold_lr: float = 0.01
+    """batchtopk, matryoshka: rate of the running estimate of the inference threshold."""
+    matryoshka_fractions: list[float] = field(default_factory=lambda: [0.0625, 0.25])
+    """matryoshka: nested prefix sizes as fractions of each dict size (rounded; the whole dict is the last level)."""
 
     def sizes(self, d_in: int) -> list[int]:
         sizes = list(self.dict_sizes) + [int(round(r * d_in)) for r in self.dict_ratios]
@@ -50,9 +60,10 @@ class Grid:
                 raise ValueError(f"the grid axis {name} is empty; give at least one value")
         members = []
         for variant, size, bias_decay, lr, seed in itertools.product(self.variants, sizes, self.bias_decay, self.lr, self.seeds):
-            sparsity = [{"k": k} for k in self.k] if variant == "topk" else [{"l1": l1} for l1 in self.l1]
+            axis = "k" if variant in K_VARIANTS else "l0_coefficient" if variant == "jumprelu" else "l1"
+            sparsity = [{axis: value, **self._architecture_settings(variant, size)} for value in getattr(self, axis)]
             if not sparsity:
-                raise ValueError(f"the grid axis {'k' if variant == 'topk' else 'l1'} is empty but variant {variant} needs it")
+                raise ValueError(f"the grid axis {axis} is empty but variant {variant} needs it")
             for extra in sparsity:
                 members.append(
                     Member(
@@ -67,3 +78,13 @@ class Grid:
             raise ValueError(f"the grid repeats members {duplicates[:3]}; remove repeated values from its axes")
         return members
 
+    def _architecture_settings(self, variant: str, size: int) -> dict:
+        """The settings (not axes) a variant's members take from the grid; other members keep the defaults."""
+        if variant == "jumprelu":
+            return {"threshold": self.threshold, "bandwidth": self.bandwidth}
+        if variant in ("batchtopk", "matryoshka"):
+            settings: dict = {"topk_threshold_lr": self.topk_threshold_lr}
+            if variant == "matryoshka":
+                settings["matryoshka_widths"] = tuple(sorted({w for f in self.matryoshka_fractions if 0 < (w := int(round(f * size))) < size}))
+            return settings
+        return {}

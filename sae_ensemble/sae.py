@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 VARIANTS = ("relu", "tied", "topk")
+PARAMS = {"W_enc": ("n", "d"), "b_enc": ("n",), "W_dec": ("n", "d"), "b_dec": ("d",)}  # axes: n features, d = d_in
+HYPERPARAMETERS = ("l1", "bias_decay", "k", "use_b_dec")  # the member fields make_hparams reads
 
 Params = dict[str, torch.Tensor]
 Hparams = dict[str, torch.Tensor]
@@ -75,8 +77,10 @@ def make_hparams(
     k: int = 0,
     use_b_dec: bool = True,
     n_padded: int | None = None,
+    layout: "Layout | None" = None,
 ) -> Hparams:
-    """Hyperparameter tensors of one member (see the module docstring)."""
+    """Hyperparameter tensors of one member (see the module docstring); `layout` is unused here (other
+    architectures size some hparams by their ensemble's layout)."""
     n_padded = dict_size if n_padded is None else n_padded
     mask = torch.zeros(n_padded)
     mask[:dict_size] = 1.0
@@ -111,6 +115,11 @@ class Layout(NamedTuple):
         k_max = max((k for v, k in zip(variants, ks) if v == "topk"), default=0)
         tied = [v == "tied" for v in variants]
         return cls(k_max=k_max, any_tied=any(tied), all_tied=all(tied), all_topk=all(v == "topk" for v in variants))
+
+
+def layout(members) -> Layout:
+    """The Layout of these members (anything with `.variant` and `.k`)."""
+    return Layout.of([m.variant for m in members], [m.k for m in members])
 
 
 def decoder(params: Params, hp: Hparams, layout: Layout = Layout()) -> torch.Tensor:
