@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from sae_ensemble import architectures, sae
+from sae_ensemble import architectures
 from sae_ensemble.checkpoint import load_member, save_member
 from sae_ensemble.export import ExportError, export_run, main
 from sae_ensemble.member import Member
@@ -60,10 +60,10 @@ def reference_outputs(member_dir: Path, x: torch.Tensor, shift: torch.Tensor, sc
     Codes are scaled by `scale` (export.py folds the scale into them); reconstructions are in raw units.
     """
     member, params, _, _ = load_member(member_dir)
-    hp = sae.make_hparams(member.variant, member.dict_size, member.l1, member.bias_decay, member.k, member.use_b_dec)
-    layout = sae.Layout.of([member.variant], [member.k])
-    codes = sae.encode(params, hp, (x - shift) / scale, layout)
-    return {"x": x, "codes": scale * codes, "recon": scale * sae.decode(params, hp, codes, layout) + shift}
+    module = architectures.module_of(member.variant)
+    hp, layout = architectures.make_hparams(member), module.layout([member])
+    codes = module.encode(params, hp, (x - shift) / scale, layout)
+    return {"x": x, "codes": scale * codes, "recon": scale * module.decode(params, hp, codes, layout) + shift}
 
 
 def inputs(seed: int = 3, rows: int = 64) -> torch.Tensor:
@@ -212,25 +212,28 @@ def saelens_architecture_forward(directory: Path, x: torch.Tensor) -> tuple[torc
     return codes, codes @ w["W_dec"] + w["b_dec"]
 
 
-@pytest.mark.parametrize("normalize", ["none", "center_scale"])
-def test_saelens_export_of_every_architecture_reproduces_our_inference(tmp_path, normalize):
-    store = make_store(tmp_path / "store")
-    run_dir = tmp_path / "run"
+def build_architecture_run(run_dir: Path, store, normalize: str) -> Path:
+    """A run directory holding ARCHITECTURE_MEMBERS with random params, trained (on paper) with `normalize` on `store`."""
     for i, member in enumerate(ARCHITECTURE_MEMBERS):
         save_member(run_dir / "members" / member.member_id, member, architecture_params(member, i), None,
                     {"steps": 1, "tokens": 1, "normalize": normalize, "metrics": {}, "store_fingerprint": store.fingerprint})
+    return run_dir
+
+
+@pytest.mark.parametrize("normalize", ["none", "center_scale"])
+def test_saelens_export_of_every_architecture_reproduces_our_inference(tmp_path, normalize):
+    store = make_store(tmp_path / "store")
+    run_dir = build_architecture_run(tmp_path / "run", store, normalize)
     written = export_run(run_dir, "saelens", store_dir=store.path)
+    assert len(written) == len(ARCHITECTURE_MEMBERS)
     shift, scale = store.normalization(normalize)
     x = inputs()
     for directory in written:
-        member, params, _, _ = load_member(run_dir / "members" / directory.name)
-        module = architectures.module_of(member.variant)
-        hp, layout = architectures.make_hparams(member), module.layout([member])
-        ours = module.encode(params, hp, (x - shift) / scale, layout)
+        expected = reference_outputs(run_dir / "members" / directory.name, x, shift, scale)
         codes, recon = saelens_architecture_forward(directory, x)
         assert (codes > 0).any() and (codes == 0).any()
-        torch.testing.assert_close(codes, scale * ours, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(recon, scale * module.decode(params, hp, ours, layout) + shift, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(codes, expected["codes"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(recon, expected["recon"], atol=1e-5, rtol=1e-5)
 
 
 def test_dictionary_learning_refuses_the_architectures_it_does_not_take_yet(tmp_path):
