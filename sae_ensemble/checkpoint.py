@@ -8,7 +8,8 @@ sae.safetensors (float32; n = dict_size, d = d_in): the params of the member's a
     b_dec [d]      decoder bias, subtracted before encoding and added after decoding (zeros if unused)
 batchtopk and matryoshka add threshold [] (the inference threshold); jumprelu adds log_threshold [n];
 gated has W_enc, b_gate, r_mag, b_mag [n], W_dec, b_dec.
-optim.safetensors: Adam moments `mu.<name>` and `nu.<name>` of the same shapes (for resuming).
+optim.safetensors: Adam moments `mu.<name>` and `nu.<name>` of the same shapes, and `state.tokens_since_fired` [n]
+(rows since each feature last fired: the AuxK dead mask), for resuming exactly.
 cfg.json: every Member field plus member_id, steps, tokens and whatever the caller adds
 (store fingerprint, final metrics). It is written last, so a directory with cfg.json is complete.
 

@@ -106,10 +106,12 @@ class Ensemble:
         self.n_padded = max(m.dict_size for m in members)
         self.architecture = architectures.module_for(members)  # raises if members' parameter sets differ
         self.layout = self.architecture.layout(members)
-        if execution in ("fused", "sparse") and self.architecture is not sae:
-            raise ValueError(f"execution={execution!r} implements variants {', '.join(architectures.KERNEL_VARIANTS)} only; "
-                             f"variants {sorted({m.variant for m in members})} need execution='reference' or 'auto'")
-        if execution == "auto" and self.architecture is not sae:
+        kernels_apply = self.architecture is sae and not getattr(self.layout, "k_aux", 0)
+        if execution in ("fused", "sparse") and not kernels_apply:
+            raise ValueError(f"execution={execution!r} implements variants {', '.join(architectures.KERNEL_VARIANTS)} without AuxK only; "
+                             f"these members ({sorted({m.variant for m in members})}, AuxK on: {any(m.auxk_dead_tokens for m in members)}) "
+                             "need execution='reference' or 'auto'")
+        if execution == "auto" and not kernels_apply:
             execution = "reference"  # the only execution for other architectures: nothing to tune
         if execution == "sparse" and autocast_bf16:
             raise ValueError("execution='sparse' runs in float32; bf16 autocast uses execution='fused', 'reference' or 'auto'")
@@ -127,6 +129,9 @@ class Ensemble:
         self.lr_warmup = _per_member([m.lr_warmup_steps for m in members], self.device)
         self.lr_decay = _per_member([m.lr_decay_steps for m in members], self.device)
         self.l1_warmup = _per_member([m.l1_warmup_steps for m in members], self.device)
+        self.auxk_dead_tokens = _per_member([m.auxk_dead_tokens for m in members], self.device)
+        # [M, n] rows since each feature last fired (AuxK's dead mask); saved with the moments to resume exactly
+        self.tokens_since_fired = torch.zeros(len(members), self.n_padded, device=self.device)
 
         self.optimizer = torchopt.transform.scale_by_adam(b1=ADAM_BETAS[0], b2=ADAM_BETAS[1], eps=ADAM_EPS)
         self.opt_state = self.optimizer.init(self.params)
@@ -173,8 +178,13 @@ class Ensemble:
         return self.lr * lr_factor * decay_factor, coefficient * l1_factor
 
     def with_sparsity(self, coefficient: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The hparams with this step's sparsity coefficient [M] (see `schedules`)."""
-        return {**self.hparams, self.sparsity_key: coefficient} if self.sparsity_key else self.hparams
+        """The hparams of this step: its sparsity coefficient [M] (see `schedules`) and, for AuxK, the dead
+        features [M, n] (no firing in the member's last auxk_dead_tokens rows)."""
+        hparams = {**self.hparams, self.sparsity_key: coefficient} if self.sparsity_key else dict(self.hparams)
+        if "dead" in hparams:
+            limit = self.auxk_dead_tokens.unsqueeze(1)
+            hparams["dead"] = ((self.tokens_since_fired >= limit) & (limit > 0)).float() * self.hparams["feature_mask"]
+        return hparams
 
     # -- training --------------------------------------------------------------
 
@@ -283,6 +293,10 @@ class Ensemble:
                 count.add_(1)
         else:
             taken = self._reference_update(grads, lr, ok)
+        with torch.no_grad():  # a member that skipped the step keeps its counts, as its params
+            fired = torch.nan_to_num(aux["fired"]) > 0
+            since = torch.where(fired, 0.0, self.tokens_since_fired + batch.shape[0])
+            self.tokens_since_fired.copy_(torch.where(taken.unsqueeze(1), since, self.tokens_since_fired))
         if hasattr(self.architecture, "update_state"):
             with torch.no_grad():
                 for name, value in self.architecture.update_state(self.params, self.hparams, aux).items():
@@ -377,6 +391,7 @@ class Ensemble:
         for prefix, tree in (("mu", self.opt_state.mu), ("nu", self.opt_state.nu)):
             cut = architectures.unpad(self.architecture, {name: value[index].detach().cpu() for name, value in tree.items()}, member.dict_size)
             moments.update({f"{prefix}.{name}": value.clone() for name, value in cut.items()})
+        moments["state.tokens_since_fired"] = self.tokens_since_fired[index, : member.dict_size].cpu().clone()
         return params, moments
 
     def load_member_state(self, index: int, params: dict[str, torch.Tensor], moments: dict[str, torch.Tensor] | None) -> None:
@@ -385,7 +400,10 @@ class Ensemble:
         if moments is not None:
             for key, value in moments.items():
                 prefix, name = key.split(".", 1)
-                slots.append((getattr(self.opt_state, prefix)[name], value))
+                if key == "state.tokens_since_fired":
+                    slots.append((self.tokens_since_fired, value))
+                else:
+                    slots.append((getattr(self.opt_state, prefix)[name], value))
         for stacked, value in slots:
             slot = stacked[index]
             slot.zero_()

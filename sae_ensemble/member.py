@@ -49,6 +49,16 @@ class Member:
     """batchtopk, matryoshka: rate of the running estimate of the inference threshold (SAELens' name)."""
     matryoshka_widths: tuple[int, ...] = ()
     """matryoshka: the nested prefix sizes below dict_size, increasing (dict_size is always the last level)."""
+    auxk_dead_tokens: int = 0
+    """topk, batchtopk, matryoshka: AuxK (Gao et al. 2024) on features that fired in none of this many most
+    recent training rows; 0 = no AuxK (the hand-written kernels implement none)."""
+    auxk_coefficient: float = 1 / 32
+    """Coefficient of the AuxK loss (Gao et al.'s 1/32), when auxk_dead_tokens > 0."""
+    k_aux: int = 0
+    """Dead features AuxK reconstructs the residual with; 0 = d_in // 2 (SAELens), at most dict_size."""
+    resample_every: int = 0
+    """relu, tied: every this many steps, re-initialise the dead features from high-loss inputs (Anthropic
+    2023; dictionary_learning's resample_steps); 0 = never. Dead = fired in none of the rows since the last."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "matryoshka_widths", tuple(int(w) for w in self.matryoshka_widths))  # cfg.json gives a list
@@ -69,6 +79,15 @@ class Member:
         if self.variant == "matryoshka" and not (widths and all(a < b for a, b in zip((0, *widths), (*widths, self.dict_size)))):
             raise ValueError(f"matryoshka_widths={list(widths)} must be non-empty and increase strictly from above 0 to below "
                              f"dict_size={self.dict_size}")
+        if self.auxk_dead_tokens and self.variant not in K_VARIANTS:
+            raise ValueError(f"auxk_dead_tokens={self.auxk_dead_tokens} is for {', '.join(K_VARIANTS)} members only (variant={self.variant})")
+        if self.auxk_dead_tokens < 0 or self.auxk_coefficient < 0 or self.k_aux < 0:
+            raise ValueError(f"auxk_dead_tokens={self.auxk_dead_tokens}, auxk_coefficient={self.auxk_coefficient} and k_aux={self.k_aux} "
+                             "must be non-negative")
+        if self.resample_every and self.variant not in ("relu", "tied"):
+            raise ValueError(f"resample_every={self.resample_every} is for relu and tied members only (variant={self.variant})")
+        if self.resample_every < 0:
+            raise ValueError(f"resample_every={self.resample_every} must be non-negative (0 = never)")
         if self.variant != "matryoshka" and widths:
             raise ValueError(f"matryoshka_widths={list(widths)} is for matryoshka members only (variant={self.variant})")
         if self.bias_decay < 0:
@@ -92,6 +111,11 @@ class Member:
             sparsity = [f"l0c{self.l0_coefficient:g}", f"th{self.threshold:g}", f"bw{self.bandwidth:g}"]
         else:
             sparsity = [f"l1_{self.l1:g}"]
+        if self.auxk_dead_tokens:  # the remedies, only when on: ids of members without them do not change
+            sparsity.append(f"auxk{self.auxk_dead_tokens}" + (f"c{self.auxk_coefficient:g}" if self.auxk_coefficient != 1 / 32 else "")
+                            + (f"k{self.k_aux}" if self.k_aux else ""))
+        if self.resample_every:
+            sparsity.append(f"rs{self.resample_every}")
         parts = [self.variant, f"d{self.dict_size}", *sparsity, f"bd{self.bias_decay:g}", f"lr{self.lr:g}", f"s{self.seed}"]
         if not self.use_b_dec:
             parts.append("nobdec")

@@ -82,24 +82,58 @@ class GatedReference(nn.Module):
         return recon + sparsity + aux + self.bias_decay * p["b_gate"].norm()
 
 
+def auxk_reference(pre, residual, D, dead, k_aux, coefficient):
+    """Gao et al. 2024 AuxK, looping over rows: the k_aux largest dead pre-activations (ReLU'd) reconstruct
+    the residual; scaled by min(n_dead / k_aux, 1) as SAELens."""
+    dead_index = dead.nonzero().flatten()
+    k = min(k_aux, len(dead_index))
+    rows = []
+    for b in range(pre.shape[0]):
+        top = pre[b, dead_index].topk(k)
+        rows.append(torch.clamp(top.values, min=0) @ D[dead_index[top.indices]])
+    recon = torch.stack(rows)
+    return coefficient * min(len(dead_index) / k_aux, 1.0) * ((recon - residual.detach()) ** 2).sum() / residual.numel()
+
+
 class MatryoshkaReference(nn.Module):
     """BatchTopK (Bussmann et al. 2024): the k*B largest ReLU activations of the batch; Matryoshka: one
-    reconstruction loss per prefix width (the last is the whole dictionary)."""
+    reconstruction loss per prefix width (the last is the whole dictionary); AuxK when `dead` is given."""
 
-    def __init__(self, p, k, widths, bias_decay):
+    def __init__(self, p, k, widths, bias_decay, dead=None, k_aux=0, auxk_coefficient=0.0):
         super().__init__()
         self.p = nn.ParameterDict({k_: nn.Parameter(v.clone()) for k_, v in p.items() if k_ != "threshold"})
         self.k, self.widths, self.bias_decay = k, widths, bias_decay
+        self.dead, self.k_aux, self.auxk_coefficient = dead, k_aux, auxk_coefficient
 
     def forward(self, x):
         p = self.p
-        acts = torch.clamp((x - p["b_dec"]) @ p["W_enc"].T + p["b_enc"], min=0)
-        flat = acts.flatten()
+        pre = (x - p["b_dec"]) @ p["W_enc"].T + p["b_enc"]
+        flat = torch.clamp(pre, min=0).flatten()
         top = flat.topk(self.k * x.shape[0])
-        codes = torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(acts)
+        codes = torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(pre)
         D = unit_rows(p["W_dec"])
         loss = sum(((codes[:, :w] @ D[:w] + p["b_dec"] - x) ** 2).sum() / x.numel() for w in self.widths)
+        if self.dead is not None:
+            loss = loss + auxk_reference(pre, x - (codes @ D + p["b_dec"]), D, self.dead, self.k_aux, self.auxk_coefficient)
         return loss + self.bias_decay * p["b_enc"].norm()
+
+
+class TopKAuxKReference(nn.Module):
+    """TopK (Gao et al. 2024): the k largest pre-activations per row, ReLU'd; plus AuxK over `dead`."""
+
+    def __init__(self, p, k, dead, k_aux, auxk_coefficient):
+        super().__init__()
+        self.p = nn.ParameterDict({k_: nn.Parameter(v.clone()) for k_, v in p.items()})
+        self.k, self.dead, self.k_aux, self.auxk_coefficient = k, dead, k_aux, auxk_coefficient
+
+    def forward(self, x):
+        p = self.p
+        pre = (x - p["b_dec"]) @ p["W_enc"].T + p["b_enc"]
+        top = pre.topk(self.k, dim=1)
+        codes = torch.zeros_like(pre).scatter(1, top.indices, torch.clamp(top.values, min=0))
+        D = unit_rows(p["W_dec"])
+        x_hat = codes @ D + p["b_dec"]
+        return ((x_hat - x) ** 2).sum() / x.numel() + auxk_reference(pre, x - x_hat, D, self.dead, self.k_aux, self.auxk_coefficient)
 
 
 def perturbed(member, scale=0.1):
@@ -107,6 +141,8 @@ def perturbed(member, scale=0.1):
     return {k: v + scale * torch.randn_like(v) if v.dim() else v for k, v in architectures.init_params(member).items()}
 
 
+DEAD_MANY = (torch.arange(24) % 3 == 1).float() * (torch.arange(24) < 27)
+DEAD_FEW = torch.zeros(24).index_fill_(0, torch.tensor([2, 11, 20]), 1.0)
 CASES = {
     "jumprelu": (Member("jumprelu", 16, 24, l0_coefficient=0.02, threshold=0.3, bandwidth=0.2, bias_decay=0.3),
                  lambda m, p: JumpReLUReference(p, 0.02, 0.2, 0.3)),
@@ -114,15 +150,24 @@ CASES = {
     "batchtopk": (Member("batchtopk", 16, 24, k=5, bias_decay=0.3), lambda m, p: MatryoshkaReference(p, 5, [24], 0.3)),
     "matryoshka": (Member("matryoshka", 16, 24, k=5, bias_decay=0.3, matryoshka_widths=(4, 10)),
                    lambda m, p: MatryoshkaReference(p, 5, [4, 10, 24], 0.3)),
+    # AuxK: 9 dead features and k_aux 6, then 3 dead features (fewer than k_aux: the scale and the -inf ranks)
+    "topk+auxk": (Member("topk", 16, 24, k=3, auxk_dead_tokens=100, k_aux=6, auxk_coefficient=0.5),
+                  lambda m, p: TopKAuxKReference(p, 3, DEAD_MANY, 6, 0.5)),
+    "topk+auxk few dead": (Member("topk", 16, 24, k=3, auxk_dead_tokens=100, k_aux=6, auxk_coefficient=0.5),
+                           lambda m, p: TopKAuxKReference(p, 3, DEAD_FEW, 6, 0.5)),
+    "matryoshka+auxk": (Member("matryoshka", 16, 24, k=5, matryoshka_widths=(4,), auxk_dead_tokens=100),
+                        lambda m, p: MatryoshkaReference(p, 5, [4, 24], 0.0, DEAD_MANY, 8, 1 / 32)),
 }
 
 
 @pytest.mark.parametrize("variant", list(CASES))
 def test_loss_and_gradients_match_reference_module(variant):
     member, make_reference = CASES[variant]
-    module = architectures.module_of(variant)
+    module = architectures.module_of(member.variant)
     params = perturbed(member)
     hp = architectures.make_hparams(member)
+    if "auxk" in variant:  # the ensemble sets the dead features each step; here the reference's
+        hp["dead"] = make_reference(member, params).dead
     x = torch.randn(32, 16) * 0.5
     grads, aux = torch.func.grad(module.loss, has_aux=True)(params, hp, x, module.layout([member]))
 
@@ -145,6 +190,12 @@ MIXED = {
         Member("matryoshka", D_IN, 64, k=3, seed=1, matryoshka_widths=(8, 24), bias_decay=0.05),
         Member("batchtopk", D_IN, 32, k=6, seed=2, topk_threshold_lr=0.05, use_b_dec=False),
         Member("matryoshka", D_IN, 48, k=5, seed=3, matryoshka_widths=(12,), lr=2e-3),
+        Member("batchtopk", D_IN, 64, k=2, seed=4, auxk_dead_tokens=128, k_aux=10),
+    ],
+    "sae": [  # AuxK members mix with the others of sae.py (on the reference execution)
+        Member("topk", D_IN, 64, k=2, seed=0, auxk_dead_tokens=128),
+        Member("topk", D_IN, 48, k=4, seed=1, auxk_dead_tokens=256, k_aux=5, auxk_coefficient=0.1),
+        Member("relu", D_IN, 32, l1=1e-3, seed=2),
     ],
     "jumprelu": [
         Member("jumprelu", D_IN, 48, l0_coefficient=1e-3, threshold=0.05, bandwidth=0.1, seed=0),
@@ -238,7 +289,7 @@ def test_ensemble_refuses_members_of_different_families():
 
 @pytest.mark.parametrize("execution", ["fused", "sparse"])
 def test_kernels_refuse_other_architectures_and_auto_uses_the_reference(execution):
-    with pytest.raises(ValueError, match=f"execution='{execution}' implements variants relu, tied, topk only"):
+    with pytest.raises(ValueError, match=f"execution='{execution}' implements variants relu, tied, topk without AuxK only"):
         Ensemble([Member("jumprelu", D_IN, 8)], 1, execution=execution)
     ensemble = Ensemble([Member("batchtopk", D_IN, 16, k=2)], 3, execution="auto")
     ensemble.step(sparse_batches(1)[0])
