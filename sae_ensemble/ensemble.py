@@ -14,7 +14,9 @@ One step:
      axis: torchopt's for the reference, kernels/adam.py (equal, cache-chunked) for the kernels;
   4. decoder rows are rescaled to unit norm, and an architecture's untrained state (BatchTopK's
      running threshold) takes its new value from the step's aux outputs;
-  5. a member whose loss or gradient is not finite skips the step (params and moments
+  5. members due to resample (relu, tied with resample_every; resample.py) re-initialise their dead
+     features from this batch;
+  6. a member whose loss or gradient is not finite skips the step (params and moments
      unchanged); after `freeze_after` such steps in a row it keeps its last finite params
      from then on and is flagged in `alive` (the other members never see it).
 
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 import torchopt
 
-from sae_ensemble import architectures, kernels, sae
+from sae_ensemble import architectures, kernels, resample, sae
 from sae_ensemble.kernels.adam import broadcast
 from sae_ensemble.member import Member
 
@@ -132,6 +134,8 @@ class Ensemble:
         self.auxk_dead_tokens = _per_member([m.auxk_dead_tokens for m in members], self.device)
         # [M, n] rows since each feature last fired (AuxK's dead mask); saved with the moments to resume exactly
         self.tokens_since_fired = torch.zeros(len(members), self.n_padded, device=self.device)
+        self.resampling = any(m.resample_every for m in members)
+        self.last_resampled: dict[int, int] = {}  # {member index: features} of the latest resample
 
         self.optimizer = torchopt.transform.scale_by_adam(b1=ADAM_BETAS[0], b2=ADAM_BETAS[1], eps=ADAM_EPS)
         self.opt_state = self.optimizer.init(self.params)
@@ -278,6 +282,8 @@ class Ensemble:
             stats = self._step(batch)
         self.step_count += 1
         self.rows_seen += batch.shape[0]
+        if self.resampling and (due := resample.due(self)):
+            self.last_resampled = resample.resample_dead_(self, batch, due)
         return stats
 
     def _step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:

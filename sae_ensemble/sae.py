@@ -154,15 +154,16 @@ def auxk_hparams(on: bool, coefficient: float, k_aux: int, n_padded: int) -> Hpa
 def auxk_loss(pre: torch.Tensor, residual: torch.Tensor, dictionary: torch.Tensor, hp: Hparams, k_aux_max: int) -> torch.Tensor:
     """AuxK: mean((topk_aux(pre over dead features) @ D - sg(residual))^2) * min(n_dead / k_aux, 1).
 
-    pre [B, n] pre-activations, residual [B, d] = x - x_hat, dictionary [n, d]. Runs at the static
-    size k_aux_max; each member keeps its first min(k_aux, n_dead) ranks (fewer dead features than
-    k_aux leave -inf candidates, which those ranks exclude).
+    pre [B, n] pre-activations, residual [B, d] = x - x_hat, dictionary [n, d]. The kept pre-activations
+    enter unrectified, as SAELens' calculate_topk_aux_acts: a dead feature's pre-activations are mostly
+    negative, and a ReLU would pass them no gradient. Runs at the static size k_aux_max; each member keeps
+    its first min(k_aux, n_dead) ranks (fewer dead features than k_aux leave -inf candidates, excluded).
     """
     dead = hp["dead"]
     values, indices = torch.topk(torch.where(dead > 0, pre, -torch.inf), k_aux_max, dim=-1)  # [B, k_aux_max]
     n_dead = dead.sum()
     kept = torch.arange(k_aux_max, device=pre.device) < torch.minimum(hp["k_aux"], n_dead)
-    acts = torch.where(kept, F.relu(torch.where(kept, values, 0.0)), 0.0)  # never -inf * 0
+    acts = torch.where(kept, values, 0.0)  # never -inf * 0
     recon = torch.zeros_like(pre).scatter(-1, indices, acts) @ dictionary
     return torch.clamp(n_dead / hp["k_aux"], max=1.0) * (recon - residual.detach()).pow(2).mean()
 

@@ -83,14 +83,14 @@ class GatedReference(nn.Module):
 
 
 def auxk_reference(pre, residual, D, dead, k_aux, coefficient):
-    """Gao et al. 2024 AuxK, looping over rows: the k_aux largest dead pre-activations (ReLU'd) reconstruct
-    the residual; scaled by min(n_dead / k_aux, 1) as SAELens."""
+    """Gao et al. 2024 AuxK, looping over rows: the k_aux largest dead pre-activations (as they are, as in
+    SAELens) reconstruct the residual; scaled by min(n_dead / k_aux, 1) as SAELens."""
     dead_index = dead.nonzero().flatten()
     k = min(k_aux, len(dead_index))
     rows = []
     for b in range(pre.shape[0]):
         top = pre[b, dead_index].topk(k)
-        rows.append(torch.clamp(top.values, min=0) @ D[dead_index[top.indices]])
+        rows.append(top.values @ D[dead_index[top.indices]])
     recon = torch.stack(rows)
     return coefficient * min(len(dead_index) / k_aux, 1.0) * ((recon - residual.detach()) ** 2).sum() / residual.numel()
 
@@ -196,6 +196,8 @@ MIXED = {
         Member("topk", D_IN, 64, k=2, seed=0, auxk_dead_tokens=128),
         Member("topk", D_IN, 48, k=4, seed=1, auxk_dead_tokens=256, k_aux=5, auxk_coefficient=0.1),
         Member("relu", D_IN, 32, l1=1e-3, seed=2),
+        Member("relu", D_IN, 48, l1=3e-2, seed=3, resample_every=10),  # resamples at steps 10, 20, ...
+        Member("tied", D_IN, 32, l1=3e-2, seed=4, resample_every=8),
     ],
     "jumprelu": [
         Member("jumprelu", D_IN, 48, l0_coefficient=1e-3, threshold=0.05, bandwidth=0.1, seed=0),
@@ -267,8 +269,10 @@ def test_resume_from_checkpoint_equals_uninterrupted_training(tmp_path, family):
     resumed = load_ensemble(directories, total_steps=30)
     for batch in batches[12:]:
         resumed.step(batch)
-    for name, value in whole.params.items():
-        torch.testing.assert_close(resumed.params[name], value, atol=1e-6, rtol=0, msg=name)
+    for i, member in enumerate(members):  # member_state: a tied member's saved W_dec is its normalised encoder
+        (resumed_params, resumed_moments), (whole_params, whole_moments) = resumed.member_state(i), whole.member_state(i)
+        for name, value in {**whole_params, **whole_moments}.items():
+            torch.testing.assert_close({**resumed_params, **resumed_moments}[name], value, atol=1e-6, rtol=0, msg=f"{member.member_id} {name}")
 
 
 # -- the one grouping rule, and the kernels' reach ---------------------------------------------------
