@@ -46,6 +46,15 @@ class Grid:
     """batchtopk, matryoshka: rate of the running estimate of the inference threshold."""
     matryoshka_fractions: list[float] = field(default_factory=lambda: [0.0625, 0.25])
     """matryoshka: nested prefix sizes as fractions of each dict size (rounded; the whole dict is the last level)."""
+    auxk_dead_tokens: int = 0
+    """topk, batchtopk, matryoshka: AuxK (Gao et al. 2024) on features that fired in none of this many most recent
+    training rows (Gao et al.: 10M tokens); 0 = no AuxK. AuxK members train on the reference execution."""
+    auxk_coefficient: float = 1 / 32
+    """Coefficient of the AuxK loss (Gao et al.'s 1/32)."""
+    k_aux: int = 0
+    """Dead features AuxK reconstructs the residual with; 0 = d_in // 2 (SAELens; Gao et al. used 512)."""
+    resample_every: int = 0
+    """relu, tied: resample dead features every this many steps (dictionary_learning's resample_steps); 0 = never."""
 
     def sizes(self, d_in: int) -> list[int]:
         sizes = list(self.dict_sizes) + [int(round(r * d_in)) for r in self.dict_ratios]
@@ -82,9 +91,13 @@ class Grid:
         """The settings (not axes) a variant's members take from the grid; other members keep the defaults."""
         if variant == "jumprelu":
             return {"threshold": self.threshold, "bandwidth": self.bandwidth}
+        if variant in ("relu", "tied"):
+            return {"resample_every": self.resample_every}
+        settings: dict = {}
+        if variant in K_VARIANTS and self.auxk_dead_tokens:
+            settings.update(auxk_dead_tokens=self.auxk_dead_tokens, auxk_coefficient=self.auxk_coefficient, k_aux=self.k_aux)
         if variant in ("batchtopk", "matryoshka"):
-            settings: dict = {"topk_threshold_lr": self.topk_threshold_lr}
-            if variant == "matryoshka":
-                settings["matryoshka_widths"] = tuple(sorted({w for f in self.matryoshka_fractions if 0 < (w := int(round(f * size))) < size}))
-            return settings
-        return {}
+            settings["topk_threshold_lr"] = self.topk_threshold_lr
+        if variant == "matryoshka":
+            settings["matryoshka_widths"] = tuple(sorted({w for f in self.matryoshka_fractions if 0 < (w := int(round(f * size))) < size}))
+        return settings

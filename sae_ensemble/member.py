@@ -122,7 +122,8 @@ class Member:
         return "-".join(parts)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON values (matryoshka_widths as a list, as cfg.json and wandb hold it)."""
+        return {**dataclasses.asdict(self), "matryoshka_widths": list(self.matryoshka_widths)}
 
     @classmethod
     def from_dict(cls, values: dict) -> "Member":

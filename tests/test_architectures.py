@@ -1,6 +1,8 @@
 """Each architecture equals an nn.Module written from its paper's equations; members of mixed ensembles
 equal members trained alone; extra tensors (thresholds, gate params) save, load and resume exactly."""
 
+import csv
+
 import pytest
 import torch
 import torch.nn as nn
@@ -11,6 +13,7 @@ from sae_ensemble.checkpoint import load_ensemble, save_member
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.member import Member
 from sae_ensemble.plan import make_plan
+from sae_ensemble.report import write_summary
 
 D_IN = 24
 STEPS = 50
@@ -306,3 +309,17 @@ def test_existing_member_ids_do_not_change_and_new_ones_name_their_hyperparamete
     assert Member("jumprelu", 8, 32, l0_coefficient=1e-3).member_id == "jumprelu-d32-l0c0.001-th0.01-bw0.05-bd0-lr0.001-s0"
     assert Member("matryoshka", 8, 32, k=4, matryoshka_widths=(4, 16)).member_id == "matryoshka-d32-k4-w4_16-bd0-lr0.001-s0"
     assert Member("gated", 8, 32, l1=1e-2).member_id == "gated-d32-l1_0.01-bd0-lr0.001-s0"
+
+
+def test_summary_csv_carries_each_members_architecture_hyperparameters(tmp_path):
+    members = [Member("jumprelu", D_IN, 16, l0_coefficient=3e-4, threshold=0.05, bandwidth=0.1),
+               Member("matryoshka", D_IN, 16, k=2, matryoshka_widths=(4, 8), auxk_dead_tokens=640),
+               Member("relu", D_IN, 16, l1=1e-3, resample_every=100)]
+    for member in members:
+        params = architectures.init_params(member)
+        save_member(tmp_path / "members" / member.member_id, member, params, None, {"steps": 1, "tokens": 1, "metrics": {"fvu": 0.5}})
+    with open(write_summary(tmp_path), newline="") as f:
+        rows = {row["variant"]: row for row in csv.DictReader(f)}
+    assert (rows["jumprelu"]["l0_coefficient"], rows["jumprelu"]["threshold"], rows["jumprelu"]["bandwidth"]) == ("0.0003", "0.05", "0.1")
+    assert (rows["matryoshka"]["k"], rows["matryoshka"]["matryoshka_widths"], rows["matryoshka"]["auxk_dead_tokens"]) == ("2", "[4, 8]", "640")
+    assert rows["matryoshka"]["auxk_coefficient"] == "0.03125" and rows["relu"]["resample_every"] == "100"
