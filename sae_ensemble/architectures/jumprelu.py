@@ -150,6 +150,6 @@ def loss(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()
     l0_estimate = Step.apply(pre, theta, hp["bandwidth"]).sum() / x.shape[0]  # equals the L0; only its gradient differs
     bias_norm = (params["b_enc"] * hp["feature_mask"]).norm()
     total = mse + hp["l0_coefficient"] * l0_estimate + hp["bias_decay"] * bias_norm
-    fired = (codes != 0).sum(0, dtype=torch.float32)  # [n]; codes can be negative where theta < pre < 0 cannot happen (theta > 0)
-    aux = {"loss": total, "mse": mse, "l1_norm": codes.abs().sum() / x.shape[0], "l0": fired.sum() / x.shape[0], "fired": fired}
+    fired = torch.sign(codes).sum(0, dtype=torch.float32)  # [n] rows in which each feature fired (codes >= 0: theta > 0)
+    aux = {"loss": total, "mse": mse, "l1_norm": codes.sum() / x.shape[0], "l0": fired.sum() / x.shape[0], "fired": fired}
     return total, aux
