@@ -41,6 +41,8 @@ config_module.register()
 def get_store(cfg: SweepConfig, devices: list[str]) -> ActivationStore:
     """The store this sweep trains on: given, synthesised, or harvested (each reused when it exists)."""
     data = cfg.data
+    if data.source == "lm":
+        ensure_model(cfg)
     if data.store:
         store = ActivationStore.open(data.store)
         if data.source == "synthetic" and store.d_in != data.d_in:
@@ -61,7 +63,6 @@ def get_store(cfg: SweepConfig, devices: list[str]) -> ActivationStore:
                                heldout_rows=data.heldout_rows, **params)
     from sae_ensemble.activations.harvest import get_or_harvest
 
-    ensure_model(cfg)
     stores = get_or_harvest(
         cfg.model.name, [cfg.hook], data.dataset, cache_root=data.store_root, n_tokens=data.n_tokens,
         context_length=data.context_length, split=data.split, dataset_config=data.dataset_config, text_field=data.text_field,
@@ -72,10 +73,17 @@ def get_store(cfg: SweepConfig, devices: list[str]) -> ActivationStore:
 
 
 def ensure_model(cfg: SweepConfig) -> None:
-    if cfg.model.build_tiny and not (Path(cfg.model.name) / "config.json").exists():
-        from sae_ensemble.activations.tiny_model import build_tiny_gpt2
+    """With model.build_tiny, build the tiny GPT-2 under model.name on first use and point model.name at it.
 
-        build_tiny_gpt2(cfg.model.name)
+    Everything after (the harvest's store key and manifest, evaluation, tracking) then names the
+    model directory itself, whose name carries the fingerprint of its recipe.
+    """
+    if cfg.model.build_tiny:
+        from sae_ensemble.activations.tiny_model import ensure_tiny_gpt2
+
+        # Log lines, not bars: minutes of silence on first use would look like a hang even with progress=false.
+        directory = ensure_tiny_gpt2(cfg.model.name, trained=cfg.model.build_tiny == "trained")
+        cfg.model.name = str(directory)
 
 
 def harvest_device(devices: list[str]) -> str:

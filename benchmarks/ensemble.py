@@ -7,7 +7,7 @@
 The ensemble side runs exactly as a sweep worker does: the members are split into the
 planner's ensembles (`plan.make_plan` with the device's auto budget: one per dict size, so
 nothing is padded, with its micro-batches), each stepped with the execution its autotuner
-picks (`--execution` forces one).
+picks (`--execution` forces one), compiled on CUDA as `training.compile` does (`--no-compile`: eager).
 The sequential side is plain autograd + torch.optim.Adam, one member after another.
 
 Measured in one run, per case:
@@ -104,20 +104,22 @@ def planned_ensembles(members: list[Member], batch_size: int, device: torch.devi
 
 
 def run_case(d: int, dict_sizes: list[int], n_members: int, batch_size: int, steps: int, device: torch.device,
-             variant: str = "relu", k: int = 32, execution: str = "auto", autocast_bf16: bool = False) -> dict:
+             variant: str = "relu", k: int = 32, execution: str = "auto", autocast_bf16: bool = False, compile: bool = True) -> dict:
     members = make_members(d, dict_sizes, n_members, variant, k)
     batch = torch.randn(batch_size, d, device=device)
     flops_per_step = sum(12 * batch_size * d * m.dict_size for m in members)
 
     gemm = gemm_peak_gflops(device)
-    ensembles = planned_ensembles(members, batch_size, device, autocast_bf16=autocast_bf16, execution=execution, freeze_after=FREEZE_AFTER)
+    compile = compile and device.type == "cuda"  # as a sweep worker (training.compile)
+    ensembles = planned_ensembles(members, batch_size, device, autocast_bf16=autocast_bf16, execution=execution,
+                                  freeze_after=FREEZE_AFTER, compile=compile)
     chosen = [e.autotune(batch) if execution == "auto" else execution for e in ensembles]
     ensemble_time = timed(lambda: [e.step(batch) for e in ensembles], steps, device, warmup=2)
     sequential_time = sequential_step_time(members, batch, steps, device, autocast_bf16)
     encoder_time = encoder_gemm_time(members, batch, device)
     result = {
         "case": f"d={d} dict_sizes={','.join(map(str, dict_sizes))} members={n_members} batch={batch_size} variant={variant}"
-                + (f" k={k}" if variant == "topk" else "") + (" bf16" if autocast_bf16 else ""),
+                + (f" k={k}" if variant == "topk" else "") + (" bf16" if autocast_bf16 else "") + (" compiled" if compile else ""),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "gemm_gflops": round(gemm, 1),
         "ensemble_gflops": round(flops_per_step / ensemble_time / 1e9, 1),
@@ -144,6 +146,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32, help="active features per row (topk)")
     parser.add_argument("--execution", choices=EXECUTIONS, default="auto", help="auto: as a sweep worker (autotuned)")
     parser.add_argument("--autocast-bf16", action="store_true", help="bf16 autocast on both sides (CUDA)")
+    parser.add_argument("--no-compile", action="store_true", help="run the kernels eagerly on CUDA (training.compile=false)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -159,7 +162,7 @@ def main() -> None:
         cases = [(args.d, args.dict_sizes or [4 * args.d], args.members or 8, args.batch or 1024, args.variant)]
     for d, sizes, m, b, variant in cases:
         steps = args.steps or (3 if device.type == "cpu" and b * m * max(sizes) > 10**8 else 10)
-        result = run_case(d, sizes, m, b, steps, device, variant, args.k, args.execution, args.autocast_bf16)
+        result = run_case(d, sizes, m, b, steps, device, variant, args.k, args.execution, args.autocast_bf16, not args.no_compile)
         print(json.dumps(result), flush=True)  # one line per case, as each finishes
 
 

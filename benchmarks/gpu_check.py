@@ -220,7 +220,7 @@ def steps(work: Path, python: str) -> list[Step]:
         Step("bench_store", [python, "-m", "benchmarks.store", "--device", "cuda"], 150, parse_last_json, "store feed and harvest"),
         Step("sweep_default", [python, "sweep.py", *SWEEP_ARGS, f"hydra.run.dir={default_dir}", f"data.store_root={stores}"],
              150, parse_sweep(default_dir), "default synthetic sweep", _wrote_summary),
-        Step("sweep_lm", [python, "sweep.py", "data=lm", "model=tiny", "grid=quick", *SWEEP_ARGS, f"hydra.run.dir={lm_dir}",
+        Step("sweep_lm", [python, "sweep.py", "data=lm", "model=tiny", "model.build_tiny=random", "grid=quick", *SWEEP_ARGS, f"hydra.run.dir={lm_dir}",
                           f"data.store_root={stores}"], 150, parse_sweep(lm_dir), "LM sweep, tiny GPT-2", _wrote_summary),
     ]
     scale = importlib.util.find_spec("benchmarks.scale")

@@ -88,10 +88,10 @@ def load_member(
 
 
 def load_ensemble(
-    directories: list[str | Path], total_steps: int, device: str | torch.device = "cpu", autocast_bf16: bool = False,
-    *, micro_batches: int = 1, freeze_after: int = 1, execution: str = "reference",
+    directories: list[str | Path], total_steps: int, device: str | torch.device = "cpu", autocast_bf16: bool = False, **options,
 ) -> Ensemble:
     """An ensemble restored from saved members, optimizer moments and step included (to resume).
+    `options` are Ensemble's keyword options (execution, micro_batches, ...).
 
     The stacked state is allocated empty on the device and filled one member at a time,
     so the host holds one member's tensors at most (no random init to throw away).
@@ -101,8 +101,7 @@ def load_ensemble(
     if len(steps) != 1:
         raise CheckpointError(f"members in {[str(d) for d in directories]} were saved at different steps {sorted(steps, key=str)}")
     members = [Member.from_dict({k: v for k, v in cfg.items() if k in Member.__dataclass_fields__}) for cfg in cfgs]
-    ensemble = Ensemble(members, total_steps, device, autocast_bf16, micro_batches=micro_batches, init=False, freeze_after=freeze_after,
-                        execution=execution)
+    ensemble = Ensemble(members, total_steps, device, autocast_bf16, init=False, **options)
     for index, directory in enumerate(directories):
         _, params, moments, cfg = load_member(directory, with_moments=True)
         ensemble.load_member_state(index, params, moments)

@@ -26,6 +26,7 @@ from sae_ensemble.member import K_VARIANTS, L1_VARIANTS
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("synthetic", "lm")
 MATMUL_PRECISIONS = ("highest", "high", "medium")
+TINY_MODEL_KINDS = ("trained", "random")
 
 
 class ConfigError(ValueError):
@@ -97,8 +98,11 @@ class ModelConfig:
     """Hugging Face model name or local directory, as TransformerBridge.boot_transformers takes it."""
     revision: str | None = None
     """Model revision (HF branch, tag or commit)."""
-    build_tiny: bool = False
-    """Build a tiny random GPT-2 at `name` if that directory is missing (offline tests and demos)."""
+    build_tiny: str | None = None
+    """trained, random or null. Set: `name` is a cache directory and the sweep uses the tiny local GPT-2
+    built under it on first use (`name/<kind>-<recipe fingerprint>`): trained (model=tiny: a few CPU
+    minutes once, then reused; see activations/tiny_model.py) or random (instant; for fast tests).
+    null: `name` is the model itself."""
 
 
 @dataclass
@@ -198,6 +202,7 @@ def validate(cfg: SweepConfig) -> list[str]:
         (not (training.autocast_bf16 and training.execution == "sparse"), "training.execution=sparse runs in float32; with training.autocast_bf16=true use auto, fused or reference"),
         (data.verify in VERIFY_MODES, f"data.verify={data.verify!r} is unknown; allowed: {', '.join(VERIFY_MODES)}"),
         (data.heldout_rows >= 1, f"data.heldout_rows={data.heldout_rows} must be at least 1: the final metrics need held-out rows"),
+        (cfg.model.build_tiny in (None, *TINY_MODEL_KINDS), f"model.build_tiny={cfg.model.build_tiny!r} is unknown; allowed: {', '.join(TINY_MODEL_KINDS)}, or null"),
         (cfg.eval.n_contexts >= 1, f"eval.n_contexts={cfg.eval.n_contexts} must be at least 1"),
         (cfg.wandb.mode in (None, "online", "offline", "disabled"), f"wandb.mode={cfg.wandb.mode!r} is unknown; allowed: online, offline, disabled, or null"),
     ]

@@ -54,6 +54,7 @@ def _per_member(values: Sequence[float], device: torch.device) -> torch.Tensor:
 SPARSITY_COEFFICIENTS = ("l1", "l0_coefficient")  # the hparam l1_warmup_steps warms up, whichever the architecture has
 SPARSE_DENSITY = 0.05  # L0 / dict size at or below which the sparse kernel is a candidate for non-topk members
 RETUNE_EVERY = 1000  # steps between autotunes of an `auto` ensemble
+COMPILED_SHAPES = 64  # compiled versions of one kernel a process keeps (one per ensemble shape and row chunk)
 EXECUTIONS = ("auto", "reference", "fused", "sparse")
 """How a step computes gradients: `reference` is vmap(grad(sae.loss)), the definition; `fused`
 and `sparse` are the hand-written kernels (kernels/, docs/kernels.md), equal to it; `auto`
@@ -76,12 +77,16 @@ class Ensemble:
         init: bool = True,
         freeze_after: int = 1,
         cuda_graphs: bool = True,
+        compile: bool = False,
     ) -> None:
         """`micro_batches` splits every batch into that many chunks whose gradients are summed
         (equal to the whole batch; bounds the step's temporaries). `init=False` leaves the
         stacked state zero, for a caller that fills every slot with `load_member_state`.
         `freeze_after`: non-finite steps in a row (each skipped) before a member freezes.
-        `cuda_graphs`: replay the fused step as a CUDA graph (CUDA only)."""
+        `cuda_graphs`: replay the fused step as a CUDA graph (CUDA only). `compile`: run the kernels
+        (kernels.dense.grads, kernels.adam.step_) through torch.compile, whose generated code fuses the
+        elementwise passes between the GEMMs (equal to the eager kernels to float rounding; the first
+        step of each shape pays the compilation)."""
         if not members:
             raise ValueError("an ensemble needs at least one member")
         d_ins = {m.d_in for m in members}
@@ -148,6 +153,13 @@ class Ensemble:
         self._graph_warm = False
         self.rows_seen = 0
 
+        self._dense_grads, self._adam_step = kernels.dense.grads, kernels.adam.step_
+        if compile:
+            # One code object serves every ensemble a worker trains: allow a compiled version per shape.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
+            self._dense_grads = torch.compile(kernels.dense.grads, dynamic=False)
+            self._adam_step = torch.compile(kernels.adam.step_, dynamic=False)
+
         arch = self.architecture
         grad_fn = torch.func.grad(arch.loss, has_aux=True)
         self._grad = torch.func.vmap(lambda p, h, x: grad_fn(p, h, x, self.layout), in_dims=(0, 0, None))
@@ -204,7 +216,7 @@ class Ensemble:
             return kernels.sparse.grads(self.params, hparams, batch, self.layout, row_chunk=chunk)
         if self.execution == "fused":
             dtype = torch.bfloat16 if self.autocast_bf16 else torch.float32
-            return kernels.dense.grads(self.params, hparams, batch, self.layout, row_chunk=chunk, dtype=dtype)
+            return self._dense_grads(self.params, hparams, batch, self.layout, row_chunk=chunk, dtype=dtype)
         if self.micro_batches == 1:
             return self._reference(batch, hparams)
         total: dict[str, torch.Tensor] = {}
@@ -293,7 +305,7 @@ class Ensemble:
         grads, aux = self.grads(batch, self.with_sparsity(coefficient))
         ok = self.alive & torch.isfinite(aux["loss"])
         if self.execution in ("fused", "sparse"):
-            taken = kernels.adam.step_(self.params, grads, self.opt_state.mu, self.opt_state.nu, self._device_step + 1, lr, ok,
+            taken = self._adam_step(self.params, grads, self.opt_state.mu, self.opt_state.nu, self._device_step + 1, lr, ok,
                                        ADAM_BETAS, ADAM_EPS, check_on_host=self.device.type != "cuda")
             for count in self.opt_state.count.values():
                 count.add_(1)

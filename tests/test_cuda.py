@@ -242,7 +242,9 @@ def synthetic_store(tmp_path_factory):
 
 
 GRID = Grid(variants=["relu", "tied"], dict_sizes=[32, 64], l1=[1e-3, 1e-2])
-TRAINING = Training(steps=40, batch_size=64, checkpoint_every=15, log_every=10, eval_rows=256, dead_window_tokens=2000)
+# Full float32 matmuls on both sides (training.matmul_precision's default, TF32, is not what a CPU computes).
+TRAINING = Training(steps=40, batch_size=64, checkpoint_every=15, log_every=10, eval_rows=256, dead_window_tokens=2000,
+                    matmul_precision="highest")
 
 
 def trained_members(run_dir) -> dict[str, dict[str, torch.Tensor]]:
@@ -260,7 +262,6 @@ def cpu_run(synthetic_store, tmp_path_factory):
 def test_dispatcher_on_cuda_trains_the_members_cpu_trains(devices, synthetic_store, cpu_run, tmp_path):
     if len(devices.split(",")) > torch.cuda.device_count():
         pytest.skip(f"{devices} needs {len(devices.split(','))} GPUs; {torch.cuda.device_count()} visible")
-    # Workers run with PyTorch's default, TF32 off for matmuls, as the comparison needs.
     plan = make_plan(GRID.members(16), resolve_devices(devices), 64, 2**34)
     assert run(plan, synthetic_store, tmp_path, TRAINING, progress=False) == 0
     on_gpu = trained_members(tmp_path)

@@ -224,3 +224,26 @@ def test_cuda_graph_replay_of_the_fused_step_equals_eager_steps():
     assert_same_members(runs[True], runs[False], atol=1e-6)
     assert int(runs[True]._device_step) == STEPS and int(runs[True].opt_state.count["W_enc"]) == STEPS
     assert torch.isfinite(stats["loss"]).all()
+
+
+def test_compiled_kernels_train_like_the_eager_kernels(reference_mixed):
+    """torch.compile (training.compile, CUDA workers) changes the code that runs, never the result.
+    Inductor's CPU backend compiles here (about half a minute), so CI checks the compiled arithmetic."""
+    compiled = Ensemble(MIXED, total_steps=STEPS, execution="fused", compile=True)
+    for batch in sparse_batches(STEPS):
+        compiled.step(batch)
+    assert_same_members(compiled, reference_mixed)
+
+
+@cuda
+def test_cuda_compiled_graphed_step_equals_the_cpu_reference(reference_mixed):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        on_gpu = Ensemble(MIXED, total_steps=STEPS, device="cuda", execution="fused", compile=True)
+        for batch in sparse_batches(STEPS):
+            on_gpu.step(batch.cuda())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert on_gpu._graph is not None
+    assert_same_members(on_gpu, reference_mixed, atol=1e-4)

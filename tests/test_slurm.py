@@ -29,7 +29,7 @@ STANDIN = REPO / "tests" / "slurm_standin.py"
 HYDRA_STANDIN = REPO / "tests" / "hydra_standin.py"
 SWEEP = REPO / "sweep.py"
 # Overrides for the real-sweep.py smoke test: small enough for 2 CPU cores in ~1 minute.
-SWEEP_SMOKE_OVERRIDES = ["data=lm", "model=tiny", "layer=0,1", "grid=quick", "training.steps=20",
+SWEEP_SMOKE_OVERRIDES = ["data=lm", "model=tiny", "model.build_tiny=random", "layer=0,1", "grid=quick", "training.steps=20",
                          "devices=cpu", "progress=false", "wandb=offline"]
 
 EXIT_REQUEUE = 75

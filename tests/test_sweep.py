@@ -41,12 +41,13 @@ def sweep(tmp_path: Path, *overrides: str, multirun: bool = False) -> subprocess
         (["devices=cuda:3"], "devices='cuda:3' asks for GPU(s)"),
         (["grid.seeds=[]"], "the grid axis seeds is empty"),
         (["data.source=images"], "data.source='images' is unknown; allowed: synthetic, lm"),
-        (["model=tiny", "data=lm", "hook=blocks.0.hook_resid_psot"], "blocks.0.hook_resid_post"),
+        (["model=tiny", "data=lm", "model.build_tiny=random", "hook=blocks.0.hook_resid_psot"], "blocks.0.hook_resid_post"),
+        (["model=tiny", "data=lm", "model.build_tiny=trianed"], "model.build_tiny='trianed' is unknown; allowed: trained, random, or null"),
         (["training.execution=bogus"], "training.execution='bogus' is unknown; allowed: auto, reference, fused, sparse"),
         (["training.matmul_precision=fast"], "training.matmul_precision='fast' is unknown; allowed: highest, high, medium"),
     ],
     ids=["negative-l1", "dict-size", "k-too-big", "variant", "device", "too-many-gpus", "empty-grid", "source", "hook",
-         "execution", "matmul-precision"],
+         "build-tiny", "execution", "matmul-precision"],
 )
 def test_bad_input_prints_one_sentence_and_exits_2(tmp_path, overrides, message):
     result = sweep(tmp_path, *overrides, *SMALL_DATA, "plan_only=true")
@@ -94,7 +95,9 @@ def test_reduced_default_sweep_recovers_the_ground_truth(tmp_path):
 
 
 def test_multirun_over_two_layers_of_the_tiny_model(tmp_path):
-    result = sweep(tmp_path, "data=lm", "model=tiny", "layer=0,1", "grid=quick", "training.steps=20", "devices=cpu", multirun=True)
+    # The random tiny model keeps this fast; tests/test_tiny_model.py runs the trained one.
+    result = sweep(tmp_path, "data=lm", "model=tiny", "model.build_tiny=random", "layer=0,1", "grid=quick", "training.steps=20",
+                   "devices=cpu", multirun=True)
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = sorted(p for p in (tmp_path / "multirun").iterdir() if p.is_dir() and (p / "summary.csv").exists())
     assert len(jobs) == 2, list((tmp_path / "multirun").iterdir())

@@ -62,6 +62,9 @@ def augmented_encoder(params: Params, mask: torch.Tensor, d_aug: int) -> torch.T
 def augmented_rows(x: torch.Tensor, centre: torch.Tensor, d_aug: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """[x - b_dec, 1, 0...] [M, b, d_aug] of rows x [b, d] for every member's centre [M, d]."""
     M, d = centre.shape
+    if torch.compiler.is_compiling():  # dynamo cannot trace `out=` into a view; inductor fuses this into one pass
+        centred = x.unsqueeze(0) - centre.unsqueeze(1)
+        return F.pad(torch.cat([centred, torch.ones_like(centred[..., :1])], -1), (0, d_aug - d - 1)).to(dtype or x.dtype)
     rows = x.new_zeros(M, x.shape[0], d_aug, dtype=dtype)
     torch.sub(x.unsqueeze(0), centre.unsqueeze(1), out=rows[..., :d])
     rows[..., d] = 1.0
@@ -86,6 +89,10 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     gives the reference: half the bytes per pass and twice the GEMM rate; the gradients are
     accumulated, and the loss, the normalisation and Adam computed, in float32.
     """
+    # Under torch.compile (training.compile) tensors are built and masked with plain ops: dynamo cannot
+    # trace `out=` into a view (it would run the whole loop eagerly), and inductor fuses ReLU, the firing
+    # test and its sum into one kernel. Eagerly, `out=` and in-place ops save passes and memory.
+    compiling = torch.compiler.is_compiling()
     W_enc, b_dec = params["W_enc"], params["b_dec"]
     M, n, d = W_enc.shape
     B = x.shape[0]
@@ -97,10 +104,14 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     # GEMM giving dL/dcodes also adds the L1 coefficient.
     rows = decoder_rows(params, hp, layout)
     norms = rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # F.normalize's eps
-    D_aug = rows.new_zeros(M, n, d_aug)
-    torch.div(rows, norms, out=D_aug[..., :d])
-    D_aug[..., d] = 1.0
-    D = D_aug[..., :d]
+    if compiling:  # as augmented_rows
+        D = rows / norms
+        D_aug = F.pad(torch.cat([D, torch.ones_like(D[..., :1])], -1), (0, d_aug - d - 1))
+    else:
+        D_aug = rows.new_zeros(M, n, d_aug)
+        torch.div(rows, norms, out=D_aug[..., :d])
+        D_aug[..., d] = 1.0
+        D = D_aug[..., :d]
     centre_aug = F.pad(centre, (0, d_aug - d)).unsqueeze(1).to(dtype)  # [M, 1, d_aug]: no bias on the L1 column
     W_aug, D_operand = W_aug.to(dtype), D_aug.to(dtype)
 
@@ -116,23 +127,31 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     for rows_x in x.split(row_chunk or B):
         xc_aug = augmented_rows(rows_x, centre, d_aug, dtype)
         pre = torch.bmm(xc_aug, W_aug.transpose(1, 2))  # [M, b, n]
-        codes = topk_codes(pre, hp, layout) if layout.k_max > 0 else pre.relu_()
+        codes = topk_codes(pre, hp, layout) if layout.k_max > 0 else pre.relu() if compiling else pre.relu_()
         xhat_aug = torch.baddbmm(centre_aug, codes, D_operand).float()  # [M, b, d_aug]; column d: sum of codes
         err = xhat_aug[..., :d] - rows_x
         squared_error += err.pow(2).sum((1, 2))
         code_sum += xhat_aug[..., d].sum(1)
 
         g_aug = torch.zeros_like(xhat_aug)  # [dL/dx_hat, l1/B, 0...]
-        torch.mul(err, mse_scale, out=g_aug[..., :d])
+        if compiling:
+            g_aug[..., :d] = err * mse_scale
+        else:
+            torch.mul(err, mse_scale, out=g_aug[..., :d])
         g_aug[..., d] = l1_column
         g_operand = g_aug.to(dtype)
-        # Firing counts through a 0/1 tile: summing a bool tensor widens it to int64 first
-        # (a copy at 8 bytes per element: ~7x slower on CPU, ~2x on an H100); the tile's memory
-        # then takes dL/dcodes.
-        tile = torch.gt(codes, 0, out=torch.empty_like(codes))
-        fired += tile.sum(1, dtype=torch.float32)
-        g_pre = torch.bmm(g_operand, D_operand.transpose(1, 2), out=tile)  # dL/dcodes [M, b, n]
-        torch.ops.aten.threshold_backward(g_pre, codes, 0.0, grad_input=g_pre)  # ReLU/top-k mask, in place
+        if compiling:
+            fire = codes > 0
+            fired += fire.sum(1, dtype=torch.float32)
+            g_pre = torch.where(fire, torch.bmm(g_operand, D_operand.transpose(1, 2)), 0.0)
+        else:
+            # Firing counts through a 0/1 tile: summing a bool tensor widens it to int64 first
+            # (a copy at 8 bytes per element: ~7x slower on CPU, ~2x on an H100); the tile's memory
+            # then takes dL/dcodes.
+            tile = torch.gt(codes, 0, out=torch.empty_like(codes))
+            fired += tile.sum(1, dtype=torch.float32)
+            g_pre = torch.bmm(g_operand, D_operand.transpose(1, 2), out=tile)  # dL/dcodes [M, b, n]
+            torch.ops.aten.threshold_backward(g_pre, codes, 0.0, grad_input=g_pre)  # ReLU/top-k mask, in place
         g_D_aug = _accumulate(g_D_aug, codes.transpose(1, 2), g_operand)
         g_W_aug = _accumulate(g_W_aug, g_pre.transpose(1, 2), xc_aug)
         g_xhat_sum += g_aug[..., :d].sum(1)

@@ -1,0 +1,86 @@
+"""The tiny local GPT-2s: deterministic training, the fingerprinted cache and its lock, and (the one
+slow test) the trained model=tiny meeting its targets through the real sweep."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from sae_ensemble.activations.tiny_model import Recipe, ensure_tiny_gpt2, fingerprint, train_tiny_gpt2
+
+REPO = Path(__file__).resolve().parents[1]
+# A recipe of a few seconds: the real text and tokenizer, a toy model and three steps.
+QUICK = Recipe(n_layer=1, d_model=16, n_head=2, n_ctx=16, vocab_size=300, steps=3, batch_size=4, warmup_steps=1)
+MODEL_FILES = ("model.safetensors", "tokenizer.json", "config.json")
+
+
+def test_two_trainings_give_identical_files_and_another_seed_does_not(tmp_path):
+    first = train_tiny_gpt2(tmp_path / "a", QUICK, progress=False)
+    train_tiny_gpt2(tmp_path / "b", QUICK, progress=False)
+    train_tiny_gpt2(tmp_path / "c", replace(QUICK, seed=1), progress=False)
+    for name in MODEL_FILES:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
+    assert first["fingerprint"] == fingerprint(QUICK, trained=True) and math.isfinite(first["heldout_ce"])
+
+
+def test_changed_recipe_or_kind_gets_its_own_directory():
+    prints = {fingerprint(QUICK, True), fingerprint(replace(QUICK, steps=4), True), fingerprint(replace(QUICK, lr=1e-3), True),
+              fingerprint(QUICK, False)}
+    assert len(prints) == 4
+    assert fingerprint(QUICK, True) == fingerprint(replace(QUICK), True)
+
+
+ENSURE = """
+from sae_ensemble.activations.tiny_model import Recipe, ensure_tiny_gpt2
+print(ensure_tiny_gpt2({root!r}, trained=True, recipe={recipe!r}))
+"""
+
+
+def test_concurrent_first_use_trains_once_and_both_get_the_model(tmp_path):
+    root = tmp_path / "models"
+    root.mkdir()
+    killed_build = root / f".trained-{fingerprint(QUICK, True)}.tmp-otherhost-123"  # a build that died midway
+    killed_build.mkdir()
+    (killed_build / "config.json").write_text("{}")
+    code = ENSURE.format(root=str(root), recipe=QUICK)
+    users = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [user.communicate(timeout=300) for user in users]
+    assert all(user.returncode == 0 for user in users), outputs
+    directory = root / f"trained-{fingerprint(QUICK, True)}"
+    assert [out.strip() for out, _ in outputs] == [str(directory)] * 2
+    assert sum("training on first use" in err for _, err in outputs) == 1, outputs
+    assert sorted(p.name for p in root.iterdir()) == [directory.name, directory.name + ".lock"]  # the killed build is gone
+    assert json.loads((directory / "training.json").read_text())["fingerprint"] == fingerprint(QUICK, True)
+    mtime = (directory / "model.safetensors").stat().st_mtime_ns
+    assert ensure_tiny_gpt2(root, trained=True, recipe=QUICK, progress=False) == directory  # reused, not rebuilt
+    assert (directory / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_the_random_model_is_cached_beside_the_trained_one(tmp_path):
+    directory = ensure_tiny_gpt2(tmp_path, trained=False)
+    assert directory.name == f"random-{fingerprint(Recipe(), False)}" and (directory / "model.safetensors").exists()
+    assert ensure_tiny_gpt2(tmp_path, trained=False) == directory
+
+
+def test_model_tiny_sweep_scores_ce_recovered_with_the_trained_model(tmp_path):
+    """The acceptance run of model=tiny (the one test that pays for training the real recipe, a few CPU minutes)."""
+    args = [sys.executable, str(REPO / "sweep.py"), "-m", "data=lm", "model=tiny", "layer=0,1", "grid=quick", "devices=cpu",
+            f"data.store_root={tmp_path / 'stores'}", f"hydra.sweep.dir={tmp_path / 'multirun'}", "progress=false", "wandb=disabled"]
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=1200, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    [model] = (tmp_path / "stores" / "models" / "tiny-gpt2").glob("trained-*/")
+    training = json.loads((model / "training.json").read_text())
+    assert training["heldout_ce"] <= 4.5 < training["ln_vocab"], training
+    summaries = sorted((tmp_path / "multirun").glob("*/summary.csv"))
+    assert len(summaries) == 2
+    for summary in summaries:
+        for row in csv.DictReader(summary.open()):
+            clean, zero = float(row["ce_clean"]), float(row["ce_zero_ablation"])
+            assert clean <= 4.5 and zero - clean >= 0.5, row  # zero-ablating the hooked layer costs the model
+            assert -0.5 <= float(row["ce_recovered"]) <= 1.05, row
