@@ -1,11 +1,15 @@
 """Members on disk: `<dir>/sae.safetensors`, `<dir>/optim.safetensors`, `<dir>/cfg.json`.
 
-sae.safetensors (float32; n = dict_size, d = d_in):
+sae.safetensors (float32; n = dict_size, d = d_in): the params of the member's architecture
+(architectures/<module>.PARAMS), for sae.py's relu, tied and topk:
     W_enc [n, d]   encoder rows
     b_enc [n]      encoder bias
     W_dec [n, d]   unit-norm decoder rows (the dictionary; for tied SAEs, the normalised encoder)
     b_dec [d]      decoder bias, subtracted before encoding and added after decoding (zeros if unused)
-optim.safetensors: Adam moments `mu.<name>` and `nu.<name>` of the same shapes (for resuming).
+batchtopk and matryoshka add threshold [] (the inference threshold); jumprelu adds log_threshold [n];
+gated has W_enc, b_gate, r_mag, b_mag [n], W_dec, b_dec.
+optim.safetensors: Adam moments `mu.<name>` and `nu.<name>` of the same shapes, and `state.tokens_since_fired` [n]
+(rows since each feature last fired: the AuxK dead mask), for resuming exactly.
 cfg.json: every Member field plus member_id, steps, tokens and whatever the caller adds
 (store fingerprint, final metrics). It is written last, so a directory with cfg.json is complete.
 eval.json (after the evaluation stage, eval_worker.py): {"metrics": {mmcs_next, mmcs_seed, CE scores},
@@ -25,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sae_ensemble import architectures
 from sae_ensemble.atomic import atomic_write, write_json_atomic
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.member import Member
@@ -58,7 +63,7 @@ def save_member(
 ) -> Path:
     """Write one member; `info` (steps, tokens, metrics, ...) goes into cfg.json."""
     directory = Path(directory)
-    _check_shapes(directory / SAE_FILE, member, params, expected=("W_enc", "b_enc", "W_dec", "b_dec"))
+    _check_shapes(directory / SAE_FILE, member, params)
     atomic_write(directory / SAE_FILE, lambda tmp: save_file({k: v.contiguous() for k, v in params.items()}, tmp))
     if moments is not None:
         atomic_write(directory / OPTIM_FILE, lambda tmp: save_file({k: v.contiguous() for k, v in moments.items()}, tmp))
@@ -75,13 +80,13 @@ def load_member(
     cfg = read_json(directory / CFG_FILE)
     member = Member.from_dict({k: v for k, v in cfg.items() if k in Member.__dataclass_fields__})
     params = _load_tensors(directory / SAE_FILE)
-    _check_shapes(directory / SAE_FILE, member, params, expected=("W_enc", "b_enc", "W_dec", "b_dec"))
+    _check_shapes(directory / SAE_FILE, member, params)
     moments = None
     if with_moments:
         moments = _load_tensors(directory / OPTIM_FILE)
         for prefix in ("mu", "nu"):
             part = {k.split(".", 1)[1]: v for k, v in moments.items() if k.startswith(prefix + ".")}
-            _check_shapes(directory / OPTIM_FILE, member, part, expected=("W_enc", "b_enc", "W_dec", "b_dec"), prefix=prefix + ".")
+            _check_shapes(directory / OPTIM_FILE, member, part, prefix=prefix + ".")
     return member, params, moments, cfg
 
 
@@ -127,9 +132,11 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from None
 
 
-def _check_shapes(path: Path, member: Member, tensors: dict[str, torch.Tensor], expected: tuple[str, ...], prefix: str = "") -> None:
+def _check_shapes(path: Path, member: Member, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Every param of the member's architecture present with its shape."""
     n, d = member.dict_size, member.d_in
-    shapes = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+    shapes = architectures.param_shapes(architectures.module_of(member.variant), d, n)
+    expected = tuple(shapes)
     missing = [prefix + name for name in expected if name not in tensors]
     if missing:
         raise CheckpointError(f"{path} lacks tensors {missing}; a {member.variant} SAE needs {[prefix + e for e in expected]}")

@@ -20,7 +20,8 @@ from sae_ensemble.dispatch import Training, resolve_devices
 from sae_ensemble.ensemble import EXECUTIONS
 from sae_ensemble.grid import Grid
 from sae_ensemble.plan import parse_size
-from sae_ensemble.sae import VARIANTS
+from sae_ensemble.architectures import VARIANTS
+from sae_ensemble.member import K_VARIANTS, L1_VARIANTS
 from sae_ensemble.steering import STEERABLE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,18 +170,30 @@ def validate(cfg: SweepConfig) -> list[str]:
     checks = [
         (data.source in SOURCES, f"data.source={data.source!r} is unknown; allowed: {', '.join(SOURCES)}"),
         (all(v in VARIANTS for v in grid.variants), f"grid.variants={list(grid.variants)} has an unknown variant; allowed: {', '.join(VARIANTS)}"),
-        (all(v > 0 for v in grid.l1) or grid.variants == ["topk"], f"grid.l1={list(grid.l1)} must hold positive values (use variant topk for no L1 term)"),
+        (all(v > 0 for v in grid.l1) or not set(grid.variants) & set(L1_VARIANTS), f"grid.l1={list(grid.l1)} must hold positive values (use variant topk for no L1 term)"),
         (all(s >= 1 for s in grid.dict_sizes), f"grid.dict_sizes={list(grid.dict_sizes)} must all be at least 1"),
         (all(r > 0 for r in grid.dict_ratios), f"grid.dict_ratios={list(grid.dict_ratios)} must all be positive"),
         (bool(grid.dict_sizes or grid.dict_ratios), "the grid has no dictionary size: set grid.dict_sizes or grid.dict_ratios"),
         (all(b >= 0 for b in grid.bias_decay), f"grid.bias_decay={list(grid.bias_decay)} must be non-negative"),
         (all(lr > 0 for lr in grid.lr), f"grid.lr={list(grid.lr)} must hold positive learning rates"),
-        (all(k >= 1 for k in grid.k) or "topk" not in grid.variants, f"grid.k={list(grid.k)} must hold counts of at least 1"),
+        (all(k >= 1 for k in grid.k) or not set(grid.variants) & set(K_VARIANTS), f"grid.k={list(grid.k)} must hold counts of at least 1"),
         (all(t > 0 for t in grid.target_l0), f"grid.target_l0={list(grid.target_l0)} must hold positive L0 targets (active features per row)"),
         (all(round(t) >= 1 for t in grid.target_l0) or "topk" not in grid.variants, f"grid.target_l0={list(grid.target_l0)} gives topk members k = round(target) < 1; use targets of at least 0.5"),
         (not grid.target_l0 or all(v in STEERABLE or v == "topk" for v in grid.variants),
          f"grid.target_l0 steers variants {', '.join(STEERABLE)} and sets k of topk; grid.variants={list(grid.variants)} has another"),
         (grid.l1_start > 0, f"grid.l1_start={grid.l1_start} must be positive (the starting coefficient of target-L0 members)"),
+        (all(c >= 0 for c in grid.l0_coefficient), f"grid.l0_coefficient={list(grid.l0_coefficient)} must be non-negative"),
+        (grid.threshold > 0 and grid.bandwidth > 0, f"grid.threshold={grid.threshold} and grid.bandwidth={grid.bandwidth} must be positive"),
+        (0 < grid.topk_threshold_lr <= 1, f"grid.topk_threshold_lr={grid.topk_threshold_lr} must be in (0, 1]"),
+        (all(0 < f < 1 for f in grid.matryoshka_fractions) and (grid.matryoshka_fractions or "matryoshka" not in grid.variants),
+         f"grid.matryoshka_fractions={list(grid.matryoshka_fractions)} must be fractions in (0, 1), at least one for matryoshka"),
+        (grid.auxk_dead_tokens >= 0 and grid.auxk_coefficient >= 0 and grid.k_aux >= 0,
+         f"grid.auxk_dead_tokens={grid.auxk_dead_tokens}, grid.auxk_coefficient={grid.auxk_coefficient} and grid.k_aux={grid.k_aux} must be non-negative (auxk_dead_tokens=0: no AuxK)"),
+        (grid.resample_every >= 0, f"grid.resample_every={grid.resample_every} must be non-negative (0: never resample)"),
+        (not (grid.auxk_dead_tokens and training.execution in ("fused", "sparse") and set(grid.variants) & set(K_VARIANTS)),
+         f"training.execution={training.execution} has no AuxK; with grid.auxk_dead_tokens > 0 use auto or reference"),
+        (training.execution in ("auto", "reference") or set(grid.variants) <= {"relu", "tied", "topk"},
+         f"training.execution={training.execution} implements relu, tied and topk only; grid.variants={list(grid.variants)} needs auto or reference"),
         (training.steps >= 1, f"training.steps={training.steps} must be at least 1"),
         (training.batch_size >= 1, f"training.batch_size={training.batch_size} must be at least 1"),
         (training.checkpoint_every >= 1, f"training.checkpoint_every={training.checkpoint_every} must be at least 1"),

@@ -5,18 +5,25 @@ first axis is the member, so the ensemble can be sliced, saved and resumed
 without special cases.
 
 One step:
-  1. per-member schedules give this step's lr [M] and l1 [M] (a target-L0 member's l1 comes from
-     its controller, steering.py, which folds the step's measured L0 in after the step);
-  2. every member's gradient on the shared batch: `vmap(grad(sae.loss))` (the reference)
-     or a hand-written kernel equal to it (kernels/, chosen by `execution`);
+  1. per-member schedules give this step's lr [M] and sparsity coefficient [M] (l1 or l0_coefficient;
+     a target-L0 member's comes from its controller, steering.py, which folds the step's measured L0 in
+     after the step);
+  2. every member's gradient on the shared batch: `vmap(grad(loss))` of the members' architecture
+     (architectures/; the reference) or, for sae.py's variants, a hand-written kernel equal to it
+     (kernels/, chosen by `execution`);
   3. Adam on the stacked tensors directly, no vmap (Adam is elementwise; vmapping
      torchopt's hits its slow fallback path), the per-member lr broadcast over the member
      axis: torchopt's for the reference, kernels/adam.py (equal, cache-chunked) for the kernels;
-  4. decoder rows are rescaled to unit norm;
-  5. a member whose loss or gradient is not finite skips the step (params and moments
+  4. decoder rows are rescaled to unit norm, and an architecture's untrained state (BatchTopK's
+     running threshold) takes its new value from the step's aux outputs;
+  5. members due to resample (relu, tied with resample_every; resample.py) re-initialise their dead
+     features from this batch;
+  6. a member whose loss or gradient is not finite skips the step (params and moments
      unchanged); after `freeze_after` such steps in a row it keeps its last finite params
      from then on and is flagged in `alive` (the other members never see it).
 
+Params come from the architecture (architectures.param_shapes): every member of an ensemble has
+the same architecture module, so one vmapped loss and one set of stacked tensors serves them all.
 Dict sizes mix by padding to the largest with `hparams["feature_mask"]`: padded
 features start at zero, never activate and so get exactly zero gradient, and
 Adam turns a zero gradient into a zero update, so they stay zero.
@@ -33,7 +40,7 @@ import torch
 import torch.nn.functional as F
 import torchopt
 
-from sae_ensemble import kernels, sae, steering
+from sae_ensemble import architectures, kernels, resample, sae, steering
 from sae_ensemble.kernels.adam import broadcast
 from sae_ensemble.member import Member
 
@@ -46,6 +53,7 @@ def _per_member(values: Sequence[float], device: torch.device) -> torch.Tensor:
 
 
 
+SPARSITY_COEFFICIENTS = ("l1", "l0_coefficient")  # the hparam l1_warmup_steps warms up, whichever the architecture has
 SPARSE_DENSITY = 0.05  # L0 / dict size at or below which the sparse kernel is a candidate for non-topk members
 RETUNE_EVERY = 1000  # steps between autotunes of an `auto` ensemble
 COMPILED_SHAPES = 64  # compiled versions of one kernel a process keeps (one per ensemble shape and row chunk)
@@ -105,7 +113,15 @@ class Ensemble:
         self.freeze_after = int(freeze_after)
         self.d_in = members[0].d_in
         self.n_padded = max(m.dict_size for m in members)
-        self.layout = sae.Layout.of([m.variant for m in members], [m.k for m in members])
+        self.architecture = architectures.module_for(members)  # raises if members' parameter sets differ
+        self.layout = self.architecture.layout(members)
+        kernels_apply = self.architecture is sae and not getattr(self.layout, "k_aux", 0)
+        if execution in ("fused", "sparse") and not kernels_apply:
+            raise ValueError(f"execution={execution!r} implements variants {', '.join(architectures.KERNEL_VARIANTS)} without AuxK only; "
+                             f"these members ({sorted({m.variant for m in members})}, AuxK on: {any(m.auxk_dead_tokens for m in members)}) "
+                             "need execution='reference' or 'auto'")
+        if execution == "auto" and not kernels_apply:
+            execution = "reference"  # the only execution for other architectures: nothing to tune
         if execution == "sparse" and autocast_bf16:
             raise ValueError("execution='sparse' runs in float32; bf16 autocast uses execution='fused', 'reference' or 'auto'")
         self.execution = execution
@@ -116,17 +132,20 @@ class Ensemble:
 
         self.params = self._allocate(init)
         n = self.n_padded
-        self.hparams = _stack(
-            [sae.make_hparams(m.variant, m.dict_size, m.l1, m.bias_decay, m.k, m.use_b_dec, n) for m in members],
-            self.device,
-        )
+        self.hparams = _stack([architectures.make_hparams(m, n, self.layout) for m in members], self.device)
+        self.sparsity_key = next((key for key in SPARSITY_COEFFICIENTS if key in self.hparams), None)
         self.lr = _per_member([m.lr for m in members], self.device)
         self.lr_warmup = _per_member([m.lr_warmup_steps for m in members], self.device)
         self.lr_decay = _per_member([m.lr_decay_steps for m in members], self.device)
         self.l1_warmup = _per_member([m.l1_warmup_steps for m in members], self.device)
+        self.auxk_dead_tokens = _per_member([m.auxk_dead_tokens for m in members], self.device)
+        # [M, n] rows since each feature last fired (AuxK's dead mask); saved with the moments to resume exactly
+        self.tokens_since_fired = torch.zeros(len(members), self.n_padded, device=self.device)
+        self.resampling = any(m.resample_every for m in members)
+        self.last_resampled: dict[int, int] = {}  # {member index: features} of the latest resample
         self.target_l0 = _per_member([m.target_l0 if m.variant in steering.STEERABLE else 0.0 for m in members], self.device)
         self.steered = self.target_l0 > 0  # [M] members whose coefficient the controller sets
-        self.controller = steering.init_state(self.hparams["l1"])  # [M] tensors, updated in place by the step
+        self.controller = steering.init_state(self._base_coefficient())  # [M] tensors, updated in place by the step
 
         self.optimizer = torchopt.transform.scale_by_adam(b1=ADAM_BETAS[0], b2=ADAM_BETAS[1], eps=ADAM_EPS)
         self.opt_state = self.optimizer.init(self.params)
@@ -146,20 +165,20 @@ class Ensemble:
             self._dense_grads = torch.compile(kernels.dense.grads, dynamic=False)
             self._adam_step = torch.compile(kernels.adam.step_, dynamic=False)
 
-        grad_fn = torch.func.grad(sae.loss, has_aux=True)
+        arch = self.architecture
+        grad_fn = torch.func.grad(arch.loss, has_aux=True)
         self._grad = torch.func.vmap(lambda p, h, x: grad_fn(p, h, x, self.layout), in_dims=(0, 0, None))
-        self._forward = torch.func.vmap(lambda p, h, x: _encode_decode(p, h, x, self.layout), in_dims=(0, 0, None))
+        self._forward = torch.func.vmap(lambda p, h, x: _encode_decode(arch, p, h, x, self.layout), in_dims=(0, 0, None))
 
     def _allocate(self, init: bool) -> dict[str, torch.Tensor]:
         """Stacked params allocated on the device, each member's init generated and copied in
         alone, so host memory holds one member's init at a time, never the whole stack."""
-        M, n, d = len(self.members), self.n_padded, self.d_in
-        shapes = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
-        params = {name: torch.zeros(M, *shape, device=self.device) for name, shape in shapes.items()}
+        shapes = architectures.param_shapes(self.architecture, self.d_in, self.n_padded)
+        params = {name: torch.zeros(len(self.members), *shape, device=self.device) for name, shape in shapes.items()}
         if init:
             for index, member in enumerate(self.members):
-                for name, value in sae.init_params(member.variant, d, member.dict_size, member.seed).items():
-                    params[name][index, : value.shape[0]] = value.to(self.device)
+                for name, value in architectures.init_params(member).items():
+                    _fill(params[name][index], value)
         return params
 
     def __len__(self) -> int:
@@ -168,15 +187,30 @@ class Ensemble:
     # -- schedules -------------------------------------------------------------
 
     def schedules(self, step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lr [M], l1 [M]) at `step` (0-based; an int or a 0-d tensor on the device): linear warmups
-        and an optional linear lr decay to 0. A steered member's l1 is its controller's coefficient."""
+        """(lr [M], sparsity coefficient [M]) at `step` (0-based; an int or a 0-d tensor on the device): linear
+        warmups and an optional linear lr decay to 0. The coefficient is the architecture's l1 or l0_coefficient
+        (zeros for architectures with neither, which take no sparsity penalty). A steered member's
+        coefficient is its controller's."""
         s = torch.as_tensor(step, dtype=torch.float32, device=self.device)
         lr_factor = torch.clamp((s + 1) / self.lr_warmup.clamp(min=1), max=1.0)
         steps_left = self.total_steps - s
         decay_factor = torch.where(self.lr_decay > 0, torch.clamp(steps_left / self.lr_decay.clamp(min=1), max=1.0), 1.0)
         l1_factor = torch.clamp((s + 1) / self.l1_warmup.clamp(min=1), max=1.0)
-        l1 = torch.where(self.steered, steering.coefficients(self.controller, self.target_l0), self.hparams["l1"])
-        return self.lr * lr_factor * decay_factor, l1 * l1_factor
+        coefficient = torch.where(self.steered, steering.coefficients(self.controller, self.target_l0), self._base_coefficient())
+        return self.lr * lr_factor * decay_factor, coefficient * l1_factor
+
+    def _base_coefficient(self) -> torch.Tensor:
+        """[M] the architecture's sparsity coefficient as configured (zeros where it has none)."""
+        return self.hparams[self.sparsity_key] if self.sparsity_key else torch.zeros_like(self.lr)
+
+    def with_sparsity(self, coefficient: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The hparams of this step: its sparsity coefficient [M] (see `schedules`) and, for AuxK, the dead
+        features [M, n] (no firing in the member's last auxk_dead_tokens rows)."""
+        hparams = {**self.hparams, self.sparsity_key: coefficient} if self.sparsity_key else dict(self.hparams)
+        if "dead" in hparams:
+            limit = self.auxk_dead_tokens.unsqueeze(1)
+            hparams["dead"] = ((self.tokens_since_fired >= limit) & (limit > 0)).float() * self.hparams["feature_mask"]
+        return hparams
 
     # -- training --------------------------------------------------------------
 
@@ -202,6 +236,9 @@ class Ensemble:
             grads, aux = self._reference(part, hparams)
             for tree, out in ((grads, total), (aux, total_aux)):
                 for name, value in tree.items():
+                    if name == "min_kept":  # a minimum over the rows is the minimum of the parts'
+                        out[name] = torch.minimum(out[name], value) if name in out else value
+                        continue
                     value = value if name == "fired" else value * weight  # firing counts add up
                     out[name] = out[name] + value if name in out else value
         return total, total_aux
@@ -221,7 +258,7 @@ class Ensemble:
         ensembles, and for others once the measured L0 is at most SPARSE_DENSITY of the
         features (the density decides whether the sparse products can win at all).
         """
-        hparams = {**self.hparams, "l1": self.schedules(self.step_count)[1]}
+        hparams = self.with_sparsity(self.schedules(self.step_count)[1])
         micro_rows = -(-batch.shape[0] // self.micro_batches)
         chunks = [micro_rows]
         if self.device.type == "cpu":
@@ -267,13 +304,15 @@ class Ensemble:
             stats = self._step(batch)
         self.step_count += 1
         self.rows_seen += batch.shape[0]
+        if self.resampling and (due := resample.due(self)):
+            self.last_resampled = resample.resample_dead_(self, batch, due)
         return stats
 
     def _step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """The step on the device. No host reads on CUDA and every state update in place, so it can be
         captured as a CUDA graph: the step number is the device tensor `_device_step`."""
-        lr, l1 = self.schedules(self._device_step)
-        grads, aux = self.grads(batch, {**self.hparams, "l1": l1})
+        lr, coefficient = self.schedules(self._device_step)
+        grads, aux = self.grads(batch, self.with_sparsity(coefficient))
         ok = self.alive & torch.isfinite(aux["loss"])
         if self.execution in ("fused", "sparse"):
             taken = self._adam_step(self.params, grads, self.opt_state.mu, self.opt_state.nu, self._device_step + 1, lr, ok,
@@ -282,13 +321,21 @@ class Ensemble:
                 count.add_(1)
         else:
             taken = self._reference_update(grads, lr, ok)
+        with torch.no_grad():  # a member that skipped the step keeps its counts, as its params
+            fired = torch.nan_to_num(aux["fired"]) > 0
+            since = torch.where(fired, 0.0, self.tokens_since_fired + batch.shape[0])
+            self.tokens_since_fired.copy_(torch.where(taken.unsqueeze(1), since, self.tokens_since_fired))
+        if hasattr(self.architecture, "update_state"):
+            with torch.no_grad():
+                for name, value in self.architecture.update_state(self.params, self.hparams, aux).items():
+                    self.params[name].copy_(torch.where(broadcast(taken, value), value, self.params[name]))
         # A live member that could not step skips it; freeze_after such steps in a row freeze it for good.
         self.nonfinite_streak.copy_(torch.where(self.alive & ~taken, self.nonfinite_streak + 1, 0))
         self.alive &= self.nonfinite_streak < self.freeze_after
         # The controller learns only from steps taken at the full coefficient (after any l1 warmup).
         steering.update_(self.controller, aux["l0"], self.target_l0, self.steered & taken & (self._device_step + 1 >= self.l1_warmup))
         self._device_step.add_(1)
-        return {**aux, "lr": lr, "l1": l1, "alive": self.alive}
+        return {**aux, "lr": lr, "l1": coefficient, "alive": self.alive}
 
     def _graphed_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """`_step` as a replayed CUDA graph: one eager step on a side stream first (cuBLAS sets up
@@ -326,7 +373,7 @@ class Ensemble:
         """
         taken = ok.clone()
         for g in grads.values():
-            taken &= torch.isfinite(g.flatten(1).sum(1))
+            taken &= torch.isfinite(g.reshape(g.shape[0], -1).sum(1))
         # On CPU, checking first skips a pass per tensor in the usual all-taken case; on CUDA
         # that check would stall the queue every step, so select always.
         select = self.device.type == "cuda" or not bool(taken.all())
@@ -354,7 +401,7 @@ class Ensemble:
     @torch.no_grad()
     def decoders(self) -> torch.Tensor:
         """Every member's unit-norm dictionary [M, n_padded, d] (padded rows are zero)."""
-        return torch.func.vmap(lambda p, h: sae.decoder(p, h, self.layout))(self.params, self.hparams)
+        return torch.func.vmap(lambda p, h: self.architecture.decoder(p, h, self.layout))(self.params, self.hparams)
 
     # -- plain-data views ------------------------------------------------------
 
@@ -365,18 +412,16 @@ class Ensemble:
         normalised encoder), so every saved SAE decodes the same way.
         """
         member = self.members[index]
-        n = member.dict_size
         params = {name: p[index].detach().cpu().clone() for name, p in self.params.items()}
         hp = {name: h[index].cpu() for name, h in self.hparams.items()}
         if member.variant == "tied":  # stored W_dec rows are already unit norm; renormalising would perturb a resume
-            params["W_dec"] = sae.decoder(params, hp, sae.Layout.of([member.variant], [member.k]))
-        for name in ("W_enc", "b_enc", "W_dec"):
-            params[name] = params[name][:n].contiguous()
+            params["W_dec"] = sae.decoder(params, hp, sae.layout([member]))
+        params = architectures.unpad(self.architecture, params, member.dict_size)
         moments = {}
         for prefix, tree in (("mu", self.opt_state.mu), ("nu", self.opt_state.nu)):
-            for name, value in tree.items():
-                value = value[index].detach().cpu()
-                moments[f"{prefix}.{name}"] = (value[:n] if name != "b_dec" else value).contiguous().clone()
+            cut = architectures.unpad(self.architecture, {name: value[index].detach().cpu() for name, value in tree.items()}, member.dict_size)
+            moments.update({f"{prefix}.{name}": value.clone() for name, value in cut.items()})
+        moments["state.tokens_since_fired"] = self.tokens_since_fired[index, : member.dict_size].cpu().clone()
         return params, moments
 
     def load_member_state(self, index: int, params: dict[str, torch.Tensor], moments: dict[str, torch.Tensor] | None) -> None:
@@ -385,11 +430,14 @@ class Ensemble:
         if moments is not None:
             for key, value in moments.items():
                 prefix, name = key.split(".", 1)
-                slots.append((getattr(self.opt_state, prefix)[name], value))
+                if key == "state.tokens_since_fired":
+                    slots.append((self.tokens_since_fired, value))
+                else:
+                    slots.append((getattr(self.opt_state, prefix)[name], value))
         for stacked, value in slots:
             slot = stacked[index]
             slot.zero_()
-            slot[: value.shape[0]] = value.to(self.device)
+            _fill(slot, value)
 
     def controller_state(self, index: int) -> dict[str, float]:
         """One member's controller state as plain floats (float32 values: exact through JSON)."""
@@ -425,9 +473,14 @@ def _describe(kind: str, chunk: int | None) -> str:
     return kind if chunk is None else f"{kind}(rows={chunk})"
 
 
-def _encode_decode(params, hp, x, layout):
-    codes = sae.encode(params, hp, x, layout)
-    return codes, sae.decode(params, hp, codes, layout)
+def _encode_decode(architecture, params, hp, x, layout):
+    codes = architecture.encode(params, hp, x, layout)
+    return codes, architecture.decode(params, hp, codes, layout)
+
+
+def _fill(slot: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy one member's `value` into the start of its padded `slot` (any rank, 0-d included)."""
+    slot[tuple(slice(0, size) for size in value.shape)] = value.to(slot.device)
 
 
 def _stack(trees: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:

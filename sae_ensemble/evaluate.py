@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sae_ensemble import sae
+from sae_ensemble import architectures
 from sae_ensemble.checkpoint import CFG_FILE, load_member, read_json
 
 Reconstruction = Callable[[torch.Tensor], torch.Tensor]  # x [..., d] -> x_hat [..., d]
@@ -52,11 +52,9 @@ def reconstruction_from_checkpoint(
     """
     member, params, _, _ = load_member(directory)
     params = {name: value.to(device) for name, value in params.items()}
-    hp = {
-        name: value.to(device)
-        for name, value in sae.make_hparams(member.variant, member.dict_size, member.l1, member.bias_decay, member.k, member.use_b_dec).items()
-    }
-    layout = sae.Layout.of([member.variant], [member.k])  # static code-path choices for this one member
+    architecture = architectures.module_of(member.variant)
+    hp = {name: value.to(device) for name, value in architectures.make_hparams(member).items()}
+    layout = architecture.layout([member])  # static code-path choices for this one member
     shift, scale = (torch.zeros(member.d_in), 1.0) if normalization is None else normalization
     shift = torch.as_tensor(shift, dtype=torch.float32, device=device)
     if shift.shape != (member.d_in,):
@@ -67,7 +65,7 @@ def reconstruction_from_checkpoint(
         if x.shape[-1] != member.d_in:
             raise ValueError(f"activations have width {x.shape[-1]}; member {member.member_id} expects d_in={member.d_in}")
         rows = (x.reshape(-1, member.d_in).float() - shift) / scale  # [rows, d] in the SAE's space
-        x_hat = sae.decode(params, hp, sae.encode(params, hp, rows, layout), layout)
+        x_hat = architecture.decode(params, hp, architecture.encode(params, hp, rows, layout), layout)
         return (x_hat * scale + shift).reshape(x.shape).to(x.dtype)
 
     return reconstruct

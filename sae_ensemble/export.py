@@ -17,9 +17,16 @@ so the decoder keeps unit-norm rows (every library assumes them) and the exporte
 picks the same features because scale > 0. Exported configs declare no normalisation.
 The shift and scale come from the store (`--store`), needed only for normalised members.
 
+The other architectures' params fold the same way: every encoder-side bias (b_gate, b_mag) is
+multiplied by `scale`, and so is every threshold (codes scale with it).
+
 Variants: relu and tied export everywhere (a tied member's saved W_dec is its normalised
 encoder, so it exports as an untied SAE with equal weights); topk exports everywhere;
-sparsify holds TopK SAEs only, so relu and tied members are refused there (exit 2).
+sparsify holds TopK SAEs only, so the others are refused there (exit 2). SAELens takes every
+variant: jumprelu as jumprelu (threshold = exp(log_threshold)), batchtopk and matryoshka as
+jumprelu with their running threshold for every feature (as SAELens saves its own BatchTopK
+SAEs; ReLU then the threshold is the jump ReLU for a threshold >= 0), gated as gated.
+dictionary_learning's exports of those are not written yet: refused with one line.
 """
 
 from __future__ import annotations
@@ -38,7 +45,10 @@ from sae_ensemble.checkpoint import CheckpointError, load_member, read_json
 from sae_ensemble.member import Member
 
 FORMATS = ("saelens", "dictionary_learning", "sparsify")
-EXPRESSIBLE = {"saelens": ("relu", "tied", "topk"), "dictionary_learning": ("relu", "tied", "topk"), "sparsify": ("topk",)}
+EXPRESSIBLE = {"saelens": ("relu", "tied", "topk", "batchtopk", "matryoshka", "jumprelu", "gated"),
+               "dictionary_learning": ("relu", "tied", "topk"), "sparsify": ("topk",)}
+SAELENS_ARCHITECTURE = {"relu": "standard", "tied": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu",
+                        "jumprelu": "jumprelu", "gated": "gated"}
 SAELENS_VERSION = "6.54.12"  # the sae-lens release tests/test_interop.py loads these files with
 
 
@@ -47,14 +57,20 @@ class ExportError(ValueError):
 
 
 def folded_params(member: Member, params: dict[str, torch.Tensor], shift: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
-    """Our params rewritten for raw activations (module docstring); W_* [n, d] rows, b_enc [n], b_dec [d]."""
-    b_dec = params["b_dec"].float() * float(member.use_b_dec)  # sae.py ignores b_dec when use_b_dec is off
-    return {
-        "W_enc": params["W_enc"].float(),
-        "b_enc": params["b_enc"].float() * scale,
-        "W_dec": params["W_dec"].float(),
-        "b_dec": shift.float() + scale * b_dec,
-    }
+    """Our params rewritten for raw activations (module docstring); W_* [n, d] rows, b_enc [n], b_dec [d];
+    gated: b_gate, r_mag, b_mag [n] instead of b_enc; jumprelu, batchtopk, matryoshka: threshold [n] added."""
+    b_dec = params["b_dec"].float() * float(member.use_b_dec)  # the architectures ignore b_dec when use_b_dec is off
+    folded = {"W_enc": params["W_enc"].float(), "W_dec": params["W_dec"].float(), "b_dec": shift.float() + scale * b_dec}
+    for name in ("b_enc", "b_gate", "b_mag"):
+        if name in params:
+            folded[name] = params[name].float() * scale
+    if "r_mag" in params:
+        folded["r_mag"] = params["r_mag"].float()  # a ratio of weights: no unit to fold
+    if "log_threshold" in params:
+        folded["threshold"] = params["log_threshold"].float().exp() * scale
+    if "threshold" in params:  # BatchTopK's one running threshold, for every feature
+        folded["threshold"] = params["threshold"].float() * scale * torch.ones(member.dict_size)
+    return folded
 
 
 def run_context(run_dir: Path) -> dict[str, Any]:
@@ -114,15 +130,11 @@ def normalization_of(cfg: dict[str, Any], store_dir: str | Path | None) -> tuple
 
 def write_saelens(out: Path, member: Member, params: dict[str, torch.Tensor], context: dict[str, Any]) -> None:
     """SAELens >= 6: cfg.json + sae_weights.safetensors, read by `SAE.load_from_disk`."""
-    weights = {
-        "W_enc": params["W_enc"].T.contiguous(),  # [d_in, d_sae]: SAELens multiplies x @ W_enc
-        "b_enc": params["b_enc"].contiguous(),
-        "W_dec": params["W_dec"].contiguous(),  # [d_sae, d_in]
-        "b_dec": params["b_dec"].contiguous(),
-    }
+    # W_enc [d_in, d_sae]: SAELens multiplies x @ W_enc; W_dec [d_sae, d_in]; every other tensor by its own name
+    weights = {name: (value.T if name == "W_enc" else value).contiguous() for name, value in params.items()}
     atomic_write(out / "sae_weights.safetensors", lambda tmp: save_file(weights, tmp))
     cfg = {
-        "architecture": "topk" if member.variant == "topk" else "standard",
+        "architecture": SAELENS_ARCHITECTURE[member.variant],
         "d_in": member.d_in,
         "d_sae": member.dict_size,
         "dtype": "float32",

@@ -129,7 +129,7 @@ def run(plan: dict, store, run_dir: Path, training: Training, devices: list[str]
             if code != dispatch.EXIT_OK:
                 return code
             _transition(segment, number, step, metric, store, run_dir, training, devices, budget)
-        segment = assign(read_json(committed / "plan.json"), devices, budget)
+        segment = assign(read_json(committed / "plan.json"), devices, budget, training.execution)
     return _train_segment(segment, store, run_dir, training, on_metrics, progress)
 
 
@@ -168,7 +168,7 @@ def _transition(segment: dict, number: int, step: int, metric: str, store, run_d
         _stop_member(member_id, sources[member_id], records[member_id], firing, step, store, run_dir, training)
 
     members = [Member.from_dict(segment["members"][m]) for m in sorted(keep)]
-    new = make_plan(members, devices, training.batch_size, budget)
+    new = make_plan(members, devices, training.batch_size, budget, training.execution)
     new.update({"checkpoint_dir": f"{HALVING_DIR}/rung_{number}/checkpoints", "rung": number, "start_step": step})
     for e in new["ensembles"]:
         _seed_ensemble(tmp / "checkpoints" / f"ensemble_{e['index']}" / f"step_{step:09d}", plan_members(new, e["index"]),

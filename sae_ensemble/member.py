@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from sae_ensemble.sae import VARIANTS
+from sae_ensemble.architectures import VARIANTS
+
+K_VARIANTS = ("topk", "batchtopk", "matryoshka")  # sparsity set by k (no L1 term)
+L1_VARIANTS = ("relu", "tied", "gated")  # sparsity set by l1
 
 
 @dataclass(frozen=True)
@@ -13,13 +16,13 @@ class Member:
     """One SAE to train. Every field is a hyperparameter; `member_id` is derived from them."""
 
     variant: str
-    """SAE variant: relu (untied), tied, or topk."""
+    """SAE variant: relu (untied), tied, topk, batchtopk, matryoshka, jumprelu or gated (architectures/)."""
     d_in: int
     """Width of the activations it reconstructs."""
     dict_size: int
     """Number of dictionary features."""
     l1: float = 1e-3
-    """L1 coefficient on feature activations (ignored by topk)."""
+    """L1 coefficient on feature activations (relu, tied; gated: on its gate path; ignored by the others)."""
     bias_decay: float = 0.0
     """Coefficient of the L2 norm of the encoder bias in the loss."""
     lr: float = 1e-3
@@ -27,7 +30,7 @@ class Member:
     seed: int = 0
     """Seed of the weight initialisation."""
     k: int = 0
-    """Active features per row (topk only)."""
+    """Active features per row (topk; batchtopk and matryoshka: on average over the batch)."""
     use_b_dec: bool = True
     """Learn a decoder bias (pre-encoder centring); False holds it at zero."""
     lr_warmup_steps: int = 0
@@ -39,16 +42,57 @@ class Member:
     target_l0: float = 0.0
     """Target L0 (active features per row); 0 = none. relu and tied members steer their sparsity
     coefficient toward it every step, starting from `l1` (steering.py); topk members have k = round(target_l0)."""
+    l0_coefficient: float = 0.0
+    """jumprelu: coefficient of the L0 penalty (our MSE is a mean over d_in: SAELens' value / d_in)."""
+    threshold: float = 0.01
+    """jumprelu: initial threshold of every feature (its log is trained)."""
+    bandwidth: float = 0.05
+    """jumprelu: width of the rectangle kernel of the straight-through estimators."""
+    topk_threshold_lr: float = 0.01
+    """batchtopk, matryoshka: rate of the running estimate of the inference threshold (SAELens' name)."""
+    matryoshka_widths: tuple[int, ...] = ()
+    """matryoshka: the nested prefix sizes below dict_size, increasing (dict_size is always the last level)."""
+    auxk_dead_tokens: int = 0
+    """topk, batchtopk, matryoshka: AuxK (Gao et al. 2024) on features that fired in none of this many most
+    recent training rows; 0 = no AuxK (the hand-written kernels implement none)."""
+    auxk_coefficient: float = 1 / 32
+    """Coefficient of the AuxK loss (Gao et al.'s 1/32), when auxk_dead_tokens > 0."""
+    k_aux: int = 0
+    """Dead features AuxK reconstructs the residual with; 0 = d_in // 2 (SAELens), at most dict_size."""
+    resample_every: int = 0
+    """relu, tied: every this many steps, re-initialise the dead features from high-loss inputs (Anthropic
+    2023; dictionary_learning's resample_steps); 0 = never. Dead = fired in none of the rows since the last."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "matryoshka_widths", tuple(int(w) for w in self.matryoshka_widths))  # cfg.json gives a list
         if self.variant not in VARIANTS:
             raise ValueError(f"variant={self.variant!r} is unknown; allowed: {', '.join(VARIANTS)}")
         if self.d_in < 1 or self.dict_size < 1:
             raise ValueError(f"d_in={self.d_in} and dict_size={self.dict_size} must both be at least 1")
-        if self.variant == "topk" and not 1 <= self.k <= self.dict_size:
-            raise ValueError(f"k={self.k} must be between 1 and dict_size={self.dict_size} for a topk member")
-        if self.variant != "topk" and self.l1 < 0:
+        if self.variant in K_VARIANTS and not 1 <= self.k <= self.dict_size:
+            raise ValueError(f"k={self.k} must be between 1 and dict_size={self.dict_size} for a {self.variant} member")
+        if self.variant in L1_VARIANTS and self.l1 < 0:
             raise ValueError(f"l1={self.l1} must be non-negative")
+        if self.variant == "jumprelu" and not (self.l0_coefficient >= 0 and self.threshold > 0 and self.bandwidth > 0):
+            raise ValueError(f"a jumprelu member needs l0_coefficient >= 0, threshold > 0 and bandwidth > 0; "
+                             f"got {self.l0_coefficient}, {self.threshold}, {self.bandwidth}")
+        if not 0 < self.topk_threshold_lr <= 1:
+            raise ValueError(f"topk_threshold_lr={self.topk_threshold_lr} must be in (0, 1]")
+        widths = self.matryoshka_widths
+        if self.variant == "matryoshka" and not (widths and all(a < b for a, b in zip((0, *widths), (*widths, self.dict_size)))):
+            raise ValueError(f"matryoshka_widths={list(widths)} must be non-empty and increase strictly from above 0 to below "
+                             f"dict_size={self.dict_size}")
+        if self.auxk_dead_tokens and self.variant not in K_VARIANTS:
+            raise ValueError(f"auxk_dead_tokens={self.auxk_dead_tokens} is for {', '.join(K_VARIANTS)} members only (variant={self.variant})")
+        if self.auxk_dead_tokens < 0 or self.auxk_coefficient < 0 or self.k_aux < 0:
+            raise ValueError(f"auxk_dead_tokens={self.auxk_dead_tokens}, auxk_coefficient={self.auxk_coefficient} and k_aux={self.k_aux} "
+                             "must be non-negative")
+        if self.resample_every and self.variant not in ("relu", "tied"):
+            raise ValueError(f"resample_every={self.resample_every} is for relu and tied members only (variant={self.variant})")
+        if self.resample_every < 0:
+            raise ValueError(f"resample_every={self.resample_every} must be non-negative (0 = never)")
+        if self.variant != "matryoshka" and widths:
+            raise ValueError(f"matryoshka_widths={list(widths)} is for matryoshka members only (variant={self.variant})")
         if self.bias_decay < 0:
             raise ValueError(f"bias_decay={self.bias_decay} must be non-negative")
         if self.lr <= 0:
@@ -65,19 +109,33 @@ class Member:
 
     @property
     def member_id(self) -> str:
-        """Stable, human-readable id, e.g. `relu-d512-l1_0.001-bd0.05-lr0.001-s0`, or `relu-d512-L0_8-bd0-lr0.003-s0`
-        for a member steered to L0 8 (its starting l1 is in cfg.json)."""
+        """Stable, human-readable id, e.g. `relu-d512-l1_0.001-bd0.05-lr0.001-s0`, `jumprelu-d512-l0c0.001-th0.01-bw0.05-...`,
+        or `relu-d512-L0_8-bd0-lr0.003-s0` for a member steered to L0 8 (its starting l1 is in cfg.json)."""
         if self.target_l0 > 0:
-            sparsity = f"L0_{self.target_l0:g}"
+            sparsity = [f"L0_{self.target_l0:g}"]
+        elif self.variant in K_VARIANTS:
+            sparsity = [f"k{self.k}"]
+            if self.variant == "matryoshka":
+                sparsity.append("w" + "_".join(map(str, self.matryoshka_widths)))
+            if self.variant != "topk" and self.topk_threshold_lr != 0.01:
+                sparsity.append(f"tlr{self.topk_threshold_lr:g}")
+        elif self.variant == "jumprelu":
+            sparsity = [f"l0c{self.l0_coefficient:g}", f"th{self.threshold:g}", f"bw{self.bandwidth:g}"]
         else:
-            sparsity = f"k{self.k}" if self.variant == "topk" else f"l1_{self.l1:g}"
-        parts = [self.variant, f"d{self.dict_size}", sparsity, f"bd{self.bias_decay:g}", f"lr{self.lr:g}", f"s{self.seed}"]
+            sparsity = [f"l1_{self.l1:g}"]
+        if self.auxk_dead_tokens:  # the remedies, only when on: ids of members without them do not change
+            sparsity.append(f"auxk{self.auxk_dead_tokens}" + (f"c{self.auxk_coefficient:g}" if self.auxk_coefficient != 1 / 32 else "")
+                            + (f"k{self.k_aux}" if self.k_aux else ""))
+        if self.resample_every:
+            sparsity.append(f"rs{self.resample_every}")
+        parts = [self.variant, f"d{self.dict_size}", *sparsity, f"bd{self.bias_decay:g}", f"lr{self.lr:g}", f"s{self.seed}"]
         if not self.use_b_dec:
             parts.append("nobdec")
         return "-".join(parts)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON values (matryoshka_widths as a list, as cfg.json and wandb hold it)."""
+        return {**dataclasses.asdict(self), "matryoshka_widths": list(self.matryoshka_widths)}
 
     @classmethod
     def from_dict(cls, values: dict) -> "Member":

@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 
 from sae_ensemble.checkpoint import CFG_FILE, CheckpointError, read_evaluation, read_json
-from sae_ensemble.member import Member
+from sae_ensemble.member import K_VARIANTS, L1_VARIANTS, Member
 
 SUMMARY_FILE = "summary.csv"
 PLOTS_DIR = "plots"
@@ -43,6 +43,9 @@ COLUMNS = (
     # SAELens / SAEBench names (docs/metrics.md): their `l1` is our l1_norm, their `mse` is d_in x ours
     "explained_variance", "cossim", "l2_ratio", "relative_reconstruction_bias", "ce_loss_score", "kl_div_score", "kl_zero_ablation",
     "d_in", "use_b_dec", "lr_warmup_steps", "lr_decay_steps", "l1_warmup_steps",
+    # the architectures' own hyperparameters (docs/architectures.md)
+    "l0_coefficient", "threshold", "bandwidth", "topk_threshold_lr", "matryoshka_widths", "auxk_dead_tokens", "auxk_coefficient",
+    "k_aux", "resample_every",
 )  # fmt: skip
 METRIC_RENAMES = {"l1": "l1_norm"}
 Row = dict[str, Any]
@@ -168,7 +171,7 @@ def plot_pareto(rows: Sequence[Row], path: Path) -> Path | None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     sizes = sorted({r["dict_size"] for r in rows})
-    l1_rows = [r for r in rows if r["variant"] != "topk" and r["l1"] > 0]
+    l1_rows = [r for r in rows if r["variant"] in L1_VARIANTS and r["l1"] > 0]
     logs = [math.log10(r["l1"]) for r in l1_rows]
     norm = plt.Normalize(min(logs, default=0), max(logs, default=0) + (1e-9 if len(set(logs)) < 2 else 0))
     for index, size in enumerate(sizes):
@@ -203,7 +206,7 @@ def plot_mmcs_heatmap(rows: Sequence[Row], path: Path) -> Path | None:
     variants = sorted({r["variant"] for r in rows})
     fig, axes = plt.subplots(1, len(variants), figsize=(1 + 4 * len(variants), 4), squeeze=False, layout="constrained")
     for ax, variant in zip(axes[0], variants):
-        sparsity = "k" if variant == "topk" else "l1"  # topk has no l1: its sparsity knob is k
+        sparsity = "k" if variant in K_VARIANTS else "l0_coefficient" if variant == "jumprelu" else "l1"  # each variant's sparsity knob
         group = [r for r in rows if r["variant"] == variant]
         ys, xs = sorted({r[sparsity] for r in group}), sorted({r["dict_size"] for r in group})
         cells: dict[tuple, list[float]] = defaultdict(list)
@@ -226,7 +229,7 @@ def plot_mmcs_heatmap(rows: Sequence[Row], path: Path) -> Path | None:
 
 def plot_dead_vs_l1(rows: Sequence[Row], path: Path) -> Path | None:
     """Dead fraction vs l1, one line per (variant, dict size); topk members have no l1 and are left out."""
-    rows = [r for r in rows if r["variant"] != "topk" and r["l1"] > 0 and _number(r, "dead_frac") is not None]
+    rows = [r for r in rows if r["variant"] in L1_VARIANTS and r["l1"] > 0 and _number(r, "dead_frac") is not None]
     if not rows:
         return None
     plt = _pyplot()

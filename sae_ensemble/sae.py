@@ -23,6 +23,12 @@ Variants (the seeds' formulation):
     tied  the same with W_dec = normalize_rows(W_enc)
     topk  ReLU, then keep the k largest pre-activations per row (exactly k: ties broken by index); no L1 term
 loss = mean((x_hat - x)^2) + l1 * mean_rows(sum |c|) + bias_decay * ||b_enc||_2
+     + auxk_coefficient * AuxK   (topk members with auxk_dead_tokens > 0; see `auxk_loss`)
+
+AuxK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", sec. A.2): the k_aux largest
+pre-activations of dead features (hparam `dead` [n], set each step by the ensemble from the rows
+since each feature last fired) reconstruct the main reconstruction's residual; the term is scaled
+by min(n_dead / k_aux, 1) as SAELens' TopKTrainingSAE.calculate_topk_aux_loss does.
 
 Decoder rows are unit norm by construction: `decoder()` divides each row by its
 norm in the forward pass (so the loss cannot shrink the dictionary to cheat the
@@ -38,6 +44,8 @@ import torch
 import torch.nn.functional as F
 
 VARIANTS = ("relu", "tied", "topk")
+PARAMS = {"W_enc": ("n", "d"), "b_enc": ("n",), "W_dec": ("n", "d"), "b_dec": ("d",)}  # axes: n features, d = d_in
+HYPERPARAMETERS = ("l1", "bias_decay", "k", "use_b_dec", "auxk_coefficient", "k_aux", "auxk_dead_tokens", "d_in")  # the member fields make_hparams reads
 
 Params = dict[str, torch.Tensor]
 Hparams = dict[str, torch.Tensor]
@@ -75,12 +83,20 @@ def make_hparams(
     k: int = 0,
     use_b_dec: bool = True,
     n_padded: int | None = None,
+    layout: "Layout | None" = None,
+    auxk_coefficient: float = 0.0,
+    k_aux: int = 0,
+    auxk_dead_tokens: int = 0,
+    d_in: int = 0,
 ) -> Hparams:
-    """Hyperparameter tensors of one member (see the module docstring)."""
+    """Hyperparameter tensors of one member (see the module docstring); `layout` is unused here (other
+    architectures size some hparams by their ensemble's layout)."""
     n_padded = dict_size if n_padded is None else n_padded
     mask = torch.zeros(n_padded)
     mask[:dict_size] = 1.0
+    auxk_on = variant == "topk" and auxk_dead_tokens > 0
     return {
+        **auxk_hparams(auxk_on, auxk_coefficient, auxk_size(k_aux, d_in, dict_size), n_padded),
         "l1": torch.tensor(0.0 if variant == "topk" else float(l1)),
         "bias_decay": torch.tensor(float(bias_decay)),
         "k": torch.tensor(float(k if variant == "topk" else 0)),
@@ -105,12 +121,51 @@ class Layout(NamedTuple):
     """Every member is tied: the decoder is always the normalised encoder."""
     all_topk: bool = False
     """Every member is topk: codes are sparse by construction (fast paths may exploit it)."""
+    k_aux: int = 0
+    """Largest k_aux of any member with AuxK on (0: none, skip AuxK; the kernels implement none)."""
 
     @classmethod
-    def of(cls, variants: list[str], ks: list[int]) -> "Layout":
+    def of(cls, variants: list[str], ks: list[int], k_aux: int = 0) -> "Layout":
         k_max = max((k for v, k in zip(variants, ks) if v == "topk"), default=0)
         tied = [v == "tied" for v in variants]
-        return cls(k_max=k_max, any_tied=any(tied), all_tied=all(tied), all_topk=all(v == "topk" for v in variants))
+        return cls(k_max=k_max, any_tied=any(tied), all_tied=all(tied), all_topk=all(v == "topk" for v in variants), k_aux=k_aux)
+
+
+def layout(members) -> Layout:
+    """The Layout of these members (anything with Member's fields)."""
+    k_aux = max((auxk_size(m.k_aux, m.d_in, m.dict_size) for m in members if m.variant == "topk" and m.auxk_dead_tokens > 0), default=0)
+    return Layout.of([m.variant for m in members], [m.k for m in members], k_aux)
+
+
+# -- AuxK, shared with architectures/batchtopk.py ------------------------------------------------------
+
+
+def auxk_size(k_aux: int, d_in: int, dict_size: int) -> int:
+    """A member's k_aux: its own, or d_in // 2 (SAELens' choice; Gao et al. used 512 for d_model 12k), at most dict_size."""
+    return max(1, min(k_aux or d_in // 2, dict_size))
+
+
+def auxk_hparams(on: bool, coefficient: float, k_aux: int, n_padded: int) -> Hparams:
+    """auxk_coefficient (0 when off), k_aux, and `dead` [n] (zeros here; the ensemble sets it each step)."""
+    return {"auxk_coefficient": torch.tensor(float(coefficient) if on else 0.0), "k_aux": torch.tensor(float(k_aux)),
+            "dead": torch.zeros(n_padded)}
+
+
+def auxk_loss(pre: torch.Tensor, residual: torch.Tensor, dictionary: torch.Tensor, hp: Hparams, k_aux_max: int) -> torch.Tensor:
+    """AuxK: mean((topk_aux(pre over dead features) @ D - sg(residual))^2) * min(n_dead / k_aux, 1).
+
+    pre [B, n] pre-activations, residual [B, d] = x - x_hat, dictionary [n, d]. The kept pre-activations
+    enter unrectified, as SAELens' calculate_topk_aux_acts: a dead feature's pre-activations are mostly
+    negative, and a ReLU would pass them no gradient. Runs at the static size k_aux_max; each member keeps
+    its first min(k_aux, n_dead) ranks (fewer dead features than k_aux leave -inf candidates, excluded).
+    """
+    dead = hp["dead"]
+    values, indices = torch.topk(torch.where(dead > 0, pre, -torch.inf), k_aux_max, dim=-1)  # [B, k_aux_max]
+    n_dead = dead.sum()
+    kept = torch.arange(k_aux_max, device=pre.device) < torch.minimum(hp["k_aux"], n_dead)
+    acts = torch.where(kept, values, 0.0)  # never -inf * 0
+    recon = torch.zeros_like(pre).scatter(-1, indices, acts) @ dictionary
+    return torch.clamp(n_dead / hp["k_aux"], max=1.0) * (recon - residual.detach()).pow(2).mean()
 
 
 def decoder(params: Params, hp: Hparams, layout: Layout = Layout()) -> torch.Tensor:
@@ -132,9 +187,18 @@ def encode(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout
     Top-k runs with the static size `layout.k_max`; each member then keeps only
     pre-activations at or above its own k-th largest value.
     """
+    return codes_of(pre_activations(params, hp, x), hp, layout)
+
+
+def pre_activations(params: Params, hp: Hparams, x: torch.Tensor) -> torch.Tensor:
+    """W_enc (x - b_dec) + b_enc [B, n]; padded features at -1e30."""
     b_dec = params["b_dec"] * hp["use_b_dec"]
     bias = params["b_enc"] - (1.0 - hp["feature_mask"]) * 1e30
-    pre = torch.addmm(bias, x - b_dec, params["W_enc"].T)  # [B, n]
+    return torch.addmm(bias, x - b_dec, params["W_enc"].T)  # [B, n]
+
+
+def codes_of(pre: torch.Tensor, hp: Hparams, layout: Layout) -> torch.Tensor:
+    """ReLU, then each topk member's k largest."""
     codes = F.relu(pre)
     if layout.k_max > 0:
         codes = codes * topk_keep(pre, hp, layout.k_max)
@@ -160,12 +224,15 @@ def decode(params: Params, hp: Hparams, codes: torch.Tensor, layout: Layout = La
 
 def loss(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Training loss of one member on x [B, d], with its parts as aux outputs."""
-    codes = encode(params, hp, x, layout)
+    pre = pre_activations(params, hp, x)
+    codes = codes_of(pre, hp, layout)
     x_hat = decode(params, hp, codes, layout)
     mse = (x_hat - x).pow(2).mean()
     l1_norm = codes.sum() / x.shape[0]  # codes >= 0 after ReLU, so |c| = c
     bias_norm = (params["b_enc"] * hp["feature_mask"]).norm()
     total = mse + hp["l1"] * l1_norm + hp["bias_decay"] * bias_norm
+    if layout.k_aux > 0:
+        total = total + hp["auxk_coefficient"] * auxk_loss(pre, x - x_hat, decoder(params, hp, layout), hp, layout.k_aux)
     fired = torch.sign(codes).sum(0, dtype=torch.float32)  # [n] rows in which each feature fired (codes >= 0; sign is 2x faster than > 0 here; float32: bf16 counts round above 256)
     aux = {"loss": total, "mse": mse, "l1_norm": l1_norm, "l0": fired.sum() / x.shape[0], "fired": fired}
     return total, aux

@@ -147,7 +147,7 @@ def test_loading_wrong_shapes_or_missing_tensors_is_a_clear_error(tmp_path):
 def test_invalid_members_are_rejected_with_the_field_named():
     with pytest.raises(ValueError, match="k=0 must be between 1 and dict_size=8"):
         Member("topk", 4, 8, k=0)
-    with pytest.raises(ValueError, match="variant='gated' is unknown"):
-        Member("gated", 4, 8)
+    with pytest.raises(ValueError, match="variant='crosscoder' is unknown"):
+        Member("crosscoder", 4, 8)
     with pytest.raises(ValueError, match="must share d_in"):
         Ensemble([Member("relu", 4, 8), Member("relu", 5, 8)], 1)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from sae_ensemble import sae
+from sae_ensemble import architectures
 from sae_ensemble.checkpoint import load_member, save_member
 from sae_ensemble.export import ExportError, export_run, main
 from sae_ensemble.member import Member
@@ -60,10 +60,10 @@ def reference_outputs(member_dir: Path, x: torch.Tensor, shift: torch.Tensor, sc
     Codes are scaled by `scale` (export.py folds the scale into them); reconstructions are in raw units.
     """
     member, params, _, _ = load_member(member_dir)
-    hp = sae.make_hparams(member.variant, member.dict_size, member.l1, member.bias_decay, member.k, member.use_b_dec)
-    layout = sae.Layout.of([member.variant], [member.k])
-    codes = sae.encode(params, hp, (x - shift) / scale, layout)
-    return {"x": x, "codes": scale * codes, "recon": scale * sae.decode(params, hp, codes, layout) + shift}
+    module = architectures.module_of(member.variant)
+    hp, layout = architectures.make_hparams(member), module.layout([member])
+    codes = module.encode(params, hp, (x - shift) / scale, layout)
+    return {"x": x, "codes": scale * codes, "recon": scale * module.decode(params, hp, codes, layout) + shift}
 
 
 def inputs(seed: int = 3, rows: int = 64) -> torch.Tensor:
@@ -179,3 +179,67 @@ def test_module_runs_as_a_script(tmp_path):
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.split()) == len(MEMBERS)
     assert all((Path(p) / "sae_weights.safetensors").is_file() for p in result.stdout.split())
+
+
+ARCHITECTURE_MEMBERS = [Member("jumprelu", D_IN, N, l0_coefficient=1e-3, seed=0), Member("batchtopk", D_IN, N, k=5, seed=1),
+                        Member("matryoshka", D_IN, N, k=5, seed=2, matryoshka_widths=(8,)), Member("gated", D_IN, N, l1=1e-3, seed=3)]
+
+
+def architecture_params(member: Member, seed: int) -> dict[str, torch.Tensor]:
+    """Params as a trained member of another architecture saves them: thresholds where codes are, nonzero biases."""
+    g = torch.Generator().manual_seed(seed)
+    params = {name: 0.3 * torch.randn(value.shape, generator=g) for name, value in architectures.init_params(member).items()}
+    params["W_enc"] = torch.randn(N, D_IN, generator=g) / D_IN**0.5
+    params["W_dec"] = F.normalize(torch.randn(N, D_IN, generator=g), dim=-1)
+    if "log_threshold" in params:
+        params["log_threshold"] = torch.log(0.1 + 0.2 * torch.rand(N, generator=g))
+    if "threshold" in params:
+        params["threshold"] = torch.tensor(0.15)
+    return params
+
+
+def saelens_architecture_forward(directory: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAELens' JumpReLUSAE.encode and GatedSAE.encode, written out."""
+    cfg, w = json.loads((directory / "cfg.json").read_text()), load_file(directory / "sae_weights.safetensors")
+    centred = x - w["b_dec"] * cfg["apply_b_dec_to_input"]
+    if cfg["architecture"] == "gated":
+        gate = (centred @ w["W_enc"] + w["b_gate"] > 0).float()
+        codes = gate * F.relu(centred @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"])
+    else:
+        assert cfg["architecture"] == "jumprelu" and w["threshold"].shape == (cfg["d_sae"],)
+        pre = centred @ w["W_enc"] + w["b_enc"]
+        codes = F.relu(pre) * (pre > F.relu(w["threshold"])).float()
+    return codes, codes @ w["W_dec"] + w["b_dec"]
+
+
+def build_architecture_run(run_dir: Path, store, normalize: str) -> Path:
+    """A run directory holding ARCHITECTURE_MEMBERS with random params, trained (on paper) with `normalize` on `store`."""
+    for i, member in enumerate(ARCHITECTURE_MEMBERS):
+        save_member(run_dir / "members" / member.member_id, member, architecture_params(member, i), None,
+                    {"steps": 1, "tokens": 1, "normalize": normalize, "metrics": {}, "store_fingerprint": store.fingerprint})
+    return run_dir
+
+
+@pytest.mark.parametrize("normalize", ["none", "center_scale"])
+def test_saelens_export_of_every_architecture_reproduces_our_inference(tmp_path, normalize):
+    store = make_store(tmp_path / "store")
+    run_dir = build_architecture_run(tmp_path / "run", store, normalize)
+    written = export_run(run_dir, "saelens", store_dir=store.path)
+    assert len(written) == len(ARCHITECTURE_MEMBERS)
+    shift, scale = store.normalization(normalize)
+    x = inputs()
+    for directory in written:
+        expected = reference_outputs(run_dir / "members" / directory.name, x, shift, scale)
+        codes, recon = saelens_architecture_forward(directory, x)
+        assert (codes > 0).any() and (codes == 0).any()
+        torch.testing.assert_close(codes, expected["codes"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(recon, expected["recon"], atol=1e-5, rtol=1e-5)
+
+
+def test_dictionary_learning_refuses_the_architectures_it_does_not_take_yet(tmp_path):
+    run_dir = tmp_path / "run"
+    member = ARCHITECTURE_MEMBERS[0]
+    save_member(run_dir / "members" / member.member_id, member, architecture_params(member, 0), None, {"steps": 1, "tokens": 1})
+    with pytest.raises(ExportError, match=r"dictionary_learning cannot express variant\(s\) \['jumprelu'\]"):
+        export_run(run_dir, "dictionary_learning")
+    assert not (run_dir / "export").exists()

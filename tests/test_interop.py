@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import save_file
 
 from sae_ensemble.export import export_run
-from tests.test_export import build_run, inputs, make_store, reference_outputs
+from tests.test_export import build_architecture_run, build_run, inputs, make_store, reference_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 INTEROP = REPO / ".interop"
@@ -37,6 +37,8 @@ def test_library_loads_our_export_and_matches_our_forward(tmp_path, lib, normali
     python = library_python(lib)
     store = make_store(tmp_path / "store")
     run_dir = build_run(tmp_path / "run", store, normalize)
+    if lib == "saelens":  # SAELens also takes jumprelu, batchtopk and matryoshka (as jumprelu) and gated members
+        build_architecture_run(run_dir, store, normalize)
     written = export_run(run_dir, lib, members="topk-*" if lib == "sparsify" else "*", store_dir=store.path)
     shift, scale = store.normalization(normalize)
     io_dir = tmp_path / "io"

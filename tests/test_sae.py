@@ -73,5 +73,5 @@ def test_padded_member_computes_the_same_loss_as_unpadded():
 
 
 def test_unknown_variant_is_rejected_with_the_allowed_list():
-    with pytest.raises(ValueError, match="unknown SAE variant 'gated'; allowed: relu, tied, topk"):
-        sae.init_params("gated", 4, 4, seed=0)
+    with pytest.raises(ValueError, match="unknown SAE variant 'crosscoder'; allowed: relu, tied, topk"):
+        sae.init_params("crosscoder", 4, 4, seed=0)

@@ -36,7 +36,7 @@ def sweep(tmp_path: Path, *overrides: str, multirun: bool = False) -> subprocess
         (["grid.l1=[-0.001]"], "grid.l1=[-0.001] must hold positive values"),
         (["grid.dict_sizes=[0]"], "grid.dict_sizes=[0] must all be at least 1"),
         (["grid.variants=[topk]", "grid.k=[999]", "grid.dict_sizes=[64]", "grid.dict_ratios=[]"], "k=999 must be between 1 and dict_size=64"),
-        (["grid.variants=[gated]"], "grid.variants=['gated'] has an unknown variant; allowed: relu, tied, topk"),
+        (["grid.variants=[crosscoder]"], "grid.variants=['crosscoder'] has an unknown variant; allowed: relu, tied, topk, batchtopk, matryoshka, jumprelu, gated"),
         (["devices=tpu"], "devices='tpu' is unknown; allowed: auto, cpu, cpu:N"),
         (["devices=cuda:3"], "devices='cuda:3' asks for GPU(s)"),
         (["grid.seeds=[]"], "the grid axis seeds is empty"),

@@ -70,7 +70,10 @@ def offline_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-MEMBERS = [Member("relu", 8, 16, l1=1e-3, seed=0), Member("relu", 8, 32, l1=3e-3, lr=2e-3, seed=1), Member("topk", 8, 16, k=4)]
+MEMBERS = [Member("relu", 8, 16, l1=1e-3, seed=0), Member("relu", 8, 32, l1=3e-3, lr=2e-3, seed=1), Member("topk", 8, 16, k=4),
+           # the architectures' own hyperparameters reach the run config too
+           Member("jumprelu", 8, 16, l0_coefficient=1e-3, threshold=0.05, bandwidth=0.1),
+           Member("matryoshka", 8, 16, k=2, matryoshka_widths=(4,), auxk_dead_tokens=100)]
 BASE = {"data": {"store": "/stores/x", "normalize": "none"}, "model": "tiny", "hook": "blocks.0.hook_resid_pre"}
 
 
