@@ -58,6 +58,7 @@ STEP_COST = {
 # largest cost of them. The sparse kernel is timed for relu and tied members only once at most
 # SPARSE_DENSITY (5%) of their latents fire, where its CSR codes are small: it adds nothing then.
 AUTO_CANDIDATES = {"relu": ("reference", "fused"), "tied": ("reference", "fused"), "topk": ("reference", "fused", "sparse")}
+"""What `auto` may run per variant; the architectures/ variants beyond sae.py's have only the reference."""
 # Micro-batches of the reference add more than their gradient accumulator (P): each part's gradients
 # land in new blocks of the untrimmed heap. Measured: 4 x 12288 features, d_in 768, 8 micro-batches of
 # 256 rows peaked 4.9 P above the model without this term. So on CPU they pay off only when A
@@ -130,7 +131,7 @@ def step_costs(execution: str, variant: str) -> tuple[float, float, float, float
     """(c_P, c_A, c_X, c_M) of one member's step by `execution`: auto takes the largest over what it may run."""
     if execution != "auto" and execution not in STEP_COST:
         raise ValueError(f"execution={execution!r} has no memory model; known: auto, {', '.join(STEP_COST)}")
-    paths = AUTO_CANDIDATES[variant] if execution == "auto" else (execution,)
+    paths = AUTO_CANDIDATES.get(variant, ("reference",)) if execution == "auto" else (execution,)
     return tuple(max(values) for values in zip(*((*STEP_COST[path][variant], MICRO_BATCH_COST[path]) for path in paths)))
 
 

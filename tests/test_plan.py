@@ -217,3 +217,16 @@ def test_final_metrics_run_in_pieces_no_larger_than_the_planned_micro_batch(tmp_
         assert max(rows) == 64 // micro and sum(rows) == 256
     for name, value in results[1].items():
         torch.testing.assert_close(results[4][name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_every_architecture_is_planned_for_the_executions_it_can_run():
+    """`auto` plans an architecture with the costs of what its autotuner may pick: the reference alone
+    beyond sae.py's variants (a missing entry once crashed `python sweep.py grid=architectures`)."""
+    from sae_ensemble.architectures import VARIANTS
+
+    members = Grid(variants=list(VARIANTS), dict_ratios=[4], matryoshka_fractions=[0.25]).members(16)
+    assert {m.variant for m in members} == set(VARIANTS)
+    for execution in ("auto", "reference"):
+        plan = make_plan(members, ["cpu:0"], 64, 2**34, execution)
+        planned = [member for e in plan["ensembles"] for member in e["members"]]
+        assert sorted(planned) == sorted(m.member_id for m in members)
