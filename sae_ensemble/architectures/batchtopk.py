@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from sae_ensemble import sae
 from sae_ensemble.sae import auxk_hparams, auxk_loss, auxk_size
 
 VARIANTS = ("batchtopk", "matryoshka")
@@ -47,11 +48,7 @@ def init_params(variant: str, d_in: int, dict_size: int, seed: int, n_padded: in
     """sae.py's init, and a threshold of 0 (no inference threshold until training has estimated one)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} is not a batchtopk variant")
-    n_padded = dict_size if n_padded is None else n_padded
-    generator = torch.Generator().manual_seed(seed)
-    W_dec = torch.zeros(n_padded, d_in)
-    W_dec[:dict_size] = F.normalize(torch.randn(dict_size, d_in, generator=generator), dim=-1)
-    return {"W_enc": W_dec.clone(), "b_enc": torch.zeros(n_padded), "W_dec": W_dec, "b_dec": torch.zeros(d_in), "threshold": torch.zeros(())}
+    return {**sae.init_params("relu", d_in, dict_size, seed, n_padded), "threshold": torch.zeros(())}
 
 
 def levels_of(variant: str, widths, dict_size: int) -> list[int]:

@@ -26,6 +26,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from sae_ensemble import sae
+
 VARIANTS = ("gated",)
 PARAMS = {"W_enc": ("n", "d"), "b_gate": ("n",), "r_mag": ("n",), "b_mag": ("n",), "W_dec": ("n", "d"), "b_dec": ("d",)}
 HYPERPARAMETERS = ("l1", "bias_decay", "use_b_dec")
@@ -39,12 +41,9 @@ def init_params(variant: str, d_in: int, dict_size: int, seed: int, n_padded: in
     """sae.py's init for W_enc and W_dec; b_gate, r_mag and b_mag zero (as SAELens)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} is not a gated variant")
-    n_padded = dict_size if n_padded is None else n_padded
-    generator = torch.Generator().manual_seed(seed)
-    W_dec = torch.zeros(n_padded, d_in)
-    W_dec[:dict_size] = F.normalize(torch.randn(dict_size, d_in, generator=generator), dim=-1)
-    zeros = torch.zeros(n_padded)
-    return {"W_enc": W_dec.clone(), "b_gate": zeros, "r_mag": zeros.clone(), "b_mag": zeros.clone(), "W_dec": W_dec, "b_dec": torch.zeros(d_in)}
+    base = sae.init_params("relu", d_in, dict_size, seed, n_padded)
+    zeros = base.pop("b_enc")
+    return {"W_enc": base["W_enc"], "b_gate": zeros, "r_mag": zeros.clone(), "b_mag": zeros.clone(), "W_dec": base["W_dec"], "b_dec": base["b_dec"]}
 
 
 def make_hparams(variant: str, dict_size: int, l1: float = 0.0, bias_decay: float = 0.0, use_b_dec: bool = True,

@@ -31,6 +31,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from sae_ensemble import sae
+
 VARIANTS = ("jumprelu",)
 PARAMS = {"W_enc": ("n", "d"), "b_enc": ("n",), "W_dec": ("n", "d"), "b_dec": ("d",), "log_threshold": ("n",)}
 HYPERPARAMETERS = ("l0_coefficient", "bandwidth", "bias_decay", "use_b_dec")
@@ -94,13 +96,10 @@ def init_params(variant: str, d_in: int, dict_size: int, seed: int, n_padded: in
         raise ValueError(f"variant {variant!r} is not a jumprelu variant")
     if threshold <= 0:
         raise ValueError(f"threshold={threshold} must be positive (its log is trained)")
-    n_padded = dict_size if n_padded is None else n_padded
-    generator = torch.Generator().manual_seed(seed)
-    W_dec = torch.zeros(n_padded, d_in)
-    W_dec[:dict_size] = F.normalize(torch.randn(dict_size, d_in, generator=generator), dim=-1)
-    log_threshold = torch.zeros(n_padded)
+    params = sae.init_params("relu", d_in, dict_size, seed, n_padded)
+    log_threshold = torch.zeros_like(params["b_enc"])
     log_threshold[:dict_size] = math.log(threshold)
-    return {"W_enc": W_dec.clone(), "b_enc": torch.zeros(n_padded), "W_dec": W_dec, "b_dec": torch.zeros(d_in), "log_threshold": log_threshold}
+    return {**params, "log_threshold": log_threshold}
 
 
 def make_hparams(variant: str, dict_size: int, l0_coefficient: float = 0.0, bandwidth: float = 0.05, bias_decay: float = 0.0,
