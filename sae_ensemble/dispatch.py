@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 from tqdm import tqdm
 
 from sae_ensemble.eval_worker import LMEvaluation, evaluate_worker
-from sae_ensemble.train import Training, train_worker
+from sae_ensemble.train import Training, segment_end, train_worker
 
 EXIT_OK, EXIT_FAILED, EXIT_FROZEN, EXIT_REQUEUE = 0, 1, 3, 75
 
@@ -139,7 +139,7 @@ def run(
     progress: bool = True,
 ) -> int:
     """Train every ensemble of the plan, one worker per device; return an exit code (see module doc)."""
-    until = plan.get("until", training.steps)  # a halving segment's last step (halving.py)
+    until = segment_end(plan, training)
     totals = [until * sum(len(stage) for stage in w["stages"]) for w in plan["workers"]]
     return _supervise("train", plan, store_path, run_dir, training, None, totals, on_metrics, progress)
 

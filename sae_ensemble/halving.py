@@ -41,7 +41,7 @@ from sae_ensemble.atomic import atomic_write, fsync_dir, write_json_atomic
 from sae_ensemble.checkpoint import CFG_FILE, SAE_FILE, read_json
 from sae_ensemble.member import Member
 from sae_ensemble.plan import assign, make_plan, plan_members
-from sae_ensemble.train import Halving, Training, ensemble_dir, latest_checkpoint, rung_file
+from sae_ensemble.train import Halving, Training, ensemble_dir, latest_checkpoint, rung_file, segment_end
 
 HALVING_DIR = "halving"
 
@@ -134,7 +134,7 @@ def run(plan: dict, store, run_dir: Path, training: Training, devices: list[str]
 
 
 def _train_segment(segment: dict, store, run_dir: Path, training: Training, on_metrics, progress: bool) -> int:
-    until = segment.get("until", training.steps)
+    until = segment_end(segment, training)
     ended = [rung_file(ensemble_dir(run_dir, e["index"], segment), until) if until < training.steps
              else ensemble_dir(run_dir, e["index"], segment) / "done.json" for e in segment["ensembles"]]
     if all(path.exists() for path in ended):  # nothing left to train (a rerun after the segment ended)

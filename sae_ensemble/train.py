@@ -161,6 +161,11 @@ def ensemble_dir(run_dir: Path, index: int, plan: dict | None = None) -> Path:
     return run_dir / (plan or {}).get("checkpoint_dir", "checkpoints") / f"ensemble_{index}"
 
 
+def segment_end(plan: dict, training: Training) -> int:
+    """The step this plan trains to: a halving segment's rung (halving.py), else training.steps."""
+    return plan.get("until", training.steps)
+
+
 def rung_file(directory: Path, step: int) -> Path:
     """Held-out metrics of an ensemble's members at a halving rung, written when its segment ends there."""
     return directory / f"rung_{step:09d}.json"
@@ -277,7 +282,7 @@ def train_worker(index, device, plan, store_path: Path, run_dir: Path, training:
     mine = [i for stage in worker["stages"] for i in stage]
     events.put(("start", index, {"step": sum(_steps_done(ensemble_dir(run_dir, i, plan), training) for i in mine)}))
     store = ActivationStore.open(store_path)
-    until = plan.get("until", training.steps)  # a halving segment ends at its rung (halving.py)
+    until = segment_end(plan, training)
     for stage in worker["stages"]:
         ended = (lambda d: rung_file(d, until).exists()) if until < training.steps else (lambda d: (d / "done.json").exists())
         todo = [i for i in stage if not ended(ensemble_dir(run_dir, i, plan))]
@@ -314,7 +319,7 @@ def _train_stage(worker: int, indices: list[int], plan: dict, store: ActivationS
     batches = store.train_batches(training.batch_size, seed=training.data_seed, position=stream_position, device=device,
                                   normalize=training.normalize, window=training.shuffle_window_chunks, skip_nonfinite=True)
     last_progress, skipped_in_a_row = time.monotonic(), 0
-    until = plan.get("until", training.steps)
+    until = segment_end(plan, training)
     while step < until and not stop.is_set():
         for slot in slots:  # an ensemble joins when the stream reaches its step and its saved position
             slot.joined = slot.joined or (slot.ensemble.step_count == step and slot.position == stream_position)
