@@ -50,7 +50,8 @@ def bench_feed(root: Path, device: torch.device) -> dict:
     for start in range(0, n_rows, 16_384):
         writer.write(torch.randn(min(16_384, n_rows - start), D_IN, generator=gen))
     store = writer.close()
-    in_memory = store.rows(np.arange(store.n_train_rows)).to(device)  # [n_train, d] in RAM or GPU memory
+    training_rows = np.setdiff1d(np.arange(store.n_rows), store.heldout_indices())
+    in_memory = store.rows(training_rows).to(device)  # [n_train, d] in RAM or GPU memory
     step, step_kind = make_step(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # GPU work is async: time it done
 

@@ -87,8 +87,9 @@ def take(store, n, **kwargs):
 def test_one_epoch_is_a_permutation_of_the_training_rows(store):
     batches = take(store, 9, seed=0, window=2)  # 180 training rows / 20
     ids = [i for b, _ in batches for i in row_ids(b)]
-    assert sorted(ids) == list(range(180))
-    assert ids != list(range(180))
+    training = sorted(set(range(200)) - set(store.heldout_indices().tolist()))
+    assert sorted(ids) == training
+    assert ids != training
     assert batches[-1][1] == Position(1, 0, 0)
 
 
@@ -124,12 +125,25 @@ def test_position_from_another_batch_size_is_rejected(store):
         next(store.train_batches(50, seed=0, position=Position(0, 0, 5)))
 
 
-def test_heldout_rows_never_appear_in_training(store):
+def test_heldout_rows_are_every_chunks_tail_and_never_appear_in_training(store):
+    # chunks of 64, 64, 64 and 8 rows; 20 held out in proportion: 6, 6, 7 and 1 from their ends
+    tails = [range(58, 64), range(122, 128), range(185, 192), range(199, 200)]
     held = set(row_ids(store.heldout()))
-    assert held == set(range(180, 200))
+    assert held == {r for tail in tails for r in tail}
     trained = {i for b, _ in take(store, 30, seed=1) for i in row_ids(b)}
-    assert trained == set(range(180)) and not held & trained
-    assert store.heldout(max_rows=5).shape == (5, D_IN)
+    assert trained == set(range(200)) - held
+    # a prefix of the held-out rows samples every chunk's tail, not the first chunk's alone
+    assert row_ids(store.heldout(max_rows=4)) == [58, 122, 185, 199]
+
+
+def test_format_1_store_keeps_its_heldout_split_at_the_end(store):
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (store.path / "manifest.json").write_text(json.dumps(manifest))
+    old = ActivationStore.open(store.path)
+    assert set(row_ids(old.heldout())) == set(range(180, 200))
+    assert {i for b, _ in take(old, 30, seed=1) for i in row_ids(b)} == set(range(180))
+    assert old.fingerprint != store.fingerprint  # a run trained on one split never resumes on the other
 
 
 def test_normalize_center_scale_gives_zero_mean_and_unit_rms(tmp_path):

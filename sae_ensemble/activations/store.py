@@ -6,7 +6,8 @@ A store is a directory:
     progress.json              only while writing: completed chunks and running sums, for resume
     ground_truth.safetensors   synthetic stores only: `features` [n_features, d_in]
 
-The last `heldout_rows` rows are held out for evaluation and never appear in train_batches.
+`heldout_rows` rows are held out for evaluation and never appear in train_batches: the last rows of
+every chunk, in proportion to its size (format 2), so they sample the whole source, not only its end.
 See docs/store.md for the format, the shuffling scheme and the zero-copy reasoning.
 """
 
@@ -29,7 +30,10 @@ import torch
 from sae_ensemble.activations.lock import store_lock  # noqa: F401 - synthesis and harvest take it from here
 from sae_ensemble.atomic import atomic_write, write_json_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# format 1 held out the store's last heldout_rows rows; format 2 holds out the tail of every chunk.
+# Both read alike otherwise, so format-1 stores stay readable with their own split.
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 GROUND_TRUTH = "ground_truth.safetensors"
@@ -64,6 +68,23 @@ def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise StoreError(f"Store dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
     return dtype
+
+
+def heldout_per_chunk(chunk_rows: np.ndarray, heldout_rows: int, format_version: int = FORMAT_VERSION) -> np.ndarray:
+    """Held-out rows at the end of each chunk [n_chunks]: the split both the reader and the docs mean.
+
+    Format 2 spreads them in proportion to each chunk's rows (cumulative rounding, so they sum to
+    heldout_rows and no chunk gives more than it has): an LM store's source changes along its
+    documents, and a held-out set taken from its end alone would measure another distribution than
+    training saw. Format 1 held out the store's last rows.
+    """
+    chunk_rows = np.asarray(chunk_rows, dtype=np.int64)
+    ends = np.cumsum(chunk_rows)
+    n = int(ends[-1]) if len(ends) else 0
+    if format_version == 1:
+        return np.clip(ends - (n - heldout_rows), 0, chunk_rows)
+    cumulative = (ends * heldout_rows) // max(n, 1)  # held-out rows in chunks 0..c
+    return np.diff(np.concatenate([[0], cumulative]))
 
 
 def _library_versions() -> dict[str, str]:
@@ -349,8 +370,9 @@ class ActivationStore:
         self._chunk_starts = np.concatenate([[0], np.cumsum(self._chunk_rows)])  # global row of each chunk
         self._data_offsets = data_offsets
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
-        # training rows of each chunk: [start, stop) within the chunk; chunks wholly held out drop out
-        train_rows = np.clip(self.n_train_rows - self._chunk_starts[:-1], 0, self._chunk_rows)
+        # training rows of each chunk: [0, train) within the chunk, the rest held out; chunks wholly held out drop out
+        self._heldout_chunk_rows = heldout_per_chunk(self._chunk_rows, self.heldout_rows, manifest["format_version"])
+        train_rows = self._chunk_rows - self._heldout_chunk_rows
         self._train_chunks = np.flatnonzero(train_rows > 0)
         self._train_chunk_rows = train_rows[self._train_chunks]
 
@@ -457,8 +479,8 @@ class ActivationStore:
         missing = [k for k in required if k not in m]
         if missing:
             raise StoreError(f"Manifest {manifest_path} lacks the fields {missing}.")
-        if m["format_version"] != FORMAT_VERSION:
-            raise StoreError(f"Manifest {manifest_path} has format_version {m['format_version']}; this code reads {FORMAT_VERSION}.")
+        if m["format_version"] not in READABLE_FORMATS:
+            raise StoreError(f"Manifest {manifest_path} has format_version {m['format_version']}; this code reads {list(READABLE_FORMATS)}.")
         if m["dtype"] not in DTYPES:
             raise StoreError(f"Manifest {manifest_path} has dtype {m['dtype']!r}; expected one of {sorted(DTYPES)}.")
         if not isinstance(m["d_in"], int) or m["d_in"] <= 0:
@@ -624,10 +646,19 @@ class ActivationStore:
 
     # -- evaluation data --------------------------------------------------------------------------
 
+    def heldout_indices(self) -> np.ndarray:
+        """Global indices of the held-out rows [heldout_rows], interleaved across chunks (the j-th held-out row
+        of every chunk, then the (j+1)-th, ...), so that any prefix samples every chunk's tail."""
+        ends = self._chunk_starts[1:]
+        rows = [np.arange(end - h, end) for end, h in zip(ends, self._heldout_chunk_rows)]
+        within = np.concatenate([np.arange(len(r)) for r in rows]) if rows else np.zeros(0, np.int64)
+        rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        return rows[np.argsort(within, kind="stable")]
+
     def heldout(self, max_rows: int | None = None, device: str | torch.device = "cpu", normalize: str = "none") -> torch.Tensor:
-        """The held-out rows (the store's last heldout_rows rows) as float32 [R, d_in]."""
+        """The held-out rows (`heldout_indices`, the first max_rows of them) as float32 [R, d_in]."""
         n = self.heldout_rows if max_rows is None else min(max_rows, self.heldout_rows)
-        x = self.rows(np.arange(self.n_train_rows, self.n_train_rows + n))
+        x = self.rows(self.heldout_indices()[:n])
         return self._normalizer(normalize, device)(x.to(device))
 
     def ground_truth(self) -> torch.Tensor | None:
@@ -646,7 +677,8 @@ class ActivationStore:
     def fingerprint(self) -> str:
         """A short hash of the store's content (chunk checksums, dtype, d_in, heldout split)."""
         m = self.manifest
-        key = json.dumps([m["d_in"], m["dtype"], m["heldout_rows"], [c["sha256"] for c in m["chunks"]]])
+        split = [m["heldout_rows"]] if m["format_version"] == 1 else [m["heldout_rows"], "chunk_tails"]  # format 1's hashes stay as they were
+        key = json.dumps([m["d_in"], m["dtype"], *split, [c["sha256"] for c in m["chunks"]]])
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def __repr__(self) -> str:
