@@ -606,7 +606,8 @@ def test_the_shuffle_window_is_a_training_setting(tmp_path):
         stream = store.train_batches(50, seed=0, window=window)
         return float(np.mean([len(set((next(stream)[0][:, 0] // 100).long().tolist())) for _ in range(20)]))
 
-    assert chunks_per_batch(1) < 1.5 and chunks_per_batch(8) > 5  # one chunk at a time vs mixing eight
+    # one chunk at a time (a batch spans at most the two chunks at a window's edge) vs mixing eight
+    assert chunks_per_batch(1) <= 2 and chunks_per_batch(8) > 5
     cfg = SweepConfig()
     cfg.grid.dict_sizes = [64]
     cfg.training.shuffle_window_chunks = 0
