@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sae_ensemble.ensemble import Ensemble
-from sae_ensemble.kernels import dense, sparse
+from sae_ensemble.kernels import adam, dense, native, sparse
 from sae_ensemble.member import Member
 from test_ensemble import D_IN, MIXED, STEPS, sparse_batches
 
@@ -52,6 +52,31 @@ def test_topk_kernels_equal_reference_training(execution):
 def test_sparse_kernel_equals_reference_for_every_variant(reference_mixed):
     # relu and tied members take the nonzeros of their dense codes; topk members mixed in too.
     assert_same_members(train(MIXED, "sparse", row_chunk=24), reference_mixed)
+
+
+def test_one_pass_adam_gives_the_torch_ops_numbers_bit_for_bit():
+    """kernels/native.py's C kernel against the torch ops it replaces, over sizes that split blocks,
+    threads and members unevenly, and a chunk with a held-back member (that one runs the torch ops)."""
+    assert native.available(), "the C kernel did not build (a compiler is on every machine we test on)"
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"W_enc": (37, 129), "W_dec": (37, 129), "b_enc": (37,), "b_dec": (129,)}
+    for members, ok in [(3, [True] * 3), (40, [True] * 40), (5, [True, False, True, True, True])]:
+        state = {name: torch.randn(members, *shape, generator=generator) for name, shape in shapes.items()}
+        grads = {name: 0.01 * torch.randn_like(p) for name, p in state.items()}
+        mu = {name: 1e-3 * torch.randn_like(p) for name, p in state.items()}
+        nu = {name: 1e-4 * torch.rand(p.shape, generator=generator) for name, p in state.items()}
+        lr = torch.rand(members, generator=generator) * 1e-2
+        results = []
+        for one_pass in (True, False):
+            copies = [{name: t.clone() for name, t in tensors.items()} for tensors in (state, mu, nu)]
+            taken = adam.step_(copies[0], grads, copies[1], copies[2], torch.tensor(7.0), lr, torch.tensor(ok),
+                               (0.9, 0.999), 1e-8, check_on_host=True, one_pass=one_pass)
+            results.append((copies, taken))
+        (fast, fast_taken), (ops, ops_taken) = results
+        assert torch.equal(fast_taken, ops_taken)
+        for fast_tensors, ops_tensors in zip(fast, ops):
+            for name in shapes:
+                assert torch.equal(fast_tensors[name], ops_tensors[name]), f"{members} members: {name} differs"
 
 
 @pytest.mark.parametrize("kernel", [dense, sparse], ids=["dense", "sparse"])

@@ -2,6 +2,8 @@
 
     dense   fused forward and backward on the stacked tensors (every variant)
     sparse  topk ensembles: only the encoder GEMM is dense; the rest touches active latents only
+    adam    Adam on the stacked tensors in cache-sized member chunks (torchopt's numbers)
+    native  adam's update in one pass on CPU: the C kernel adam_cpu.c, built on first use
 """
 
-from sae_ensemble.kernels import adam, dense, sparse  # noqa: F401
+from sae_ensemble.kernels import adam, dense, native, sparse  # noqa: F401

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sae_ensemble.kernels import native
+
 CHUNK_BYTES = 4 * 2**20  # params bytes per chunk: with its grads, moments and direction (~12 MiB) it stays in L3
 
 
@@ -36,6 +38,7 @@ def step_(
     betas: tuple[float, float],
     eps: float,
     check_on_host: bool,
+    one_pass: bool = True,
 ) -> torch.Tensor:
     """Update params and moments in place for step number `count` (1-based, a 0-d tensor, so a
     captured CUDA graph reads it afresh each replay); return taken [M].
@@ -45,12 +48,15 @@ def step_(
     were: its gradient is replaced by 0 and its decay rates by 1, so Adam leaves its moments
     alone, and its learning rate by 0. `check_on_host`: decide per chunk on the host whether
     anyone is held back (CPU, where reading a flag is free; the usual all-taken case then skips
-    the selections) instead of selecting on the device every step (CUDA).
+    the selections) instead of selecting on the device every step (CUDA). `one_pass`: let a chunk
+    whose members all step run kernels/native.py's C kernel (CPU; the same numbers in one pass).
     """
     b1, b2 = betas
     correction1, correction2 = 1 - torch.pow(b1, count), 1 - torch.pow(b2, count)
     M = lr.shape[0]
     taken = ok.clone()
+    one_pass = one_pass and check_on_host and not torch.compiler.is_compiling() and native.available()
+    corrections = (correction1.item(), correction2.item()) if one_pass else None
     names = list(params)
     member_bytes = sum(p[0].numel() * p.element_size() for p in params.values())
     for chunk in member_chunks(M, member_bytes, lr.device):
@@ -67,17 +73,21 @@ def step_(
                 m.mul_(decay1).addcmul_(g, 1 - decay1)
                 v.mul_(decay2).addcmul_(g * g, 1 - decay2)
                 scale = broadcast(torch.where(steps, lr[chunk], 0.0), p)
+            elif one_pass and native.fits(p, g, m, v, lr):
+                native.adam_(p, g, m, v, lr[chunk], betas, corrections, eps)
+                scale = None
             else:
                 m.mul_(b1).add_(g, alpha=1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 scale = broadcast(lr[chunk], p)
-            # torchopt's direction: (m / c1) / (sqrt(v / c2) + eps)
-            direction = torch.div(v, correction2).sqrt_().add_(eps)
-            direction = torch.div(m, correction1).div_(direction)
-            p.addcmul_(scale, direction, value=-1)
-            if name == "W_dec":
-                unit = F.normalize(p, dim=-1)
-                p.copy_(torch.where(broadcast(steps, p), unit, p) if hold else unit)
+            if scale is not None:  # torchopt's direction: (m / c1) / (sqrt(v / c2) + eps)
+                direction = torch.div(v, correction2).sqrt_().add_(eps)
+                direction = torch.div(m, correction1).div_(direction)
+                p.addcmul_(scale, direction, value=-1)
+            if name == "W_dec" and hold:
+                p.copy_(torch.where(broadcast(steps, p), F.normalize(p, dim=-1), p))
+            elif name == "W_dec":  # F.normalize's arithmetic, in place
+                p.div_(p.norm(2, -1, keepdim=True).clamp_min(1e-12))
     return taken
 
 
