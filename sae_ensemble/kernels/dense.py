@@ -115,7 +115,7 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     centre_aug = F.pad(centre, (0, d_aug - d)).unsqueeze(1).to(dtype)  # [M, 1, d_aug]: no bias on the L1 column
     W_aug, D_operand = W_aug.to(dtype), D_aug.to(dtype)
 
-    g_W_aug_t: torch.Tensor | None = None  # [M, d_aug, n]: the encoder gradient, transposed
+    g_W_aug: torch.Tensor | None = None
     g_D_aug: torch.Tensor | None = None
     g_xhat_sum = torch.zeros_like(b_dec)  # [M, d]
     squared_error = x.new_zeros(M)
@@ -153,13 +153,11 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
             g_pre = torch.bmm(g_operand, D_operand.transpose(1, 2), out=tile)  # dL/dcodes [M, b, n]
             torch.ops.aten.threshold_backward(g_pre, codes, 0.0, grad_input=g_pre)  # ReLU/top-k mask, in place
         g_D_aug = _accumulate(g_D_aug, codes.transpose(1, 2), g_operand)
-        # As xc^T @ dL/dpre: both operands as stored (BLAS ran the other order, dL/dpre^T @ xc, at 60% of
-        # the rate on CPU); finish() copies the transposed result into place once.
-        g_W_aug_t = _accumulate(g_W_aug_t, xc_aug.transpose(1, 2), g_pre)
+        g_W_aug = _accumulate(g_W_aug, g_pre.transpose(1, 2), xc_aug)
         g_xhat_sum += g_aug[..., :d].sum(1)
 
-    assert g_W_aug_t is not None and g_D_aug is not None  # x has at least one row
-    sums = Sums(g_D_aug[..., :d], g_W_aug_t[:, :d].transpose(1, 2), g_W_aug_t[:, d], g_xhat_sum, squared_error, code_sum, fired)
+    assert g_W_aug is not None and g_D_aug is not None  # x has at least one row
+    sums = Sums(g_D_aug[..., :d], g_W_aug[..., :d], g_W_aug[..., d], g_xhat_sum, squared_error, code_sum, fired)
     return finish(params, hp, layout, D, norms, sums, B)
 
 
