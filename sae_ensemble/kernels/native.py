@@ -94,6 +94,5 @@ def adam_(p, g, m, v, lr, betas: tuple[float, float], corrections: tuple[float, 
     """Update p, m and v ([M, ...], a chunk of members) in place with per-member learning rates lr [M]."""
     function, vsqrt = _kernel()
     (b1, b2), (c1, c2) = betas, corrections
-    lr = lr.contiguous()
     function(p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), lr.data_ptr(), p.shape[0], p[0].numel(),
              b1, 1 - b1, b2, 1 - b2, c1, c2, eps, vsqrt, VML_MODE, torch.get_num_threads())
