@@ -44,6 +44,12 @@ def test_fused_training_equals_reference_for_every_variant(reference_mixed, row_
     assert_same_members(train(MIXED, "fused", row_chunk=row_chunk), reference_mixed)
 
 
+def test_fused_training_without_the_c_kernels_equals_reference(reference_mixed, monkeypatch):
+    # Where no C compiler is found, the fused step runs ReLU, the firing counts and Adam as torch ops.
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert_same_members(train(MIXED, "fused", row_chunk=24), reference_mixed)
+
+
 @pytest.mark.parametrize("execution", ["fused", "sparse"])
 def test_topk_kernels_equal_reference_training(execution):
     assert_same_members(train(TOPK, execution, row_chunk=20), train(TOPK, "reference"))
@@ -77,6 +83,24 @@ def test_one_pass_adam_gives_the_torch_ops_numbers_bit_for_bit():
         for fast_tensors, ops_tensors in zip(fast, ops):
             for name in shapes:
                 assert torch.equal(fast_tensors[name], ops_tensors[name]), f"{members} members: {name} differs"
+
+
+def test_one_pass_relu_and_firing_counts_give_the_torch_ops_numbers_bit_for_bit():
+    """kernels/native.py's relu_count_ against ReLU, the 0/1 tile and its sum, on shapes that split
+    column blocks and threads unevenly, with NaNs, -0.0 and exact zeros among the pre-activations."""
+    assert native.available(), "the C kernels did not build (a compiler is on every machine we test on)"
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(1, 1, 1), (3, 7, 5), (5, 64, 513), (2, 300, 1100)]:
+        pre = torch.randn(*shape, generator=generator)
+        pre.view(-1)[::97], pre.view(-1)[::89], pre.view(-1)[::83] = float("nan"), -0.0, 0.0
+        earlier = torch.randint(0, 50, (shape[0], shape[2]), generator=generator).float()  # counts of earlier row chunks
+        want = pre.clone().relu_()
+        want_fired = earlier + torch.gt(want, 0, out=torch.empty_like(want)).sum(1, dtype=torch.float32)
+        codes, fired = pre.clone(), earlier.clone()
+        native.relu_count_(codes, fired)
+        assert torch.equal(codes.isnan(), want.isnan()), shape
+        assert torch.equal(codes.nan_to_num(), want.nan_to_num()) and torch.equal(codes.signbit(), want.signbit()), shape
+        assert torch.equal(fired, want_fired), shape
 
 
 @pytest.mark.parametrize("kernel", [dense, sparse], ids=["dense", "sparse"])

@@ -9,10 +9,10 @@ leading member axis), computed without autograd:
   reconstructs x also sums each row's codes (the L1 norm), and the backward GEMM that
   gives dL/dcodes also adds the L1 coefficient: neither costs a pass over [M, B, n];
 - ReLU runs in place and its mask is reused by the backward (`threshold_backward`,
-  in place), so an [M, B, n] tensor is touched by ReLU, its backward, and the two
-  reductions that must read it (firing counts, the encoder-bias gradient);
-- GEMM outputs are written into buffers already used (the firing tile becomes dL/dpre),
-  so a chunk holds two [M, b, n] tensors at a time (plus top-k's own when k > 0);
+  in place); on CPU the same pass counts each feature's firings (kernels/native.py), so an
+  [M, B, n] tensor is touched by ReLU, its backward, and the GEMMs;
+- a chunk holds two [M, b, n] tensors at a time, the codes and dL/dcodes (plus top-k's own
+  when k > 0; without the C kernel, the firing tile's memory takes dL/dcodes);
 - the b_dec gradient through the encoder is a GEMV, (sum_rows dL/dpre) @ W_enc, not
   the [B, d] GEMM that autograd runs for d(x - b_dec);
 - rows are processed in chunks of `row_chunk` with gradients accumulated, so on CPU an
@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from sae_ensemble.kernels import native
 from sae_ensemble.sae import Hparams, Layout, Params
 
 PAD_BIAS = 1e30  # as sae.encode: padded features never fire
@@ -127,7 +128,15 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     for rows_x in x.split(row_chunk or B):
         xc_aug = augmented_rows(rows_x, centre, d_aug, dtype)
         pre = torch.bmm(xc_aug, W_aug.transpose(1, 2))  # [M, b, n]
-        codes = topk_codes(pre, hp, layout) if layout.k_max > 0 else pre.relu() if compiling else pre.relu_()
+        if layout.k_max > 0:
+            codes = topk_codes(pre, hp, layout)
+        else:  # eagerly the ReLU runs in place, below
+            codes = pre.relu() if compiling else pre
+        counted = not compiling and native.fits(codes, fired) and native.available()
+        if counted:  # CPU: ReLU (a no-op on top-k codes) and the firing counts in one pass
+            native.relu_count_(codes, fired)
+        elif not compiling and layout.k_max == 0:
+            codes.relu_()
         xhat_aug = torch.baddbmm(centre_aug, codes, D_operand).float()  # [M, b, d_aug]; column d: sum of codes
         err = xhat_aug[..., :d] - rows_x
         squared_error += err.pow(2).sum((1, 2))
@@ -145,12 +154,15 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
             fired += fire.sum(1, dtype=torch.float32)
             g_pre = torch.where(fire, torch.bmm(g_operand, D_operand.transpose(1, 2)), 0.0)
         else:
-            # Firing counts through a 0/1 tile: summing a bool tensor widens it to int64 first
-            # (a copy at 8 bytes per element: ~7x slower on CPU, ~2x on an H100); the tile's memory
-            # then takes dL/dcodes.
-            tile = torch.gt(codes, 0, out=torch.empty_like(codes))
-            fired += tile.sum(1, dtype=torch.float32)
-            g_pre = torch.bmm(g_operand, D_operand.transpose(1, 2), out=tile)  # dL/dcodes [M, b, n]
+            if counted:
+                g_pre = torch.bmm(g_operand, D_operand.transpose(1, 2))  # dL/dcodes [M, b, n]
+            else:
+                # Firing counts through a 0/1 tile: summing a bool tensor widens it to int64 first
+                # (a copy at 8 bytes per element: ~7x slower on CPU, ~2x on an H100); the tile's
+                # memory then takes dL/dcodes.
+                tile = torch.gt(codes, 0, out=torch.empty_like(codes))
+                fired += tile.sum(1, dtype=torch.float32)
+                g_pre = torch.bmm(g_operand, D_operand.transpose(1, 2), out=tile)
             torch.ops.aten.threshold_backward(g_pre, codes, 0.0, grad_input=g_pre)  # ReLU/top-k mask, in place
         g_D_aug = _accumulate(g_D_aug, codes.transpose(1, 2), g_operand)
         g_W_aug = _accumulate(g_W_aug, g_pre.transpose(1, 2), xc_aug)
@@ -179,8 +191,8 @@ def finish(params: Params, hp: Hparams, layout: Layout, D: torch.Tensor, norms: 
     d = W_enc.shape[-1]
     mask = hp["feature_mask"]
     # Through the row normalisation D = rows / |rows|: project out the radial part.
-    g_D = sums.g_D
-    g_rows = (g_D - D * (g_D * D).sum(-1, keepdim=True)) / norms
+    radial = torch.linalg.vecdot(sums.g_D, D).unsqueeze(-1)  # [M, n, 1]
+    g_rows = torch.addcmul(sums.g_D, D, radial, value=-1).div_(norms)  # three passes, where five ops made five
     g_W_enc = sums.g_W_enc.contiguous()  # a view into the augmented gradient: own it before adding
     if layout.all_tied:
         g_W_enc += g_rows

@@ -1,12 +1,15 @@
-"""Adam's update in one pass over memory on CPU: `adam_cpu.c`, compiled on first use.
+"""C kernels for the CPU step, compiled on first use: passes the torch ops make several times.
 
-The torch ops of kernels/adam.py make nine passes over each chunk of params, gradients and
-moments; on the small SAEs an ensemble exists for, those passes took as long as the GEMMs
-(docs/benchmarks.md). The C kernel runs them in blocks that stay in L1, bit for bit the same
-numbers (tests/test_kernels.py compares the two on random data), so it needs no tolerance of
-its own. It is built with the machine's C compiler into a cache keyed by the source and the
-CPU; without a compiler, or off x86-64/aarch64 Linux, `adam_step` is None and kernels/adam.py
-runs the torch ops (a warning says so once).
+- `adam_` (adam_cpu.c): Adam's update in one pass over memory. The torch ops of kernels/adam.py
+  make nine passes over each chunk of params, gradients and moments; on the small SAEs an
+  ensemble exists for, those passes took as long as the GEMMs (docs/benchmarks.md).
+- `relu_count_` (relu_cpu.c): ReLU in place and the firing counts in one pass over the code
+  tile, for kernels/dense.py, where the torch ops made five.
+
+Each gives bit for bit the numbers of the torch ops it replaces (tests/test_kernels.py compares
+them on random data), so it needs no tolerance of its own. Both are built with the machine's C
+compiler into one library in a cache keyed by the sources and the CPU; without a compiler, or
+off Linux, `available()` is False and the callers run the torch ops (a warning says so once).
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("adam_cpu.c")
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"]
+SOURCES = [Path(__file__).with_name(name) for name in ("adam_cpu.c", "relu_cpu.c")]
+# -fopenmp: the kernels' threads are torch's own OpenMP pool. The library needs libgomp.so.1, which
+# resolves to the copy torch has loaded already; threads of its own (pthreads) ran against torch's
+# still-spinning OpenMP workers on the same cores and were slower than the torch ops they replace.
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 # torch's sqrt calls MKL's vmsSqrt with this mode (ATen/cpu/vml.h): VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE.
 VML_MODE = 0x00000002 | 0x00140000 | 0x00000100
 
@@ -44,16 +50,16 @@ def _cpu_key() -> str:
 
 
 def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
-    library = cache_dir() / f"adam_cpu-{key}.so"
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
+    library = cache_dir() / f"native_cpu-{key}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         # Workers of one sweep may build at once: each compiles to its own file, then renames it into place.
         fd, partial = tempfile.mkstemp(dir=library.parent, suffix=".so.partial")
         os.close(fd)
         try:
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm", "-lpthread"],
+            subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", partial, "-lm"],
                            check=True, capture_output=True, text=True, timeout=120)
             os.replace(partial, library)
         finally:
@@ -63,22 +69,23 @@ def _build(compiler: str) -> Path:
 
 @functools.cache
 def _kernel():
-    """(the C function, MKL's vmsSqrt) or None where either is missing."""
+    """(the library, MKL's vmsSqrt) or None where either is missing."""
     torch_lib = Path(torch.__file__).with_name("lib") / "libtorch_cpu.so"
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if not (torch.backends.mkl.is_available() and torch_lib.exists() and compiler and platform.system() == "Linux"):
-        warnings.warn("Adam runs as torch ops: no C compiler, or this torch does not take sqrt from MKL", stacklevel=3)
+        warnings.warn("Adam and ReLU run as torch ops: no C compiler, or this torch does not take sqrt from MKL", stacklevel=3)
         return None
     try:
         vsqrt = ctypes.cast(ctypes.CDLL(str(torch_lib)).vmsSqrt, ctypes.c_void_p)
-        function = ctypes.CDLL(str(_build(compiler))).adam_step
+        library = ctypes.CDLL(str(_build(compiler)))
     except (OSError, AttributeError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or error
-        warnings.warn(f"Adam runs as torch ops: the C kernel did not build ({str(detail).strip()[:300]})", stacklevel=3)
+        warnings.warn(f"Adam and ReLU run as torch ops: the C kernels did not build ({str(detail).strip()[:300]})", stacklevel=3)
         return None
-    function.restype = None
-    function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float] * 7 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-    return function, vsqrt
+    library.adam_step.restype = library.relu_count.restype = None
+    library.adam_step.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float] * 7 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    library.relu_count.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    return library, vsqrt
 
 
 def available() -> bool:
@@ -92,7 +99,13 @@ def fits(*tensors: torch.Tensor) -> bool:
 
 def adam_(p, g, m, v, lr, betas: tuple[float, float], corrections: tuple[float, float], eps: float) -> None:
     """Update p, m and v ([M, ...], a chunk of members) in place with per-member learning rates lr [M]."""
-    function, vsqrt = _kernel()
+    library, vsqrt = _kernel()
     (b1, b2), (c1, c2) = betas, corrections
-    function(p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), lr.data_ptr(), p.shape[0], p[0].numel(),
+    library.adam_step(p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), lr.data_ptr(), p.shape[0], p[0].numel(),
              b1, 1 - b1, b2, 1 - b2, c1, c2, eps, vsqrt, VML_MODE, torch.get_num_threads())
+
+
+def relu_count_(x: torch.Tensor, fired: torch.Tensor) -> None:
+    """ReLU x [M, rows, n] in place and add each feature's firing count (codes > 0) over the rows to fired [M, n]."""
+    library, _ = _kernel()
+    library.relu_count(x.data_ptr(), fired.data_ptr(), *x.shape, torch.get_num_threads())
