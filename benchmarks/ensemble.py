@@ -9,6 +9,8 @@ planner's ensembles (`plan.make_plan` with the device's auto budget: one per dic
 nothing is padded, with its micro-batches), each stepped with the execution its autotuner
 picks (`--execution` forces one), compiled on CUDA as `training.compile` does (`--no-compile`: eager).
 The sequential side is plain autograd + torch.optim.Adam, one member after another.
+The ensemble, the sequential members and the encoder GEMMs take turns (`--rounds`, default 3),
+and each side's time is its median round.
 
 Measured in one run, per case:
   gemm_gflops        fp32 peak of a large square torch.mm on the device
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 
@@ -55,9 +58,9 @@ def make_members(d: int, dict_sizes: list[int], n_members: int, variant: str = "
     ]
 
 
-def sequential_step_time(members: list[Member], batch: torch.Tensor, steps: int, device: torch.device, autocast_bf16: bool = False) -> float:
-    """Seconds per step of all members trained one after another: the plain-PyTorch baseline."""
-    total = 0.0
+def sequential_steps(members: list[Member], batch: torch.Tensor, device: torch.device, autocast_bf16: bool = False) -> list:
+    """One step function per member, trained alone with plain autograd + torch.optim.Adam: the baseline."""
+    steps = []
     for member in members:
         init = sae.init_params(member.variant, member.d_in, member.dict_size, member.seed)
         params = {k: v.to(device).requires_grad_() for k, v in init.items()}
@@ -65,7 +68,7 @@ def sequential_step_time(members: list[Member], batch: torch.Tensor, steps: int,
         layout = sae.Layout.of([member.variant], [member.k])
         optimizer = torch.optim.Adam(params.values(), lr=member.lr)
 
-        def step() -> None:
+        def step(params=params, hp=hp, layout=layout, optimizer=optimizer) -> None:
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast_bf16):
                 loss, _ = sae.loss(params, hp, batch, layout)
@@ -74,13 +77,14 @@ def sequential_step_time(members: list[Member], batch: torch.Tensor, steps: int,
             with torch.no_grad():
                 params["W_dec"].copy_(torch.nn.functional.normalize(params["W_dec"], dim=-1))
 
-        total += timed(step, steps, device, warmup=2)
-    return total
+        steps.append(step)
+    return steps
 
 
-def encoder_gemm_time(members: list[Member], batch: torch.Tensor, device: torch.device) -> float:
+def encoder_gemms(members: list[Member], batch: torch.Tensor, device: torch.device):
+    """The members' encoder GEMMs alone (limit_ratio's denominator), as one function."""
     weights = [torch.randn(m.dict_size, m.d_in, device=device) for m in members]
-    return timed(lambda: [batch @ w.T for w in weights], repeats=5, device=device)
+    return lambda: [batch @ w.T for w in weights]
 
 
 def adam_vmap_ratio(ensemble: Ensemble, device: torch.device) -> float:
@@ -104,7 +108,8 @@ def planned_ensembles(members: list[Member], batch_size: int, device: torch.devi
 
 
 def run_case(d: int, dict_sizes: list[int], n_members: int, batch_size: int, steps: int, device: torch.device,
-             variant: str = "relu", k: int = 32, execution: str = "auto", autocast_bf16: bool = False, compile: bool = True) -> dict:
+             variant: str = "relu", k: int = 32, execution: str = "auto", autocast_bf16: bool = False, compile: bool = True,
+             rounds: int = 3) -> dict:
     members = make_members(d, dict_sizes, n_members, variant, k)
     batch = torch.randn(batch_size, d, device=device)
     flops_per_step = sum(12 * batch_size * d * m.dict_size for m in members)
@@ -114,9 +119,19 @@ def run_case(d: int, dict_sizes: list[int], n_members: int, batch_size: int, ste
     ensembles = planned_ensembles(members, batch_size, device, autocast_bf16=autocast_bf16, execution=execution,
                                   freeze_after=FREEZE_AFTER, compile=compile)
     chosen = [e.autotune(batch) if execution == "auto" else execution for e in ensembles]
-    ensemble_time = timed(lambda: [e.step(batch) for e in ensembles], steps, device, warmup=2)
-    sequential_time = sequential_step_time(members, batch, steps, device, autocast_bf16)
-    encoder_time = encoder_gemm_time(members, batch, device)
+    sides = {"ensemble": (lambda: [e.step(batch) for e in ensembles]),
+             "sequential": sequential_steps(members, batch, device, autocast_bf16),
+             "encoder": encoder_gemms(members, batch, device)}
+    # The sides take turns, `rounds` times, and each keeps its median: on a shared machine a burst of
+    # load then slows one round of every side, not the whole of one side, so it moves no ratio.
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    per_round = max(1, -(-steps // rounds))
+    for index in range(rounds):
+        warmup = 2 if index == 0 else 0
+        times["ensemble"].append(timed(sides["ensemble"], per_round, device, warmup=warmup))
+        times["sequential"].append(sum(timed(step, per_round, device, warmup=warmup) for step in sides["sequential"]))
+        times["encoder"].append(timed(sides["encoder"], 5, device, warmup=1))
+    ensemble_time, sequential_time, encoder_time = (statistics.median(times[side]) for side in sides)
     result = {
         "case": f"d={d} dict_sizes={','.join(map(str, dict_sizes))} members={n_members} batch={batch_size} variant={variant}"
                 + (f" k={k}" if variant == "topk" else "") + (" bf16" if autocast_bf16 else "") + (" compiled" if compile else ""),
@@ -142,6 +157,7 @@ def main() -> None:
     parser.add_argument("--members", type=int)
     parser.add_argument("--batch", type=int)
     parser.add_argument("--steps", type=int, help="timed steps per side (default: 10, or 3 for large cases)")
+    parser.add_argument("--rounds", type=int, default=3, help="turns the sides take; each side's time is its median round")
     parser.add_argument("--variant", choices=sae.VARIANTS, default="relu")
     parser.add_argument("--k", type=int, default=32, help="active features per row (topk)")
     parser.add_argument("--execution", choices=EXECUTIONS, default="auto", help="auto: as a sweep worker (autotuned)")
@@ -162,7 +178,8 @@ def main() -> None:
         cases = [(args.d, args.dict_sizes or [4 * args.d], args.members or 8, args.batch or 1024, args.variant)]
     for d, sizes, m, b, variant in cases:
         steps = args.steps or (3 if device.type == "cpu" and b * m * max(sizes) > 10**8 else 10)
-        result = run_case(d, sizes, m, b, steps, device, variant, args.k, args.execution, args.autocast_bf16, not args.no_compile)
+        result = run_case(d, sizes, m, b, steps, device, variant, args.k, args.execution, args.autocast_bf16, not args.no_compile,
+                          args.rounds)
         print(json.dumps(result), flush=True)  # one line per case, as each finishes
 
 

@@ -1,0 +1,24 @@
+"""The ensemble benchmark runs end to end on a tiny case and prints what docs/benchmarks.md records."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+KEYS = {"case", "device", "gemm_gflops", "ensemble_gflops", "mfu", "sequential_gflops", "speedup", "limit_ratio",
+        "adam_vmap_ratio", "ensemble_step_ms", "sequential_step_ms", "execution"}
+
+
+@pytest.mark.parametrize("variant", ["relu", "topk"])
+def test_ensemble_benchmark_prints_one_json_line_with_its_keys(variant):
+    command = [sys.executable, "-m", "benchmarks.ensemble", "--d", "32", "--dict-sizes", "64,128", "--members", "4",
+               "--batch", "64", "--steps", "2", "--rounds", "2", "--variant", variant, "--k", "4"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(result) == KEYS
+    assert result["case"].endswith(f"variant={variant}" + (" k=4" if variant == "topk" else ""))
+    assert all(result[key] > 0 for key in ("speedup", "limit_ratio", "ensemble_step_ms", "sequential_step_ms"))
+    assert len(result["execution"]) == 2  # one ensemble per dict size, as the planner makes them
