@@ -142,8 +142,11 @@ def reuse_freed_memory() -> None:
     except OSError:
         return
     M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # from malloc.h
+    # mallopt takes a C int: an earlier 2**62 became 0 on the way in, which trims the heap at every
+    # free, so every large tensor faulted all its pages in again (16k faults, ~10 ms a small step).
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, 2**62)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # the largest: trim only when 2 GiB at the heap's top are free
     # One arena: with one per thread, blocks freed by one thread's arena are not reused by another's,
     # and an untrimmed heap holds both (measured: +7% peak with 2 threads on a 4 GiB step).
     libc.mallopt(M_ARENA_MAX, 1)
