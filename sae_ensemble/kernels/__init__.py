@@ -3,7 +3,7 @@
     dense   fused forward and backward on the stacked tensors (every variant)
     sparse  topk ensembles: only the encoder GEMM is dense; the rest touches active latents only
     adam    Adam on the stacked tensors in cache-sized member chunks (torchopt's numbers)
-    native  adam's update in one pass on CPU: the C kernel adam_cpu.c, built on first use
+    native  CPU C kernels built on first use: adam_cpu.c (one-pass Adam), relu_cpu.c (ReLU + firing counts)
 """
 
 from sae_ensemble.kernels import adam, dense, native, sparse  # noqa: F401
