@@ -201,28 +201,33 @@ def test_host_memory_peaks_at_one_member_beyond_the_stacked_state(how, tmp_path)
 
 REUSE_CHILD = """
 import resource, torch
+from sae_ensemble.ensemble import Ensemble
+from sae_ensemble.member import Member
 from sae_ensemble.train import reuse_freed_memory
 reuse_freed_memory()
-faults = []
-for _ in range(3):  # a step's large tensor, allocated, filled and freed again
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(2**24).fill_(1.0)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(faults[-1])
+ensemble = Ensemble([Member("relu", 128, 512, seed=i) for i in range(32)], 100, execution="fused")
+batch = torch.randn(256, 128)
+for _ in range(3):
+    ensemble.step(batch)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    ensemble.step(batch)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 """
 
 
-def test_a_freed_large_tensor_is_reused_without_faulting_its_pages_in_again():
-    """reuse_freed_memory keeps freed blocks: a 64 MiB tensor allocated again touches no new page
-    (16384 page faults when the heap is trimmed at every free, as a C-int overflow once made it)."""
+def test_a_cpu_step_reuses_freed_memory_instead_of_faulting_its_pages_in_again():
+    """reuse_freed_memory keeps freed blocks for the next step: measured 0-200 minor page faults per
+    step here, against 15.8k (all of its large tensors) when the heap was trimmed at every free, as a
+    C-int overflow in mallopt's argument once made it."""
     import subprocess
     import sys
     from pathlib import Path
 
     result = subprocess.run([sys.executable, "-c", REUSE_CHILD], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1], timeout=120)
+                            cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert result.returncode == 0, result.stderr
-    assert int(result.stdout.split()[-1]) < 100
+    assert float(result.stdout.split()[-1]) < 2000
 
 
 def test_final_metrics_run_in_pieces_no_larger_than_the_planned_micro_batch(tmp_path):
