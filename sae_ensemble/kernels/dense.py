@@ -192,7 +192,7 @@ def finish(params: Params, hp: Hparams, layout: Layout, D: torch.Tensor, norms: 
     mask = hp["feature_mask"]
     # Through the row normalisation D = rows / |rows|: project out the radial part.
     radial = torch.linalg.vecdot(sums.g_D, D).unsqueeze(-1)  # [M, n, 1]
-    g_rows = torch.addcmul(sums.g_D, D, radial, value=-1).div_(norms)  # three passes, where five ops made five
+    g_rows = torch.addcmul(sums.g_D, D, radial, value=-1).div_(norms)  # three passes over [M, n, d] instead of five
     g_W_enc = sums.g_W_enc.contiguous()  # a view into the augmented gradient: own it before adding
     if layout.all_tied:
         g_W_enc += g_rows
