@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--dict-sizes", type=lambda s: [int(x) for x in s.split(",")], help="comma-separated dict sizes, cycled over members")
     parser.add_argument("--members", type=int)
     parser.add_argument("--batch", type=int)
-    parser.add_argument("--steps", type=int, help="timed steps per side (default: 10, or 3 for large cases)")
+    parser.add_argument("--steps", type=int, help="timed steps per side, split over the rounds (default: 10, or 3 for large cases)")
     parser.add_argument("--rounds", type=int, default=3, help="turns the sides take; each side's time is its median round")
     parser.add_argument("--variant", choices=sae.VARIANTS, default="relu")
     parser.add_argument("--k", type=int, default=32, help="active features per row (topk)")
@@ -165,6 +165,8 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="run the kernels eagerly on CUDA (training.compile=false)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds={args.rounds}: need at least 1 round")
     device = torch.device(args.device)
     if device.type == "cpu":
         reuse_freed_memory()  # as the sweep's CPU workers do; helps both sides of the comparison

@@ -125,6 +125,9 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     l1_column = (hp["l1"] / B).view(-1, 1)  # [M, 1]: dL/dcode from the L1 term
     mse_scale = 2.0 / (B * d)
 
+    # CPU, float32: ReLU (a no-op on top-k codes) and the firing counts in one C pass (kernels/native.py).
+    count_in_c = not compiling and x.device.type == "cpu" and dtype == torch.float32 and native.available()
+
     for rows_x in x.split(row_chunk or B):
         xc_aug = augmented_rows(rows_x, centre, d_aug, dtype)
         pre = torch.bmm(xc_aug, W_aug.transpose(1, 2))  # [M, b, n]
@@ -132,8 +135,7 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
             codes = topk_codes(pre, hp, layout)
         else:  # eagerly the ReLU runs in place, below
             codes = pre.relu() if compiling else pre
-        counted = not compiling and native.fits(codes, fired) and native.available()
-        if counted:  # CPU: ReLU (a no-op on top-k codes) and the firing counts in one pass
+        if count_in_c:
             native.relu_count_(codes, fired)
         elif not compiling and layout.k_max == 0:
             codes.relu_()
@@ -154,7 +156,7 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
             fired += fire.sum(1, dtype=torch.float32)
             g_pre = torch.where(fire, torch.bmm(g_operand, D_operand.transpose(1, 2)), 0.0)
         else:
-            if counted:
+            if count_in_c:
                 g_pre = torch.bmm(g_operand, D_operand.transpose(1, 2))  # dL/dcodes [M, b, n]
             else:
                 # Firing counts through a 0/1 tile: summing a bool tensor widens it to int64 first

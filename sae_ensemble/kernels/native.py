@@ -107,5 +107,6 @@ def adam_(p, g, m, v, lr, betas: tuple[float, float], corrections: tuple[float, 
 
 def relu_count_(x: torch.Tensor, fired: torch.Tensor) -> None:
     """ReLU x [M, rows, n] in place and add each feature's firing count (codes > 0) over the rows to fired [M, n]."""
+    assert fits(x, fired), "relu_count_ needs contiguous float32 CPU tensors"
     library, _ = _kernel()
     library.relu_count(x.data_ptr(), fired.data_ptr(), *x.shape, torch.get_num_threads())
