@@ -4,7 +4,8 @@ Equal to the reference (torchopt's `scale_by_adam`, then `p -= lr * direction`),
 chunk of members runs every pass of the update (moments, direction, finite check, step,
 decoder renormalisation) while its tensors are still in cache. On CPU a chunk's working
 set fits the 32 MiB L3 while the whole stack often does not: the same passes over the
-whole stack ran from memory and cost as much as the GEMMs on small SAEs.
+whole stack ran from memory and cost as much as the GEMMs on small SAEs. Where the C kernel
+(kernels/native.py) makes the update one pass anyway, it takes the whole stack at once.
 
 A member whose loss or gradient is not finite takes no step: its params and moments stay
 exactly as they were (the ensemble decides when such steps in a row freeze it).
@@ -59,7 +60,11 @@ def step_(
     corrections = (correction1.item(), correction2.item()) if one_pass else None
     names = list(params)
     member_bytes = sum(p[0].numel() * p.element_size() for p in params.values())
-    for chunk in member_chunks(M, member_bytes, lr.device):
+    # The C kernel makes one pass whatever the chunk, so it takes the whole stack at once: per
+    # chunk, the small torch ops around each call cost more than the cache saves (2.8 of 6.6 ms
+    # on the small case, docs/benchmarks.md).
+    whole = one_pass and native.fits(*params.values(), *grads.values(), *mu.values(), *nu.values(), lr)
+    for chunk in [slice(0, M)] if whole else member_chunks(M, member_bytes, lr.device):
         for name in names:  # a NaN or inf anywhere in a member's gradient survives its sum
             taken[chunk] &= torch.isfinite(grads[name][chunk].flatten(1).sum(1))
         steps = taken[chunk]
