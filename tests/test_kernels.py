@@ -85,22 +85,55 @@ def test_one_pass_adam_gives_the_torch_ops_numbers_bit_for_bit():
                 assert torch.equal(fast_tensors[name], ops_tensors[name]), f"{members} members: {name} differs"
 
 
-def test_one_pass_relu_and_firing_counts_give_the_torch_ops_numbers_bit_for_bit():
-    """kernels/native.py's relu_count_ against ReLU, the 0/1 tile and its sum, on shapes that split
-    column blocks and threads unevenly, with NaNs, -0.0 and exact zeros among the pre-activations."""
+def special_values(t: torch.Tensor) -> torch.Tensor:
+    """t with NaNs, -0.0 and exact zeros spread through it."""
+    t.view(-1)[::97], t.view(-1)[::89], t.view(-1)[::83] = float("nan"), -0.0, 0.0
+    return t
+
+
+def assert_identical(got: torch.Tensor, want: torch.Tensor, what) -> None:
+    """Equal bit for bit: the same NaNs, values and signs of zero."""
+    assert torch.equal(got.isnan(), want.isnan()), what
+    assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.signbit(), want.signbit()), what
+
+
+RELU_SHAPES = [(1, 1, 1), (3, 7, 5), (5, 64, 513), (2, 300, 1100)]  # split column blocks and threads unevenly
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_one_pass_relu_and_firing_counts_give_the_torch_ops_numbers(with_bias):
+    """kernels/native.py's relu_count_ against the bias add, ReLU, the 0/1 tile and the sums over rows,
+    with NaNs, -0.0 and exact zeros among the pre-activations: bit for bit but for the order of the sums."""
     assert native.available(), "the C kernels did not build (a compiler is on every machine we test on)"
     generator = torch.Generator().manual_seed(0)
-    for shape in [(1, 1, 1), (3, 7, 5), (5, 64, 513), (2, 300, 1100)]:
-        pre = torch.randn(*shape, generator=generator)
-        pre.view(-1)[::97], pre.view(-1)[::89], pre.view(-1)[::83] = float("nan"), -0.0, 0.0
+    for shape in RELU_SHAPES:
+        pre = special_values(torch.randn(*shape, generator=generator))
+        bias = torch.randn(shape[0], shape[2], generator=generator) if with_bias else None
         earlier = torch.randint(0, 50, (shape[0], shape[2]), generator=generator).float()  # counts of earlier row chunks
-        want = pre.clone().relu_()
+        earlier_total = torch.randn(shape[0], shape[2], generator=generator)
+        want = (pre + bias.unsqueeze(1) if with_bias else pre.clone()).relu_()
         want_fired = earlier + torch.gt(want, 0, out=torch.empty_like(want)).sum(1, dtype=torch.float32)
-        codes, fired = pre.clone(), earlier.clone()
-        native.relu_count_(codes, fired)
-        assert torch.equal(codes.isnan(), want.isnan()), shape
-        assert torch.equal(codes.nan_to_num(), want.nan_to_num()) and torch.equal(codes.signbit(), want.signbit()), shape
+        codes, fired, total = pre.clone(), earlier.clone(), earlier_total.clone()
+        native.relu_count_(codes, fired, bias, total)
+        assert_identical(codes, want, shape)
         assert torch.equal(fired, want_fired), shape
+        torch.testing.assert_close(total, earlier_total + want.sum(1), equal_nan=True, msg=str(shape))
+
+
+def test_one_pass_relu_backward_gives_threshold_backward_numbers():
+    """relu_backward_ against the L1 term's add, threshold_backward on the codes and the sum over rows."""
+    assert native.available(), "the C kernels did not build (a compiler is on every machine we test on)"
+    generator = torch.Generator().manual_seed(1)
+    for shape in RELU_SHAPES:
+        codes = special_values(torch.randn(*shape, generator=generator)).relu()
+        g = special_values(torch.randn(*shape, generator=generator))
+        add = torch.rand(shape[0], generator=generator)
+        earlier = torch.randn(shape[0], shape[2], generator=generator)
+        want = torch.ops.aten.threshold_backward(g + add.view(-1, 1, 1), codes, 0.0)
+        got, g_sum = g.clone(), earlier.clone()
+        native.relu_backward_(got, codes, add, g_sum)
+        assert_identical(got, want, shape)
+        torch.testing.assert_close(g_sum, earlier + want.sum(1), equal_nan=True, msg=str(shape))
 
 
 @pytest.mark.parametrize("kernel", [dense, sparse], ids=["dense", "sparse"])

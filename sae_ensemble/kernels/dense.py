@@ -4,15 +4,18 @@
 `vmap(grad(sae.loss, has_aux=True))` returns (gradients and aux stats, every tensor with a
 leading member axis), computed without autograd:
 
-- batched GEMMs over the member axis; the encoder bias rides in `baddbmm`;
-- the decoder gets one extra column of ones (`D_aug = [D, 1]`), so the same GEMM that
-  reconstructs x also sums each row's codes (the L1 norm), and the backward GEMM that
-  gives dL/dcodes also adds the L1 coefficient: neither costs a pass over [M, B, n];
-- ReLU runs in place and its mask is reused by the backward (`threshold_backward`,
-  in place); on CPU the same pass counts each feature's firings (kernels/native.py), so an
-  [M, B, n] tensor is touched by ReLU, its backward, and the GEMMs;
+- batched GEMMs over the member axis, and an [M, B, n] tensor is touched by the GEMMs and
+  two elementwise passes only: one after the encoder GEMM (bias, ReLU in place, firing
+  counts, code sums) and one after the GEMM giving dL/dcodes (the ReLU/top-k mask, in
+  place, with the L1 term and the encoder-bias gradient);
+- on CPU in float32 those two passes are C (kernels/native.py) and the GEMMs run at d
+  columns (`_native_sums`). Elsewhere (CUDA, torch.compile, bfloat16, no C compiler) they
+  are torch ops, and the bias and the L1 term ride in augmented GEMMs instead
+  (`_augmented_sums`): the encoder gets a bias column and the decoder a column of ones
+  (`D_aug = [D, 1]`), so the GEMM that reconstructs x also sums each row's codes (the L1
+  norm) and the one giving dL/dcodes also adds the L1 coefficient;
 - a chunk holds two [M, b, n] tensors at a time, the codes and dL/dcodes (plus top-k's own
-  when k > 0; without the C kernel, the firing tile's memory takes dL/dcodes);
+  when k > 0);
 - the b_dec gradient through the encoder is a GEMV, (sum_rows dL/dpre) @ W_enc, not
   the [B, d] GEMM that autograd runs for d(x - b_dec);
 - rows are processed in chunks of `row_chunk` with gradients accumulated, so on CPU an
@@ -90,6 +93,59 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     gives the reference: half the bytes per pass and twice the GEMM rate; the gradients are
     accumulated, and the loss, the normalisation and Adam computed, in float32.
     """
+    rows = decoder_rows(params, hp, layout)
+    norms = rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # F.normalize's eps
+    compiling = torch.compiler.is_compiling()
+    if not compiling and x.device.type == "cpu" and dtype == torch.float32 and native.available():
+        D = rows / norms
+        sums = _native_sums(params, hp, x, layout, row_chunk, D)
+    else:
+        D, sums = _augmented_sums(params, hp, x, layout, row_chunk, dtype, rows, norms)
+    return finish(params, hp, layout, D, norms, sums, x.shape[0])
+
+
+def _native_sums(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chunk: int | None, D: torch.Tensor) -> "Sums":
+    """The chunk loop on CPU in float32, with kernels/native.py's two passes over each code tile.
+
+    The GEMMs run at d columns: the first C pass adds the encoder bias, applies ReLU and sums
+    each feature's firings and codes; the second masks dL/dcodes, adds the L1 term and sums the
+    encoder-bias gradient. So an [M, b, n] tile is touched by the two passes and the GEMMs only.
+    """
+    W_enc, b_dec = params["W_enc"], params["b_dec"]
+    M, n, d = W_enc.shape
+    B = x.shape[0]
+    centre = (b_dec * hp["use_b_dec"].view(-1, 1)).unsqueeze(1)  # [M, 1, d]
+    bias = (params["b_enc"] - (1.0 - hp["feature_mask"]) * PAD_BIAS).contiguous()  # [M, n]
+    l1_grad = (hp["l1"] / B).float().contiguous()  # [M]: dL/dcode from the L1 term
+    mse_scale = 2.0 / (B * d)
+    g_D: torch.Tensor | None = None
+    g_W_enc: torch.Tensor | None = None
+    g_pre_sum, fired, code_total = (x.new_zeros(M, n) for _ in range(3))
+    g_xhat_sum = torch.zeros_like(b_dec)
+    squared_error = x.new_zeros(M)
+    for rows_x in x.split(row_chunk or B):
+        centred = rows_x.unsqueeze(0) - centre  # [M, b, d]
+        codes = torch.bmm(centred, W_enc.transpose(1, 2))  # pre-activations [M, b, n], then codes in place
+        if layout.k_max > 0:  # top-k ranks the biased pre-activations; the pass then only counts
+            codes = topk_codes(codes.add_(bias.unsqueeze(1)), hp, layout)
+            native.relu_count_(codes, fired, total=code_total)
+        else:
+            native.relu_count_(codes, fired, bias, code_total)
+        err = torch.baddbmm(centre, codes, D).sub_(rows_x)  # x_hat - x [M, b, d]
+        squared_error += torch.linalg.vecdot(err.flatten(1), err.flatten(1))
+        g_xhat = err.mul_(mse_scale)  # dL/dx_hat
+        g_pre = torch.bmm(g_xhat, D.transpose(1, 2))  # dL/dcodes, then dL/dpre in place
+        native.relu_backward_(g_pre, codes, l1_grad, g_pre_sum)
+        g_D = _accumulate(g_D, codes.transpose(1, 2), g_xhat)
+        g_W_enc = _accumulate(g_W_enc, g_pre.transpose(1, 2), centred)
+        g_xhat_sum += g_xhat.sum(1)
+    assert g_W_enc is not None and g_D is not None  # x has at least one row
+    return Sums(g_D, g_W_enc, g_pre_sum, g_xhat_sum, squared_error, code_total.sum(-1), fired)
+
+
+def _augmented_sums(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chunk: int | None,
+                    dtype: torch.dtype, rows: torch.Tensor, norms: torch.Tensor) -> tuple[torch.Tensor, "Sums"]:
+    """(unit decoder rows, the sums) with torch ops only: CUDA, torch.compile, bfloat16, no C compiler."""
     # Under torch.compile (training.compile) tensors are built and masked with plain ops: dynamo cannot
     # trace `out=` into a view (it would run the whole loop eagerly), and inductor fuses ReLU, the firing
     # test and its sum into one kernel. Eagerly, `out=` and in-place ops save passes and memory.
@@ -103,8 +159,6 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     W_aug = augmented_encoder(params, mask, d_aug)
     # Decoder [D, 1]: the reconstruction GEMM also sums each row's codes (the L1 norm), and the
     # GEMM giving dL/dcodes also adds the L1 coefficient.
-    rows = decoder_rows(params, hp, layout)
-    norms = rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # F.normalize's eps
     if compiling:  # as augmented_rows
         D = rows / norms
         D_aug = F.pad(torch.cat([D, torch.ones_like(D[..., :1])], -1), (0, d_aug - d - 1))
@@ -125,20 +179,13 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     l1_column = (hp["l1"] / B).view(-1, 1)  # [M, 1]: dL/dcode from the L1 term
     mse_scale = 2.0 / (B * d)
 
-    # CPU, float32: ReLU (a no-op on top-k codes) and the firing counts in one C pass (kernels/native.py).
-    count_in_c = not compiling and x.device.type == "cpu" and dtype == torch.float32 and native.available()
-
     for rows_x in x.split(row_chunk or B):
         xc_aug = augmented_rows(rows_x, centre, d_aug, dtype)
         pre = torch.bmm(xc_aug, W_aug.transpose(1, 2))  # [M, b, n]
         if layout.k_max > 0:
             codes = topk_codes(pre, hp, layout)
-        else:  # eagerly the ReLU runs in place, below
-            codes = pre.relu() if compiling else pre
-        if count_in_c:
-            native.relu_count_(codes, fired)
-        elif not compiling and layout.k_max == 0:
-            codes.relu_()
+        else:  # eagerly the ReLU runs in place
+            codes = pre.relu() if compiling else pre.relu_()
         xhat_aug = torch.baddbmm(centre_aug, codes, D_operand).float()  # [M, b, d_aug]; column d: sum of codes
         err = xhat_aug[..., :d] - rows_x
         squared_error += err.pow(2).sum((1, 2))
@@ -156,23 +203,19 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
             fired += fire.sum(1, dtype=torch.float32)
             g_pre = torch.where(fire, torch.bmm(g_operand, D_operand.transpose(1, 2)), 0.0)
         else:
-            if count_in_c:
-                g_pre = torch.bmm(g_operand, D_operand.transpose(1, 2))  # dL/dcodes [M, b, n]
-            else:
-                # Firing counts through a 0/1 tile: summing a bool tensor widens it to int64 first
-                # (a copy at 8 bytes per element: ~7x slower on CPU, ~2x on an H100); the tile's
-                # memory then takes dL/dcodes.
-                tile = torch.gt(codes, 0, out=torch.empty_like(codes))
-                fired += tile.sum(1, dtype=torch.float32)
-                g_pre = torch.bmm(g_operand, D_operand.transpose(1, 2), out=tile)
+            # Firing counts through a 0/1 tile: summing a bool tensor widens it to int64 first
+            # (a copy at 8 bytes per element: ~7x slower on CPU, ~2x on an H100); the tile's
+            # memory then takes dL/dcodes.
+            tile = torch.gt(codes, 0, out=torch.empty_like(codes))
+            fired += tile.sum(1, dtype=torch.float32)
+            g_pre = torch.bmm(g_operand, D_operand.transpose(1, 2), out=tile)
             torch.ops.aten.threshold_backward(g_pre, codes, 0.0, grad_input=g_pre)  # ReLU/top-k mask, in place
         g_D_aug = _accumulate(g_D_aug, codes.transpose(1, 2), g_operand)
         g_W_aug = _accumulate(g_W_aug, g_pre.transpose(1, 2), xc_aug)
         g_xhat_sum += g_aug[..., :d].sum(1)
 
     assert g_W_aug is not None and g_D_aug is not None  # x has at least one row
-    sums = Sums(g_D_aug[..., :d], g_W_aug[..., :d], g_W_aug[..., d], g_xhat_sum, squared_error, code_sum, fired)
-    return finish(params, hp, layout, D, norms, sums, B)
+    return D, Sums(g_D_aug[..., :d], g_W_aug[..., :d], g_W_aug[..., d], g_xhat_sum, squared_error, code_sum, fired)
 
 
 class Sums(NamedTuple):

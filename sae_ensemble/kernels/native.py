@@ -3,11 +3,15 @@
 - `adam_` (adam_cpu.c): Adam's update in one pass over memory. The torch ops of kernels/adam.py
   make nine passes over each chunk of params, gradients and moments; on the small SAEs an
   ensemble exists for, those passes took as long as the GEMMs (docs/benchmarks.md).
-- `relu_count_` (relu_cpu.c): ReLU in place and the firing counts in one pass over the code
-  tile, for kernels/dense.py, where the torch ops made five.
+- `relu_count_` and `relu_backward_` (relu_cpu.c): kernels/dense.py's CPU passes over the code
+  tiles. The first adds the encoder bias, applies ReLU and sums each feature's firings and codes;
+  the second masks dL/dcodes by the codes, adds the L1 term and sums each feature's gradient. The
+  torch ops made a pass for each of those steps, and the augmented GEMMs that fold the bias and
+  the L1 term in instead run ~7% slower at d + 1 columns (docs/benchmarks.md).
 
-Each gives bit for bit the numbers of the torch ops it replaces (tests/test_kernels.py compares
-them on random data), so it needs no tolerance of its own. Both are built with the machine's C
+Each gives bit for bit the elementwise numbers of the torch ops it replaces (tests/test_kernels.py
+compares them on random data), so it needs no tolerance of its own; its sums over rows differ from
+torch's reductions only by the order of the additions. Both are built with the machine's C
 compiler into one library in a cache keyed by the sources and the CPU; without a compiler, or
 off Linux, `available()` is False and the callers run the torch ops (a warning says so once).
 """
@@ -82,9 +86,9 @@ def _kernel():
         detail = getattr(error, "stderr", "") or error
         warnings.warn(f"Adam and ReLU run as torch ops: the C kernels did not build ({str(detail).strip()[:300]})", stacklevel=3)
         return None
-    library.adam_step.restype = library.relu_count.restype = None
+    library.adam_step.restype = library.relu_count.restype = library.relu_backward.restype = None
     library.adam_step.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float] * 7 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-    library.relu_count.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    library.relu_count.argtypes = library.relu_backward.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return library, vsqrt
 
 
@@ -105,8 +109,20 @@ def adam_(p, g, m, v, lr, betas: tuple[float, float], corrections: tuple[float, 
              b1, 1 - b1, b2, 1 - b2, c1, c2, eps, vsqrt, VML_MODE, torch.get_num_threads())
 
 
-def relu_count_(x: torch.Tensor, fired: torch.Tensor) -> None:
-    """ReLU x [M, rows, n] in place and add each feature's firing count (codes > 0) over the rows to fired [M, n]."""
-    assert fits(x, fired), "relu_count_ needs contiguous float32 CPU tensors"
+def relu_count_(x: torch.Tensor, fired: torch.Tensor, bias: torch.Tensor | None = None, total: torch.Tensor | None = None) -> None:
+    """x [M, rows, n] += bias [M, n], then ReLU in place; add each feature's firing count (codes > 0)
+    over the rows to fired [M, n] and, given total [M, n], its codes' sum."""
+    assert fits(x, fired, *(t for t in (bias, total) if t is not None)), "relu_count_ needs contiguous float32 CPU tensors"
     library, _ = _kernel()
-    library.relu_count(x.data_ptr(), fired.data_ptr(), *x.shape, torch.get_num_threads())
+    library.relu_count(x.data_ptr(), _pointer(bias), fired.data_ptr(), _pointer(total), *x.shape, torch.get_num_threads())
+
+
+def relu_backward_(g: torch.Tensor, codes: torch.Tensor, add: torch.Tensor, g_sum: torch.Tensor) -> None:
+    """g [M, rows, n] = g + add [M] where codes > 0, else 0 (in place); add each feature's sum over the rows to g_sum [M, n]."""
+    assert fits(g, codes, add, g_sum) and g.shape == codes.shape, "relu_backward_ needs contiguous float32 CPU tensors"
+    library, _ = _kernel()
+    library.relu_backward(g.data_ptr(), codes.data_ptr(), add.data_ptr(), g_sum.data_ptr(), *g.shape, torch.get_num_threads())
+
+
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()

@@ -1,29 +1,66 @@
-/* ReLU in place and each feature's firing count, in one pass over [M, rows, n] (float32, CPU):
- * kernels/native.py, called by kernels/dense.py.
+/* The two passes over the [M, rows, n] code tiles of kernels/dense.py's CPU path (float32):
+ * kernels/native.py.
  *
- * The torch ops it replaces make five passes over the code tile: clamp_min_ (ReLU), gt into a
- * float tile, and that tile's sum over rows. Same numbers: the ReLU is torch's (a NaN stays NaN,
- * -0.0 stays -0.0), and a count is a sum of 0s and 1s, exact in float32 below 2^24 rows. Work is
- * split over (member, block of columns), so a thread's counts stay in L1 while it walks the rows;
- * the threads are torch's own OpenMP pool (kernels/native.py). */
+ * relu_count: the encoder bias, ReLU in place, and each feature's firing count and code sum over
+ *   the rows. The torch ops make a pass each (the add, clamp_min_, a 0/1 tile, its sum over rows).
+ * relu_backward: dL/dcodes -> dL/dpre in place: the L1 term's constant added where the code fired,
+ *   0 where it did not (threshold_backward), and each feature's sum over the rows (the encoder-bias
+ *   gradient).
+ * The elementwise results and the counts are the torch ops' numbers bit for bit (a NaN stays NaN,
+ * -0.0 stays -0.0; a count is a sum of 0s and 1s, exact in float32 below 2^24 rows); the sums over
+ * rows are added in row order, so they differ from torch's reductions by rounding only.
+ * Work is split over (member, block of columns), so a thread's accumulators stay in L1 while it
+ * walks the rows and every run adds in the same order; the threads are torch's own OpenMP pool. */
+#include <stddef.h>
 #include <stdint.h>
 
 #define COLUMNS 512
 
-void relu_count(float *x, float *fired, int64_t members, int64_t rows, int64_t n, int threads) {
+static int threads_for(int64_t elements, int threads) {
+  return elements < (int64_t)65536 * threads ? 1 : threads; /* small tiles: threads cost more than they save */
+}
+
+void relu_count(float *x, const float *bias, float *fired, float *total, int64_t members, int64_t rows, int64_t n,
+                int threads) {
   int64_t blocks = (n + COLUMNS - 1) / COLUMNS, units = members * blocks;
-  if (members * rows * n < (int64_t)65536 * threads) threads = 1;  /* small tiles: threads cost more than they save */
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads_for(members * rows * n, threads)) schedule(static)
   for (int64_t unit = 0; unit < units; ++unit) {
     int64_t member = unit / blocks, first = unit % blocks * COLUMNS;
     int64_t width = n - first < COLUMNS ? n - first : COLUMNS;
     float *restrict count = fired + member * n + first;
+    float *restrict sum = total ? total + member * n + first : NULL;
+    const float *restrict b = bias ? bias + member * n + first : NULL;
     for (int64_t r = 0; r < rows; ++r) {
       float *restrict row = x + (member * rows + r) * n + first;
+      if (b)
+        for (int64_t i = 0; i < width; ++i) row[i] += b[i];
       for (int64_t i = 0; i < width; ++i) {
         float v = row[i] < 0.0f ? 0.0f : row[i];
         row[i] = v;
         count[i] += v > 0.0f ? 1.0f : 0.0f;
+      }
+      if (sum)
+        for (int64_t i = 0; i < width; ++i) sum[i] += row[i];
+    }
+  }
+}
+
+void relu_backward(float *g, const float *codes, const float *add, float *g_sum, int64_t members, int64_t rows,
+                   int64_t n, int threads) {
+  int64_t blocks = (n + COLUMNS - 1) / COLUMNS, units = members * blocks;
+#pragma omp parallel for num_threads(threads_for(members * rows * n, threads)) schedule(static)
+  for (int64_t unit = 0; unit < units; ++unit) {
+    int64_t member = unit / blocks, first = unit % blocks * COLUMNS;
+    int64_t width = n - first < COLUMNS ? n - first : COLUMNS;
+    float *restrict sum = g_sum + member * n + first;
+    float a = add[member];
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t start = (member * rows + r) * n + first;
+      float *restrict row = g + start;
+      const float *restrict code = codes + start;
+      for (int64_t i = 0; i < width; ++i) {
+        row[i] = code[i] <= 0.0f ? 0.0f : row[i] + a; /* threshold_backward's test: a NaN code passes */
+        sum[i] += row[i];
       }
     }
   }
