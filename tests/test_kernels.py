@@ -136,6 +136,20 @@ def test_one_pass_relu_backward_gives_threshold_backward_numbers():
         torch.testing.assert_close(g_sum, earlier + want.sum(1), equal_nan=True, msg=str(shape))
 
 
+def test_one_pass_normalisation_backward_equals_the_torch_ops():
+    """normalise_backward_ against vecdot, addcmul and div, on row lengths that split vector widths."""
+    assert native.available(), "the C kernels did not build (a compiler is on every machine we test on)"
+    generator = torch.Generator().manual_seed(2)
+    for shape in [(1, 1, 1), (3, 5, 7), (4, 300, 129)]:
+        rows = torch.randn(*shape, generator=generator)
+        norms = rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        D, g = rows / norms, torch.randn(*shape, generator=generator)
+        want = torch.addcmul(g, D, torch.linalg.vecdot(g, D).unsqueeze(-1), value=-1).div_(norms)
+        got = g.clone()
+        native.normalise_backward_(got, D, norms)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=str(shape))
+
+
 @pytest.mark.parametrize("kernel", [dense, sparse], ids=["dense", "sparse"])
 def test_kernel_gradients_and_stats_equal_reference_on_one_step(kernel):
     ensemble = train(TOPK, "reference", steps=5)

@@ -236,8 +236,12 @@ def finish(params: Params, hp: Hparams, layout: Layout, D: torch.Tensor, norms: 
     d = W_enc.shape[-1]
     mask = hp["feature_mask"]
     # Through the row normalisation D = rows / |rows|: project out the radial part.
-    radial = torch.linalg.vecdot(sums.g_D, D).unsqueeze(-1)  # [M, n, 1]
-    g_rows = torch.addcmul(sums.g_D, D, radial, value=-1).div_(norms)  # three passes over [M, n, d] instead of five
+    if not torch.compiler.is_compiling() and native.fits(sums.g_D, D, norms) and native.available():
+        g_rows = sums.g_D  # the accumulated sum is ours: one C pass, in place
+        native.normalise_backward_(g_rows, D, norms)
+    else:
+        radial = torch.linalg.vecdot(sums.g_D, D).unsqueeze(-1)  # [M, n, 1]
+        g_rows = torch.addcmul(sums.g_D, D, radial, value=-1).div_(norms)  # three passes over [M, n, d] instead of five
     g_W_enc = sums.g_W_enc.contiguous()  # a view into the augmented gradient: own it before adding
     if layout.all_tied:
         g_W_enc += g_rows

@@ -8,10 +8,13 @@
   the second masks dL/dcodes by the codes, adds the L1 term and sums each feature's gradient. The
   torch ops made a pass for each of those steps, and the augmented GEMMs that fold the bias and
   the L1 term in instead run ~7% slower at d + 1 columns (docs/benchmarks.md).
+- `normalise_backward_` (relu_cpu.c): the gradient through the decoder's row normalisation, a
+  row at a time, where the torch ops made three passes over [M, n, d].
 
 Each gives bit for bit the elementwise numbers of the torch ops it replaces (tests/test_kernels.py
-compares them on random data), so it needs no tolerance of its own; its sums over rows differ from
-torch's reductions only by the order of the additions. Both are built with the machine's C
+compares them on random data), so it needs no tolerance of its own; its sums (over rows, and the
+normalisation's dot products) differ from torch's reductions only by the order of the additions.
+They are built with the machine's C
 compiler into one library in a cache keyed by the sources and the CPU; without a compiler, or
 off Linux, `available()` is False and the callers run the torch ops (a warning says so once).
 """
@@ -89,6 +92,8 @@ def _kernel():
     library.adam_step.restype = library.relu_count.restype = library.relu_backward.restype = None
     library.adam_step.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float] * 7 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     library.relu_count.argtypes = library.relu_backward.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    library.normalise_backward.restype = None
+    library.normalise_backward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     return library, vsqrt
 
 
@@ -122,6 +127,14 @@ def relu_backward_(g: torch.Tensor, codes: torch.Tensor, add: torch.Tensor, g_su
     assert fits(g, codes, add, g_sum) and g.shape == codes.shape, "relu_backward_ needs contiguous float32 CPU tensors"
     library, _ = _kernel()
     library.relu_backward(g.data_ptr(), codes.data_ptr(), add.data_ptr(), g_sum.data_ptr(), *g.shape, torch.get_num_threads())
+
+
+def normalise_backward_(g: torch.Tensor, D: torch.Tensor, norms: torch.Tensor) -> None:
+    """g [..., d] = (g - D (g . D)) / norms [..., 1], in place: dL/drows from dL/dD, D = rows / norms."""
+    assert fits(g, D, norms) and g.shape == D.shape and norms.numel() * g.shape[-1] == g.numel(), \
+        "normalise_backward_ needs contiguous float32 CPU tensors of matching shapes"
+    library, _ = _kernel()
+    library.normalise_backward(g.data_ptr(), D.data_ptr(), norms.data_ptr(), norms.numel(), g.shape[-1], torch.get_num_threads())
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
