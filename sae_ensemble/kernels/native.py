@@ -108,33 +108,35 @@ def fits(*tensors: torch.Tensor) -> bool:
 
 def adam_(p, g, m, v, lr, betas: tuple[float, float], corrections: tuple[float, float], eps: float) -> None:
     """Update p, m and v ([M, ...], a chunk of members) in place with per-member learning rates lr [M]."""
-    library, vsqrt = _kernel()
     (b1, b2), (c1, c2) = betas, corrections
-    library.adam_step(p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), lr.data_ptr(), p.shape[0], p[0].numel(),
-             b1, 1 - b1, b2, 1 - b2, c1, c2, eps, vsqrt, VML_MODE, torch.get_num_threads())
+    _run("adam_step", p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), lr.data_ptr(), p.shape[0], p[0].numel(),
+         b1, 1 - b1, b2, 1 - b2, c1, c2, eps, _kernel()[1], VML_MODE, torch.get_num_threads())
 
 
 def relu_count_(x: torch.Tensor, fired: torch.Tensor, bias: torch.Tensor | None = None, total: torch.Tensor | None = None) -> None:
     """x [M, rows, n] += bias [M, n], then ReLU in place; add each feature's firing count (codes > 0)
     over the rows to fired [M, n] and, given total [M, n], its codes' sum."""
     assert fits(x, fired, *(t for t in (bias, total) if t is not None)), "relu_count_ needs contiguous float32 CPU tensors"
-    library, _ = _kernel()
-    library.relu_count(x.data_ptr(), _pointer(bias), fired.data_ptr(), _pointer(total), *x.shape, torch.get_num_threads())
+    _run("relu_count", x.data_ptr(), _pointer(bias), fired.data_ptr(), _pointer(total), *x.shape, torch.get_num_threads())
 
 
 def relu_backward_(g: torch.Tensor, codes: torch.Tensor, add: torch.Tensor, g_sum: torch.Tensor) -> None:
     """g [M, rows, n] = g + add [M] where codes > 0, else 0 (in place); add each feature's sum over the rows to g_sum [M, n]."""
     assert fits(g, codes, add, g_sum) and g.shape == codes.shape, "relu_backward_ needs contiguous float32 CPU tensors"
-    library, _ = _kernel()
-    library.relu_backward(g.data_ptr(), codes.data_ptr(), add.data_ptr(), g_sum.data_ptr(), *g.shape, torch.get_num_threads())
+    _run("relu_backward", g.data_ptr(), codes.data_ptr(), add.data_ptr(), g_sum.data_ptr(), *g.shape, torch.get_num_threads())
 
 
 def normalise_backward_(g: torch.Tensor, D: torch.Tensor, norms: torch.Tensor) -> None:
     """g [..., d] = (g - D (g . D)) / norms [..., 1], in place: dL/drows from dL/dD, D = rows / norms."""
     assert fits(g, D, norms) and g.shape == D.shape and norms.numel() * g.shape[-1] == g.numel(), \
         "normalise_backward_ needs contiguous float32 CPU tensors of matching shapes"
-    library, _ = _kernel()
-    library.normalise_backward(g.data_ptr(), D.data_ptr(), norms.data_ptr(), norms.numel(), g.shape[-1], torch.get_num_threads())
+    _run("normalise_backward", g.data_ptr(), D.data_ptr(), norms.data_ptr(), norms.numel(), g.shape[-1], torch.get_num_threads())
+
+
+def _run(name: str, *args) -> None:
+    """Call the library's `name` under a profiler label: torch.profiler's tables show the C kernels too."""
+    with torch.profiler.record_function(f"native::{name}"):
+        getattr(_kernel()[0], name)(*args)
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
