@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import torch
 
 from sae_ensemble.architectures import family
+from sae_ensemble.kernels import dense
 from sae_ensemble.member import Member
 
 BYTES = 4  # float32 state and activations
@@ -51,9 +52,13 @@ STEP_COST = {
     "reference": {"relu": (6.4, 5.1, 10.4), "tied": (6.6, 5.7, 9.8), "topk": (5.8, 10.1, 11.4),
                   "jumprelu": (6.6, 12.1, 11.4), "gated": (6.6, 13.1, 12.4), "batchtopk": (6.6, 13.1, 11.4),
                   "matryoshka": (6.6, 16.1, 14.4)},
-    "fused": {"relu": (3.5, 2.0, 4.5), "tied": (4.3, 2.8, 5.0), "topk": (3.6, 3.8, 4.5)},
+    "fused": {"relu": (1.7, 2.8, 3.5), "tied": (1.8, 2.8, 4.0), "topk": (1.4, 3.6, 3.6)},
     "sparse": {"relu": (3.0, 14.5, 6.3), "tied": (4.2, 13.1, 5.7), "topk": (3.5, 1.2, 5.3)},
 }
+# The fused step without kernels/native.py's C passes (CUDA workers; a CPU without a C compiler) builds
+# augmented operands and copies the weight gradient out of one (docs/kernels.md): about 2 P more. Fitted
+# on CPU on that path, before the C passes existed.
+TORCH_OPS_FUSED_COST = {"relu": (3.5, 2.0, 4.5), "tied": (4.3, 2.8, 5.0), "topk": (3.6, 3.8, 4.5)}
 # What `auto` may run: every candidate its autotuner times (ensemble.autotune), so the plan takes the
 # largest cost of them. The sparse kernel is timed for relu and tied members only once at most
 # SPARSE_DENSITY (5%) of their latents fire, where its CSR codes are small: it adds nothing then.
@@ -127,22 +132,29 @@ def resolve_budget(spec: str | int, devices: Sequence[str]) -> int:
 # -- the memory model ----------------------------------------------------------------------------
 
 
-def step_costs(execution: str, variant: str) -> tuple[float, float, float, float]:
-    """(c_P, c_A, c_X, c_M) of one member's step by `execution`: auto takes the largest over what it may run."""
+def step_costs(execution: str, variant: str, device: str = "cpu") -> tuple[float, float, float, float]:
+    """(c_P, c_A, c_X, c_M) of one member's step by `execution` on `device`: auto takes the largest over what it may run."""
     if execution != "auto" and execution not in STEP_COST:
         raise ValueError(f"execution={execution!r} has no memory model; known: auto, {', '.join(STEP_COST)}")
     paths = AUTO_CANDIDATES.get(variant, ("reference",)) if execution == "auto" else (execution,)
-    return tuple(max(values) for values in zip(*((*STEP_COST[path][variant], MICRO_BATCH_COST[path]) for path in paths)))
+    native = dense.native_path(device.split(":")[0])
+
+    def costs(path: str) -> tuple[float, ...]:
+        table = TORCH_OPS_FUSED_COST if path == "fused" and not native else STEP_COST[path]
+        return (*table[variant], MICRO_BATCH_COST[path])
+
+    return tuple(max(values) for values in zip(*(costs(path) for path in paths)))
 
 
-def ensemble_memory(members: Sequence[Member], batch_size: int, micro_batches: int = 1, execution: str = "reference") -> dict:
-    """state_bytes (held all run) and step_bytes (transient) of one ensemble stepped by `execution`; see the module doc."""
+def ensemble_memory(members: Sequence[Member], batch_size: int, micro_batches: int = 1, execution: str = "reference",
+                    device: str = "cpu") -> dict:
+    """state_bytes (held all run) and step_bytes (transient) of one ensemble stepped by `execution` on `device`; see the module doc."""
     m, n, d = len(members), max(x.dict_size for x in members), members[0].d_in
     params = BYTES * m * (2 * n * d + n + d)
     activations = BYTES * m * (batch_size // micro_batches) * n
     wide = BYTES * m * (batch_size // micro_batches) * d
     state = 3 * params + BYTES * m * (n + 8) + 8 * FIRING_BLOCKS * m * n
-    c_params, c_activations, c_wide, c_micro = (max(c) for c in zip(*(step_costs(execution, x.variant) for x in members)))
+    c_params, c_activations, c_wide, c_micro = (max(c) for c in zip(*(step_costs(execution, x.variant, device) for x in members)))
     step = c_params * params + c_activations * activations + c_wide * wide + (c_micro * params if micro_batches > 1 else 0)
     return {"state_bytes": int(state), "step_bytes": int(step)}
 
@@ -230,9 +242,9 @@ def fit_ensembles(members: Sequence[Member], batch_size: int, budget: int, devic
         chunks = [list(members[i : i + size]) for i in range(0, len(members), size)]
         micro = [k for k in _divisors(batch_size) if batch_size // k >= min(MIN_MICRO_ROWS, batch_size) or size == 1]
         for k in micro:
-            if all(stage_bytes([ensemble_memory(c, batch_size, k, execution)], batch_size, d, device) <= usable(budget, device) for c in chunks):
+            if all(stage_bytes([ensemble_memory(c, batch_size, k, execution, device)], batch_size, d, device) <= usable(budget, device) for c in chunks):
                 return [(c, k) for c in chunks]
-    least, member = max((stage_bytes([ensemble_memory([m], batch_size, batch_size, execution)], batch_size, d, device), m.member_id) for m in members)
+    least, member = max((stage_bytes([ensemble_memory([m], batch_size, batch_size, execution, device)], batch_size, d, device), m.member_id) for m in members)
     raise PlanError(f"member {member} needs {format_size(least)} even alone with micro-batches of one row, more than fits "
                     f"training.memory_budget={format_size(budget)}{_headroom_note(device)}; raise the budget, or use fewer features or a smaller d_in")
 
@@ -265,18 +277,18 @@ def make_plan(members: Sequence[Member], devices: Sequence[str], batch_size: int
         for size, kind in sorted({(m.dict_size, family(m.variant)) for m in group}, key=lambda key: (-key[0], key[1])):
             same = [m for m in group if m.dict_size == size and family(m.variant) == kind]
             for chunk, micro_batches in fit_ensembles(same, batch_size, budget, device, execution):
-                mine.append(_ensemble(len(ensembles) + len(mine), chunk, batch_size, micro_batches, execution))
+                mine.append(_ensemble(len(ensembles) + len(mine), chunk, batch_size, micro_batches, execution, device))
         ensembles += mine
         workers.append(_worker(device, mine, budget, batch_size, members[0].d_in))
     return {"batch_size": batch_size, "execution": execution, "budget_bytes": budget,
             "members": {m.member_id: m.to_dict() for m in members}, "ensembles": ensembles, "workers": workers}
 
 
-def _ensemble(index: int, members: list[Member], batch_size: int, micro_batches: int, execution: str) -> dict:
+def _ensemble(index: int, members: list[Member], batch_size: int, micro_batches: int, execution: str, device: str) -> dict:
     n, d = max(m.dict_size for m in members), members[0].d_in
     return {"index": index, "members": [m.member_id for m in members], "dict_sizes": sorted({m.dict_size for m in members}),
             "micro_batches": micro_batches, "padding_waste": round(1 - cost(members) / (len(members) * n * d), 4),
-            "flops_per_step": 12 * batch_size * d * n * len(members), **ensemble_memory(members, batch_size, micro_batches, execution)}
+            "flops_per_step": 12 * batch_size * d * n * len(members), **ensemble_memory(members, batch_size, micro_batches, execution, device)}
 
 
 def assign(plan: dict, devices: Sequence[str], budget: int, execution: str) -> dict:
@@ -289,7 +301,8 @@ def assign(plan: dict, devices: Sequence[str], budget: int, execution: str) -> d
     d_in = next(iter(plan["members"].values()))["d_in"]
     batch_size = plan["batch_size"]
     plan = {**plan, "execution": execution, "ensembles": [
-        {**e, **ensemble_memory(plan_members(plan, e["index"]), batch_size, e["micro_batches"], execution)} for e in plan["ensembles"]]}
+        {**e, **ensemble_memory(plan_members(plan, e["index"]), batch_size, e["micro_batches"], execution, devices[0])}
+        for e in plan["ensembles"]]}
     for e in plan["ensembles"]:
         needed = max(stage_bytes([e], batch_size, d_in, device) for device in devices)
         if any(stage_bytes([e], batch_size, d_in, device) > usable(budget, device) for device in devices):

@@ -6,6 +6,7 @@ import torch
 from benchmarks.scale import measure_step_peak
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.grid import Grid
+from sae_ensemble.kernels import native
 from sae_ensemble.member import Member
 from sae_ensemble.plan import (PlanError, assign, ensemble_memory, format_plan, make_plan, pack, parse_size, runtime_bytes,
                                stage_bytes)
@@ -94,6 +95,18 @@ def test_the_plan_models_the_execution_that_will_run():
         assign(fused, ["cpu:0"], 4 * 2**30, "reference")  # its pieces were cut for the fused path's smaller steps
     with pytest.raises(ValueError, match="execution='jit' has no memory model; known: auto, reference, fused, sparse"):
         ensemble_memory(members, 2048, 1, "jit")
+
+
+def test_the_fused_step_is_modelled_for_the_path_that_runs_on_its_device(monkeypatch):
+    """CPU workers run the fused step's C passes; CUDA workers, and CPUs without a C compiler, its
+    torch-ops path, which builds augmented operands: more memory per step."""
+    members = BIG[:4]
+    cpu, cuda = (ensemble_memory(members, 2048, 1, "fused", device)["step_bytes"] for device in ("cpu:0", "cuda:0"))
+    assert cpu < cuda
+    assert ensemble_memory(members, 2048, 1, "reference", "cpu:0") == ensemble_memory(members, 2048, 1, "reference", "cuda:0")
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert ensemble_memory(members, 2048, 1, "fused", "cpu:0")["step_bytes"] == cuda
+    assert make_plan(members, ["cpu:0"], 2048, 64 * 2**30, "fused")["ensembles"][0]["step_bytes"] == cuda
 
 
 def test_a_plan_splits_to_fit_its_budget_and_shows_how():

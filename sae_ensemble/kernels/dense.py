@@ -95,13 +95,18 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     """
     rows = decoder_rows(params, hp, layout)
     norms = rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # F.normalize's eps
-    compiling = torch.compiler.is_compiling()
-    if not compiling and x.device.type == "cpu" and dtype == torch.float32 and native.available():
+    if native_path(x.device.type, dtype):
         D = rows / norms
         sums = _native_sums(params, hp, x, layout, row_chunk, D)
     else:
         D, sums = _augmented_sums(params, hp, x, layout, row_chunk, dtype, rows, norms)
     return finish(params, hp, layout, D, norms, sums, x.shape[0])
+
+
+def native_path(device_type: str, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether `grads` runs `_native_sums` (and the plan models its memory): eagerly, on CPU, in float32,
+    where kernels/native.py's C kernels built."""
+    return not torch.compiler.is_compiling() and device_type == "cpu" and dtype == torch.float32 and native.available()
 
 
 def _native_sums(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chunk: int | None, D: torch.Tensor) -> "Sums":
