@@ -241,7 +241,7 @@ def finish(params: Params, hp: Hparams, layout: Layout, D: torch.Tensor, norms: 
     d = W_enc.shape[-1]
     mask = hp["feature_mask"]
     # Through the row normalisation D = rows / |rows|: project out the radial part.
-    if not torch.compiler.is_compiling() and native.fits(sums.g_D, D, norms) and native.available():
+    if native_path(D.device.type) and native.fits(sums.g_D, D, norms):  # not the augmented paths' strided views
         g_rows = sums.g_D  # the accumulated sum is ours: one C pass, in place
         native.normalise_backward_(g_rows, D, norms)
     else:

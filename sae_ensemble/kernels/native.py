@@ -14,9 +14,9 @@
 Each gives bit for bit the elementwise numbers of the torch ops it replaces (tests/test_kernels.py
 compares them on random data), so it needs no tolerance of its own; its sums (over rows, and the
 normalisation's dot products) differ from torch's reductions only by the order of the additions.
-They are built with the machine's C
-compiler into one library in a cache keyed by the sources and the CPU; without a compiler, or
-off Linux, `available()` is False and the callers run the torch ops (a warning says so once).
+They are built with the machine's C compiler into one library in a cache keyed by the sources and
+the CPU; without a compiler, or off Linux, `available()` is False and the callers run the torch
+ops (a warning says so once).
 """
 
 from __future__ import annotations
@@ -80,14 +80,14 @@ def _kernel():
     torch_lib = Path(torch.__file__).with_name("lib") / "libtorch_cpu.so"
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if not (torch.backends.mkl.is_available() and torch_lib.exists() and compiler and platform.system() == "Linux"):
-        warnings.warn("Adam and ReLU run as torch ops: no C compiler, or this torch does not take sqrt from MKL", stacklevel=3)
+        warnings.warn("Adam and the fused step's passes run as torch ops: no C compiler, or this torch does not take sqrt from MKL", stacklevel=3)
         return None
     try:
         vsqrt = ctypes.cast(ctypes.CDLL(str(torch_lib)).vmsSqrt, ctypes.c_void_p)
         library = ctypes.CDLL(str(_build(compiler)))
     except (OSError, AttributeError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or error
-        warnings.warn(f"Adam and ReLU run as torch ops: the C kernels did not build ({str(detail).strip()[:300]})", stacklevel=3)
+        warnings.warn(f"Adam and the fused step's passes run as torch ops: the C kernels did not build ({str(detail).strip()[:300]})", stacklevel=3)
         return None
     library.adam_step.restype = library.relu_count.restype = library.relu_backward.restype = None
     library.adam_step.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float] * 7 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
@@ -121,7 +121,8 @@ def relu_count_(x: torch.Tensor, fired: torch.Tensor, bias: torch.Tensor | None 
 
 
 def relu_backward_(g: torch.Tensor, codes: torch.Tensor, add: torch.Tensor, g_sum: torch.Tensor) -> None:
-    """g [M, rows, n] = g + add [M] where codes > 0, else 0 (in place); add each feature's sum over the rows to g_sum [M, n]."""
+    """g [M, rows, n] = g + add [M] where codes > 0 (or NaN, as threshold_backward), else 0, in place;
+    add each feature's sum over the rows to g_sum [M, n]."""
     assert fits(g, codes, add, g_sum) and g.shape == codes.shape, "relu_backward_ needs contiguous float32 CPU tensors"
     _run("relu_backward", g.data_ptr(), codes.data_ptr(), add.data_ptr(), g_sum.data_ptr(), *g.shape, torch.get_num_threads())
 

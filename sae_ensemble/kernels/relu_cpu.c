@@ -1,5 +1,5 @@
-/* The two passes over the [M, rows, n] code tiles of kernels/dense.py's CPU path (float32):
- * kernels/native.py.
+/* kernels/dense.py's passes on its CPU path (float32), called through kernels/native.py: two over
+ * the [M, rows, n] code tiles, and one over the decoder's [M, n, d] gradient (normalise_backward).
  *
  * relu_count: the encoder bias, ReLU in place, and each feature's firing count and code sum over
  *   the rows. The torch ops make a pass each (the add, clamp_min_, a 0/1 tile, its sum over rows).
