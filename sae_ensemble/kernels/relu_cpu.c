@@ -20,13 +20,20 @@ static int threads_for(int64_t elements, int threads) {
   return elements < (int64_t)65536 * threads ? 1 : threads; /* small tiles: threads cost more than they save */
 }
 
+/* Work unit `unit` of a tile split into (member, block of COLUMNS columns): its member, first column and width. */
+typedef struct { int64_t member, first, width; } span;
+static span unit_span(int64_t unit, int64_t n) {
+  int64_t blocks = (n + COLUMNS - 1) / COLUMNS, first = unit % blocks * COLUMNS;
+  return (span){unit / blocks, first, n - first < COLUMNS ? n - first : COLUMNS};
+}
+static int64_t units_of(int64_t members, int64_t n) { return members * ((n + COLUMNS - 1) / COLUMNS); }
+
 void relu_count(float *x, const float *bias, float *fired, float *total, int64_t members, int64_t rows, int64_t n,
                 int threads) {
-  int64_t blocks = (n + COLUMNS - 1) / COLUMNS, units = members * blocks;
 #pragma omp parallel for num_threads(threads_for(members * rows * n, threads)) schedule(static)
-  for (int64_t unit = 0; unit < units; ++unit) {
-    int64_t member = unit / blocks, first = unit % blocks * COLUMNS;
-    int64_t width = n - first < COLUMNS ? n - first : COLUMNS;
+  for (int64_t unit = 0; unit < units_of(members, n); ++unit) {
+    span u = unit_span(unit, n);
+    int64_t member = u.member, first = u.first, width = u.width;
     float *restrict count = fired + member * n + first;
     float *restrict sum = total ? total + member * n + first : NULL;
     const float *restrict b = bias ? bias + member * n + first : NULL;
@@ -47,11 +54,10 @@ void relu_count(float *x, const float *bias, float *fired, float *total, int64_t
 
 void relu_backward(float *g, const float *codes, const float *add, float *g_sum, int64_t members, int64_t rows,
                    int64_t n, int threads) {
-  int64_t blocks = (n + COLUMNS - 1) / COLUMNS, units = members * blocks;
 #pragma omp parallel for num_threads(threads_for(members * rows * n, threads)) schedule(static)
-  for (int64_t unit = 0; unit < units; ++unit) {
-    int64_t member = unit / blocks, first = unit % blocks * COLUMNS;
-    int64_t width = n - first < COLUMNS ? n - first : COLUMNS;
+  for (int64_t unit = 0; unit < units_of(members, n); ++unit) {
+    span u = unit_span(unit, n);
+    int64_t member = u.member, first = u.first, width = u.width;
     float *restrict sum = g_sum + member * n + first;
     float a = add[member];
     for (int64_t r = 0; r < rows; ++r) {
