@@ -164,6 +164,9 @@ class Ensemble:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
             self._dense_grads = torch.compile(kernels.dense.grads, dynamic=False)
             self._adam_step = torch.compile(kernels.adam.step_, dynamic=False)
+        # Adam decides on the host who steps (CPU, eager) or selects on the device (CUDA, compiled): in a
+        # compiled step, a host read in Adam's loop makes dynamo give up on the whole frame and run it eagerly.
+        self._check_on_host = self.device.type != "cuda" and not compile
 
         arch = self.architecture
         grad_fn = torch.func.grad(arch.loss, has_aux=True)
@@ -316,7 +319,7 @@ class Ensemble:
         ok = self.alive & torch.isfinite(aux["loss"])
         if self.execution in ("fused", "sparse"):
             taken = self._adam_step(self.params, grads, self.opt_state.mu, self.opt_state.nu, self._device_step + 1, lr, ok,
-                                       ADAM_BETAS, ADAM_EPS, check_on_host=self.device.type != "cuda")
+                                       ADAM_BETAS, ADAM_EPS, check_on_host=self._check_on_host)
             for count in self.opt_state.count.values():
                 count.add_(1)
         else:
