@@ -146,6 +146,7 @@ def run_case(d: int, dict_sizes: list[int], n_members: int, batch_size: int, ste
         "ensemble_step_ms": round(ensemble_time * 1e3, 2),
         "sequential_step_ms": round(sequential_time * 1e3, 2),
         "execution": chosen,
+        "autotune_ms": [e.autotune_report for e in ensembles],  # each candidate's ms per gradient, as the autotuner timed it
     }
     return result
 

@@ -216,7 +216,7 @@ def steps(work: Path, python: str) -> list[Step]:
         Step("tests", [python, "-m", "pytest", "-q", "-s", "-m", "cuda", "-p", "no:cacheprovider", "-o", "faulthandler_timeout=90",
                        f"--junitxml={work / 'junit.xml'}", *cuda_test_files()], 200, parse_tests, "CUDA-marked tests",
              lambda f: None if f.get("passed") else "no CUDA test passed (all skipped?)"),
-        Step("bench_ensemble", [python, "-m", "benchmarks.ensemble", "--device", "cuda"], 180, parse_ensemble, "ensemble throughput"),
+        Step("bench_ensemble", [python, "-m", "benchmarks.ensemble", "--device", "cuda"], 240, parse_ensemble, "ensemble throughput"),
         Step("bench_store", [python, "-m", "benchmarks.store", "--device", "cuda"], 150, parse_last_json, "store feed and harvest"),
         Step("sweep_default", [python, "sweep.py", *SWEEP_ARGS, f"hydra.run.dir={default_dir}", f"data.store_root={stores}"],
              150, parse_sweep(default_dir), "default synthetic sweep", _wrote_summary),

@@ -44,10 +44,16 @@ def test_fused_training_equals_reference_for_every_variant(reference_mixed, row_
     assert_same_members(train(MIXED, "fused", row_chunk=row_chunk), reference_mixed)
 
 
-def test_fused_training_without_the_c_kernels_equals_reference(reference_mixed, monkeypatch):
-    # Where no C compiler is found, the fused step runs ReLU, the firing counts and Adam as torch ops.
+@pytest.mark.parametrize("augmented", [None, False], ids=["default", "at-d-columns"])
+def test_fused_training_without_the_c_kernels_equals_reference(reference_mixed, monkeypatch, augmented):
+    # Where no C compiler is found, the fused step runs ReLU, the firing counts and Adam as torch ops:
+    # eagerly with augmented GEMMs by default; at d columns, the torch passes that torch.compile fuses.
     monkeypatch.setattr(native, "available", lambda: False)
-    assert_same_members(train(MIXED, "fused", row_chunk=24), reference_mixed)
+    ensemble = Ensemble(MIXED, total_steps=STEPS, execution="fused")
+    ensemble.row_chunk, ensemble.augmented = 24, augmented
+    for batch in sparse_batches(STEPS):
+        ensemble.step(batch)
+    assert_same_members(ensemble, reference_mixed)
 
 
 @pytest.mark.parametrize("execution", ["fused", "sparse"])
@@ -175,12 +181,14 @@ def test_bf16_dense_kernel_stays_within_bf16_rounding_of_the_float32_reference()
     batch = sparse_batches(1, seed=3)[0]
     hparams = {**ensemble.hparams, "l1": ensemble.schedules(5)[1]}
     want_grads, want_aux = ensemble._reference(batch, hparams)
-    grads, aux = dense.grads(ensemble.params, hparams, batch, ensemble.layout, dtype=torch.bfloat16)
-    for name in want_grads:  # bf16 keeps 8 mantissa bits: ~0.4% per rounding
-        assert grads[name].dtype == torch.float32
-        assert relative_error(grads[name], want_grads[name]) < 3e-2, name
-    for name in ("loss", "mse", "l1_norm"):
-        assert relative_error(aux[name], want_aux[name]) < 1e-2, name
+    for augmented in (True, False):  # eager CUDA's layout; compiled CUDA's default
+        grads, aux = dense.grads(ensemble.params, hparams, batch, ensemble.layout, dtype=torch.bfloat16, augmented=augmented)
+        for name in want_grads:  # bf16 keeps 8 mantissa bits: ~0.4% per rounding
+            assert grads[name].dtype == torch.float32
+            assert relative_error(grads[name], want_grads[name]) < 3e-2, (augmented, name)
+        for name in ("loss", "mse", "l1_norm"):
+            assert relative_error(aux[name], want_aux[name]) < 1e-2, (augmented, name)
+        assert relative_error(aux["fired"], want_aux["fired"]) < 3e-2, augmented  # bf16 rounding flips codes near 0
 
 
 @pytest.mark.parametrize("execution", ["reference", "fused"])
@@ -294,8 +302,9 @@ def test_a_non_finite_step_is_skipped_and_freezes_only_after_freeze_after_in_a_r
 
 
 @cuda
-def test_cuda_bf16_autocast_fused_step_matches_the_reference_autocast_step():
-    ensemble = Ensemble(MIXED, total_steps=STEPS, device="cuda", autocast_bf16=True, execution="fused")
+@pytest.mark.parametrize("compile", [False, True], ids=["eager-augmented", "compiled-at-d-columns"])
+def test_cuda_bf16_autocast_fused_step_matches_the_reference_autocast_step(compile):
+    ensemble = Ensemble(MIXED, total_steps=STEPS, device="cuda", autocast_bf16=True, execution="fused", compile=compile)
     batch = sparse_batches(1, seed=3)[0].cuda()
     hparams = {**ensemble.hparams}
     fused_grads, _ = ensemble.grads(batch, hparams)
@@ -322,21 +331,38 @@ def test_cuda_graph_replay_of_the_fused_step_equals_eager_steps():
     assert torch.isfinite(stats["loss"]).all()
 
 
-def test_compiled_kernels_train_like_the_eager_kernels(reference_mixed):
-    """torch.compile (training.compile, CUDA workers) changes the code that runs, never the result.
-    Inductor's CPU backend compiles here (about half a minute), so CI checks the compiled arithmetic."""
+@pytest.mark.parametrize("augmented", [None, True], ids=["at-d-columns", "augmented"])
+def test_compiled_kernels_train_like_the_eager_kernels(reference_mixed, augmented):
+    """torch.compile (training.compile, CUDA workers) changes the code that runs, never the result, in
+    either GEMM layout the autotuner times. Inductor's CPU backend compiles here, so CI checks the
+    compiled arithmetic."""
     compiled = Ensemble(MIXED, total_steps=STEPS, execution="fused", compile=True)
+    compiled.augmented = augmented
     for batch in sparse_batches(STEPS):
         compiled.step(batch)
     assert_same_members(compiled, reference_mixed)
 
 
+def test_autotune_of_a_compiled_ensemble_times_both_gemm_layouts():
+    """Compiled, the fused kernel's passes fuse either way, so which layout is faster (GEMMs at d columns,
+    or augmented ones with fewer reductions) is the device's to say: both are candidates."""
+    tuned = Ensemble(MIXED, total_steps=STEPS, execution="auto", compile=True)
+    tuned.row_chunk = None
+    batch = sparse_batches(1)[0]
+    tuned.autotune(batch)
+    rows = batch.shape[0]
+    assert {"reference", f"fused(rows={rows})", f"fused(rows={rows}, augmented)"} <= set(tuned.autotune_report)
+    assert tuned.choice in tuned.autotune_report
+
+
 @cuda
-def test_cuda_compiled_graphed_step_equals_the_cpu_reference(reference_mixed):
+@pytest.mark.parametrize("augmented", [None, True], ids=["at-d-columns", "augmented"])
+def test_cuda_compiled_graphed_step_equals_the_cpu_reference(reference_mixed, augmented):
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         on_gpu = Ensemble(MIXED, total_steps=STEPS, device="cuda", execution="fused", compile=True)
+        on_gpu.augmented = augmented
         for batch in sparse_batches(STEPS):
             on_gpu.step(batch.cuda())
     finally:
