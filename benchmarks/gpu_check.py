@@ -1,7 +1,7 @@
 """Everything that needs a GPU, checked and measured in one go (`make gpu-check`).
 
     python -m benchmarks.gpu_check                 # on the visible GPUs
-    python -m benchmarks.gpu_check --budget 300    # seconds for all steps together (default 500)
+    python -m benchmarks.gpu_check --budget 300    # seconds for all steps together (default 560)
     python -m benchmarks.gpu_check --only tests,sweep_lm
 
 Steps, each in its own process group with its own timeout; one failing never stops the next:
@@ -216,7 +216,7 @@ def steps(work: Path, python: str) -> list[Step]:
         Step("tests", [python, "-m", "pytest", "-q", "-s", "-m", "cuda", "-p", "no:cacheprovider", "-o", "faulthandler_timeout=90",
                        f"--junitxml={work / 'junit.xml'}", *cuda_test_files()], 200, parse_tests, "CUDA-marked tests",
              lambda f: None if f.get("passed") else "no CUDA test passed (all skipped?)"),
-        Step("bench_ensemble", [python, "-m", "benchmarks.ensemble", "--device", "cuda"], 240, parse_ensemble, "ensemble throughput"),
+        Step("bench_ensemble", [python, "-m", "benchmarks.ensemble", "--device", "cuda"], 330, parse_ensemble, "ensemble throughput"),
         Step("bench_store", [python, "-m", "benchmarks.store", "--device", "cuda"], 150, parse_last_json, "store feed and harvest"),
         Step("sweep_default", [python, "sweep.py", *SWEEP_ARGS, f"hydra.run.dir={default_dir}", f"data.store_root={stores}"],
              150, parse_sweep(default_dir), "default synthetic sweep", _wrote_summary),
@@ -298,7 +298,7 @@ def markdown(env: dict, results: list[Result], descriptions: dict[str, str]) -> 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=500, help="seconds for all steps together (default 500)")
+    parser.add_argument("--budget", type=float, default=560, help="seconds for all steps together (default 560)")
     parser.add_argument("--only", help="comma-separated step names to run (default: all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():

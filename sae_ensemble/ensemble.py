@@ -127,7 +127,7 @@ class Ensemble:
         self.execution = execution
         self.retune = execution == "auto"  # re-time the candidates every RETUNE_EVERY steps: L0 changes as members learn
         self.row_chunk: int | None = None  # rows per kernel call (None: the whole micro-batch); set by autotune
-        self.augmented: bool | None = None  # the fused kernel's GEMM layout (kernels.dense.grads; None: its default); set by autotune
+        self.passes: str | None = None  # where the fused kernel works between its GEMMs (kernels.dense.PASSES; None: its default); set by autotune
         self.autotune_report: dict[str, float] = {}
         self.choice = execution  # what the step runs, as the autotuner names it
 
@@ -231,7 +231,7 @@ class Ensemble:
             return kernels.sparse.grads(self.params, hparams, batch, self.layout, row_chunk=chunk)
         if self.execution == "fused":
             dtype = torch.bfloat16 if self.autocast_bf16 else torch.float32
-            return self._dense_grads(self.params, hparams, batch, self.layout, row_chunk=chunk, dtype=dtype, augmented=self.augmented)
+            return self._dense_grads(self.params, hparams, batch, self.layout, row_chunk=chunk, dtype=dtype, passes=self.passes)
         if self.micro_batches == 1:
             return self._reference(batch, hparams)
         total: dict[str, torch.Tensor] = {}
@@ -259,8 +259,8 @@ class Ensemble:
 
         Only the (pure) gradient computation is timed, so tuning changes no state. Candidates:
         the reference; the fused kernel over the whole micro-batch and, on CPU, over row
-        chunks whose [M, chunk, n] tiles fit in cache, and when compiled both its GEMM layouts
-        (at d columns, and augmented: kernels/dense.py); the sparse kernel for all-topk
+        chunks whose [M, chunk, n] tiles fit in cache, and on CUDA its other `passes` that apply
+        (kernels/dense.py: augmented GEMMs when compiled, Triton epilogues); the sparse kernel for all-topk
         ensembles, and for others once the measured L0 is at most SPARSE_DENSITY of the
         features (the density decides whether the sparse products can win at all).
         """
@@ -270,30 +270,38 @@ class Ensemble:
         if self.device.type == "cpu":
             row_bytes = len(self) * self.n_padded * 4
             chunks += [c for c in (2**i for i in range(5, 12)) if c < micro_rows and c * row_bytes <= 2**24][-2:]
-        timings: dict[tuple[str, int | None, bool | None], float] = {}
+        timings: dict[tuple[str, int | None, str | None], float] = {}
 
-        def measure(kind: str, chunk: int | None, augmented: bool | None = None):
-            self.execution, self.row_chunk, self.augmented = kind, chunk, augmented
+        def measure(kind: str, chunk: int | None, passes: str | None = None):
+            self.execution, self.row_chunk, self.passes = kind, chunk, passes
             aux = {}
             try:
-                timings[(kind, chunk, augmented)] = timed(lambda: aux.update(self.grads(batch, hparams)[1]), 2, self.device)
+                timings[(kind, chunk, passes)] = timed(lambda: aux.update(self.grads(batch, hparams)[1]), 2, self.device)
             except torch.OutOfMemoryError:
                 pass
+            except Exception as error:  # noqa: BLE001 - a candidate that cannot run here is not a candidate
+                if kind == "reference" or passes is None:
+                    raise
+                warnings.warn(f"autotune: fused(passes={passes}) failed and is left out: {type(error).__name__}: {error}")
             return aux
 
         aux = measure("reference", None)
+        dtype = torch.bfloat16 if self.autocast_bf16 else torch.float32
+        applicable = kernels.dense.applicable_passes(self.device, dtype, self.layout)
+        # Eagerly `default_passes` knows the fastest; compiled, the layouts fuse alike and only timing can say.
+        others = [p for p in ("augmented", "epilogue") if p in applicable and (self.compiled if p == "augmented" else self.device.type == "cuda")]
         for chunk in chunks:
             aux = measure("fused", chunk) or aux
-            if self.compiled:  # eagerly, `uses_augmented` knows the faster layout; compiled, only timing does
-                measure("fused", chunk, augmented=True)
+            for passes in others:
+                measure("fused", chunk, passes)
         if not self.autocast_bf16:  # the sparse kernel runs in float32
             density = float((aux["l0"] / self.hparams["feature_mask"].sum(-1)).max()) if aux else 1.0
             if self.layout.all_topk or density <= SPARSE_DENSITY:
                 for chunk in chunks:
                     measure("sparse", chunk)
-        (self.execution, self.row_chunk, self.augmented), _ = min(timings.items(), key=lambda item: item[1])
+        (self.execution, self.row_chunk, self.passes), _ = min(timings.items(), key=lambda item: item[1])
         self.autotune_report = {_describe(*key): round(seconds * 1e3, 3) for key, seconds in timings.items()}
-        self.choice = _describe(self.execution, self.row_chunk, self.augmented)
+        self.choice = _describe(self.execution, self.row_chunk, self.passes)
         return self.choice
 
     def step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -477,8 +485,8 @@ def timed(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def _describe(kind: str, chunk: int | None, augmented: bool | None = None) -> str:
-    options = ([f"rows={chunk}"] if chunk is not None else []) + (["augmented"] if augmented else [])
+def _describe(kind: str, chunk: int | None, passes: str | None = None) -> str:
+    options = ([f"rows={chunk}"] if chunk is not None else []) + ([passes] if passes else [])
     return f"{kind}({', '.join(options)})" if options else kind
 
 

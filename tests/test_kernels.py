@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sae_ensemble.ensemble import Ensemble
-from sae_ensemble.kernels import adam, dense, native, sparse
+from sae_ensemble.kernels import adam, dense, epilogue, native, sparse
 from sae_ensemble.member import Member
 from test_ensemble import D_IN, MIXED, STEPS, sparse_batches
 
@@ -33,9 +33,24 @@ def assert_same_members(a: Ensemble, b: Ensemble, atol: float = 1e-5) -> None:
     assert torch.equal(a.alive.cpu(), b.alive.cpu())
 
 
+DENSE = [m for m in MIXED if m.variant != "topk"]  # relu and tied, 5 dict sizes: what the GEMM epilogues run
+
+
 @pytest.fixture(scope="module")
 def reference_mixed():
     return train(MIXED, "reference")
+
+
+@pytest.fixture
+def epilogue_device():
+    """Where kernels/epilogue.py's Triton kernels run: CUDA, or without it Triton's interpreter on CPU
+    tensors (tests/conftest.py turns it on), so CI checks the kernels' arithmetic."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert epilogue.available(device), "Triton is pinned in requirements.txt"
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # float32 products on CUDA too (the kernel follows torch's setting)
+    yield device
+    torch.set_float32_matmul_precision(previous)
 
 
 @pytest.mark.parametrize("row_chunk", [None, 24])
@@ -44,16 +59,59 @@ def test_fused_training_equals_reference_for_every_variant(reference_mixed, row_
     assert_same_members(train(MIXED, "fused", row_chunk=row_chunk), reference_mixed)
 
 
-@pytest.mark.parametrize("augmented", [None, False], ids=["default", "at-d-columns"])
-def test_fused_training_without_the_c_kernels_equals_reference(reference_mixed, monkeypatch, augmented):
+@pytest.mark.parametrize("passes", [None, "torch"], ids=["default", "at-d-columns"])
+def test_fused_training_without_the_c_kernels_equals_reference(reference_mixed, monkeypatch, passes):
     # Where no C compiler is found, the fused step runs ReLU, the firing counts and Adam as torch ops:
     # eagerly with augmented GEMMs by default; at d columns, the torch passes that torch.compile fuses.
     monkeypatch.setattr(native, "available", lambda: False)
     ensemble = Ensemble(MIXED, total_steps=STEPS, execution="fused")
-    ensemble.row_chunk, ensemble.augmented = 24, augmented
+    ensemble.row_chunk, ensemble.passes = 24, passes
     for batch in sparse_batches(STEPS):
         ensemble.step(batch)
     assert_same_members(ensemble, reference_mixed)
+
+
+def exact_operands(*shape, seed):
+    """Multiples of 1/4 in [-1, 1]: their products and short sums are exact in float32, so GEMMs by
+    different code give the same numbers bit for bit (and exact zeros, to test the masks' edges)."""
+    return torch.randint(-4, 5, shape, generator=torch.Generator().manual_seed(seed)).float() / 4
+
+
+def test_epilogue_gemms_equal_the_gemm_then_the_torch_passes(epilogue_device):
+    # Shapes that leave partial tiles on every axis: rows past a BLOCK_ROWS block, n and d off the tile sizes.
+    M, rows, n, d = 2, epilogue.BLOCK_ROWS + 22, 80, 40
+    centred, W, g_xhat, D = (exact_operands(M, r, d, seed=s).to(epilogue_device) for s, r in enumerate((rows, n, rows, n)))
+    centred[1, 5] = float("nan")  # a NaN row: NaN codes, which the mask lets through as threshold_backward does
+    bias, add = exact_operands(M, n, seed=4).to(epilogue_device), torch.tensor([0.25, -0.5], device=epilogue_device)
+    fired, total, g_sum = (torch.full((M, n), 1.0, device=epilogue_device) for _ in range(3))  # the kernels add to these
+
+    codes = epilogue.encode(centred, W, bias, fired, total)
+    pre = torch.bmm(centred, W.transpose(1, 2)) + bias.unsqueeze(1)
+    want = pre.relu()
+    assert torch.equal(codes.isnan(), want.isnan()) and torch.equal(codes.nan_to_num(), want.nan_to_num())
+    assert (want == 0).any() and (pre == 0).any()  # the edges were exercised
+    torch.testing.assert_close(fired, 1 + (want > 0).sum(1, dtype=torch.float32), rtol=0, atol=0)
+    torch.testing.assert_close(total, 1 + want.sum(1), equal_nan=True)
+
+    g_pre = epilogue.backward(g_xhat, D, codes, add, g_sum)
+    want_g = torch.ops.aten.threshold_backward(torch.bmm(g_xhat, D.transpose(1, 2)) + add.view(-1, 1, 1), want, 0.0)
+    assert torch.equal(g_pre.isnan(), want_g.isnan()) and torch.equal(g_pre.nan_to_num(), want_g.nan_to_num())
+    torch.testing.assert_close(g_sum, 1 + want_g.sum(1), equal_nan=True)
+
+    low = epilogue.encode(centred.bfloat16(), W.bfloat16(), bias, fired, total)  # bf16 operands: exact products here
+    assert low.dtype == torch.bfloat16 and torch.equal(low.float().nan_to_num(), want.bfloat16().float().nan_to_num())
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_fused_training_with_the_gemm_epilogues_equals_reference(epilogue_device, compile):
+    # Compiled, the launch is a custom op in inductor's graph (no graph break); on CUDA the step is also graphed.
+    ensemble = Ensemble(DENSE, total_steps=STEPS, execution="fused", device=epilogue_device, compile=compile)
+    ensemble.row_chunk, ensemble.passes = 40, "epilogue"  # two chunks per batch, one of them partial
+    for batch in sparse_batches(STEPS):
+        ensemble.step(batch.to(epilogue_device))
+    assert_same_members(ensemble, train(DENSE, "reference"), atol=1e-5 if epilogue_device.type == "cpu" else 1e-4)
+    with pytest.raises(ValueError, match="passes='epilogue' does not run here .* allowed: c, torch, augmented$"):
+        dense.grads(*(lambda e: (e.params, e.hparams, sparse_batches(1)[0], e.layout))(Ensemble(MIXED, 1)), passes="epilogue")
 
 
 @pytest.mark.parametrize("execution", ["fused", "sparse"])
@@ -181,14 +239,14 @@ def test_bf16_dense_kernel_stays_within_bf16_rounding_of_the_float32_reference()
     batch = sparse_batches(1, seed=3)[0]
     hparams = {**ensemble.hparams, "l1": ensemble.schedules(5)[1]}
     want_grads, want_aux = ensemble._reference(batch, hparams)
-    for augmented in (True, False):  # eager CUDA's layout; compiled CUDA's default
-        grads, aux = dense.grads(ensemble.params, hparams, batch, ensemble.layout, dtype=torch.bfloat16, augmented=augmented)
+    for passes in ("augmented", "torch"):  # eager CUDA's; compiled CUDA's default
+        grads, aux = dense.grads(ensemble.params, hparams, batch, ensemble.layout, dtype=torch.bfloat16, passes=passes)
         for name in want_grads:  # bf16 keeps 8 mantissa bits: ~0.4% per rounding
             assert grads[name].dtype == torch.float32
-            assert relative_error(grads[name], want_grads[name]) < 3e-2, (augmented, name)
+            assert relative_error(grads[name], want_grads[name]) < 3e-2, (passes, name)
         for name in ("loss", "mse", "l1_norm"):
-            assert relative_error(aux[name], want_aux[name]) < 1e-2, (augmented, name)
-        assert relative_error(aux["fired"], want_aux["fired"]) < 3e-2, augmented  # bf16 rounding flips codes near 0
+            assert relative_error(aux[name], want_aux[name]) < 1e-2, (passes, name)
+        assert relative_error(aux["fired"], want_aux["fired"]) < 3e-2, passes  # bf16 rounding flips codes near 0
 
 
 @pytest.mark.parametrize("execution", ["reference", "fused"])
@@ -331,13 +389,13 @@ def test_cuda_graph_replay_of_the_fused_step_equals_eager_steps():
     assert torch.isfinite(stats["loss"]).all()
 
 
-@pytest.mark.parametrize("augmented", [None, True], ids=["at-d-columns", "augmented"])
-def test_compiled_kernels_train_like_the_eager_kernels(reference_mixed, augmented):
+@pytest.mark.parametrize("passes", [None, "augmented"], ids=["at-d-columns", "augmented"])
+def test_compiled_kernels_train_like_the_eager_kernels(reference_mixed, passes):
     """torch.compile (training.compile, CUDA workers) changes the code that runs, never the result, in
     either GEMM layout the autotuner times. Inductor's CPU backend compiles here, so CI checks the
     compiled arithmetic."""
     compiled = Ensemble(MIXED, total_steps=STEPS, execution="fused", compile=True)
-    compiled.augmented = augmented
+    compiled.passes = passes
     for batch in sparse_batches(STEPS):
         compiled.step(batch)
     assert_same_members(compiled, reference_mixed)
@@ -356,13 +414,13 @@ def test_autotune_of_a_compiled_ensemble_times_both_gemm_layouts():
 
 
 @cuda
-@pytest.mark.parametrize("augmented", [None, True], ids=["at-d-columns", "augmented"])
-def test_cuda_compiled_graphed_step_equals_the_cpu_reference(reference_mixed, augmented):
+@pytest.mark.parametrize("passes", [None, "augmented"], ids=["at-d-columns", "augmented"])
+def test_cuda_compiled_graphed_step_equals_the_cpu_reference(reference_mixed, passes):
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         on_gpu = Ensemble(MIXED, total_steps=STEPS, device="cuda", execution="fused", compile=True)
-        on_gpu.augmented = augmented
+        on_gpu.passes = passes
         for batch in sparse_batches(STEPS):
             on_gpu.step(batch.cuda())
     finally:

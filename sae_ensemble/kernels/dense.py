@@ -8,14 +8,15 @@ leading member axis), computed without autograd:
   two elementwise passes only: one after the encoder GEMM (bias, ReLU in place, firing
   counts, code sums) and one after the GEMM giving dL/dcodes (the ReLU/top-k mask, in
   place, with the L1 term and the encoder-bias gradient);
-- the GEMMs run at d columns (`_direct_sums`) and the two passes add the bias and the L1
-  term: kernels/native.py's C on CPU in float32, torch ops under torch.compile (which fuses
-  each pass into one kernel). Eagerly off the C path (CUDA without compile, no C compiler)
-  the torch ops would make a pass per step, so there the bias and the L1 term ride in
-  augmented GEMMs instead (`_augmented_sums`): the encoder gets a bias column and the decoder
-  a column of ones (`D_aug = [D, 1]`), so the GEMM that reconstructs x also sums each row's
-  codes (the L1 norm) and the one giving dL/dcodes also adds the L1 coefficient. Under
-  torch.compile the autotuner times both layouts;
+- where that work happens is `passes` (PASSES). The GEMMs run at d columns (`_direct_sums`)
+  and the two passes add the bias and the L1 term: kernels/native.py's C on CPU in float32,
+  torch ops under torch.compile (which fuses each pass into one kernel), or the epilogues of
+  the GEMMs that produce the tiles (kernels/epilogue.py, Triton on CUDA). Eagerly off the C
+  path (CUDA without compile, no C compiler) the torch ops would make a pass per step, so
+  there the bias and the L1 term ride in augmented GEMMs instead (`_augmented_sums`): the
+  encoder gets a bias column and the decoder a column of ones (`D_aug = [D, 1]`), so the GEMM
+  that reconstructs x also sums each row's codes (the L1 norm) and the one giving dL/dcodes
+  also adds the L1 coefficient. The autotuner times the choices that apply (ensemble.py);
 - a chunk holds two [M, b, n] tensors at a time, the codes and dL/dcodes (plus top-k's own
   when k > 0);
 - the b_dec gradient through the encoder is a GEMV, (sum_rows dL/dpre) @ W_enc, not
@@ -33,7 +34,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from sae_ensemble.kernels import native
+from sae_ensemble.kernels import epilogue, native
 from sae_ensemble.sae import Hparams, Layout, Params
 
 PAD_BIAS = 1e30  # as sae.encode: padded features never fire
@@ -87,52 +88,65 @@ def topk_codes(pre: torch.Tensor, hp: Hparams, layout: Layout) -> torch.Tensor:
     return torch.where(hp["topk"].view(-1, 1, 1) > 0, kept, pre.relu_())
 
 
+PASSES = ("c", "torch", "augmented", "epilogue")
+"""Where `grads` does the work between its GEMMs (docs/kernels.md): `c`, kernels/native.py's two passes
+(CPU, float32, eager); `torch`, the same two passes as torch ops (which torch.compile fuses into a
+kernel each); `augmented`, the bias and the L1 term in augmented GEMMs and fewer torch ops (eagerly
+elsewhere); `epilogue`, inside the GEMMs that produce the tiles (kernels/epilogue.py, Triton)."""
+
+
 def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chunk: int | None = None,
-          dtype: torch.dtype = torch.float32, augmented: bool | None = None) -> tuple[Params, dict[str, torch.Tensor]]:
+          dtype: torch.dtype = torch.float32, passes: str | None = None) -> tuple[Params, dict[str, torch.Tensor]]:
     """(gradients, aux) of every member's loss on x [B, d], equal to the vmapped autograd reference.
 
     `dtype`: of the GEMM operands and the [M, b, n] tensors. bfloat16 (CUDA) is what autocast
     gives the reference: half the bytes per pass and twice the GEMM rate; the gradients are
     accumulated, and the loss, the normalisation and Adam computed, in float32.
-    `augmented`: run the GEMMs on augmented operands (`_augmented_sums`) rather than at d columns
-    (`_direct_sums`); None takes `uses_augmented`'s answer. Under torch.compile both are correct
-    and the autotuner times both (ensemble.py).
+    `passes`: one of PASSES (`applicable_passes` says which apply); None takes `default_passes`'s.
     """
+    passes = passes or default_passes(x.device.type, dtype)
+    if passes not in applicable_passes(x.device, dtype, layout):
+        raise ValueError(f"passes={passes!r} does not run here ({x.device.type}, {dtype}, top-k: {layout.k_max > 0}); "
+                         f"allowed: {', '.join(applicable_passes(x.device, dtype, layout))}")
     rows = decoder_rows(params, hp, layout)
     norms = rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # F.normalize's eps
-    if augmented is None:
-        augmented = uses_augmented(x.device.type, dtype)
-    if augmented:
+    if passes == "augmented":
         D, sums = _augmented_sums(params, hp, x, layout, row_chunk, dtype, rows, norms)
     else:
         D = rows / norms
-        sums = _direct_sums(params, hp, x, layout, row_chunk, D, dtype)
+        sums = _direct_sums(params, hp, x, layout, row_chunk, D, dtype, passes)
     return finish(params, hp, layout, D, norms, sums, x.shape[0])
 
 
 def native_path(device_type: str, dtype: torch.dtype = torch.float32) -> bool:
-    """Whether `grads`'s passes are kernels/native.py's C (and the plan models their memory): eagerly, on
-    CPU, in float32, where the C kernels built."""
+    """Whether `grads`'s passes are kernels/native.py's C by default (and the plan models their memory):
+    eagerly, on CPU, in float32, where the C kernels built."""
     return not torch.compiler.is_compiling() and device_type == "cpu" and dtype == torch.float32 and native.available()
 
 
-def uses_augmented(device_type: str, dtype: torch.dtype = torch.float32) -> bool:
-    """Whether `grads` runs the augmented GEMMs by default: eagerly off the C path (CUDA without compile,
-    a CPU without a compiler), where torch ops would make a pass for each of the bias, the L1 term and
-    every sum. Under torch.compile, inductor fuses those into the two passes, so the GEMMs run at d."""
-    return not torch.compiler.is_compiling() and not native_path(device_type, dtype)
+def default_passes(device_type: str, dtype: torch.dtype = torch.float32) -> str:
+    """`c` where it runs; `torch` under torch.compile, where inductor fuses the bias, the L1 term and the
+    row sums into the two passes, so the GEMMs run at d columns; `augmented` eagerly elsewhere (CUDA
+    without compile, a CPU without a compiler), where the torch ops would make a pass for each."""
+    if native_path(device_type, dtype):
+        return "c"
+    return "torch" if torch.compiler.is_compiling() else "augmented"
+
+
+def applicable_passes(device: torch.device, dtype: torch.dtype, layout: Layout) -> tuple[str, ...]:
+    """The PASSES that run for this device, dtype and layout: the epilogues do not rank top-k."""
+    return tuple(p for p in PASSES if (p != "c" or native_path(device.type, dtype))
+                 and (p != "epilogue" or (epilogue.available(device) and layout.k_max == 0)))
 
 
 def _direct_sums(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chunk: int | None,
-                 D: torch.Tensor, dtype: torch.dtype) -> "Sums":
+                 D: torch.Tensor, dtype: torch.dtype, passes: str) -> "Sums":
     """The chunk loop with the GEMMs at d columns and two passes over each [M, b, n] code tile.
 
     The first pass adds the encoder bias, applies ReLU (or top-k) and sums each feature's firings
     and codes; the second masks dL/dcodes, adds the L1 term and sums the encoder-bias gradient.
-    They are kernels/native.py's C on its path (eagerly, in place) and torch ops otherwise, which
-    torch.compile fuses into one kernel each.
+    `passes` says where they run (PASSES).
     """
-    c_passes = native_path(x.device.type, dtype)
     W_enc, b_dec = params["W_enc"], params["b_dec"]
     M, n, d = W_enc.shape
     B = x.shape[0]
@@ -148,14 +162,12 @@ def _direct_sums(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, r
     squared_error = x.new_zeros(M)
     for rows_x in x.split(row_chunk or B):
         centred = (rows_x.unsqueeze(0) - centre).to(dtype)  # [M, b, d]
-        pre = torch.bmm(centred, W_operand.transpose(1, 2))  # [M, b, n]
-        codes = _encode_pass(pre, bias, fired, code_total, hp, layout, c_passes).to(dtype)
+        codes = _encode(centred, W_operand, bias, fired, code_total, hp, layout, passes)
         err = torch.baddbmm(centre_operand, codes, D_operand).float().sub_(rows_x)  # x_hat - x [M, b, d]
         squared_error += torch.linalg.vecdot(err.flatten(1), err.flatten(1))
         g_xhat = err.mul_(mse_scale)  # dL/dx_hat
         g_operand = g_xhat.to(dtype)
-        g_codes = torch.bmm(g_operand, D_operand.transpose(1, 2))  # dL/dcodes
-        g_pre = _backward_pass(g_codes, codes, l1_grad, g_pre_sum, c_passes).to(dtype)
+        g_pre = _backward(g_operand, D_operand, codes, l1_grad, g_pre_sum, passes)
         g_D = _accumulate(g_D, codes.transpose(1, 2), g_operand)
         g_W_enc = _accumulate(g_W_enc, g_pre.transpose(1, 2), centred)
         g_xhat_sum += g_xhat.sum(1)
@@ -163,11 +175,15 @@ def _direct_sums(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, r
     return Sums(g_D, g_W_enc, g_pre_sum, g_xhat_sum, squared_error, code_total.sum(-1), fired)
 
 
-def _encode_pass(pre: torch.Tensor, bias: torch.Tensor, fired: torch.Tensor, total: torch.Tensor, hp: Hparams,
-                 layout: Layout, c_pass: bool) -> torch.Tensor:
-    """Codes [M, b, n] from the encoder GEMM's output: bias [M, n] added, ReLU (or each topk member's
-    top k), and each feature's firing count and code sum over the rows added to fired, total [M, n]."""
-    if c_pass:  # in place on the GEMM's output
+def _encode(centred: torch.Tensor, W: torch.Tensor, bias: torch.Tensor, fired: torch.Tensor, total: torch.Tensor,
+            hp: Hparams, layout: Layout, passes: str) -> torch.Tensor:
+    """Codes [M, b, n] in centred's dtype from centred [M, b, d] @ W [M, n, d]^T: bias [M, n] added, ReLU (or
+    each topk member's top k), and each feature's firing count and code sum over the rows added to
+    fired, total [M, n]."""
+    if passes == "epilogue":
+        return epilogue.encode(centred, W, bias, fired, total)
+    pre = torch.bmm(centred, W.transpose(1, 2))
+    if passes == "c":  # in place on the GEMM's output
         if layout.k_max > 0:  # top-k ranks the biased pre-activations; the pass then only counts
             codes = topk_codes(pre.add_(bias.unsqueeze(1)), hp, layout)
             native.relu_count_(codes, fired, total=total)
@@ -178,24 +194,28 @@ def _encode_pass(pre: torch.Tensor, bias: torch.Tensor, fired: torch.Tensor, tot
     codes = topk_codes(biased, hp, layout) if layout.k_max > 0 else biased.relu()
     fired += (codes > 0).sum(1, dtype=torch.float32)
     total += codes.sum(1)
-    return codes
+    return codes.to(centred.dtype)
 
 
-def _backward_pass(g: torch.Tensor, codes: torch.Tensor, add: torch.Tensor, g_sum: torch.Tensor, c_pass: bool) -> torch.Tensor:
-    """dL/dpre [M, b, n] from dL/dcodes g: g + add [M] (the L1 term) where the code fired, 0 where
-    it did not (threshold_backward's test: a NaN code passes); each feature's sum over the rows
-    is added to g_sum [M, n] (the encoder-bias gradient)."""
-    if c_pass:  # in place
+def _backward(g_xhat: torch.Tensor, D: torch.Tensor, codes: torch.Tensor, add: torch.Tensor, g_sum: torch.Tensor,
+              passes: str) -> torch.Tensor:
+    """dL/dpre [M, b, n] in g_xhat's dtype from dL/dcodes = g_xhat [M, b, d] @ D [M, n, d]^T: plus add [M] (the
+    L1 term) where the code fired, 0 where it did not (threshold_backward's test: a NaN code passes);
+    each feature's sum over the rows is added to g_sum [M, n] (the encoder-bias gradient)."""
+    if passes == "epilogue":
+        return epilogue.backward(g_xhat, D, codes, add, g_sum)
+    g = torch.bmm(g_xhat, D.transpose(1, 2))
+    if passes == "c":  # in place
         native.relu_backward_(g, codes, add, g_sum)
         return g
     g_pre = torch.where(codes <= 0, 0.0, g.float() + add.view(-1, 1, 1))
     g_sum += g_pre.sum(1)
-    return g_pre
+    return g_pre.to(g_xhat.dtype)
 
 
 def _augmented_sums(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chunk: int | None,
                     dtype: torch.dtype, rows: torch.Tensor, norms: torch.Tensor) -> tuple[torch.Tensor, "Sums"]:
-    """(unit decoder rows, the sums) with the bias and the L1 term in augmented GEMMs (`uses_augmented`)."""
+    """(unit decoder rows, the sums) with the bias and the L1 term in augmented GEMMs (passes `augmented`)."""
     # Under torch.compile (training.compile) tensors are built and masked with plain ops: dynamo cannot
     # trace `out=` into a view (it would run the whole loop eagerly), and inductor fuses ReLU, the firing
     # test and its sum into one kernel. Eagerly, `out=` and in-place ops save passes and memory.
