@@ -19,79 +19,31 @@ NaN, -0.0 stays -0.0), a code fired when > 0, and the mask is threshold_backward
 The sums over rows are taken per block of BLOCK_ROWS rows into a [M, blocks, n] buffer and
 then summed by torch, so every run adds in the same order. `available(device)` says where this
 runs: CUDA with Triton, or any device under Triton's interpreter (TRITON_INTERPRET=1, set before
-this module is imported), which is how CPU tests check the arithmetic.
+Triton is first imported), which is how CPU tests check the arithmetic. The kernel itself is in
+kernels/epilogue_kernel.py, imported on first use.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton: `available` is False and the other layouts run
-    triton = None
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INSTALLED = importlib.util.find_spec("triton") is not None  # without importing it
 BLOCK_ROWS = 128  # rows per program; fixed (not tuned) so the row-sum buffers' shape is known before the launch
 ENCODE, BACKWARD = 0, 1
 
 
+def interpreted() -> bool:
+    """Whether Triton interprets kernels (on CPU tensors): set before Triton's first import to take effect."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def available(device: torch.device) -> bool:
-    """Whether `encode` and `backward` run on `device`."""
-    return triton is not None and (device.type == "cuda" or INTERPRETED)
-
-
-if triton is not None:
-    # Tiles for Hopper/Ampere tensor cores in TF32 and bf16; the interpreter takes one (tuning times CUDA events).
-    CONFIGS = ([triton.Config({"BLOCK_N": 32, "BLOCK_K": 16})] if INTERPRETED else
-               [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-                for n, k, w, s in ((128, 32, 8, 3), (64, 32, 4, 4))])  # few: each is a compile per shape at worker start
-
-    @triton.autotune(configs=CONFIGS, key=["rows", "n", "d", "MODE"])
-    @triton.jit
-    def _gemm_with_epilogue(a_ptr, b_ptr, out_ptr, vector_ptr, codes_ptr, sum_a_ptr, sum_b_ptr, rows, n, d,
-                            MODE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out[m, r, c] = epilogue(sum_k a[m, r, k] * b[m, c, k]); every tensor contiguous.
-
-        ENCODE: vector is the bias [M, n]; out gets the codes; sum_a the firing counts and sum_b the
-        code sums, per row block [M, blocks, n]. BACKWARD: vector is the L1 term [M]; codes [M, rows, n]
-        give the mask; out gets dL/dpre and sum_a its sums per row block.
-        """
-        row_block, column_block, member = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-        r = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        c = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = tl.arange(0, BLOCK_K)
-        a = a_ptr + member * rows * d + r[:, None] * d + k[None, :]  # [BLOCK_ROWS, BLOCK_K]
-        b = b_ptr + member * n * d + c[:, None] * d + k[None, :]  # [BLOCK_N, BLOCK_K], transposed for the product
-        accumulator = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=tl.float32)
-        for start in range(0, d, BLOCK_K):
-            in_k = start + k < d
-            a_tile = tl.load(a, mask=(r[:, None] < rows) & in_k[None, :], other=0.0)
-            b_tile = tl.load(b, mask=(c[:, None] < n) & in_k[None, :], other=0.0)
-            if UPCAST:  # the interpreter's dot garbles bf16; the tensor cores' bf16 products are exact in float32 anyway
-                a_tile, b_tile = a_tile.to(tl.float32), b_tile.to(tl.float32)
-            accumulator = tl.dot(a_tile, tl.trans(b_tile), accumulator, input_precision=PRECISION)
-            a += BLOCK_K
-            b += BLOCK_K
-
-        in_tile = (r[:, None] < rows) & (c[None, :] < n)
-        at = member * rows * n + r[:, None].to(tl.int64) * n + c[None, :]  # past 2^31 elements at large b and n
-        sums_at = (member * tl.num_programs(0) + row_block) * n + c
-        if MODE == 0:  # ENCODE
-            pre = accumulator + tl.load(vector_ptr + member * n + c, mask=c < n, other=0.0)[None, :]
-            codes = tl.where(pre < 0.0, 0.0, pre)
-            tl.store(out_ptr + at, codes.to(out_ptr.dtype.element_ty), mask=in_tile)
-            tl.store(sum_a_ptr + sums_at, tl.sum(tl.where(in_tile & (codes > 0.0), 1.0, 0.0), axis=0), mask=c < n)
-            tl.store(sum_b_ptr + sums_at, tl.sum(tl.where(in_tile, codes, 0.0), axis=0), mask=c < n)
-        else:  # BACKWARD
-            code = tl.load(codes_ptr + at, mask=in_tile, other=0.0)
-            g = tl.where(code <= 0.0, 0.0, accumulator + tl.load(vector_ptr + member))
-            tl.store(out_ptr + at, g.to(out_ptr.dtype.element_ty), mask=in_tile)
-            tl.store(sum_a_ptr + sums_at, tl.sum(tl.where(in_tile, g, 0.0), axis=0), mask=c < n)
+    """Whether `encode` and `backward` run on `device`: Triton is installed, and the device is CUDA or Triton
+    interprets."""
+    return INSTALLED and (device.type == "cuda" or interpreted())
 
 
 @torch.library.custom_op("sae_ensemble::gemm_with_epilogue", mutates_args=())
@@ -103,16 +55,18 @@ def gemm_with_epilogue(mode: int, a: torch.Tensor, b: torch.Tensor, vector: torc
     trace into a Triton launch without breaking the row loop's graph) and CUDA graphs capture it.
     Float32 products are TF32 where torch's are (training.matmul_precision); bf16 ones are exact.
     """
+    from sae_ensemble.kernels.epilogue_kernel import gemm_with_epilogue as kernel  # imports Triton on first use
+
     precision = "tf32" if a.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest" else "ieee"
     a, b = a.contiguous(), b.contiguous()
     M, rows, d = a.shape
     n = b.shape[1]
-    blocks = triton.cdiv(rows, BLOCK_ROWS)
+    blocks = -(-rows // BLOCK_ROWS)
     out = torch.empty(M, rows, n, device=a.device, dtype=a.dtype)
     sum_a, sum_b = (torch.empty(M, blocks, n, device=a.device, dtype=torch.float32) for _ in range(2))
-    _gemm_with_epilogue[lambda meta: (blocks, triton.cdiv(n, meta["BLOCK_N"]), M)](
+    kernel[lambda meta: (blocks, -(-n // meta["BLOCK_N"]), M)](
         a, b, out, vector.contiguous(), out if codes is None else codes.contiguous(), sum_a, sum_b, rows, n, d,
-        MODE=mode, PRECISION=precision, UPCAST=INTERPRETED and a.dtype != torch.float32, BLOCK_ROWS=BLOCK_ROWS)
+        MODE=mode, PRECISION=precision, UPCAST=interpreted() and a.dtype != torch.float32, BLOCK_ROWS=BLOCK_ROWS)
     return out, sum_a, sum_b
 
 
