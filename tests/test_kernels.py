@@ -6,6 +6,7 @@ import torch
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.kernels import adam, dense, epilogue, native, sparse
 from sae_ensemble.member import Member
+from test_cuda import host_syncs_raise
 from test_ensemble import D_IN, MIXED, STEPS, sparse_batches
 
 TOPK = [
@@ -109,16 +110,10 @@ def test_fused_training_with_the_gemm_epilogues_equals_reference(epilogue_device
     ensemble.row_chunk, ensemble.passes = 40, "epilogue"  # two chunks per batch, one of them partial
     cuda = epilogue_device.type == "cuda"
     batches = [batch.to(epilogue_device) for batch in sparse_batches(STEPS)]
-    ensemble.step(batches[0])  # Triton tunes its tiles here; after it, no step waits on the GPU (any sync raises)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-    try:
+    ensemble.step(batches[0])  # Triton tunes its tiles here; after it, no step waits on the GPU
+    with host_syncs_raise(epilogue_device):
         for batch in batches[1:]:
             ensemble.step(batch)
-    finally:
-        if cuda:
-            torch.cuda.set_sync_debug_mode("default")
     assert_same_members(ensemble, train(DENSE, "reference"), atol=1e-4 if cuda else 1e-5)
     mixed = Ensemble(MIXED, total_steps=1)  # top-k members: the epilogues do not rank
     with pytest.raises(ValueError, match="passes='epilogue' does not run here .* allowed: c, torch, augmented$"):
