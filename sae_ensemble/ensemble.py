@@ -109,6 +109,7 @@ class Ensemble:
         self.members = list(members)
         self.total_steps = int(total_steps)
         self.autocast_bf16 = autocast_bf16
+        self.kernel_dtype = torch.bfloat16 if autocast_bf16 else torch.float32  # of the fused kernel's GEMM operands
         self.micro_batches = int(micro_batches)
         self.freeze_after = int(freeze_after)
         self.d_in = members[0].d_in
@@ -230,8 +231,8 @@ class Ensemble:
         if self.execution == "sparse":
             return kernels.sparse.grads(self.params, hparams, batch, self.layout, row_chunk=chunk)
         if self.execution == "fused":
-            dtype = torch.bfloat16 if self.autocast_bf16 else torch.float32
-            return self._dense_grads(self.params, hparams, batch, self.layout, row_chunk=chunk, dtype=dtype, passes=self.passes)
+            return self._dense_grads(self.params, hparams, batch, self.layout, row_chunk=chunk, dtype=self.kernel_dtype,
+                                     passes=self.passes)
         if self.micro_batches == 1:
             return self._reference(batch, hparams)
         total: dict[str, torch.Tensor] = {}
@@ -289,10 +290,11 @@ class Ensemble:
             return aux
 
         aux = measure("reference", None)
-        dtype = torch.bfloat16 if self.autocast_bf16 else torch.float32
-        applicable = kernels.dense.applicable_passes(self.device, dtype, self.layout)
+        applicable = kernels.dense.applicable_passes(self.device, self.kernel_dtype, self.layout)
         # Eagerly `default_passes` knows the fastest; compiled, the layouts fuse alike and only timing can say.
-        others = [p for p in ("augmented", "epilogue") if p in applicable and (self.compiled if p == "augmented" else self.device.type == "cuda")]
+        # The epilogues are CUDA's (on CPU only Triton's interpreter runs them: a test, not a candidate).
+        wanted = {"augmented": self.compiled, "epilogue": self.device.type == "cuda"}
+        others = [p for p, want in wanted.items() if want and p in applicable]
         for chunk in chunks:
             aux = measure("fused", chunk) or aux
             for passes in others:

@@ -105,9 +105,10 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     `passes`: one of PASSES (`applicable_passes` says which apply); None takes `default_passes`'s.
     """
     passes = passes or default_passes(x.device.type, dtype)
-    if passes not in applicable_passes(x.device, dtype, layout):
+    applicable = applicable_passes(x.device, dtype, layout)
+    if passes not in applicable:
         raise ValueError(f"passes={passes!r} does not run here ({x.device.type}, {dtype}, top-k: {layout.k_max > 0}); "
-                         f"allowed: {', '.join(applicable_passes(x.device, dtype, layout))}")
+                         f"allowed: {', '.join(applicable)}")
     rows = decoder_rows(params, hp, layout)
     norms = rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # F.normalize's eps
     if passes == "augmented":
