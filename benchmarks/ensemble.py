@@ -1,6 +1,7 @@
 """Ensemble training throughput against the device's GEMM peak and against sequential training.
 
     python -m benchmarks.ensemble                      # the recorded cases (docs/benchmarks.md)
+    python -m benchmarks.ensemble --cases large,topk   # some of them
     python -m benchmarks.ensemble --d 512 --dict-sizes 2048,4096 --members 8 --batch 4096 --steps 10
     python -m benchmarks.ensemble --d 512 --dict-sizes 4096 --members 8 --batch 4096 --variant topk --k 32
 
@@ -41,6 +42,11 @@ from sae_ensemble.plan import make_plan, plan_members, resolve_budget
 from sae_ensemble.train import reuse_freed_memory
 
 FREEZE_AFTER = 10  # training.freeze_after's default: time the step training runs
+# The cases docs/benchmarks.md records, (d, dict sizes, members, batch, variant): overhead-bound, mid, mixed
+# sizes, GEMM-bound, sparse.
+RECORDED_CASES = {"small": (128, [512], 32, 256, "relu"), "mid": (256, [2048], 8, 1024, "relu"),
+                  "mixed": (256, [1024, 2048], 16, 1024, "relu"), "large": (512, [2048, 4096], 8, 4096, "relu"),
+                  "topk": (512, [4096], 8, 4096, "topk")}
 
 
 def gemm_peak_gflops(device: torch.device, size: int = 4096) -> float:
@@ -165,7 +171,11 @@ def main() -> None:
     parser.add_argument("--autocast-bf16", action="store_true", help="bf16 autocast on both sides (CUDA)")
     parser.add_argument("--no-compile", action="store_true", help="run the kernels eagerly on CUDA (training.compile=false)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cases", type=lambda s: s.split(","), default=list(RECORDED_CASES),
+                        help=f"comma-separated recorded cases, run when --d is not given (default: all of {','.join(RECORDED_CASES)})")
     args = parser.parse_args()
+    if unknown := [name for name in args.cases if name not in RECORDED_CASES]:
+        parser.error(f"--cases: unknown case {', '.join(unknown)}; allowed: {', '.join(RECORDED_CASES)}")
     if args.rounds < 1:
         parser.error(f"--rounds={args.rounds}: need at least 1 round")
     device = torch.device(args.device)
@@ -174,9 +184,7 @@ def main() -> None:
     else:
         torch.set_float32_matmul_precision("high")  # TF32, the sweep's default on CUDA (training.matmul_precision)
     if args.d is None:
-        # The cases recorded in docs/benchmarks.md: small (overhead-bound), mid, mixed sizes, large (GEMM-bound), sparse.
-        cases = [(128, [512], 32, 256, "relu"), (256, [2048], 8, 1024, "relu"), (256, [1024, 2048], 16, 1024, "relu"),
-                 (512, [2048, 4096], 8, 4096, "relu"), (512, [4096], 8, 4096, "topk")]
+        cases = [RECORDED_CASES[name] for name in args.cases]
     else:
         cases = [(args.d, args.dict_sizes or [4 * args.d], args.members or 8, args.batch or 1024, args.variant)]
     for d, sizes, m, b, variant in cases:

@@ -5,8 +5,11 @@
     python -m benchmarks.gpu_check --only tests,sweep_lm
 
 Steps, each in its own process group with its own timeout; one failing never stops the next:
+    gemms           python -m benchmarks.gemms --device cuda  (the large case's GEMMs, per operand layout)
+    bench_large     python -m benchmarks.ensemble --device cuda --cases large  (GEMM-bound: mfu)
     tests           pytest on the tests marked `cuda` (tests/test_cuda.py), their `gpu-figure` lines
-    bench_ensemble  python -m benchmarks.ensemble --device cuda
+    profile_large   python -m benchmarks.profile on the large case's 4096-feature ensemble, feature-major tiles
+    bench_ensemble  python -m benchmarks.ensemble --device cuda --cases small,mid,mixed,topk
     bench_store     python -m benchmarks.store --device cuda  (feed_ratio on the GPU)
     sweep_default   python sweep.py devices=cuda  (the default synthetic sweep, wandb off)
     sweep_lm        python sweep.py data=lm model=tiny grid=quick devices=cuda  (harvest, train, CE eval)
@@ -105,6 +108,17 @@ def parse_tests(output: str, work: Path) -> dict:
 def parse_ensemble(output: str, work: Path) -> dict:
     cases = [c for c in json_lines(output) if "case" in c]
     return {"cases": cases} if cases else {}
+
+
+def parse_profile(output: str, work: Path) -> dict:
+    """benchmarks.profile's GPU time per step and its three costliest kernels (the table is in the log)."""
+    lines = output.splitlines()
+    header = next((i for i, line in enumerate(lines) if line.startswith("op ")), None)
+    total = next((line.split()[1] for line in lines if line.startswith("total ")), None)
+    if header is None or total is None:
+        return {}
+    top = [" ".join(line.split()[:3]) for line in lines[header + 1:header + 4]]
+    return {"gpu_ms_per_step": float(total), "top": "; ".join(top)}
 
 
 def parse_last_json(output: str, work: Path) -> dict:
@@ -211,12 +225,20 @@ def _wrote_summary(figures: dict) -> str | None:
 
 def steps(work: Path, python: str) -> list[Step]:
     default_dir, lm_dir, stores = work / "sweep_default", work / "sweep_lm", work / "stores"
+    large = ["--d", "512", "--dict-size", "4096", "--members", "4", "--batch", "4096"]  # the large case's 4096-feature ensemble
     plan = [
+        # The GEMM-bound case first: the figure issue #10 still needs. Then what explains it.
+        Step("gemms", [python, "-m", "benchmarks.gemms", "--device", "cuda"], 90, parse_last_json, "the step's five GEMMs, per layout"),
+        Step("bench_large", [python, "-m", "benchmarks.ensemble", "--device", "cuda", "--cases", "large"], 240, parse_ensemble,
+             "large case, every candidate"),
         # faulthandler_timeout: a test hung past 90 s dumps every thread's stack into the log.
         Step("tests", [python, "-m", "pytest", "-q", "-s", "-m", "cuda", "-p", "no:cacheprovider", "-o", "faulthandler_timeout=90",
                        f"--junitxml={work / 'junit.xml'}", *cuda_test_files()], 200, parse_tests, "CUDA-marked tests",
              lambda f: None if f.get("passed") else "no CUDA test passed (all skipped?)"),
-        Step("bench_ensemble", [python, "-m", "benchmarks.ensemble", "--device", "cuda"], 330, parse_ensemble, "ensemble throughput"),
+        Step("profile_large", [python, "-m", "benchmarks.profile", "--device", "cuda", *large, "--execution", "fused", "--passes",
+                               "transposed", "--no-cuda-graphs"], 120, parse_profile, "feature-major step's kernels"),
+        Step("bench_ensemble", [python, "-m", "benchmarks.ensemble", "--device", "cuda", "--cases", "small,mid,mixed,topk"], 300,
+             parse_ensemble, "ensemble throughput, other cases"),
         Step("bench_store", [python, "-m", "benchmarks.store", "--device", "cuda"], 150, parse_last_json, "store feed and harvest"),
         Step("sweep_default", [python, "sweep.py", *SWEEP_ARGS, f"hydra.run.dir={default_dir}", f"data.store_root={stores}"],
              150, parse_sweep(default_dir), "default synthetic sweep", _wrote_summary),
@@ -272,9 +294,13 @@ def _first_line(command: list[str]) -> str:
 
 def _figure_text(result: Result) -> str:
     figures = dict(result.figures)
-    if result.name == "bench_ensemble" and "cases" in figures:
+    if "cases" in figures:
         return "<br>".join(f"{c['case']}: speedup {c.get('speedup')}, mfu {c.get('mfu')}, {c.get('ensemble_step_ms')} ms/step "
                            f"({c.get('ensemble_gflops')} of {c.get('gemm_gflops')} GFLOP/s)" for c in figures["cases"])
+    if "rows" in figures:  # benchmarks.gemms: each product's share of the peak
+        return f"peak {figures.get('peak_tflops')} TFLOP/s<br>" + "<br>".join(
+            f"{name}: {row['ms']} ms, {row['of_peak']} of peak" + (f" (+{row['copy_ms']} ms copy)" if "copy_ms" in row else "")
+            for name, row in figures["rows"].items())
     figures.pop("not_passed", None)
     return ", ".join(f"{k} {round(v, 4) if isinstance(v, float) else v}" for k, v in figures.items()
                      if isinstance(v, (int, float, str)))
