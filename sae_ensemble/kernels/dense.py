@@ -88,11 +88,12 @@ def topk_codes(pre: torch.Tensor, hp: Hparams, layout: Layout) -> torch.Tensor:
     return torch.where(hp["topk"].view(-1, 1, 1) > 0, kept, pre.relu_())
 
 
-PASSES = ("c", "torch", "augmented", "epilogue")
+PASSES = ("c", "torch", "transposed", "augmented", "epilogue")
 """Where `grads` does the work between its GEMMs (docs/kernels.md): `c`, kernels/native.py's two passes
 (CPU, float32, eager); `torch`, the same two passes as torch ops (which torch.compile fuses into a
-kernel each); `augmented`, the bias and the L1 term in augmented GEMMs and fewer torch ops (eagerly
-elsewhere); `epilogue`, inside the GEMMs that produce the tiles (kernels/epilogue.py, Triton)."""
+kernel each); `transposed`, `torch`'s passes on feature-major [M, n, b] tiles, so four of the five
+GEMMs read K-major operands; `augmented`, the bias and the L1 term in augmented GEMMs and fewer torch
+ops (eagerly elsewhere); `epilogue`, inside the GEMMs that produce the tiles (kernels/epilogue.py, Triton)."""
 
 
 def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chunk: int | None = None,
@@ -113,6 +114,9 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     norms = rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # F.normalize's eps
     if passes == "augmented":
         D, sums = _augmented_sums(params, hp, x, layout, row_chunk, dtype, rows, norms)
+    elif passes == "transposed":
+        D = rows / norms
+        sums = _transposed_sums(params, hp, x, layout, row_chunk, D, dtype)
     else:
         D = rows / norms
         sums = _direct_sums(params, hp, x, layout, row_chunk, D, dtype, passes)
@@ -172,6 +176,56 @@ def _direct_sums(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, r
         g_D = _accumulate(g_D, codes.transpose(1, 2), g_operand)
         g_W_enc = _accumulate(g_W_enc, g_pre.transpose(1, 2), centred)
         g_xhat_sum += g_xhat.sum(1)
+    assert g_W_enc is not None and g_D is not None  # x has at least one row
+    return Sums(g_D, g_W_enc, g_pre_sum, g_xhat_sum, squared_error, code_total.sum(-1), fired)
+
+
+def _transposed_sums(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chunk: int | None,
+                     D: torch.Tensor, dtype: torch.dtype) -> "Sums":
+    """`_direct_sums` with `torch`'s passes on feature-major tiles: codes and dL/dpre are [M, n, b].
+
+    Hopper's TF32 tensor-core instructions read only K-major operands (the summed axis contiguous in
+    memory). Row-major [M, b, n] tiles are M- or N-major in both weight-gradient GEMMs, which the
+    sum over rows makes K = b: on an H200 cuBLAS ran them at 0.56-0.60 of the GEMM peak, and at 1.0
+    from K-major copies (benchmarks.gemms). Feature-major tiles are K-major there, and the encoder
+    and dL/dcodes GEMMs produce them from K-major operands as before. Only the decoder reads one
+    N-major operand (the codes, summed over n). The [M, d, b] and [M, b, d] copies of x - b_dec and
+    of g are small (d columns, not n).
+    """
+    W_enc, b_dec = params["W_enc"], params["b_dec"]
+    M, n, d = W_enc.shape
+    B = x.shape[0]
+    centre = (b_dec * hp["use_b_dec"].view(-1, 1)).unsqueeze(-1)  # [M, d, 1]
+    bias = (params["b_enc"] - (1.0 - hp["feature_mask"]) * PAD_BIAS).unsqueeze(-1)  # [M, n, 1]
+    l1_grad = (hp["l1"] / B).float().view(-1, 1, 1)  # [M, 1, 1]: dL/dcode from the L1 term
+    mse_scale = 2.0 / (B * d)
+    W_operand, D_operand, centre_operand = W_enc.to(dtype), D.to(dtype), centre.to(dtype)
+    D_t = D_operand.mT.contiguous()  # [M, d, n]: the decoder's weights K-major
+    g_D: torch.Tensor | None = None
+    g_W_enc: torch.Tensor | None = None
+    g_pre_sum, fired, code_total = (x.new_zeros(M, n) for _ in range(3))
+    g_xhat_sum = torch.zeros_like(b_dec)
+    squared_error = x.new_zeros(M)
+    for rows_x in x.split(row_chunk or B):
+        centred = (rows_x.unsqueeze(0) - centre.mT).to(dtype)  # [M, b, d]
+        centred_t = centred.mT.contiguous()  # [M, d, b]
+        biased = torch.bmm(W_operand, centred.mT).float() + bias  # [M, n, b], float32 as in _encode
+        # top-k ranks within each row (over n): on the [M, b, n] view; zeros_like keeps the layout.
+        codes = (topk_codes(biased.mT, hp, layout).mT if layout.k_max > 0 else biased.relu())
+        fired += (codes > 0).sum(-1, dtype=torch.float32)
+        code_total += codes.sum(-1)
+        codes = codes.to(dtype)
+        err = torch.baddbmm(centre_operand, D_t, codes).float().sub_(rows_x.T)  # x_hat - x [M, d, b]
+        squared_error += torch.linalg.vecdot(err.flatten(1), err.flatten(1))
+        g_xhat = err.mul_(mse_scale)  # dL/dx_hat [M, d, b]
+        g_operand = g_xhat.to(dtype)
+        g_codes = torch.bmm(D_operand, g_operand.mT.contiguous().mT)  # [M, n, b]; g row-major, K-major here
+        g_pre = torch.where(codes <= 0, 0.0, g_codes.float() + l1_grad)
+        g_pre_sum += g_pre.sum(-1)
+        g_pre = g_pre.to(dtype)
+        g_D = _accumulate(g_D, codes, g_operand.mT)
+        g_W_enc = _accumulate(g_W_enc, g_pre, centred_t.mT)
+        g_xhat_sum += g_xhat.sum(-1)
     assert g_W_enc is not None and g_D is not None  # x has at least one row
     return Sums(g_D, g_W_enc, g_pre_sum, g_xhat_sum, squared_error, code_total.sum(-1), fired)
 
