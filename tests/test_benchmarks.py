@@ -23,3 +23,24 @@ def test_ensemble_benchmark_prints_one_json_line_with_its_keys(variant):
     assert all(result[key] > 0 for key in ("speedup", "limit_ratio", "ensemble_step_ms", "sequential_step_ms"))
     assert len(result["execution"]) == 2  # one ensemble per dict size, as the planner makes them
     assert all(choice in timings for choice, timings in zip(result["execution"], result["autotune_ms"]))  # a timed candidate won
+
+
+def test_gemm_benchmark_times_each_product_and_layout():
+    command = [sys.executable, "-m", "benchmarks.gemms", "--device", "cpu", "--members", "2", "--d", "32", "--dict-size", "64",
+               "--batch", "64", "--repeats", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    products = {"encoder", "decoder", "decoder kmajor", "dcodes", "grad_D", "grad_D kmajor", "grad_W", "five GEMMs as the step"}
+    assert products <= set(result["rows"])
+    assert "encoder epilogue (triton)" in result["rows"]  # Triton's interpreter runs it here (conftest.py)
+    assert all(row["ms"] > 0 for row in result["rows"].values())
+    assert all(result["rows"][name]["of_peak"] > 0 for name in products)
+    assert {"copy_ms"} <= set(result["rows"]["grad_D kmajor"])
+
+
+def test_ensemble_benchmark_names_the_recorded_cases_it_allows():
+    command = [sys.executable, "-m", "benchmarks.ensemble", "--cases", "small,huge"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert done.returncode == 2
+    assert "unknown case huge; allowed: small, mid, mixed, large, topk" in done.stderr
