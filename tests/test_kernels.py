@@ -79,6 +79,7 @@ def exact_operands(*shape, seed):
     return torch.randint(-4, 5, shape, generator=torch.Generator().manual_seed(seed)).float() / 4
 
 
+@pytest.mark.cuda  # in `make gpu-check` too: on a GPU it checks the compiled kernel, here the interpreter
 def test_epilogue_gemms_equal_the_gemm_then_the_torch_passes(epilogue_device):
     # Shapes that leave partial tiles on every axis: rows past a BLOCK_ROWS block, n and d off the tile sizes.
     M, rows, n, d = 2, epilogue.BLOCK_ROWS + 22, 80, 40
@@ -104,6 +105,7 @@ def test_epilogue_gemms_equal_the_gemm_then_the_torch_passes(epilogue_device):
     assert low.dtype == torch.bfloat16 and torch.equal(low.float().nan_to_num(), want.bfloat16().float().nan_to_num())
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_fused_training_with_the_gemm_epilogues_equals_reference(epilogue_device, compile):
     # Compiled, the launch is a custom op in inductor's graph (no graph break); on CUDA the step is also graphed.
