@@ -162,9 +162,7 @@ def _direct_sums(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, r
     W_operand, D_operand, centre_operand = W_enc.to(dtype), D.to(dtype), centre.to(dtype)  # no copies in float32
     g_D: torch.Tensor | None = None
     g_W_enc: torch.Tensor | None = None
-    g_pre_sum, fired, code_total = (x.new_zeros(M, n) for _ in range(3))
-    g_xhat_sum = torch.zeros_like(b_dec)
-    squared_error = x.new_zeros(M)
+    g_pre_sum, fired, code_total, g_xhat_sum, squared_error = _zero_sums(x, b_dec, n)
     for rows_x in x.split(row_chunk or B):
         centred = (rows_x.unsqueeze(0) - centre).to(dtype)  # [M, b, d]
         codes = _encode(centred, W_operand, bias, fired, code_total, hp, layout, passes)
@@ -178,6 +176,12 @@ def _direct_sums(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, r
         g_xhat_sum += g_xhat.sum(1)
     assert g_W_enc is not None and g_D is not None  # x has at least one row
     return Sums(g_D, g_W_enc, g_pre_sum, g_xhat_sum, squared_error, code_total.sum(-1), fired)
+
+
+def _zero_sums(x: torch.Tensor, b_dec: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """The row loops' accumulators: g_pre_sum, fired, code_total [M, n], g_xhat_sum [M, d], squared_error [M]."""
+    M = b_dec.shape[0]
+    return x.new_zeros(M, n), x.new_zeros(M, n), x.new_zeros(M, n), torch.zeros_like(b_dec), x.new_zeros(M)
 
 
 def _transposed_sums(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chunk: int | None,
@@ -204,9 +208,7 @@ def _transposed_sums(params: Params, hp: Hparams, x: torch.Tensor, layout: Layou
     D_t = D_operand.mT.contiguous()  # [M, d, n]: the decoder's weights K-major
     g_D: torch.Tensor | None = None
     g_W_enc: torch.Tensor | None = None
-    g_pre_sum, fired, code_total = (x.new_zeros(M, n) for _ in range(3))
-    g_xhat_sum = torch.zeros_like(b_dec)
-    squared_error = x.new_zeros(M)
+    g_pre_sum, fired, code_total, g_xhat_sum, squared_error = _zero_sums(x, b_dec, n)
     for rows_x in x.split(row_chunk or B):
         centred = (rows_x.unsqueeze(0) - centre.mT).to(dtype)  # [M, b, d]
         centred_t = centred.mT.contiguous()  # [M, d, b]
