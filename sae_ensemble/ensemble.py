@@ -262,7 +262,8 @@ class Ensemble:
         is timed twice, the rounds in opposite orders, and keeps its faster time. Candidates:
         the reference; the fused kernel over the whole micro-batch and, on CPU, over row
         chunks whose [M, chunk, n] tiles fit in cache, and on CUDA its other `passes` that apply
-        (kernels/dense.py: feature-major tiles and augmented GEMMs when compiled, Triton epilogues); the sparse kernel for all-topk
+        (kernels/dense.py: feature-major tiles, with or without row-major codes, and augmented GEMMs
+        when compiled; Triton epilogues); the sparse kernel for all-topk
         ensembles, and for others once the measured L0 is at most SPARSE_DENSITY of the
         features (the density decides whether the sparse products can win at all).
         """
@@ -293,7 +294,7 @@ class Ensemble:
         applicable = kernels.dense.applicable_passes(self.device, self.kernel_dtype, self.layout)
         # Eagerly `default_passes` knows the fastest; compiled, the layouts fuse alike and only timing can say.
         # The epilogues are CUDA's (on CPU only Triton's interpreter runs them: a test, not a candidate).
-        wanted = {"transposed": self.compiled, "augmented": self.compiled, "epilogue": self.device.type == "cuda"}
+        wanted = {"transposed": self.compiled, "dual": self.compiled, "augmented": self.compiled, "epilogue": self.device.type == "cuda"}
         others = [p for p, want in wanted.items() if want and p in applicable]
         for chunk in chunks:
             aux = measure("fused", chunk) or aux

@@ -60,7 +60,7 @@ def test_fused_training_equals_reference_for_every_variant(reference_mixed, row_
     assert_same_members(train(MIXED, "fused", row_chunk=row_chunk), reference_mixed)
 
 
-@pytest.mark.parametrize("passes", [None, "torch", "transposed"], ids=["default", "at-d-columns", "feature-major"])
+@pytest.mark.parametrize("passes", [None, "torch", "transposed", "dual"], ids=["default", "at-d-columns", "feature-major", "dual"])
 def test_fused_training_without_the_c_kernels_equals_reference(reference_mixed, monkeypatch, passes):
     # Where no C compiler is found, the fused step runs ReLU, the firing counts and Adam as torch ops:
     # eagerly with augmented GEMMs by default; at d columns, the torch passes that torch.compile fuses,
@@ -119,7 +119,7 @@ def test_fused_training_with_the_gemm_epilogues_equals_reference(epilogue_device
             ensemble.step(batch)
     assert_same_members(ensemble, train(DENSE, "reference"), atol=1e-4 if cuda else 1e-5)
     mixed = Ensemble(MIXED, total_steps=1)  # top-k members: the epilogues do not rank
-    with pytest.raises(ValueError, match="passes='epilogue' does not run here .* allowed: c, torch, transposed, augmented$"):
+    with pytest.raises(ValueError, match="passes='epilogue' does not run here .* allowed: c, torch, transposed, dual, augmented$"):
         dense.grads(mixed.params, mixed.hparams, sparse_batches(1)[0], mixed.layout, passes="epilogue")
 
 
@@ -248,7 +248,7 @@ def test_bf16_dense_kernel_stays_within_bf16_rounding_of_the_float32_reference()
     batch = sparse_batches(1, seed=3)[0]
     hparams = {**ensemble.hparams, "l1": ensemble.schedules(5)[1]}
     want_grads, want_aux = ensemble._reference(batch, hparams)
-    for passes in ("augmented", "torch", "transposed"):  # eager CUDA's; compiled CUDA's default; its feature-major tiles
+    for passes in ("augmented", "torch", "transposed", "dual"):  # eager CUDA's; compiled CUDA's default; feature-major tiles
         grads, aux = dense.grads(ensemble.params, hparams, batch, ensemble.layout, dtype=torch.bfloat16, passes=passes)
         for name in want_grads:  # bf16 keeps 8 mantissa bits: ~0.4% per rounding
             assert grads[name].dtype == torch.float32
@@ -398,7 +398,7 @@ def test_cuda_graph_replay_of_the_fused_step_equals_eager_steps():
     assert torch.isfinite(stats["loss"]).all()
 
 
-@pytest.mark.parametrize("passes", [None, "transposed", "augmented"], ids=["at-d-columns", "feature-major", "augmented"])
+@pytest.mark.parametrize("passes", [None, "transposed", "dual", "augmented"], ids=["at-d-columns", "feature-major", "dual", "augmented"])
 def test_compiled_kernels_train_like_the_eager_kernels(reference_mixed, passes):
     """torch.compile (training.compile, CUDA workers) changes the code that runs, never the result, in
     either GEMM layout the autotuner times. Inductor's CPU backend compiles here, so CI checks the
@@ -418,12 +418,12 @@ def test_autotune_of_a_compiled_ensemble_times_both_gemm_layouts():
     batch = sparse_batches(1)[0]
     tuned.autotune(batch)
     rows = batch.shape[0]
-    assert {"reference", f"fused(rows={rows})", f"fused(rows={rows}, transposed)", f"fused(rows={rows}, augmented)"} <= set(tuned.autotune_report)
+    assert {"reference", *(f"fused(rows={rows}{passes})" for passes in ("", ", transposed", ", dual", ", augmented"))} <= set(tuned.autotune_report)
     assert tuned.choice in tuned.autotune_report
 
 
 @cuda
-@pytest.mark.parametrize("passes", [None, "transposed", "augmented"], ids=["at-d-columns", "feature-major", "augmented"])
+@pytest.mark.parametrize("passes", [None, "transposed", "dual", "augmented"], ids=["at-d-columns", "feature-major", "dual", "augmented"])
 def test_cuda_compiled_graphed_step_equals_the_cpu_reference(reference_mixed, passes):
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False

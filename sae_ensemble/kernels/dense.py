@@ -88,11 +88,11 @@ def topk_codes(pre: torch.Tensor, hp: Hparams, layout: Layout) -> torch.Tensor:
     return torch.where(hp["topk"].view(-1, 1, 1) > 0, kept, pre.relu_())
 
 
-PASSES = ("c", "torch", "transposed", "augmented", "epilogue")
+PASSES = ("c", "torch", "transposed", "dual", "augmented", "epilogue")
 """Where `grads` does the work between its GEMMs (docs/kernels.md): `c`, kernels/native.py's two passes
 (CPU, float32, eager); `torch`, the same two passes as torch ops (which torch.compile fuses into a
 kernel each); `transposed`, `torch`'s passes on feature-major [M, n, b] tiles, so four of the five
-GEMMs read K-major operands; `augmented`, the bias and the L1 term in augmented GEMMs and fewer torch
+GEMMs read K-major operands; `dual`, those tiles plus a row-major copy of the codes for the fifth; `augmented`, the bias and the L1 term in augmented GEMMs and fewer torch
 ops (eagerly elsewhere); `epilogue`, inside the GEMMs that produce the tiles (kernels/epilogue.py, Triton)."""
 
 
@@ -114,9 +114,9 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     norms = rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # F.normalize's eps
     if passes == "augmented":
         D, sums = _augmented_sums(params, hp, x, layout, row_chunk, dtype, rows, norms)
-    elif passes == "transposed":
+    elif passes in ("transposed", "dual"):
         D = rows / norms
-        sums = _transposed_sums(params, hp, x, layout, row_chunk, D, dtype)
+        sums = _transposed_sums(params, hp, x, layout, row_chunk, D, dtype, row_major_codes=passes == "dual")
     else:
         D = rows / norms
         sums = _direct_sums(params, hp, x, layout, row_chunk, D, dtype, passes)
@@ -185,7 +185,7 @@ def _zero_sums(x: torch.Tensor, b_dec: torch.Tensor, n: int) -> tuple[torch.Tens
 
 
 def _transposed_sums(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chunk: int | None,
-                     D: torch.Tensor, dtype: torch.dtype) -> "Sums":
+                     D: torch.Tensor, dtype: torch.dtype, row_major_codes: bool = False) -> "Sums":
     """`_direct_sums` with `torch`'s passes on feature-major tiles: codes and dL/dpre are [M, n, b].
 
     Hopper's TF32 tensor-core instructions read only K-major operands (the summed axis contiguous in
@@ -196,6 +196,8 @@ def _transposed_sums(params: Params, hp: Hparams, x: torch.Tensor, layout: Layou
     N-major operand (the codes, summed over n). The [M, d, b] and [M, b, d] copies of x - b_dec and
     of g are small (d columns, not n). In float32, x enters as the decoder GEMM's addend: reading x
     transposed inside the two reductions over err cost 0.06 ms each at the large case (H200 profile).
+    `row_major_codes` (passes `dual`): the first pass also writes the codes row-major, one more
+    [M, b, n] write, for a decoder GEMM with both operands K-major and err row-major like x.
     """
     W_enc, b_dec = params["W_enc"], params["b_dec"]
     M, n, d = W_enc.shape
@@ -218,20 +220,24 @@ def _transposed_sums(params: Params, hp: Hparams, x: torch.Tensor, layout: Layou
         fired += (codes > 0).sum(-1, dtype=torch.float32)
         code_total += codes.sum(-1)
         codes = codes.to(dtype)
-        if dtype == torch.float32:  # x rides in the GEMM's addend, so the passes below read err contiguously
+        if row_major_codes:  # the decoder reads a row-major copy of the codes: both its operands K-major
+            err = torch.baddbmm(centre_operand.mT, codes.mT.contiguous(), D_t.mT).float().sub_(rows_x)  # x_hat - x [M, b, d]
+        elif dtype == torch.float32:  # x rides in the GEMM's addend, so the passes below read err contiguously
             err = torch.baddbmm(centre - rows_x.T, D_t, codes)  # x_hat - x [M, d, b]
         else:  # a bf16 addend would round x: subtract it in float32
             err = torch.baddbmm(centre_operand, D_t, codes).float().sub_(rows_x.T)
         squared_error += torch.linalg.vecdot(err.flatten(1), err.flatten(1))
-        g_xhat = err.mul_(mse_scale)  # dL/dx_hat [M, d, b]
+        g_xhat = err.mul_(mse_scale)  # dL/dx_hat, as err
+        g_xhat_sum += g_xhat.sum(1 if row_major_codes else -1)
         g_operand = g_xhat.to(dtype)
-        g_codes = torch.bmm(D_operand, g_operand.mT.contiguous().mT)  # [M, n, b]; g row-major, K-major here
+        # g [M, b, d] and g^T [M, d, b]: K-major partners of the dL/dcodes and dL/dD GEMMs
+        g_rows, g_cols = (g_operand, g_operand.mT.contiguous()) if row_major_codes else (g_operand.mT.contiguous(), g_operand)
+        g_codes = torch.bmm(D_operand, g_rows.mT)  # [M, n, b]
         g_pre = torch.where(codes <= 0, 0.0, g_codes.float() + l1_grad)
         g_pre_sum += g_pre.sum(-1)
         g_pre = g_pre.to(dtype)
-        g_D = _accumulate(g_D, codes, g_operand.mT)
+        g_D = _accumulate(g_D, codes, g_cols.mT)
         g_W_enc = _accumulate(g_W_enc, g_pre, centred_t.mT)
-        g_xhat_sum += g_xhat.sum(-1)
     assert g_W_enc is not None and g_D is not None  # x has at least one row
     return Sums(g_D, g_W_enc, g_pre_sum, g_xhat_sum, squared_error, code_total.sum(-1), fired)
 
