@@ -8,7 +8,7 @@ Steps, each in its own process group with its own timeout; one failing never sto
     gemms           python -m benchmarks.gemms --device cuda  (the large case's GEMMs, per operand layout)
     bench_large     python -m benchmarks.ensemble --device cuda --cases large  (GEMM-bound: mfu)
     tests           pytest on the tests marked `cuda` (tests/test_cuda.py), their `gpu-figure` lines
-    profile_large   python -m benchmarks.profile on the large case's 4096-feature ensemble, feature-major tiles
+    profile_large   python -m benchmarks.profile on the large case's 4096-feature ensemble, as autotuned
     bench_ensemble  python -m benchmarks.ensemble --device cuda --cases small,mid,mixed,topk
     bench_store     python -m benchmarks.store --device cuda  (feed_ratio on the GPU)
     sweep_default   python sweep.py devices=cuda  (the default synthetic sweep, wandb off)
@@ -111,14 +111,15 @@ def parse_ensemble(output: str, work: Path) -> dict:
 
 
 def parse_profile(output: str, work: Path) -> dict:
-    """benchmarks.profile's GPU time per step and its three costliest kernels (the table is in the log)."""
+    """benchmarks.profile's execution, GPU time per step and three costliest kernels (the table is in the log)."""
     lines = output.splitlines()
     header = next((i for i, line in enumerate(lines) if line.startswith("op ")), None)
     total = next((line.split()[1] for line in lines if line.startswith("total ")), None)
     if header is None or total is None:
         return {}
     top = [" ".join(line.split()[:3]) for line in lines[header + 1:header + 4]]
-    return {"gpu_ms_per_step": float(total), "top": "; ".join(top)}
+    ran = next((line.split(";")[0].removeprefix("execution: ") for line in lines if line.startswith("execution: ")), "")
+    return {"execution": ran, "gpu_ms_per_step": float(total), "top": "; ".join(top)}
 
 
 def parse_last_json(output: str, work: Path) -> dict:
@@ -235,8 +236,8 @@ def steps(work: Path, python: str) -> list[Step]:
         Step("tests", [python, "-m", "pytest", "-q", "-s", "-m", "cuda", "-p", "no:cacheprovider", "-o", "faulthandler_timeout=90",
                        f"--junitxml={work / 'junit.xml'}", *cuda_test_files()], 200, parse_tests, "CUDA-marked tests",
              lambda f: None if f.get("passed") else "no CUDA test passed (all skipped?)"),
-        Step("profile_large", [python, "-m", "benchmarks.profile", "--device", "cuda", *large, "--execution", "fused", "--passes",
-                               "transposed", "--no-cuda-graphs"], 120, parse_profile, "feature-major step's kernels"),
+        Step("profile_large", [python, "-m", "benchmarks.profile", "--device", "cuda", *large, "--execution", "auto", "--no-cuda-graphs"],
+             150, parse_profile, "the autotuner's choice, its kernels"),
         Step("bench_ensemble", [python, "-m", "benchmarks.ensemble", "--device", "cuda", "--cases", "small,mid,mixed,topk"], 300,
              parse_ensemble, "ensemble throughput, other cases"),
         Step("bench_store", [python, "-m", "benchmarks.store", "--device", "cuda"], 150, parse_last_json, "store feed and harvest"),
