@@ -49,6 +49,13 @@ RECORDED_CASES = {"small": (128, [512], 32, 256, "relu"), "mid": (256, [2048], 8
                   "topk": (512, [4096], 8, 4096, "topk")}
 
 
+def largest_ensemble(case: str) -> dict[str, int]:
+    """The planner's largest ensemble of a recorded case (one per dict size): d, dict_size, members, batch."""
+    d, sizes, members, batch, _ = RECORDED_CASES[case]
+    return {"d": d, "dict_size": max(sizes), "members": sum(sizes[i % len(sizes)] == max(sizes) for i in range(members)),
+            "batch": batch}
+
+
 def gemm_peak_gflops(device: torch.device, size: int = 4096) -> float:
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)

@@ -25,17 +25,18 @@ import json
 
 import torch
 
-from benchmarks.ensemble import gemm_peak_gflops
+from benchmarks.ensemble import gemm_peak_gflops, largest_ensemble
 from sae_ensemble.ensemble import timed
 from sae_ensemble.kernels import epilogue
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--members", type=int, default=4)
-    parser.add_argument("--d", type=int, default=512)
-    parser.add_argument("--dict-size", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=4096)
+    large = largest_ensemble("large")  # the defaults: the large case's 4096-feature ensemble
+    parser.add_argument("--members", type=int, default=large["members"])
+    parser.add_argument("--d", type=int, default=large["d"])
+    parser.add_argument("--dict-size", type=int, default=large["dict_size"])
+    parser.add_argument("--batch", type=int, default=large["batch"])
     parser.add_argument("--bf16", action="store_true", help="bf16 operands (else float32, TF32 products)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -42,6 +42,8 @@ from typing import Callable
 
 import torch
 
+from benchmarks.ensemble import largest_ensemble
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "torchopt", "hydra-core", "omegaconf", "transformer-lens", "transformers", "safetensors", "wandb")
 SWEEP_ARGS = ["devices=cuda", "wandb=disabled", "progress=false"]  # wandb's service start would dominate a short sweep
@@ -226,7 +228,7 @@ def _wrote_summary(figures: dict) -> str | None:
 
 def steps(work: Path, python: str) -> list[Step]:
     default_dir, lm_dir, stores = work / "sweep_default", work / "sweep_lm", work / "stores"
-    large = ["--d", "512", "--dict-size", "4096", "--members", "4", "--batch", "4096"]  # the large case's 4096-feature ensemble
+    large = [arg for key, value in largest_ensemble("large").items() for arg in (f"--{key.replace('_', '-')}", str(value))]
     plan = [
         # The GEMM-bound case first: the figure issue #10 still needs. Then what explains it.
         Step("gemms", [python, "-m", "benchmarks.gemms", "--device", "cuda"], 90, parse_last_json, "the step's five GEMMs, per layout"),

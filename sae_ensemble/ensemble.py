@@ -294,7 +294,8 @@ class Ensemble:
         applicable = kernels.dense.applicable_passes(self.device, self.kernel_dtype, self.layout)
         # Eagerly `default_passes` knows the fastest; compiled, the layouts fuse alike and only timing can say.
         # The epilogues are CUDA's (on CPU only Triton's interpreter runs them: a test, not a candidate).
-        wanted = {"transposed": self.compiled, "dual": self.compiled, "augmented": self.compiled, "epilogue": self.device.type == "cuda"}
+        wanted = {"transposed": self.compiled, "dual": self.compiled, "augmented": self.compiled,
+                  "epilogue": self.device.type == "cuda"}
         others = [p for p, want in wanted.items() if want and p in applicable]
         for chunk in chunks:
             aux = measure("fused", chunk) or aux

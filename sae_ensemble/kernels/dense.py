@@ -92,8 +92,9 @@ PASSES = ("c", "torch", "transposed", "dual", "augmented", "epilogue")
 """Where `grads` does the work between its GEMMs (docs/kernels.md): `c`, kernels/native.py's two passes
 (CPU, float32, eager); `torch`, the same two passes as torch ops (which torch.compile fuses into a
 kernel each); `transposed`, `torch`'s passes on feature-major [M, n, b] tiles, so four of the five
-GEMMs read K-major operands; `dual`, those tiles plus a row-major copy of the codes for the fifth; `augmented`, the bias and the L1 term in augmented GEMMs and fewer torch
-ops (eagerly elsewhere); `epilogue`, inside the GEMMs that produce the tiles (kernels/epilogue.py, Triton)."""
+GEMMs read K-major operands; `dual`, those tiles plus a row-major copy of the codes for the fifth;
+`augmented`, the bias and the L1 term in augmented GEMMs and fewer torch ops (eagerly elsewhere);
+`epilogue`, inside the GEMMs that produce the tiles (kernels/epilogue.py, Triton)."""
 
 
 def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chunk: int | None = None,
@@ -114,12 +115,12 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
     norms = rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # F.normalize's eps
     if passes == "augmented":
         D, sums = _augmented_sums(params, hp, x, layout, row_chunk, dtype, rows, norms)
-    elif passes in ("transposed", "dual"):
-        D = rows / norms
-        sums = _transposed_sums(params, hp, x, layout, row_chunk, D, dtype, row_major_codes=passes == "dual")
     else:
         D = rows / norms
-        sums = _direct_sums(params, hp, x, layout, row_chunk, D, dtype, passes)
+        if passes in ("transposed", "dual"):
+            sums = _transposed_sums(params, hp, x, layout, row_chunk, D, dtype, row_major_codes=passes == "dual")
+        else:
+            sums = _direct_sums(params, hp, x, layout, row_chunk, D, dtype, passes)
     return finish(params, hp, layout, D, norms, sums, x.shape[0])
 
 
