@@ -36,10 +36,11 @@ import statistics
 import torch
 
 from sae_ensemble import sae
-from sae_ensemble.ensemble import EXECUTIONS, Ensemble, timed
+from sae_ensemble.autotune import timed
+from sae_ensemble.ensemble import EXECUTIONS, Ensemble
 from sae_ensemble.member import Member
 from sae_ensemble.plan import make_plan, plan_members, resolve_budget
-from sae_ensemble.train import reuse_freed_memory
+from sae_ensemble.memory import reuse_freed_memory
 
 FREEZE_AFTER = 10  # training.freeze_after's default: time the step training runs
 # The cases docs/benchmarks.md records, (d, dict sizes, members, batch, variant): overhead-bound, mid, mixed

@@ -26,7 +26,7 @@ import json
 import torch
 
 from benchmarks.ensemble import gemm_peak_gflops, largest_ensemble
-from sae_ensemble.ensemble import timed
+from sae_ensemble.autotune import timed
 from sae_ensemble.kernels import epilogue
 
 

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.ensemble import make_members
 from sae_ensemble import sae
 from sae_ensemble.kernels.dense import PASSES
-from sae_ensemble.train import reuse_freed_memory
+from sae_ensemble.memory import reuse_freed_memory
 from sae_ensemble.ensemble import EXECUTIONS, Ensemble
 
 

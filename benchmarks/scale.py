@@ -50,7 +50,7 @@ def measure_step_peak(members: list[Member], batch_size: int, micro_batches: int
     """Peak bytes of building `members` as one ensemble and stepping it with `execution`, on CPU: the median of `repeats` fresh processes.
 
     Each child runs as a worker does (glibc heap reuse, one thread) and reports its peak anonymous
-    RSS over that just before building the ensemble (`train.peak_bytes`: library pages the kernel
+    RSS over that just before building the ensemble (`memory.peak_bytes`: library pages the kernel
     pages out and back in do not count): a fresh process, so the peak is this ensemble's and
     nothing before it. The median, because the untrimmed heap's peak varies between identical runs.
     """
@@ -70,7 +70,7 @@ def _measure_child(spec: dict) -> None:
     import torch
 
     from sae_ensemble.ensemble import Ensemble
-    from sae_ensemble.train import peak_bytes, resident_bytes, reuse_freed_memory
+    from sae_ensemble.memory import peak_bytes, resident_bytes, reuse_freed_memory
 
     torch.set_num_threads(1)
     reuse_freed_memory()

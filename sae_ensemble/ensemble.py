@@ -32,7 +32,6 @@ Adam turns a zero gradient into a zero update, so they stay zero.
 from __future__ import annotations
 
 import contextlib
-import time
 import warnings
 from collections.abc import Sequence
 
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 import torchopt
 
-from sae_ensemble import architectures, kernels, resample, sae, steering
+from sae_ensemble import architectures, autotune, kernels, resample, sae, steering
 from sae_ensemble.kernels.adam import broadcast
 from sae_ensemble.member import Member
 
@@ -52,16 +51,13 @@ def _per_member(values: Sequence[float], device: torch.device) -> torch.Tensor:
     return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
 
 
-
 SPARSITY_COEFFICIENTS = ("l1", "l0_coefficient")  # the hparam l1_warmup_steps warms up, whichever the architecture has
-SPARSE_DENSITY = 0.05  # L0 / dict size at or below which the sparse kernel is a candidate for non-topk members
-RETUNE_EVERY = 1000  # steps between autotunes of an `auto` ensemble
 COMPILED_SHAPES = 64  # compiled versions of one kernel a process keeps (one per ensemble shape and row chunk)
 EXECUTIONS = ("auto", "reference", "fused", "sparse")
 """How a step computes gradients: `reference` is vmap(grad(sae.loss)), the definition; `fused`
 and `sparse` are the hand-written kernels (kernels/, docs/kernels.md), equal to it; `auto`
-times the candidates on the first batch, and again every RETUNE_EVERY steps, and keeps the
-fastest (see `autotune`)."""
+times the candidates on the first batch, and again every autotune.RETUNE_EVERY steps, and keeps
+the fastest (autotune.py)."""
 
 
 class Ensemble:
@@ -126,7 +122,7 @@ class Ensemble:
         if execution == "sparse" and autocast_bf16:
             raise ValueError("execution='sparse' runs in float32; bf16 autocast uses execution='fused', 'reference' or 'auto'")
         self.execution = execution
-        self.retune = execution == "auto"  # re-time the candidates every RETUNE_EVERY steps: L0 changes as members learn
+        self.retune = execution == "auto"  # re-time the candidates every autotune.RETUNE_EVERY steps
         self.row_chunk: int | None = None  # rows per kernel call (None: the whole micro-batch); set by autotune
         self.passes: str | None = None  # where the fused kernel works between its GEMMs (kernels.dense.PASSES; None: its default); set by autotune
         self.autotune_report: dict[str, float] = {}
@@ -256,64 +252,9 @@ class Ensemble:
         return {name: g.float() for name, g in grads.items()}, aux
 
     def autotune(self, batch: torch.Tensor) -> str:
-        """Time each execution that applies here on `batch` and keep the fastest; returns the choice.
-
-        Only the (pure) gradient computation is timed, so tuning changes no state; each candidate
-        is timed twice, the rounds in opposite orders, and keeps its faster time. Candidates:
-        the reference; the fused kernel over the whole micro-batch and, on CPU, over row
-        chunks whose [M, chunk, n] tiles fit in cache, and on CUDA its other `passes` that apply
-        (kernels/dense.py: feature-major tiles, with or without row-major codes, and augmented GEMMs
-        when compiled; Triton epilogues); the sparse kernel for all-topk
-        ensembles, and for others once the measured L0 is at most SPARSE_DENSITY of the
-        features (the density decides whether the sparse products can win at all).
-        """
-        hparams = self.with_sparsity(self.schedules(self.step_count)[1])
-        micro_rows = -(-batch.shape[0] // self.micro_batches)
-        chunks = [micro_rows]
-        if self.device.type == "cpu":
-            row_bytes = len(self) * self.n_padded * 4
-            chunks += [c for c in (2**i for i in range(5, 12)) if c < micro_rows and c * row_bytes <= 2**24][-2:]
-        timings: dict[tuple[str, int | None, str | None], float] = {}
-
-        def measure(kind: str, chunk: int | None, passes: str | None = None, warmup: int = 1):
-            key = (kind, chunk, passes)
-            self.execution, self.row_chunk, self.passes = key
-            aux = {}
-            try:
-                seconds = timed(lambda: aux.update(self.grads(batch, hparams)[1]), 2, self.device, warmup)
-                timings[key] = min(seconds, timings.get(key, seconds))
-            except torch.OutOfMemoryError:
-                pass
-            except Exception as error:  # noqa: BLE001 - a candidate that cannot run here is not a candidate
-                if kind == "reference" or passes is None:
-                    raise
-                warnings.warn(f"autotune: fused(passes={passes}) failed and is left out: {type(error).__name__}: {error}")
-            return aux
-
-        aux = measure("reference", None)
-        applicable = kernels.dense.applicable_passes(self.device, self.kernel_dtype, self.layout)
-        # Eagerly `default_passes` knows the fastest; compiled, the layouts fuse alike and only timing can say.
-        # The epilogues are CUDA's (on CPU only Triton's interpreter runs them: a test, not a candidate).
-        wanted = {"transposed": self.compiled, "dual": self.compiled, "augmented": self.compiled,
-                  "epilogue": self.device.type == "cuda"}
-        others = [p for p, want in wanted.items() if want and p in applicable]
-        for chunk in chunks:
-            aux = measure("fused", chunk) or aux
-            for passes in others:
-                measure("fused", chunk, passes)
-        if not self.autocast_bf16:  # the sparse kernel runs in float32
-            density = float((aux["l0"] / self.hparams["feature_mask"].sum(-1)).max()) if aux else 1.0
-            if self.layout.all_topk or density <= SPARSE_DENSITY:
-                for chunk in chunks:
-                    measure("sparse", chunk)
-        # Each candidate timed again, in reverse order, keeping its faster time: on a shared machine a burst
-        # of load then slows one timing, not the choice (on a 2-core VM two tunings in a row chose differently).
-        for key in reversed(list(timings)):
-            measure(*key, warmup=0)
-        (self.execution, self.row_chunk, self.passes), _ = min(timings.items(), key=lambda item: item[1])
-        self.autotune_report = {_describe(*key): round(seconds * 1e3, 3) for key, seconds in timings.items()}
-        self.choice = _describe(self.execution, self.row_chunk, self.passes)
-        return self.choice
+        """Time each execution that applies here on `batch`, keep the fastest and return its name
+        (autotune.py; changes no training state)."""
+        return autotune.tune(self, batch)
 
     def step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """One training step of every member on `batch` [B, d_in]; returns per-member stats [M].
@@ -322,7 +263,7 @@ class Ensemble:
         ~200 small kernels one by one from Python kept the GPU waiting on the host (measured on
         an H100). The stats returned then live in the graph's buffers until the next step.
         """
-        if self.execution == "auto" or (self.retune and self.step_count % RETUNE_EVERY == 0):
+        if self.execution == "auto" or (self.retune and self.step_count % autotune.RETUNE_EVERY == 0):
             self.autotune(batch)
             self._graph = None
         if self.cuda_graphs and self.device.type == "cuda" and self.execution == "fused":
@@ -481,24 +422,6 @@ class Ensemble:
         self._device_step.fill_(int(step))
         for count in self.opt_state.count.values():
             count.fill_(int(step))
-
-
-def timed(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
-    """Mean seconds per call of `fn` after `warmup` calls (waiting for the GPU on CUDA)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / repeats
-
-
-def _describe(kind: str, chunk: int | None, passes: str | None = None) -> str:
-    options = ([f"rows={chunk}"] if chunk is not None else []) + ([passes] if passes else [])
-    return f"{kind}({', '.join(options)})" if options else kind
 
 
 def _encode_decode(architecture, params, hp, x, layout):

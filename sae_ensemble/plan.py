@@ -64,7 +64,7 @@ STEP_COST = {
 TORCH_OPS_FUSED_COST = {"relu": (3.5, 2.0, 4.5), "tied": (4.3, 2.8, 5.0), "topk": (3.6, 3.8, 4.5)}
 # What `auto` may run: every candidate its autotuner times (ensemble.autotune), so the plan takes the
 # largest cost of them. The sparse kernel is timed for relu and tied members only once at most
-# SPARSE_DENSITY (5%) of their latents fire, where its CSR codes are small: it adds nothing then.
+# autotune.SPARSE_DENSITY (5%) of their latents fire, where its CSR codes are small: it adds nothing then.
 AUTO_CANDIDATES = {"relu": ("reference", "fused"), "tied": ("reference", "fused"), "topk": ("reference", "fused", "sparse")}
 """What `auto` may run per variant; the architectures/ variants beyond sae.py's have only the reference."""
 # Micro-batches of the reference add more than their gradient accumulator (P): each part's gradients
@@ -75,7 +75,7 @@ AUTO_CANDIDATES = {"relu": ("reference", "fused"), "tied": ("reference", "fused"
 MICRO_BATCH_COST = {"reference": 5.0, "fused": 0.0, "sparse": 1.0}
 MIN_MICRO_ROWS = 256  # below this a micro-batch's GEMMs lose efficiency: split members first
 CPU_RUNTIME_BYTES = 86 * 2**20  # a CPU worker's own peak beyond the model (thread pools, store buffers), fitted with STEP_COST
-# A CPU worker's heap is never trimmed (train.reuse_freed_memory), so its peak also depends on
+# A CPU worker's heap is never trimmed (memory.reuse_freed_memory), so its peak also depends on
 # fragmentation: identical runs of one 4 GiB step measured up to 16% apart, and a stage of three
 # ensembles stepped in turn peaked 17% above the model. CPU plans keep the modelled peak this far
 # under the budget; CUDA's caching allocator reports live bytes, which the model counts.

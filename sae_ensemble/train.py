@@ -13,7 +13,6 @@ Run-dir layout written here:
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import time
@@ -25,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae_ensemble import metrics
+from sae_ensemble.memory import peak_bytes, resident_bytes, reuse_freed_memory
 from sae_ensemble.activations.store import ActivationStore, Position, StoreError
 from sae_ensemble.atomic import atomic_write, fsync_dir, write_json_atomic
 from sae_ensemble.checkpoint import CheckpointError, load_ensemble, read_json, save_member
@@ -127,29 +127,6 @@ class Training:
 
 
 # -- devices -----------------------------------------------------------------------------------------
-
-
-def reuse_freed_memory() -> None:
-    """Make glibc keep freed memory for reuse instead of returning it to the OS.
-
-    A training step allocates and frees the same large [members, batch, features]
-    tensors every step; glibc serves blocks over 32 MiB with fresh mmaps, so each step
-    page-faults every page again (measured: 14% of a large CPU step). Heap-only
-    allocation with no trimming reuses the pages. CPU only; a no-op without glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # from malloc.h
-    # mallopt takes a C int: an earlier 2**62 became 0 on the way in, which trims the heap at every
-    # free, so every large tensor faulted all its pages in again (16k faults, ~10 ms a small step).
-    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # the largest: trim only when 2 GiB at the heap's top are free
-    # One arena: with one per thread, blocks freed by one thread's arena are not reused by another's,
-    # and an untrimmed heap holds both (measured: +7% peak with 2 threads on a 4 GiB step).
-    libc.mallopt(M_ARENA_MAX, 1)
 
 
 def torch_device(device: str) -> torch.device:
@@ -412,31 +389,6 @@ def _steps_done(directory: Path, training: Training) -> int:
         return training.steps
     newest = latest_checkpoint(directory)
     return int(newest.name.split("_")[1]) if newest else 0
-
-
-def _memory_status() -> dict[str, int]:
-    """This process's /proc/self/status memory fields (VmHWM, RssAnon, RssFile, RssShmem, ...) in bytes."""
-    with open("/proc/self/status") as f:
-        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f) if v.strip().endswith("kB")}
-
-
-def resident_bytes() -> int:
-    """Anonymous resident bytes now: the memory this process allocated (library code pages excluded)."""
-    return _memory_status()["RssAnon"]
-
-
-def peak_bytes(device: torch.device, baseline: int) -> int:
-    """This worker's peak memory for training: CUDA allocated bytes, or on CPU the peak anonymous RSS over
-    `baseline` (resident_bytes() at its start).
-
-    The kernel records only the total peak (VmHWM), which counts mapped library pages too; those can be
-    paged out while idle (this machine's DAMON reclaims cold pages) and back in later, which once added
-    ~150 MiB to a 330 MiB measurement. So the file-backed part is taken off at its current size.
-    """
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    status = _memory_status()
-    return status["VmHWM"] - status["RssFile"] - status.get("RssShmem", 0) - baseline
 
 
 @torch.no_grad()

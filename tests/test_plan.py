@@ -166,7 +166,7 @@ import torch
 from sae_ensemble.checkpoint import load_ensemble
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.member import Member
-from sae_ensemble.train import peak_bytes, resident_bytes, reuse_freed_memory
+from sae_ensemble.memory import peak_bytes, resident_bytes, reuse_freed_memory
 
 torch.set_num_threads(1)
 reuse_freed_memory()  # as a worker runs
@@ -216,7 +216,7 @@ REUSE_CHILD = """
 import resource, torch
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.member import Member
-from sae_ensemble.train import reuse_freed_memory
+from sae_ensemble.memory import reuse_freed_memory
 reuse_freed_memory()
 ensemble = Ensemble([Member("relu", 128, 512, seed=i) for i in range(32)], 100, execution="fused")
 batch = torch.randn(256, 128)
