@@ -164,8 +164,10 @@ SlurmctldDebug=info
 SlurmdDebug=info
 # `scontrol requeue` and `sbatch --requeue` need requeueing enabled.
 JobRequeue=1
-# SIGTERM -> SIGKILL after 2 s instead of 30 s, so signal tests are fast.
-KillWait=2
+# SIGTERM -> SIGKILL after 15 s (SLURM's default: 30). A job that exits on SIGTERM ends at once
+# whatever this is; a plain scancel needs the checkpoint and the script's `scontrol` check to fit
+# in it, and with 2 s a loaded 2-core test machine once killed the script before it said so.
+KillWait=15
 # Keep finished jobs visible to `scontrol show job` (no accounting DB here) for 10 min.
 MinJobAge=600
 ReturnToService=2
