@@ -39,8 +39,9 @@ from sae_ensemble import sae
 from sae_ensemble.autotune import timed
 from sae_ensemble.ensemble import EXECUTIONS, Ensemble
 from sae_ensemble.member import Member
-from sae_ensemble.plan import make_plan, plan_members, resolve_budget
 from sae_ensemble.memory import reuse_freed_memory
+from sae_ensemble.plan import make_plan, plan_members, resolve_budget
+from sae_ensemble.stage import TUNE_STEPS, Stage
 
 FREEZE_AFTER = 10  # training.freeze_after's default: time the step training runs
 # The cases docs/benchmarks.md records, (d, dict sizes, members, batch, variant): overhead-bound, mid, mixed
@@ -132,7 +133,11 @@ def run_case(d: int, dict_sizes: list[int], n_members: int, batch_size: int, ste
     compile = compile and device.type == "cuda"  # as a sweep worker (training.compile)
     ensembles = planned_ensembles(members, batch_size, device, autocast_bf16=autocast_bf16, execution=execution,
                                   freeze_after=FREEZE_AFTER, compile=compile)
-    sides = {"ensemble": (lambda: [e.step(batch) for e in ensembles]),
+    stage = Stage()  # as a worker steps its stage's ensembles: on CUDA it may replay them side by side
+    if device.type == "cuda":  # capture each graph, then let the stage time both ways before anything is timed here
+        for _ in range(2 + 2 * TUNE_STEPS):
+            stage.step(ensembles, batch)
+    sides = {"ensemble": (lambda: stage.step(ensembles, batch)),
              "sequential": sequential_steps(members, batch, device, autocast_bf16),
              "encoder": encoder_gemms(members, batch, device)}
     # The sides take turns, `rounds` times, and each keeps its median: on a shared machine a burst of
@@ -161,6 +166,8 @@ def run_case(d: int, dict_sizes: list[int], n_members: int, batch_size: int, ste
         # What each ran: an `auto` ensemble tunes in its first step (a warm-up step here), as in a worker.
         "execution": [e.choice for e in ensembles],
         "autotune_ms": [e.autotune_report for e in ensembles],  # each candidate's ms per gradient, as that tuning timed it
+        "overlap": stage.choice,  # None: one ensemble, or CPU (stage.py); else how the stage replays its graphs
+        "overlap_ms": stage.report(),  # each way's median ms per stage step, as the stage timed it
     }
     return result
 

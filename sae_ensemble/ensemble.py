@@ -152,6 +152,10 @@ class Ensemble:
         self.step_count = 0
         self._device_step = torch.zeros((), device=self.device)  # step_count on the device, read by the step itself
         self.cuda_graphs = cuda_graphs
+        # The stream this ensemble's graph is warmed up on, captured on and (stage.py) may replay on. Graphs
+        # captured on one stream share its cuBLAS workspace (pytorch/pytorch#193402): two ensembles' graphs
+        # could not then run side by side, and re-capturing one (a re-tune) could free the other's workspace.
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_warm = False
         self.rows_seen = 0
@@ -263,7 +267,7 @@ class Ensemble:
         ~200 small kernels one by one from Python kept the GPU waiting on the host (measured on
         an H100). The stats returned then live in the graph's buffers until the next step.
         """
-        if self.execution == "auto" or (self.retune and self.step_count % autotune.RETUNE_EVERY == 0):
+        if self._tunes_now():
             self.autotune(batch)
             self._graph = None
         if self.cuda_graphs and self.device.type == "cuda" and self.execution == "fused":
@@ -275,6 +279,15 @@ class Ensemble:
         if self.resampling and (due := resample.due(self)):
             self.last_resampled = resample.resample_dead_(self, batch, due)
         return stats
+
+    def _tunes_now(self) -> bool:
+        return self.execution == "auto" or (self.retune and self.step_count % autotune.RETUNE_EVERY == 0)
+
+    def replays(self, batch: torch.Tensor) -> bool:
+        """Whether the next `step(batch)` only copies the batch in and replays the captured CUDA graph: no
+        tuning, capture, resampling or other host work, so stage.py may run it on `self.stream`."""
+        return (self._graph is not None and self.cuda_graphs and self.execution == "fused" and not self.resampling
+                and batch.shape == self._graph_batch.shape and not self._tunes_now())
 
     def _step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """The step on the device. No host reads on CUDA and every state update in place, so it can be
@@ -312,7 +325,7 @@ class Ensemble:
             self._graph_batch.copy_(batch)
             self._graph.replay()
             return self._graph_stats
-        side = torch.cuda.Stream(self.device)
+        side = self.stream
         side.wait_stream(torch.cuda.current_stream(self.device))
         if not self._graph_warm:
             with torch.cuda.stream(side):
@@ -322,7 +335,7 @@ class Ensemble:
             return stats
         graph, static_batch = torch.cuda.CUDAGraph(), batch.clone()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=side):
                 static_stats = self._step(static_batch)
         except RuntimeError as error:  # an op that cannot be captured: train eagerly, say so once
             warnings.warn(f"CUDA graph capture of the fused step failed ({error}); stepping eagerly")

@@ -30,6 +30,7 @@ from sae_ensemble.atomic import atomic_write, fsync_dir, write_json_atomic
 from sae_ensemble.checkpoint import CheckpointError, load_ensemble, read_json, save_member
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.plan import plan_members
+from sae_ensemble.stage import Stage
 
 PROGRESS_SECONDS = 1.0  # how often a worker reports its progress
 KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is ever unreadable
@@ -299,6 +300,7 @@ def _train_stage(worker: int, indices: list[int], plan: dict, store: ActivationS
     batches = store.train_batches(training.batch_size, seed=training.data_seed, position=stream_position, device=device,
                                   normalize=training.normalize, window=training.shuffle_window_chunks, skip_nonfinite=True)
     last_progress, skipped_in_a_row = time.monotonic(), 0
+    stage, announced = Stage(), False
     until = segment_end(plan, training)
     while step < until and not stop.is_set():
         for slot in slots:  # an ensemble joins when the stream reaches its step and its saved position
@@ -312,8 +314,12 @@ def _train_stage(worker: int, indices: list[int], plan: dict, store: ActivationS
             continue
         skipped_in_a_row = 0
         step += 1
-        for slot in active:
-            _step(worker, slot, batch, stream_position, training, events)
+        for slot, stats in zip(active, stage.step([s.ensemble for s in active], batch)):
+            _record_step(worker, slot, stats, batch, stream_position, training, events)
+        if stage.choice and not announced:  # timed on this stage's first steady CUDA steps
+            announced = True
+            events.put(("note", worker, f"stage of ensembles {indices} replays its CUDA graphs {stage.choice} "
+                                        f"(ms per step: {stage.report()})"))
         for slot in slots:
             if not slot.joined and slot.ensemble.step_count < step:
                 raise CheckpointError(f"ensemble {slot.index} was saved at step {slot.ensemble.step_count} with store position "
@@ -334,9 +340,10 @@ def _train_stage(worker: int, indices: list[int], plan: dict, store: ActivationS
     return True
 
 
-def _step(worker: int, slot: _Slot, batch: torch.Tensor, position: Position, training: Training, events) -> None:
+def _record_step(worker: int, slot: _Slot, stats: dict[str, torch.Tensor], batch: torch.Tensor, position: Position,
+                 training: Training, events) -> None:
+    """After the slot's ensemble stepped on `batch` (with `stats`): counts, logged metrics, a due checkpoint."""
     ensemble = slot.ensemble
-    stats = ensemble.step(batch)
     slot.position = position
     if ensemble.autotune_report and ensemble.choice != slot.tuned:
         slot.tuned = ensemble.choice

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 KEYS = {"case", "device", "gemm_gflops", "ensemble_gflops", "mfu", "sequential_gflops", "speedup", "limit_ratio",
-        "adam_vmap_ratio", "ensemble_step_ms", "sequential_step_ms", "execution", "autotune_ms"}
+        "adam_vmap_ratio", "ensemble_step_ms", "sequential_step_ms", "execution", "autotune_ms",
+        "overlap", "overlap_ms"}
 
 
 @pytest.mark.parametrize("variant", ["relu", "topk"])
@@ -23,6 +24,7 @@ def test_ensemble_benchmark_prints_one_json_line_with_its_keys(variant):
     assert all(result[key] > 0 for key in ("speedup", "limit_ratio", "ensemble_step_ms", "sequential_step_ms"))
     assert len(result["execution"]) == 2  # one ensemble per dict size, as the planner makes them
     assert all(choice in timings for choice, timings in zip(result["execution"], result["autotune_ms"]))  # a timed candidate won
+    assert result["overlap"] is None and result["overlap_ms"] == {}  # CPU steps its ensembles one after another
 
 
 def test_gemm_benchmark_times_each_product_and_layout():
