@@ -270,7 +270,7 @@ class Ensemble:
         if self._tunes_now():
             self.autotune(batch)
             self._graph = None
-        if self.cuda_graphs and self.device.type == "cuda" and self.execution == "fused":
+        if self._graphed():
             stats = self._graphed_step(batch)
         else:
             stats = self._step(batch)
@@ -283,11 +283,18 @@ class Ensemble:
     def _tunes_now(self) -> bool:
         return self.execution == "auto" or (self.retune and self.step_count % autotune.RETUNE_EVERY == 0)
 
+    def _graphed(self) -> bool:
+        """Whether the step runs as a CUDA graph (`_graphed_step`)."""
+        return self.cuda_graphs and self.device.type == "cuda" and self.execution == "fused"
+
+    def _graph_fits(self, batch: torch.Tensor) -> bool:
+        """Whether a graph is captured for a batch of this shape."""
+        return self._graph is not None and batch.shape == self._graph_batch.shape
+
     def replays(self, batch: torch.Tensor) -> bool:
         """Whether the next `step(batch)` only copies the batch in and replays the captured CUDA graph: no
         tuning, capture, resampling or other host work, so stage.py may run it on `self.stream`."""
-        return (self._graph is not None and self.cuda_graphs and self.execution == "fused" and not self.resampling
-                and batch.shape == self._graph_batch.shape and not self._tunes_now())
+        return not self._tunes_now() and self._graphed() and self._graph_fits(batch) and not self.resampling
 
     def _step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """The step on the device. No host reads on CUDA and every state update in place, so it can be
@@ -321,7 +328,7 @@ class Ensemble:
     def _graphed_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """`_step` as a replayed CUDA graph: one eager step on a side stream first (cuBLAS sets up
         its workspaces), then a capture, then replays. A capture that fails falls back to eager steps."""
-        if self._graph is not None and batch.shape == self._graph_batch.shape:
+        if self._graph_fits(batch):
             self._graph_batch.copy_(batch)
             self._graph.replay()
             return self._graph_stats

@@ -39,22 +39,26 @@ class Stage:
     def step(self, ensembles: Sequence[Ensemble], batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Each ensemble's `step(batch)` stats, in order."""
         if len(ensembles) < 2 or not all(e.replays(batch) for e in ensembles):
-            return [e.step(batch) for e in ensembles]  # CPU, a lone ensemble, or host work (tuning, capture) this step
-        way = self.choice or min(WAYS, key=lambda w: len(self.timings[w]))  # alternate until decided
-        if self.choice is None:
-            torch.cuda.synchronize(batch.device)
-            start = time.perf_counter()
-        stats = _overlapped(ensembles, batch) if way == "overlapped" else [e.step(batch) for e in ensembles]
-        if self.choice is None:
-            torch.cuda.synchronize(batch.device)
-            self.timings[way].append(time.perf_counter() - start)
-            if all(len(seconds) >= TUNE_STEPS for seconds in self.timings.values()):
-                self.choice = min(WAYS, key=lambda w: statistics.median(self.timings[w]))
+            return _serial(ensembles, batch)  # CPU, a lone ensemble, or host work (tuning, capture) this step
+        if self.choice is not None:
+            return _STEP_WAYS[self.choice](ensembles, batch)
+        way = min(WAYS, key=lambda w: len(self.timings[w]))  # alternate until decided
+        torch.cuda.synchronize(batch.device)
+        start = time.perf_counter()
+        stats = _STEP_WAYS[way](ensembles, batch)
+        torch.cuda.synchronize(batch.device)
+        self.timings[way].append(time.perf_counter() - start)
+        if all(len(seconds) >= TUNE_STEPS for seconds in self.timings.values()):
+            self.choice = min(WAYS, key=lambda w: statistics.median(self.timings[w]))
         return stats
 
     def report(self) -> dict[str, float]:
         """{way: median ms per stage step} as timed before the choice (empty if it never timed)."""
         return {way: round(statistics.median(s) * 1e3, 3) for way, s in self.timings.items() if s}
+
+
+def _serial(ensembles: Sequence[Ensemble], batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    return [ensemble.step(batch) for ensemble in ensembles]
 
 
 def _overlapped(ensembles: Sequence[Ensemble], batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -67,3 +71,6 @@ def _overlapped(ensembles: Sequence[Ensemble], batch: torch.Tensor) -> list[dict
     for ensemble in ensembles:
         main.wait_stream(ensemble.stream)
     return stats
+
+
+_STEP_WAYS = {"serial": _serial, "overlapped": _overlapped}  # WAYS' functions
