@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.store                 # on the GPU when there is one, else the CPU
     .venv/bin/python -m benchmarks.store --device cpu
 
-feed_ratio    = time of N ensemble steps fed by store.train_batches / same steps fed from an in-memory
+feed_ratio    = time of N ensemble steps fed by train_batches(store) / same steps fed from an in-memory
                 tensor on the training device (random batches by index) — goal <= 1.05. On a GPU that
                 tensor lives in GPU memory, so the ratio is what the host-side feed (gather, pinned
                 copy, transfer) adds to a step.
@@ -24,8 +24,10 @@ import numpy as np
 import torch
 
 from sae_ensemble.activations import harvest as harvest_module
-from sae_ensemble.activations.store import ActivationStore, ChunkWriter
+from sae_ensemble.activations.reader import ActivationStore
+from sae_ensemble.activations.stream import train_batches
 from sae_ensemble.activations.tiny_model import SAMPLE_TEXT, build_tiny_gpt2
+from sae_ensemble.activations.writer import ChunkWriter
 
 D_IN, MEMBERS, DICT, BATCH = 256, 8, 1024, 512
 STEPS_PER_ROUND, ROUNDS = 4, 4
@@ -55,7 +57,7 @@ def bench_feed(root: Path, device: torch.device) -> dict:
     step, step_kind = make_step(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # GPU work is async: time it done
 
-    from_store = store.train_batches(BATCH, seed=0, device=device)
+    from_store = train_batches(store, BATCH, seed=0, device=device)
     order = torch.randperm(store.n_train_rows, generator=gen).to(device)
     cursor = 0
 
@@ -74,8 +76,12 @@ def bench_feed(root: Path, device: torch.device) -> dict:
     run_store(), run_memory()  # warm up both paths
     store_t, memory_t = [], []
     for _ in range(ROUNDS):  # interleaved, so load from other users hits both alike
-        t = time.perf_counter(); run_store(); store_t.append(time.perf_counter() - t)
-        t = time.perf_counter(); run_memory(); memory_t.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        run_store()
+        store_t.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        run_memory()
+        memory_t.append(time.perf_counter() - t)
     # the feed alone, without the step: noise-robust size of what the store adds per step
     t = time.perf_counter()
     for _ in range(50):
@@ -84,18 +90,25 @@ def bench_feed(root: Path, device: torch.device) -> dict:
     feed_only_store = (time.perf_counter() - t) / 50
     t = time.perf_counter()
     for i in range(50):
-        in_memory[order[(i * BATCH) % (len(order) - BATCH):][:BATCH]].sum()
+        in_memory[order[(i * BATCH) % (len(order) - BATCH) :][:BATCH]].sum()
     sync()
     feed_only_memory = (time.perf_counter() - t) / 50
     steps = STEPS_PER_ROUND * ROUNDS
-    print(f"feed alone: store {feed_only_store * 1e3:.2f} ms/batch, in-memory index {feed_only_memory * 1e3:.2f} ms/batch")
+    print(
+        f"feed alone: store {feed_only_store * 1e3:.2f} ms/batch, in-memory index {feed_only_memory * 1e3:.2f} ms/batch"
+    )
     print(f"feed: {steps} steps of {step_kind} ({MEMBERS} members x {DICT} x d={D_IN}, batch {BATCH})")
     print(f"  from store  {sum(store_t) / steps * 1e3:7.1f} ms/step   rounds {[round(t, 2) for t in store_t]}")
     print(f"  from memory {sum(memory_t) / steps * 1e3:7.1f} ms/step   rounds {[round(t, 2) for t in memory_t]}")
-    return {"feed_ratio": min(store_t) / min(memory_t), "feed_ratio_total": sum(store_t) / sum(memory_t),
-            "feed_ms_per_step_store": 1e3 * min(store_t) / STEPS_PER_ROUND,
-            "feed_ms_per_step_memory": 1e3 * min(memory_t) / STEPS_PER_ROUND, "feed_step": step_kind,
-            "feed_only_ms_store": 1e3 * feed_only_store, "feed_only_ms_memory": 1e3 * feed_only_memory}
+    return {
+        "feed_ratio": min(store_t) / min(memory_t),
+        "feed_ratio_total": sum(store_t) / sum(memory_t),
+        "feed_ms_per_step_store": 1e3 * min(store_t) / STEPS_PER_ROUND,
+        "feed_ms_per_step_memory": 1e3 * min(memory_t) / STEPS_PER_ROUND,
+        "feed_step": step_kind,
+        "feed_only_ms_store": 1e3 * feed_only_store,
+        "feed_only_ms_memory": 1e3 * feed_only_memory,
+    }
 
 
 def bench_harvest(root: Path, device: torch.device) -> dict:
@@ -103,8 +116,9 @@ def bench_harvest(root: Path, device: torch.device) -> dict:
     model_dir = build_tiny_gpt2(root / "model", n_layer=n_layer, d_model=d_model, n_head=4, n_ctx=context)
     sentences = [s.strip() + "." for s in SAMPLE_TEXT.split(".") if s.strip()]
     text = root / "corpus.txt"
-    text.write_text("\n".join(" ".join(f"{i}{j} {sentences[(i * j + j) % len(sentences)]}" for j in range(8))
-                              for i in range(3000)))
+    text.write_text(
+        "\n".join(" ".join(f"{i}{j} {sentences[(i * j + j) % len(sentences)]}" for j in range(8)) for i in range(3000))
+    )
     bridge = harvest_module.boot_model(str(model_dir), device=str(device))
     n_tokens = batch_size * n_batches * (context - 1)  # BOS positions are dropped
     contexts = list(harvest_module.iter_contexts(harvest_module.iter_texts(str(text)), bridge.tokenizer, context))
@@ -121,26 +135,45 @@ def bench_harvest(root: Path, device: torch.device) -> dict:
     def harvest(hook: str, tag: str):
         spec = harvest_module.HarvestSpec(str(model_dir), hook, str(text), n_tokens, context)
         out = root / f"harvest_{tag}"
-        harvest_module.harvest(bridge, {hook: spec}, {hook: out}, device=str(device), batch_size=batch_size,
-                               rows_per_chunk=32_768, progress=False)
+        harvest_module.harvest(
+            bridge,
+            {hook: spec},
+            {hook: out},
+            device=str(device),
+            batch_size=batch_size,
+            rows_per_chunk=32_768,
+            progress=False,
+        )
 
     bare()  # warm up
     last_hook = f"blocks.{n_layer - 1}.hook_resid_post"  # needs the whole stack: like-for-like with bare
     mid_hook = f"blocks.{n_layer // 2 - 1}.hook_resid_post"  # harvest stops after this block
     bare_t, harvest_t, mid_t = [], [], []
     for r in range(ROUNDS):
-        t = time.perf_counter(); bare(); bare_t.append(time.perf_counter() - t)
-        t = time.perf_counter(); harvest(last_hook, f"last{r}"); harvest_t.append(time.perf_counter() - t)
-        t = time.perf_counter(); harvest(mid_hook, f"mid{r}"); mid_t.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        bare()
+        bare_t.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        harvest(last_hook, f"last{r}")
+        harvest_t.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        harvest(mid_hook, f"mid{r}")
+        mid_t.append(time.perf_counter() - t)
     store = ActivationStore.open(root / "harvest_last0")
-    print(f"harvest: GPT-2 {n_layer} layers d={d_model}, {n_batches} x {batch_size} contexts of {context} "
-          f"({n_tokens} rows, {store.n_rows * store.d_in * 4 / 1e6:.0f} MB)")
+    print(
+        f"harvest: GPT-2 {n_layer} layers d={d_model}, {n_batches} x {batch_size} contexts of {context} "
+        f"({n_tokens} rows, {store.n_rows * store.d_in * 4 / 1e6:.0f} MB)"
+    )
     print(f"  bare forward        {min(bare_t):6.2f} s   ({n_tokens / min(bare_t):,.0f} tok/s)")
     print(f"  harvest {last_hook:<20} {min(harvest_t):6.2f} s   ({n_tokens / min(harvest_t):,.0f} tok/s)")
     print(f"  harvest {mid_hook:<20} {min(mid_t):6.2f} s   (stops after block {n_layer // 2 - 1})")
-    return {"harvest_ratio": min(harvest_t) / min(bare_t), "harvest_ratio_total": sum(harvest_t) / sum(bare_t),
-            "harvest_ratio_mid_layer": min(mid_t) / min(bare_t),
-            "harvest_tokens_per_s": n_tokens / min(harvest_t), "bare_tokens_per_s": n_tokens / min(bare_t)}
+    return {
+        "harvest_ratio": min(harvest_t) / min(bare_t),
+        "harvest_ratio_total": sum(harvest_t) / sum(bare_t),
+        "harvest_ratio_mid_layer": min(mid_t) / min(bare_t),
+        "harvest_tokens_per_s": n_tokens / min(harvest_t),
+        "bare_tokens_per_s": n_tokens / min(bare_t),
+    }
 
 
 def main() -> None:
@@ -152,7 +185,10 @@ def main() -> None:
         result = {**bench_feed(Path(tmp), device), **bench_harvest(Path(tmp), device)}
     result["threads"] = torch.get_num_threads()
     result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"feed_ratio {result['feed_ratio']:.3f} (goal <= 1.05), harvest_ratio {result['harvest_ratio']:.3f} (goal <= 1.15)")
+    print(
+        f"feed_ratio {result['feed_ratio']:.3f} (goal <= 1.05), "
+        f"harvest_ratio {result['harvest_ratio']:.3f} (goal <= 1.15)"
+    )
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
 
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from sae_ensemble.activations import harvest
+from sae_ensemble.activations.format import StoreError
 from sae_ensemble.activations.harvest import HarvestSpec, get_or_harvest, iter_contexts, iter_texts
-from sae_ensemble.activations.store import ChunkWriter, StoreError
 from sae_ensemble.activations.tiny_model import SAMPLE_TEXT, build_tiny_gpt2
+from sae_ensemble.activations.writer import ChunkWriter
 
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out", "blocks.0.mlp.hook_post"]
 CONTEXT = 32
@@ -24,8 +25,9 @@ def model_dir(tmp_path_factory):
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     sentences = [s.strip() + "." for s in SAMPLE_TEXT.split(".") if s.strip()]
-    path.write_text("\n".join(f"{i} {sentences[i % len(sentences)]} {sentences[(3 * i) % len(sentences)]}"
-                              for i in range(400)))
+    path.write_text(
+        "\n".join(f"{i} {sentences[i % len(sentences)]} {sentences[(3 * i) % len(sentences)]}" for i in range(400))
+    )
     return str(path)
 
 
@@ -35,8 +37,17 @@ def bridge(model_dir):
 
 
 def harvest_kwargs(tmp_path, **extra):
-    return {**dict(cache_root=tmp_path / "cache", n_tokens=2000, context_length=CONTEXT, batch_size=8,
-                   rows_per_chunk=300, progress=False), **extra}
+    return {
+        **dict(
+            cache_root=tmp_path / "cache",
+            n_tokens=2000,
+            context_length=CONTEXT,
+            batch_size=8,
+            rows_per_chunk=300,
+            progress=False,
+        ),
+        **extra,
+    }
 
 
 def stored_rows(store):
@@ -57,12 +68,14 @@ def test_harvested_rows_equal_run_with_cache(tmp_path, model_dir, text_file, bri
     assert stores["blocks.0.mlp.hook_post"].d_in == 4 * 64
 
 
-def test_keep_bos_and_jsonl_input(tmp_path, model_dir, text_file, bridge):
+def test_a_jsonl_corpus_with_bos_kept_stores_every_position_the_model_computes(tmp_path, model_dir, text_file, bridge):
     jsonl = tmp_path / "corpus.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"text": line, "id": i})
-                               for i, line in enumerate(open(text_file).read().splitlines())))
-    store = get_or_harvest(model_dir, "blocks.1.hook_resid_post", str(jsonl),
-                           **harvest_kwargs(tmp_path, drop_bos=False))["blocks.1.hook_resid_post"]
+    jsonl.write_text(
+        "\n".join(json.dumps({"text": line, "id": i}) for i, line in enumerate(open(text_file).read().splitlines()))
+    )
+    store = get_or_harvest(
+        model_dir, "blocks.1.hook_resid_post", str(jsonl), **harvest_kwargs(tmp_path, drop_bos=False)
+    )["blocks.1.hook_resid_post"]
     tokens = torch.tensor(list(iter_contexts(iter_texts(text_file), bridge.tokenizer, CONTEXT))[:63])
     _, cache = bridge.run_with_cache(tokens)
     assert torch.equal(stored_rows(store), cache["blocks.1.hook_resid_post"].reshape(-1, 64)[:2000])
@@ -92,7 +105,9 @@ def test_interrupted_harvest_resumes_without_duplicating_or_dropping_rows(tmp_pa
         get_or_harvest(model_dir, HOOKS[:2], text_file, **harvest_kwargs(tmp_path))
     monkeypatch.setattr(ChunkWriter, "_write_chunk", real_write)
     with pytest.raises(StoreError, match="incomplete"):
-        harvest.ActivationStore.open(harvest.store_dir(HarvestSpec(model_dir, HOOKS[0], text_file, 2000, CONTEXT), tmp_path / "cache"))
+        harvest.ActivationStore.open(
+            harvest.store_dir(HarvestSpec(model_dir, HOOKS[0], text_file, 2000, CONTEXT), tmp_path / "cache")
+        )
 
     real_run, forwards = harvest._run, []
     monkeypatch.setattr(harvest, "_run", lambda *a: forwards.append(a[1].shape) or real_run(*a))
@@ -104,13 +119,15 @@ def test_interrupted_harvest_resumes_without_duplicating_or_dropping_rows(tmp_pa
         assert torch.equal(stored_rows(resumed[hook]), stored_rows(reference[hook]))
 
 
-def test_cache_key_separates_specs():
+def test_the_cache_key_separates_every_spec_that_changes_the_rows():
     base = HarvestSpec("gpt2", "blocks.0.hook_resid_pre", "data.txt", 1000)
     assert base.key() == HarvestSpec("gpt2", "blocks.0.hook_resid_pre", "data.txt", 1000).key()
-    for other in [HarvestSpec("gpt2", "blocks.1.hook_resid_pre", "data.txt", 1000),
-                  HarvestSpec("gpt2", "blocks.0.hook_resid_pre", "data.txt", 2000),
-                  HarvestSpec("gpt2", "blocks.0.hook_resid_pre", "data.txt", 1000, dtype="bfloat16"),
-                  HarvestSpec("gpt2", "blocks.0.hook_resid_pre", "data.txt", 1000, drop_bos=False)]:
+    for other in [
+        HarvestSpec("gpt2", "blocks.1.hook_resid_pre", "data.txt", 1000),
+        HarvestSpec("gpt2", "blocks.0.hook_resid_pre", "data.txt", 2000),
+        HarvestSpec("gpt2", "blocks.0.hook_resid_pre", "data.txt", 1000, dtype="bfloat16"),
+        HarvestSpec("gpt2", "blocks.0.hook_resid_pre", "data.txt", 1000, drop_bos=False),
+    ]:
         assert other.key() != base.key()
 
 
@@ -126,7 +143,7 @@ def test_empty_dataset_is_a_clear_error(tmp_path, model_dir):
         get_or_harvest(model_dir, HOOKS[0], str(empty), **harvest_kwargs(tmp_path))
 
 
-def test_too_small_dataset_and_bad_records(tmp_path, model_dir, text_file):
+def test_a_too_small_dataset_or_a_record_without_text_is_a_clear_error(tmp_path, model_dir, text_file):
     with pytest.raises(StoreError, match=r"corpus\.txt' ran out after \d+ contexts"):
         get_or_harvest(model_dir, HOOKS[0], text_file, **harvest_kwargs(tmp_path, n_tokens=10**6))
     bad = tmp_path / "bad.jsonl"

@@ -12,15 +12,20 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sae_ensemble.activations.store import ActivationStore, ChunkWriter, Position, StoreError
+from sae_ensemble.activations.format import StoreError, write_chunk_file
+from sae_ensemble.activations.reader import ActivationStore
+from sae_ensemble.activations.stream import Position, train_batches
+from sae_ensemble.activations.writer import ChunkWriter
+from sae_ensemble.config import ConfigError, Grid, SweepConfig, SyntheticData, Training, validate
 
 D_IN = 8
 
 
 def write_store(path, x, dtype="float32", rows_per_chunk=64, heldout_rows=None, write_sizes=(37,)):
     """Write rows x [n, d] in uneven batch sizes; return the opened store."""
-    writer = ChunkWriter(path, x.shape[1], dtype, rows_per_chunk, source={"kind": "test"}, hook="h",
-                         heldout_rows=heldout_rows)
+    writer = ChunkWriter(
+        path, x.shape[1], dtype, rows_per_chunk, source={"kind": "test"}, hook="h", heldout_rows=heldout_rows
+    )
     start, i = 0, 0
     while start < len(x):
         step = write_sizes[i % len(write_sizes)]
@@ -80,7 +85,7 @@ def test_default_heldout_is_ten_percent(tmp_path, rows):
 
 
 def take(store, n, **kwargs):
-    it = store.train_batches(kwargs.pop("batch_size", 20), **kwargs)
+    it = train_batches(store, kwargs.pop("batch_size", 20), **kwargs)
     return [next(it) for _ in range(n)]
 
 
@@ -107,11 +112,27 @@ def test_drop_last_skips_the_remainder_of_each_epoch(store):
     assert batches[-1][1] == Position(1, 0, 0)
 
 
+def test_the_shuffle_window_mixes_that_many_chunks_and_is_a_checked_training_setting(tmp_path):
+    writer = ChunkWriter(tmp_path / "s", 2, "float32", 100, source={"kind": "test"}, heldout_rows=100)
+    writer.write(torch.arange(1100, dtype=torch.float32)[:, None].repeat(1, 2))  # row r holds r: its chunk is r // 100
+    store = writer.close()
+
+    def chunks_per_batch(window: int) -> float:
+        stream = train_batches(store, 50, seed=0, window=window)
+        return float(np.mean([len(set((next(stream)[0][:, 0] // 100).long().tolist())) for _ in range(20)]))
+
+    # one chunk at a time (a batch spans at most the two chunks at a window's edge) vs mixing eight
+    assert chunks_per_batch(1) <= 2 and chunks_per_batch(8) > 5
+    cfg = SweepConfig(data=SyntheticData(), grid=Grid(dict_sizes=[64]), training=Training(shuffle_window_chunks=0))
+    with pytest.raises(ConfigError, match="training.shuffle_window_chunks=0 must be at least 1"):
+        validate(cfg)
+
+
 @pytest.mark.parametrize("stop", [1, 4, 8, 9, 13])
 def test_restart_from_next_position_reproduces_the_rest(store, stop):
     full = take(store, 20, seed=7, window=2)
     position = Position.from_dict(json.loads(json.dumps(full[stop - 1][1].to_dict())))
-    it = store.train_batches(20, seed=7, window=2, position=position)
+    it = train_batches(store, 20, seed=7, window=2, position=position)
     rest = [next(it) for _ in range(20 - stop)]
     for (a, pa), (b, pb) in zip(full[stop:], rest):
         assert torch.equal(a, b) and pa == pb
@@ -120,9 +141,9 @@ def test_restart_from_next_position_reproduces_the_rest(store, stop):
 def test_position_from_another_batch_size_is_rejected(store):
     _, position = take(store, 2, seed=0, batch_size=20, window=1)[-1]  # batch 2 starts at row 40: window 0
     with pytest.raises(StoreError, match="batch_size"):
-        next(store.train_batches(50, seed=0, window=1, position=position))  # row 100: window 1
+        next(train_batches(store, 50, seed=0, window=1, position=position))  # row 100: window 1
     with pytest.raises(StoreError, match=r"batch=5 is outside \[0, 3\)"):
-        next(store.train_batches(50, seed=0, position=Position(0, 0, 5)))
+        next(train_batches(store, 50, seed=0, position=Position(0, 0, 5)))
 
 
 def test_heldout_rows_are_every_chunks_tail_and_never_appear_in_training(store):
@@ -187,8 +208,10 @@ def test_interrupted_writer_resumes_from_last_complete_chunk(tmp_path, rows, mon
     writer.write(rows[writer.resume_rows :])
     store = writer.close()
     assert torch.equal(store.rows(np.arange(200)), rows)
-    assert store.manifest == {**write_store(tmp_path / "ref", rows, heldout_rows=20).manifest,
-                              "created_at": store.manifest["created_at"]}
+    assert store.manifest == {
+        **write_store(tmp_path / "ref", rows, heldout_rows=20).manifest,
+        "created_at": store.manifest["created_at"],
+    }
 
 
 def test_resuming_with_other_parameters_is_refused(tmp_path, rows):
@@ -219,9 +242,7 @@ def corrupt(path: Path, how: str):
     elif how == "chunk d_in":  # a chunk of the right byte size but shape [rows / 2, 2 * d_in]
         m = json.loads(manifest.read_text())
         x = np.zeros((32, 2 * D_IN), np.float32)
-        from sae_ensemble.activations.store import _write_chunk_file
-
-        m["chunks"][1]["bytes"], _ = _write_chunk_file(chunk, x, "float32")
+        m["chunks"][1]["bytes"], _ = write_chunk_file(chunk, x, "float32")
         manifest.write_text(json.dumps(m))
     elif how == "missing manifest":
         manifest.unlink()
@@ -256,7 +277,7 @@ def test_flipped_byte_passes_size_check_but_not_checksum(store):
         ActivationStore.open(store.path, verify="checksum")
 
 
-def test_store_path_that_is_a_file_or_missing(tmp_path):
+def test_a_store_path_that_is_a_file_or_missing_is_refused_naming_it(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(StoreError, match=r"/f is a file"):
         ActivationStore.open(tmp_path / "f")
@@ -266,7 +287,7 @@ def test_store_path_that_is_a_file_or_missing(tmp_path):
         ActivationStore.open(tmp_path / "nope")
 
 
-def test_bad_writer_input(tmp_path):
+def test_the_writer_refuses_a_bad_dtype_a_wrong_width_and_an_empty_store(tmp_path):
     with pytest.raises(StoreError, match="'float64' is not supported"):
         ChunkWriter(tmp_path / "s", D_IN, "float64")
     writer = ChunkWriter(tmp_path / "s", D_IN)
@@ -281,7 +302,8 @@ def test_bad_writer_input(tmp_path):
 READER = textwrap.dedent(
     """
     import json, sys, psutil
-    from sae_ensemble.activations.store import ActivationStore
+    from sae_ensemble.activations.reader import ActivationStore
+    from sae_ensemble.activations.stream import train_batches
 
     def anon():
         for line in open("/proc/self/status"):
@@ -290,7 +312,7 @@ READER = textwrap.dedent(
 
     process = psutil.Process()
     store = ActivationStore.open(sys.argv[1])
-    batches = store.train_batches(4096, seed=0)
+    batches = train_batches(store, 4096, seed=0)
     next(batches)  # warm up: imports, first allocations
     uss, rss_anon = process.memory_full_info().uss, anon()
     n_rows = 0
@@ -302,6 +324,7 @@ READER = textwrap.dedent(
 )
 
 
+@pytest.mark.memory
 def test_second_process_reads_whole_store_without_private_copy(tmp_path):
     d_in, n_rows = 256, 220_000  # 225 MB of float32
     writer = ChunkWriter(tmp_path / "big", d_in, "float32", 32_768, heldout_rows=4096)
@@ -314,13 +337,26 @@ def test_second_process_reads_whole_store_without_private_copy(tmp_path):
     # and count in neither process's USS unless someone makes a private copy
     chunks = [store._chunk(c) for c in range(store.manifest["n_chunks"])]
     assert all(np.isfinite(chunk.sum()) for chunk in chunks)  # sum() reads every page, copies none
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-           # glibc otherwise keeps freed 4 MB batch buffers in its heap (bounded allocator caching,
-           # not a copy of the store); a fixed mmap threshold returns them, isolating what we measure
-           "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", READER, str(store.path)], env=env, capture_output=True,
-                         text=True, check=True, timeout=120)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        # glibc otherwise keeps freed 4 MB batch buffers in its heap (bounded allocator caching,
+        # not a copy of the store); a fixed mmap threshold returns them, isolating what we measure
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", READER, str(store.path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     grown = json.loads(out.stdout.strip().splitlines()[-1])
+    print(
+        f"reading a {store_bytes / 2**20:.0f} MiB store grew USS by {grown['uss'] / 2**20:.1f} MiB, "
+        f"RssAnon by {grown['anon'] / 2**20:.1f} MiB"
+    )
     assert grown["rows"] == (store.n_train_rows // 4096 - 1) * 4096
     assert grown["uss"] < 0.25 * store_bytes, grown
     assert grown["anon"] < 0.25 * store_bytes, grown

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from sae_ensemble.activations import synthetic
-from sae_ensemble.activations.store import ChunkWriter, StoreError
+from sae_ensemble.activations.format import StoreError
 from sae_ensemble.activations.synthetic import feature_probabilities, sample_rows, write_synthetic
+from sae_ensemble.activations.writer import ChunkWriter
 
 SMALL = dict(d_in=32, n_features=64, n_active=4, n_rows=3000, rows_per_chunk=1000)
 
@@ -26,8 +27,9 @@ def test_same_seed_same_data_other_seed_other_data(tmp_path):
 
 
 def test_rows_are_sparse_nonnegative_mixtures_of_unit_norm_features(tmp_path):
-    store = write_synthetic(tmp_path / "s", seed=0, d_in=128, n_features=64, n_active=4, n_rows=2000,
-                            rows_per_chunk=1000)
+    store = write_synthetic(
+        tmp_path / "s", seed=0, d_in=128, n_features=64, n_active=4, n_rows=2000, rows_per_chunk=1000
+    )
     features = store.ground_truth()  # [64, 128]: independent directions, so codes are unique
     assert features.shape == (64, 128)
     assert torch.allclose(features.norm(dim=1), torch.ones(64), atol=1e-5)
@@ -40,7 +42,7 @@ def test_rows_are_sparse_nonnegative_mixtures_of_unit_norm_features(tmp_path):
 
 
 @pytest.mark.parametrize("correlated", [False, True])
-def test_active_feature_count_and_decay(correlated):
+def test_active_feature_count_and_firing_frequencies_follow_the_parameters(correlated):
     n_features, n_active, decay = 200, 5, 0.98
     probs = feature_probabilities(n_features, n_active, decay)
     assert probs.sum().item() == pytest.approx(n_active, rel=1e-5)
@@ -94,7 +96,7 @@ def test_interrupted_write_resumes_to_the_same_data(tmp_path, monkeypatch):
     assert torch.equal(all_rows(store), all_rows(reference))
 
 
-def test_bad_parameters(tmp_path):
+def test_bad_parameters_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(StoreError, match=r"n_active \(0\)"):
         write_synthetic(tmp_path / "s", n_rows=10, n_active=0)
     assert not (tmp_path / "s").exists()

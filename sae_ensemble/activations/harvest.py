@@ -8,22 +8,22 @@ harvests the rest, all hooks that still need rows in one pass over the model.
 
 from __future__ import annotations
 
-import difflib
-import gc
 import hashlib
 import json
 import queue
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from .store import DTYPES, MANIFEST, ActivationStore, ChunkWriter, StoreError, check_dtype, store_lock
-
-TEXT_SUFFIXES = (".txt", ".jsonl")
+from .format import DTYPES, MANIFEST, StoreError, check_dtype
+from .lm import boot_model, check_hooks, free_device_memory, iter_contexts, iter_texts, rows_per_context
+from .lock import store_lock
+from .reader import ActivationStore
+from .writer import ChunkWriter
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ class HarvestSpec:
     hook: str
     """TransformerLens hook name, e.g. blocks.3.hook_resid_pre."""
     dataset: str
-    """HF dataset name (streamed), or a local .txt file (one document per non-empty line), .jsonl file, or a directory of them."""
+    """HF dataset name (streamed), or a local .txt file (one document per non-empty line), .jsonl file, or a directory
+    of them."""
     n_tokens: int
     """Rows to store (token positions, after dropping BOS positions)."""
     context_length: int = 128
@@ -60,117 +61,11 @@ def _local_fingerprint(name: str) -> list | None:
     if not path.exists():
         return None
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
-    return [[str(f.relative_to(path) if path.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns]
-            for f in files if f.is_file()]
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokens
-
-
-def iter_texts(dataset: str, split: str = "train", dataset_config: str | None = None,
-               text_field: str = "text") -> Iterator[str]:
-    """Documents from local .txt/.jsonl files (or a directory of them) or a streamed HF dataset."""
-    path = Path(dataset)
-    if path.exists():
-        files = sorted(f for f in path.rglob("*") if f.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
-        if not files or any(f.suffix not in TEXT_SUFFIXES for f in files):
-            raise StoreError(f"Dataset path {path} must be a .txt or .jsonl file or a directory holding some.")
-        for f in files:
-            with open(f, encoding="utf-8") as lines:
-                for line_no, line in enumerate(lines, 1):
-                    if not line.strip():
-                        continue
-                    if f.suffix == ".txt":
-                        yield line.rstrip("\n")
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise StoreError(f"{f} line {line_no} is not valid JSON.")
-                    if text_field not in record:
-                        raise StoreError(f"{f} line {line_no} has no {text_field!r} field (fields: {sorted(record)}).")
-                    yield record[text_field]
-        return
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(dataset, dataset_config, split=split, streaming=True)
-    except Exception as e:  # offline, unknown name, bad split: say which
-        raise StoreError(f"Dataset {dataset!r} (config {dataset_config!r}, split {split!r}) is neither a local path nor loadable: {e}")
-    for record in ds:
-        if text_field not in record:
-            raise StoreError(f"Dataset {dataset!r} records have no {text_field!r} field (fields: {sorted(record)}).")
-        yield record[text_field]
-
-
-def iter_contexts(texts: Iterable[str], tokenizer, context_length: int, batch_docs: int = 64) -> Iterator[list[int]]:
-    """Pack documents (separated by EOS) into contexts of context_length tokens, each starting with BOS.
-
-    Without a BOS token in the tokenizer, contexts are plain context_length-token windows.
-    """
-    bos = tokenizer.bos_token_id
-    eos = tokenizer.eos_token_id
-    body = context_length - (bos is not None)
-    buffer: list[int] = []
-    docs: list[str] = []
-
-    def drain() -> Iterator[list[int]]:
-        nonlocal buffer
-        for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-            buffer.extend(ids)
-            if eos is not None:
-                buffer.append(eos)
-        docs.clear()
-        n_full = len(buffer) // body
-        for i in range(n_full):
-            piece = buffer[i * body : (i + 1) * body]
-            yield [bos, *piece] if bos is not None else piece
-        buffer = buffer[n_full * body :]
-
-    for text in texts:
-        docs.append(text)
-        if len(docs) == batch_docs:
-            yield from drain()
-    if docs:
-        yield from drain()
-
-
-# ----------------------------------------------------------------------------------------------
-# Model and hooks
-
-
-def boot_model(model: str, device: str = "cpu", revision: str | None = None):
-    """Boot a TransformerBridge (a module-level function so tests can check it is not called)."""
-    from transformer_lens.model_bridge import TransformerBridge
-
-    kwargs = {"revision": revision} if revision else {}
-    try:
-        return TransformerBridge.boot_transformers(model, device=device, **kwargs)
-    except (OSError, ValueError) as error:  # unknown name, no network, missing files
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise StoreError(f"Model {model!r} could not be loaded (an HF model name or a local directory is needed): {first}") from None
-
-
-def free_device_memory(device: str | torch.device) -> None:
-    """After a model is dropped: collect it (a model holds reference cycles, which refcounting never frees)
-    and hand a GPU's cached blocks back, so training gets the memory the model held."""
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def rows_per_context(tokenizer, context_length: int, drop_bos: bool) -> int:
-    """Stored rows per context: every position, less the BOS one when it is dropped."""
-    return context_length - int(drop_bos and tokenizer.bos_token_id is not None)
-
-
-def check_hooks(bridge, hooks: Sequence[str]) -> None:
-    valid = sorted(bridge.hook_dict)
-    for hook in hooks:
-        if hook not in bridge.hook_dict:
-            close = difflib.get_close_matches(hook, valid, n=5, cutoff=0.5)
-            raise StoreError(f"Hook {hook!r} is not a hook of this model; closest valid names: {close or valid[:5]}.")
+    return [
+        [str(f.relative_to(path) if path.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns]
+        for f in files
+        if f.is_file()
+    ]
 
 
 def _stop_layer(hooks: Sequence[str], n_layers: int) -> int | None:
@@ -207,7 +102,9 @@ def _run(bridge, tokens: torch.Tensor, capture: _Capture, stop: int | None) -> d
 def _rows(act: torch.Tensor, tokens: torch.Tensor, hook: str, drop_first: bool) -> torch.Tensor:
     """[batch, pos, ...] activations -> rows [batch * pos', d_in]."""
     if act.ndim < 3 or tuple(act.shape[:2]) != tuple(tokens.shape):
-        raise StoreError(f"Hook {hook!r} gives shape {list(act.shape)}, not [batch, pos, ...]; it cannot be stored as rows.")
+        raise StoreError(
+            f"Hook {hook!r} gives shape {list(act.shape)}, not [batch, pos, ...]; it cannot be stored as rows."
+        )
     act = act[:, 1:] if drop_first else act
     return act.reshape(-1, act[0, 0].numel())
 
@@ -281,8 +178,12 @@ def get_or_harvest(
     check_dtype(dtype)
     if n_tokens <= 0 or context_length < 2:
         raise StoreError(f"n_tokens ({n_tokens}) must be positive and context_length ({context_length}) at least 2.")
-    specs = {h: HarvestSpec(model, h, dataset, n_tokens, context_length, split, dataset_config,
-                            text_field, dtype, drop_bos, revision) for h in hooks}
+    specs = {
+        h: HarvestSpec(
+            model, h, dataset, n_tokens, context_length, split, dataset_config, text_field, dtype, drop_bos, revision
+        )
+        for h in hooks
+    }
     dirs = {h: store_dir(s, cache_root) for h, s in specs.items()}
     with store_lock(list(dirs.values())):
         stores = {h: ActivationStore.open(d) for h, d in dirs.items() if (d / MANIFEST).exists()}
@@ -290,18 +191,35 @@ def get_or_harvest(
         if todo:
             bridge = boot_model(model, device=device, revision=revision)
             try:
-                stores.update(harvest(bridge, {h: specs[h] for h in todo}, {h: dirs[h] for h in todo},
-                                      device=device, batch_size=batch_size, rows_per_chunk=rows_per_chunk,
-                                      heldout_rows=heldout_rows, progress=progress))
+                stores.update(
+                    harvest(
+                        bridge,
+                        {h: specs[h] for h in todo},
+                        {h: dirs[h] for h in todo},
+                        device=device,
+                        batch_size=batch_size,
+                        rows_per_chunk=rows_per_chunk,
+                        heldout_rows=heldout_rows,
+                        progress=progress,
+                    )
+                )
             finally:
                 del bridge  # training starts next: the model must not keep its device memory
                 free_device_memory(device)
     return {h: stores[h] for h in hooks}
 
 
-def harvest(bridge, specs: dict[str, HarvestSpec], dirs: dict[str, Path], *, device: str = "cpu",
-            batch_size: int = 16, rows_per_chunk: int = 65_536, heldout_rows: int | None = None,
-            progress: bool = True) -> dict[str, ActivationStore]:
+def harvest(
+    bridge,
+    specs: dict[str, HarvestSpec],
+    dirs: dict[str, Path],
+    *,
+    device: str = "cpu",
+    batch_size: int = 16,
+    rows_per_chunk: int = 65_536,
+    heldout_rows: int | None = None,
+    progress: bool = True,
+) -> dict[str, ActivationStore]:
     """Run the model once over the dataset, writing one store per hook (resuming where they stopped)."""
     from tqdm.auto import tqdm
 
@@ -321,14 +239,17 @@ def harvest(bridge, specs: dict[str, HarvestSpec], dirs: dict[str, Path], *, dev
     for h in hooks:
         d_in = _rows(probe[h], probe_tokens, h, False).shape[1]
         source = {"kind": "lm", **asdict(specs[h]), "key": specs[h].key()}
-        writers[h] = ChunkWriter(dirs[h], d_in, spec.dtype, rows_per_chunk, source=source, hook=h, heldout_rows=heldout_rows)
+        writers[h] = ChunkWriter(
+            dirs[h], d_in, spec.dtype, rows_per_chunk, source=source, hook=h, heldout_rows=heldout_rows
+        )
 
     # rows are a deterministic stream: skip whole contexts every hook already has, trim the rest per hook
     done = {h: writers[h].resume_rows for h in hooks}
     skip_contexts = min(done.values()) // context_rows
     row = skip_contexts * context_rows  # global index of the next row produced
-    contexts = iter_contexts(iter_texts(spec.dataset, spec.split, spec.dataset_config, spec.text_field),
-                             tokenizer, spec.context_length)
+    contexts = iter_contexts(
+        iter_texts(spec.dataset, spec.split, spec.dataset_config, spec.text_field), tokenizer, spec.context_length
+    )
     n_seen = 0
     for _ in range(skip_contexts):
         if next(contexts, None) is None:
@@ -341,7 +262,9 @@ def harvest(bridge, specs: dict[str, HarvestSpec], dirs: dict[str, Path], *, dev
         while row < spec.n_tokens:
             batch = [c for _, c in zip(range(batch_size), contexts)]
             if not batch:
-                where = "is empty" if n_seen == 0 else f"ran out after {n_seen} contexts ({row} rows of {spec.n_tokens})"
+                where = (
+                    "is empty" if n_seen == 0 else f"ran out after {n_seen} contexts ({row} rows of {spec.n_tokens})"
+                )
                 raise StoreError(f"Dataset {spec.dataset!r} {where}; use more text or a smaller n_tokens.")
             n_seen += len(batch)
             tokens = torch.tensor(batch, dtype=torch.long, device=device)  # [batch, context_length]

@@ -17,8 +17,8 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 # flock errors meaning "this file system has no flock" (Lustre mounted without -o flock: ENOSYS;
 # some NFS setups: ENOLCK or EOPNOTSUPP). Any other error is a real failure and propagates.
@@ -80,7 +80,10 @@ def _holder_is_gone(raw: str, age: float) -> str | None:
             pass  # alive, owned by another user
     # A live holder touches the file every LOCK_HEARTBEAT_SECONDS; this also catches a reused pid.
     if age > LOCK_STALE_SECONDS:
-        return f"it was last refreshed {age:.0f}s ago (holder {holder or 'unknown'}; stale after {LOCK_STALE_SECONDS:.0f}s)"
+        return (
+            f"it was last refreshed {age:.0f}s ago (holder {holder or 'unknown'}; "
+            f"stale after {LOCK_STALE_SECONDS:.0f}s)"
+        )
     return None
 
 

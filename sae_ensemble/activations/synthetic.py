@@ -13,7 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .store import GROUND_TRUTH, ActivationStore, ChunkWriter, StoreError, store_lock
+from .format import GROUND_TRUTH, StoreError
+from .lock import store_lock
+from .reader import ActivationStore
+from .writer import ChunkWriter
 
 GENERATOR = "sparse_mixture_v1"
 CORRELATION_RANK = 16  # low-rank factor model: strong, structured correlations between features
@@ -45,8 +48,14 @@ def _correlation_cholesky(n_features: int, seed: int) -> torch.Tensor:
     return torch.linalg.cholesky(cov * inv_std[:, None] * inv_std[None, :]).float()
 
 
-def sample_rows(n_rows: int, features: torch.Tensor, probs: torch.Tensor, generator: torch.Generator,
-                chol: torch.Tensor | None = None, noise_std: float = 0.0) -> torch.Tensor:
+def sample_rows(
+    n_rows: int,
+    features: torch.Tensor,
+    probs: torch.Tensor,
+    generator: torch.Generator,
+    chol: torch.Tensor | None = None,
+    noise_std: float = 0.0,
+) -> torch.Tensor:
     """One block of synthetic rows [n_rows, d_in]."""
     n_features = features.shape[0]
     if chol is None:
@@ -88,17 +97,50 @@ def write_synthetic(
         )
     path = Path(path)
     source = {
-        "kind": "synthetic", "generator": GENERATOR, "d_in": d_in, "n_features": n_features,
-        "n_active": n_active, "feature_prob_decay": feature_prob_decay, "n_rows": n_rows,
-        "seed": seed, "correlated": correlated, "noise_std": noise_std,
+        "kind": "synthetic",
+        "generator": GENERATOR,
+        "d_in": d_in,
+        "n_features": n_features,
+        "n_active": n_active,
+        "feature_prob_decay": feature_prob_decay,
+        "n_rows": n_rows,
+        "seed": seed,
+        "correlated": correlated,
+        "noise_std": noise_std,
     }
     with store_lock(path):
-        return _write_synthetic_locked(path, source, d_in, n_features, n_active, feature_prob_decay, n_rows,
-                                       rows_per_chunk, seed, correlated, noise_std, dtype, heldout_rows)
+        return _write_synthetic_locked(
+            path,
+            source,
+            d_in,
+            n_features,
+            n_active,
+            feature_prob_decay,
+            n_rows,
+            rows_per_chunk,
+            seed,
+            correlated,
+            noise_std,
+            dtype,
+            heldout_rows,
+        )
 
 
-def _write_synthetic_locked(path, source, d_in, n_features, n_active, feature_prob_decay, n_rows,
-                            rows_per_chunk, seed, correlated, noise_std, dtype, heldout_rows) -> ActivationStore:
+def _write_synthetic_locked(
+    path,
+    source,
+    d_in,
+    n_features,
+    n_active,
+    feature_prob_decay,
+    n_rows,
+    rows_per_chunk,
+    seed,
+    correlated,
+    noise_std,
+    dtype,
+    heldout_rows,
+) -> ActivationStore:
     if (path / "manifest.json").exists():
         store = ActivationStore.open(path)
         wanted = {"source": source, "dtype": dtype, "rows_per_chunk": rows_per_chunk}
@@ -106,7 +148,9 @@ def _write_synthetic_locked(path, source, d_in, n_features, n_active, feature_pr
         if heldout_rows is not None:
             wanted["heldout_rows"], found["heldout_rows"] = heldout_rows, store.heldout_rows
         if found != wanted:
-            raise StoreError(f"Store {path} already holds synthetic data with other parameters ({found}); choose another path.")
+            raise StoreError(
+                f"Store {path} already holds synthetic data with other parameters ({found}); choose another path."
+            )
         return store
 
     features = ground_truth_features(d_in, n_features, seed)

@@ -94,8 +94,12 @@ def train_tokenizer(documents: list[str], vocab_size: int):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(documents, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS)
 
@@ -104,17 +108,33 @@ def _gpt2(tokenizer, n_layer: int, d_model: int, n_head: int, n_ctx: int):
     """A freshly initialised GPT-2 (from the global torch RNG) without dropout: the tiny models never need it."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(n_layer=n_layer, n_embd=d_model, n_head=n_head, n_positions=n_ctx, vocab_size=len(tokenizer),
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        n_layer=n_layer,
+        n_embd=d_model,
+        n_head=n_head,
+        n_positions=n_ctx,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(config)
 
 
 # -- the random model --------------------------------------------------------------------------------
 
 
-def build_tiny_gpt2(directory: str | Path, n_layer: int = 2, d_model: int = 64, n_head: int = 2, n_ctx: int = 64,
-                    vocab_size: int = 512, seed: int = 0) -> Path:
+def build_tiny_gpt2(
+    directory: str | Path,
+    n_layer: int = 2,
+    d_model: int = 64,
+    n_head: int = 2,
+    n_ctx: int = 64,
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> Path:
     """Write a random GPT-2 (config, weights, tokenizer trained on SAMPLE_TEXT) to `directory`; return it."""
     import torch
 
@@ -162,7 +182,9 @@ def _lr(recipe: Recipe, step: int) -> float:
     if step < recipe.warmup_steps:
         return recipe.lr * (step + 1) / recipe.warmup_steps
     progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
-    return recipe.lr * (recipe.min_lr_fraction + (1 - recipe.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return recipe.lr * (
+        recipe.min_lr_fraction + (1 - recipe.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+    )
 
 
 def heldout_ce(model, tokenizer, documents: list[str], n_ctx: int) -> float:
@@ -203,7 +225,9 @@ def train_tiny_gpt2(directory: str | Path, recipe: Recipe = Recipe(), progress: 
             torch.manual_seed(recipe.seed)
             model = _gpt2(tokenizer, recipe.n_layer, recipe.d_model, recipe.n_head, recipe.n_ctx)
         order = torch.Generator().manual_seed(recipe.seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay
+        )
         model.train()
         log_every = max(1, recipe.steps // 10)
         for step in range(recipe.steps):
@@ -218,15 +242,25 @@ def train_tiny_gpt2(directory: str | Path, recipe: Recipe = Recipe(), progress: 
             optimizer.step()
             if progress and ((step + 1) % log_every == 0 or step == 0):
                 elapsed = time.perf_counter() - start
-                print(f"tiny GPT-2: step {step + 1}/{recipe.steps}, loss {loss.item():.3f}, {elapsed:.0f}s, "
-                      f"about {elapsed / (step + 1) * (recipe.steps - step - 1):.0f}s left", file=sys.stderr, flush=True)
+                print(
+                    f"tiny GPT-2: step {step + 1}/{recipe.steps}, loss {loss.item():.3f}, {elapsed:.0f}s, "
+                    f"about {elapsed / (step + 1) * (recipe.steps - step - 1):.0f}s left",
+                    file=sys.stderr,
+                    flush=True,
+                )
         model.eval()
         seconds = time.perf_counter() - start
-        record = {"recipe": asdict(recipe), "fingerprint": fingerprint(recipe, trained=True), "train_seconds": round(seconds, 1),
-                  "threads": torch.get_num_threads(), "torch": torch.__version__, "train_tokens": len(stream),
-                  "final_train_loss": round(loss.item(), 4),
-                  "heldout_ce": round(heldout_ce(model, tokenizer, heldout_docs, recipe.n_ctx), 4),
-                  "ln_vocab": round(math.log(len(tokenizer)), 4)}
+        record = {
+            "recipe": asdict(recipe),
+            "fingerprint": fingerprint(recipe, trained=True),
+            "train_seconds": round(seconds, 1),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "train_tokens": len(stream),
+            "final_train_loss": round(loss.item(), 4),
+            "heldout_ce": round(heldout_ce(model, tokenizer, heldout_docs, recipe.n_ctx), 4),
+            "ln_vocab": round(math.log(len(tokenizer)), 4),
+        }
     finally:
         torch.set_num_threads(threads)
     directory.mkdir(parents=True, exist_ok=True)
@@ -234,8 +268,12 @@ def train_tiny_gpt2(directory: str | Path, recipe: Recipe = Recipe(), progress: 
     model.save_pretrained(directory)
     (directory / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     if progress:
-        print(f"tiny GPT-2: trained in {seconds:.0f}s; held-out CE {record['heldout_ce']:.3f} nats "
-              f"(ln vocab = {record['ln_vocab']:.2f})", file=sys.stderr, flush=True)
+        print(
+            f"tiny GPT-2: trained in {seconds:.0f}s; held-out CE {record['heldout_ce']:.3f} nats "
+            f"(ln vocab = {record['ln_vocab']:.2f})",
+            file=sys.stderr,
+            flush=True,
+        )
     return record
 
 
@@ -243,7 +281,8 @@ def train_tiny_gpt2(directory: str | Path, recipe: Recipe = Recipe(), progress: 
 
 
 def ensure_tiny_gpt2(root: str | Path, trained: bool = True, recipe: Recipe = Recipe(), progress: bool = True) -> Path:
-    """The directory `root/trained-<fingerprint>` (or `root/random-<fingerprint>`) holding the tiny model, built on first use.
+    """The directory `root/trained-<fingerprint>` (or `root/random-<fingerprint>`) holding the tiny model, built on
+    first use.
 
     A model directory appears only by an atomic rename of a finished build, so its existence
     means it is complete. Concurrent first users (multirun jobs, array tasks) take the store
@@ -263,8 +302,12 @@ def ensure_tiny_gpt2(root: str | Path, trained: bool = True, recipe: Recipe = Re
         temp = root / f".{directory.name}.tmp-{socket.gethostname()}-{os.getpid()}"
         if trained:
             if progress:
-                print(f"tiny GPT-2: training on first use ({recipe.steps} steps on one CPU thread, a minute or two); "
-                      f"later runs reuse {directory}", file=sys.stderr, flush=True)
+                print(
+                    f"tiny GPT-2: training on first use ({recipe.steps} steps on one CPU thread, a minute or two); "
+                    f"later runs reuse {directory}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             train_tiny_gpt2(temp, recipe, progress)
         else:
             build_tiny_gpt2(temp)
