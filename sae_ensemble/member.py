@@ -5,10 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from sae_ensemble.architectures import VARIANTS
-
-K_VARIANTS = ("topk", "batchtopk", "matryoshka")  # sparsity set by k (no L1 term)
-L1_VARIANTS = ("relu", "tied", "gated")  # sparsity set by l1
+from sae_ensemble.config import K_VARIANTS, L1_VARIANTS, Variant
 
 
 @dataclass(frozen=True)
@@ -64,35 +61,56 @@ class Member:
     2023; dictionary_learning's resample_steps); 0 = never. Dead = fired in none of the rows since the last."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "matryoshka_widths", tuple(int(w) for w in self.matryoshka_widths))  # cfg.json gives a list
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant={self.variant!r} is unknown; allowed: {', '.join(VARIANTS)}")
+        object.__setattr__(
+            self, "matryoshka_widths", tuple(int(w) for w in self.matryoshka_widths)
+        )  # cfg.json gives a list
+        if self.variant not in Variant.__members__:
+            raise ValueError(f"variant={self.variant!r} is unknown; allowed: {', '.join(Variant)}")
+        object.__setattr__(
+            self, "variant", str(self.variant)
+        )  # plain str in ids, JSON and comparisons, also from a Variant
         if self.d_in < 1 or self.dict_size < 1:
             raise ValueError(f"d_in={self.d_in} and dict_size={self.dict_size} must both be at least 1")
         if self.variant in K_VARIANTS and not 1 <= self.k <= self.dict_size:
             raise ValueError(f"k={self.k} must be between 1 and dict_size={self.dict_size} for a {self.variant} member")
-        if self.variant in L1_VARIANTS and self.l1 < 0:
-            raise ValueError(f"l1={self.l1} must be non-negative")
+        if self.variant in L1_VARIANTS and self.l1 <= 0:
+            raise ValueError(f"l1={self.l1} of a {self.variant} member must be positive (variant topk has no L1 term)")
         if self.variant == "jumprelu" and not (self.l0_coefficient >= 0 and self.threshold > 0 and self.bandwidth > 0):
-            raise ValueError(f"a jumprelu member needs l0_coefficient >= 0, threshold > 0 and bandwidth > 0; "
-                             f"got {self.l0_coefficient}, {self.threshold}, {self.bandwidth}")
+            raise ValueError(
+                f"a jumprelu member needs l0_coefficient >= 0, threshold > 0 and bandwidth > 0; "
+                f"got {self.l0_coefficient}, {self.threshold}, {self.bandwidth}"
+            )
         if not 0 < self.topk_threshold_lr <= 1:
             raise ValueError(f"topk_threshold_lr={self.topk_threshold_lr} must be in (0, 1]")
         widths = self.matryoshka_widths
-        if self.variant == "matryoshka" and not (widths and all(a < b for a, b in zip((0, *widths), (*widths, self.dict_size)))):
-            raise ValueError(f"matryoshka_widths={list(widths)} must be non-empty and increase strictly from above 0 to below "
-                             f"dict_size={self.dict_size}")
+        if self.variant == "matryoshka" and not (
+            widths and all(a < b for a, b in zip((0, *widths), (*widths, self.dict_size)))
+        ):
+            raise ValueError(
+                f"matryoshka_widths={list(widths)} must be non-empty and increase strictly from above 0 to below "
+                f"dict_size={self.dict_size}"
+            )
         if self.auxk_dead_tokens and self.variant not in K_VARIANTS:
-            raise ValueError(f"auxk_dead_tokens={self.auxk_dead_tokens} is for {', '.join(K_VARIANTS)} members only (variant={self.variant})")
+            raise ValueError(
+                f"auxk_dead_tokens={self.auxk_dead_tokens} is for {', '.join(K_VARIANTS)} members only "
+                f"(variant={self.variant})"
+            )
         if self.auxk_dead_tokens < 0 or self.auxk_coefficient < 0 or self.k_aux < 0:
-            raise ValueError(f"auxk_dead_tokens={self.auxk_dead_tokens}, auxk_coefficient={self.auxk_coefficient} and k_aux={self.k_aux} "
-                             "must be non-negative")
+            raise ValueError(
+                f"auxk_dead_tokens={self.auxk_dead_tokens}, auxk_coefficient={self.auxk_coefficient} and "
+                f"k_aux={self.k_aux} "
+                "must be non-negative"
+            )
         if self.resample_every and self.variant not in ("relu", "tied"):
-            raise ValueError(f"resample_every={self.resample_every} is for relu and tied members only (variant={self.variant})")
+            raise ValueError(
+                f"resample_every={self.resample_every} is for relu and tied members only (variant={self.variant})"
+            )
         if self.resample_every < 0:
             raise ValueError(f"resample_every={self.resample_every} must be non-negative (0 = never)")
         if self.variant != "matryoshka" and widths:
-            raise ValueError(f"matryoshka_widths={list(widths)} is for matryoshka members only (variant={self.variant})")
+            raise ValueError(
+                f"matryoshka_widths={list(widths)} is for matryoshka members only (variant={self.variant})"
+            )
         if self.bias_decay < 0:
             raise ValueError(f"bias_decay={self.bias_decay} must be non-negative")
         if self.lr <= 0:
@@ -100,7 +118,10 @@ class Member:
         if self.target_l0 < 0:
             raise ValueError(f"target_l0={self.target_l0} must be non-negative (0 = a fixed l1)")
         if self.variant == "topk" and self.target_l0 > 0 and self.k != round(self.target_l0):
-            raise ValueError(f"k={self.k} of a topk member with target_l0={self.target_l0:g} must be round(target_l0)={round(self.target_l0)}")
+            raise ValueError(
+                f"k={self.k} of a topk member with target_l0={self.target_l0:g} must be "
+                f"round(target_l0)={round(self.target_l0)}"
+            )
         if self.variant != "topk" and self.target_l0 > 0 and self.l1 <= 0:
             raise ValueError(f"l1={self.l1} is the starting coefficient of a target-L0 member and must be positive")
         for name in ("lr_warmup_steps", "lr_decay_steps", "l1_warmup_steps"):
@@ -109,7 +130,8 @@ class Member:
 
     @property
     def member_id(self) -> str:
-        """Stable, human-readable id, e.g. `relu-d512-l1_0.001-bd0.05-lr0.001-s0`, `jumprelu-d512-l0c0.001-th0.01-bw0.05-...`,
+        """Stable, human-readable id, e.g. `relu-d512-l1_0.001-bd0.05-lr0.001-s0`,
+        `jumprelu-d512-l0c0.001-th0.01-bw0.05-...`,
         or `relu-d512-L0_8-bd0-lr0.003-s0` for a member steered to L0 8 (its starting l1 is in cfg.json)."""
         if self.target_l0 > 0:
             sparsity = [f"L0_{self.target_l0:g}"]
@@ -124,11 +146,21 @@ class Member:
         else:
             sparsity = [f"l1_{self.l1:g}"]
         if self.auxk_dead_tokens:  # the remedies, only when on: ids of members without them do not change
-            sparsity.append(f"auxk{self.auxk_dead_tokens}" + (f"c{self.auxk_coefficient:g}" if self.auxk_coefficient != 1 / 32 else "")
-                            + (f"k{self.k_aux}" if self.k_aux else ""))
+            sparsity.append(
+                f"auxk{self.auxk_dead_tokens}"
+                + (f"c{self.auxk_coefficient:g}" if self.auxk_coefficient != 1 / 32 else "")
+                + (f"k{self.k_aux}" if self.k_aux else "")
+            )
         if self.resample_every:
             sparsity.append(f"rs{self.resample_every}")
-        parts = [self.variant, f"d{self.dict_size}", *sparsity, f"bd{self.bias_decay:g}", f"lr{self.lr:g}", f"s{self.seed}"]
+        parts = [
+            self.variant,
+            f"d{self.dict_size}",
+            *sparsity,
+            f"bd{self.bias_decay:g}",
+            f"lr{self.lr:g}",
+            f"s{self.seed}",
+        ]
         if not self.use_b_dec:
             parts.append("nobdec")
         return "-".join(parts)
@@ -138,7 +170,7 @@ class Member:
         return {**dataclasses.asdict(self), "matryoshka_widths": list(self.matryoshka_widths)}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "Member":
+    def from_dict(cls, values: dict) -> Member:
         names = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:

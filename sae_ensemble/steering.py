@@ -23,20 +23,21 @@ EMA's time constant is about as long as the SAE takes to respond to a change of 
 and the gains keep the loop's time constant several times longer: it settles without
 oscillating (tests/test_steering.py, docs/steering.md).
 
-Which variants steer: STEERABLE. The controller writes the coefficient the loss reads as
+Which variants steer: config.STEERABLE. The controller writes the coefficient the loss reads as
 `hparams["l1"]`; an architecture whose sparsity penalty has another coefficient (jumprelu's
 L0 penalty, gated's sparsity term) plugs in by reading its coefficient from that same hparam
-and being listed in STEERABLE. topk members take k = round(target_l0) instead (grid.py).
+and being listed in config.STEERABLE. topk members take k = round(target_l0) instead (grid.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-STEERABLE = ("relu", "tied")
 EMA_BETA = 0.99  # ~100-step average: about the time an SAE at lr ~3e-3 takes to answer a coefficient change
 INTEGRAL_GAIN = 1e-2  # per step, on a log-error: a full-clip error moves the coefficient by e every 100 steps
-PROPORTIONAL_GAIN = 0.5  # damps the integral's overshoot: the coefficient answers the error at once, the integral remembers it
+PROPORTIONAL_GAIN = (
+    0.5  # damps the integral's overshoot: the coefficient answers the error at once, the integral remembers it
+)
 ERROR_CLIP = 1.0  # |log(L0 / target)| beyond this counts as this much
 STATE = ("log_coefficient", "l0_ema", "ema_weight")
 

@@ -32,9 +32,10 @@ import torch
 from sae_ensemble import sae
 from sae_ensemble.architectures import batchtopk, gated, jumprelu
 
-MODULES: dict[str, ModuleType] = {variant: module for module in (sae, batchtopk, jumprelu, gated) for variant in module.VARIANTS}
+MODULES: dict[str, ModuleType] = {
+    variant: module for module in (sae, batchtopk, jumprelu, gated) for variant in module.VARIANTS
+}
 VARIANTS = tuple(MODULES)
-KERNEL_VARIANTS = sae.VARIANTS  # the hand-written kernels (kernels/) implement sae.py's variants only
 
 
 def module_of(variant: str) -> ModuleType:
@@ -54,8 +55,10 @@ def module_for(members) -> ModuleType:
     """The one module that implements every member's variant; ValueError naming the families otherwise."""
     families = sorted({family(m.variant) for m in members})
     if len(families) != 1:
-        raise ValueError(f"variants {sorted({m.variant for m in members})} cannot share an ensemble: they have different "
-                         f"parameter sets ({', '.join(families)}); plan.py puts each family in its own ensembles")
+        raise ValueError(
+            f"variants {sorted({m.variant for m in members})} cannot share an ensemble: they have different "
+            f"parameter sets ({', '.join(families)}); plan.py puts each family in its own ensembles"
+        )
     return module_of(members[0].variant)
 
 
@@ -74,7 +77,9 @@ def make_hparams(member, n_padded: int | None = None, layout=None) -> dict[str, 
     """One member's hyperparameter tensors, sized for an ensemble with this `layout` (default: its own)."""
     module = module_of(member.variant)
     layout = module.layout([member]) if layout is None else layout
-    return module.make_hparams(member.variant, member.dict_size, n_padded=n_padded, layout=layout, **_hyper(module, member))
+    return module.make_hparams(
+        member.variant, member.dict_size, n_padded=n_padded, layout=layout, **_hyper(module, member)
+    )
 
 
 def layout(members):
@@ -90,5 +95,7 @@ def param_shapes(module: ModuleType, d_in: int, n: int) -> dict[str, tuple[int, 
 
 def unpad(module: ModuleType, params: dict[str, torch.Tensor], dict_size: int) -> dict[str, torch.Tensor]:
     """One member's params (or moments) cut from the ensemble's padded size to its own dict_size."""
-    return {name: (value[:dict_size] if module.PARAMS[name][:1] == ("n",) else value).contiguous()
-            for name, value in params.items()}
+    return {
+        name: (value[:dict_size] if module.PARAMS[name][:1] == ("n",) else value).contiguous()
+        for name, value in params.items()
+    }

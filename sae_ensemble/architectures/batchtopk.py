@@ -36,8 +36,17 @@ from sae_ensemble.sae import auxk_hparams, auxk_loss, auxk_size
 
 VARIANTS = ("batchtopk", "matryoshka")
 PARAMS = {"W_enc": ("n", "d"), "b_enc": ("n",), "W_dec": ("n", "d"), "b_dec": ("d",), "threshold": ()}
-HYPERPARAMETERS = ("k", "bias_decay", "use_b_dec", "topk_threshold_lr", "matryoshka_widths", "auxk_coefficient", "k_aux",
-                   "auxk_dead_tokens", "d_in")
+HYPERPARAMETERS = (
+    "k",
+    "bias_decay",
+    "use_b_dec",
+    "topk_threshold_lr",
+    "matryoshka_widths",
+    "auxk_coefficient",
+    "k_aux",
+    "auxk_dead_tokens",
+    "d_in",
+)
 PAD_BIAS = 1e30
 
 Params = dict[str, torch.Tensor]
@@ -56,10 +65,23 @@ def levels_of(variant: str, widths, dict_size: int) -> list[int]:
     return [*(widths if variant == "matryoshka" else ()), dict_size]
 
 
-def make_hparams(variant: str, dict_size: int, k: float = 0, bias_decay: float = 0.0, use_b_dec: bool = True,
-                 topk_threshold_lr: float = 0.01, matryoshka_widths=(), n_padded: int | None = None, layout: "Layout | None" = None,
-                 auxk_coefficient: float = 0.0, k_aux: int = 0, auxk_dead_tokens: int = 0, d_in: int = 0) -> Hparams:
-    """Hyperparameter tensors of one member; `layout.levels` pads its level list (on the left) to an ensemble's count."""
+def make_hparams(
+    variant: str,
+    dict_size: int,
+    k: float = 0,
+    bias_decay: float = 0.0,
+    use_b_dec: bool = True,
+    topk_threshold_lr: float = 0.01,
+    matryoshka_widths=(),
+    n_padded: int | None = None,
+    layout: Layout | None = None,
+    auxk_coefficient: float = 0.0,
+    k_aux: int = 0,
+    auxk_dead_tokens: int = 0,
+    d_in: int = 0,
+) -> Hparams:
+    """Hyperparameter tensors of one member; `layout.levels` pads its level list (on the left) to an ensemble's
+    count."""
     n_padded = dict_size if n_padded is None else n_padded
     ends = levels_of(variant, matryoshka_widths, dict_size)
     ends[-1] = n_padded  # the last level is the whole (padded) dictionary: padded codes are zero
@@ -67,9 +89,16 @@ def make_hparams(variant: str, dict_size: int, k: float = 0, bias_decay: float =
     pad = levels - len(ends)
     mask = torch.zeros(n_padded)
     mask[:dict_size] = 1.0
-    return {**auxk_hparams(auxk_dead_tokens > 0, auxk_coefficient, auxk_size(k_aux, d_in, dict_size), n_padded), "k": torch.tensor(float(k)), "bias_decay": torch.tensor(float(bias_decay)), "use_b_dec": torch.tensor(float(use_b_dec)),
-            "topk_threshold_lr": torch.tensor(float(topk_threshold_lr)), "feature_mask": mask,
-            "level_ends": torch.tensor([0.0] * pad + [float(e) for e in ends]), "level_weights": torch.tensor([0.0] * pad + [1.0] * len(ends))}
+    return {
+        **auxk_hparams(auxk_dead_tokens > 0, auxk_coefficient, auxk_size(k_aux, d_in, dict_size), n_padded),
+        "k": torch.tensor(float(k)),
+        "bias_decay": torch.tensor(float(bias_decay)),
+        "use_b_dec": torch.tensor(float(use_b_dec)),
+        "topk_threshold_lr": torch.tensor(float(topk_threshold_lr)),
+        "feature_mask": mask,
+        "level_ends": torch.tensor([0.0] * pad + [float(e) for e in ends]),
+        "level_weights": torch.tensor([0.0] * pad + [1.0] * len(ends)),
+    }
 
 
 class Layout(NamedTuple):
@@ -84,9 +113,11 @@ class Layout(NamedTuple):
 
 
 def layout(members) -> Layout:
-    return Layout(k_max=max(m.k for m in members),
-                  levels=max(len(levels_of(m.variant, m.matryoshka_widths, m.dict_size)) for m in members),
-                  k_aux=max((auxk_size(m.k_aux, m.d_in, m.dict_size) for m in members if m.auxk_dead_tokens > 0), default=0))
+    return Layout(
+        k_max=max(m.k for m in members),
+        levels=max(len(levels_of(m.variant, m.matryoshka_widths, m.dict_size)) for m in members),
+        k_aux=max((auxk_size(m.k_aux, m.d_in, m.dict_size) for m in members if m.auxk_dead_tokens > 0), default=0),
+    )
 
 
 def decoder(params: Params, hp: Hparams, layout: Layout = Layout()) -> torch.Tensor:
@@ -124,7 +155,9 @@ def decode(params: Params, hp: Hparams, codes: torch.Tensor, layout: Layout = La
     return torch.addmm(params["b_dec"] * hp["use_b_dec"], codes, decoder(params, hp, layout))
 
 
-def loss(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss(
+    params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Training loss of one member on x [B, d] (batch top-k codes; nested levels for matryoshka), with aux outputs."""
     pre = pre_activations(params, hp, x)
     codes = batch_topk(F.relu(pre), hp, layout.k_max)
@@ -144,8 +177,14 @@ def loss(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()
         total = total + hp["auxk_coefficient"] * auxk_loss(pre, x - x_hat, dictionary, hp, layout.k_aux)
     fired = torch.sign(codes).sum(0, dtype=torch.float32)
     smallest_kept = torch.where(codes > 0, codes, torch.inf).min().detach()  # inf when nothing fired
-    aux = {"loss": total, "mse": mse, "l1_norm": codes.sum() / x.shape[0], "l0": fired.sum() / x.shape[0], "fired": fired,
-           "min_kept": smallest_kept}
+    aux = {
+        "loss": total,
+        "mse": mse,
+        "l1_norm": codes.sum() / x.shape[0],
+        "l0": fired.sum() / x.shape[0],
+        "fired": fired,
+        "min_kept": smallest_kept,
+    }
     return total, aux
 
 

@@ -43,16 +43,34 @@ def init_params(variant: str, d_in: int, dict_size: int, seed: int, n_padded: in
         raise ValueError(f"variant {variant!r} is not a gated variant")
     base = sae.init_params("relu", d_in, dict_size, seed, n_padded)
     zeros = base.pop("b_enc")
-    return {"W_enc": base["W_enc"], "b_gate": zeros, "r_mag": zeros.clone(), "b_mag": zeros.clone(), "W_dec": base["W_dec"], "b_dec": base["b_dec"]}
+    return {
+        "W_enc": base["W_enc"],
+        "b_gate": zeros,
+        "r_mag": zeros.clone(),
+        "b_mag": zeros.clone(),
+        "W_dec": base["W_dec"],
+        "b_dec": base["b_dec"],
+    }
 
 
-def make_hparams(variant: str, dict_size: int, l1: float = 0.0, bias_decay: float = 0.0, use_b_dec: bool = True,
-                 n_padded: int | None = None, layout: "Layout | None" = None) -> Hparams:
+def make_hparams(
+    variant: str,
+    dict_size: int,
+    l1: float = 0.0,
+    bias_decay: float = 0.0,
+    use_b_dec: bool = True,
+    n_padded: int | None = None,
+    layout: Layout | None = None,
+) -> Hparams:
     n_padded = dict_size if n_padded is None else n_padded
     mask = torch.zeros(n_padded)
     mask[:dict_size] = 1.0
-    return {"l1": torch.tensor(float(l1)), "bias_decay": torch.tensor(float(bias_decay)), "use_b_dec": torch.tensor(float(use_b_dec)),
-            "feature_mask": mask}
+    return {
+        "l1": torch.tensor(float(l1)),
+        "bias_decay": torch.tensor(float(bias_decay)),
+        "use_b_dec": torch.tensor(float(use_b_dec)),
+        "feature_mask": mask,
+    }
 
 
 class Layout(NamedTuple):
@@ -84,7 +102,9 @@ def decode(params: Params, hp: Hparams, codes: torch.Tensor, layout: Layout = La
     return torch.addmm(params["b_dec"] * hp["use_b_dec"], codes, decoder(params, hp, layout))
 
 
-def loss(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss(
+    params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Training loss of one member on x [B, d], with its parts as aux outputs."""
     pi_gate, pi_mag = gate_and_magnitude(params, hp, x)
     gate_acts = F.relu(pi_gate)
@@ -98,6 +118,12 @@ def loss(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()
     bias_norm = (params["b_gate"] * hp["feature_mask"]).norm()
     total = mse + hp["l1"] * gate_l1 + aux_mse + hp["bias_decay"] * bias_norm
     fired = torch.sign(codes).sum(0, dtype=torch.float32)
-    aux = {"loss": total, "mse": mse, "l1_norm": codes.sum() / x.shape[0], "l0": fired.sum() / x.shape[0], "fired": fired,
-           "aux_mse": aux_mse}
+    aux = {
+        "loss": total,
+        "mse": mse,
+        "l1_norm": codes.sum() / x.shape[0],
+        "l0": fired.sum() / x.shape[0],
+        "fired": fired,
+        "aux_mse": aux_mse,
+    }
     return total, aux

@@ -90,7 +90,9 @@ class Step(torch.autograd.Function):
         return None, grad_theta, None
 
 
-def init_params(variant: str, d_in: int, dict_size: int, seed: int, n_padded: int | None = None, threshold: float = 0.01) -> Params:
+def init_params(
+    variant: str, d_in: int, dict_size: int, seed: int, n_padded: int | None = None, threshold: float = 0.01
+) -> Params:
     """sae.py's init (random unit decoder rows, encoder their transpose) plus log(threshold) per feature."""
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} is not a jumprelu variant")
@@ -102,13 +104,26 @@ def init_params(variant: str, d_in: int, dict_size: int, seed: int, n_padded: in
     return {**params, "log_threshold": log_threshold}
 
 
-def make_hparams(variant: str, dict_size: int, l0_coefficient: float = 0.0, bandwidth: float = 0.05, bias_decay: float = 0.0,
-                 use_b_dec: bool = True, n_padded: int | None = None, layout: "Layout | None" = None) -> Hparams:
+def make_hparams(
+    variant: str,
+    dict_size: int,
+    l0_coefficient: float = 0.0,
+    bandwidth: float = 0.05,
+    bias_decay: float = 0.0,
+    use_b_dec: bool = True,
+    n_padded: int | None = None,
+    layout: Layout | None = None,
+) -> Hparams:
     n_padded = dict_size if n_padded is None else n_padded
     mask = torch.zeros(n_padded)
     mask[:dict_size] = 1.0
-    return {"l0_coefficient": torch.tensor(float(l0_coefficient)), "bandwidth": torch.tensor(float(bandwidth)),
-            "bias_decay": torch.tensor(float(bias_decay)), "use_b_dec": torch.tensor(float(use_b_dec)), "feature_mask": mask}
+    return {
+        "l0_coefficient": torch.tensor(float(l0_coefficient)),
+        "bandwidth": torch.tensor(float(bandwidth)),
+        "bias_decay": torch.tensor(float(bias_decay)),
+        "use_b_dec": torch.tensor(float(use_b_dec)),
+        "feature_mask": mask,
+    }
 
 
 class Layout(NamedTuple):
@@ -139,7 +154,9 @@ def decode(params: Params, hp: Hparams, codes: torch.Tensor, layout: Layout = La
     return torch.addmm(params["b_dec"] * hp["use_b_dec"], codes, decoder(params, hp, layout))
 
 
-def loss(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss(
+    params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Training loss of one member on x [B, d], with its parts as aux outputs."""
     pre = pre_activations(params, hp, x)
     theta = params["log_threshold"].exp()
@@ -149,6 +166,14 @@ def loss(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()
     l0_estimate = Step.apply(pre, theta, hp["bandwidth"]).sum() / x.shape[0]  # equals the L0; only its gradient differs
     bias_norm = (params["b_enc"] * hp["feature_mask"]).norm()
     total = mse + hp["l0_coefficient"] * l0_estimate + hp["bias_decay"] * bias_norm
-    fired = torch.sign(codes).sum(0, dtype=torch.float32)  # [n] rows in which each feature fired (codes >= 0: theta > 0)
-    aux = {"loss": total, "mse": mse, "l1_norm": codes.sum() / x.shape[0], "l0": fired.sum() / x.shape[0], "fired": fired}
+    fired = torch.sign(codes).sum(
+        0, dtype=torch.float32
+    )  # [n] rows in which each feature fired (codes >= 0: theta > 0)
+    aux = {
+        "loss": total,
+        "mse": mse,
+        "l1_norm": codes.sum() / x.shape[0],
+        "l0": fired.sum() / x.shape[0],
+        "fired": fired,
+    }
     return total, aux

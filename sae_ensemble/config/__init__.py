@@ -1,0 +1,195 @@
+"""The sweep's config: every dataclass and default, each written once, in this package. A leaf: it imports
+neither torch nor any module of ours outside it. choices.py holds the closed choices (Hydra checks them
+itself), data.py the data sources, grid.py the inner grid's axes, training.py how members train.
+
+`conf/config.yaml` and its groups fill these dataclasses in. `validate()` rejects the remaining impossible
+values, one sentence each; a member's own rules (l1, k, lr, ...) are Member's, applied by grid.members().
+Fields that change a run's results carry RESULT_CHANGING metadata: the resume check compares exactly those.
+Grid axes take lists or `${logspace:START,STOP,N}`; `${repo_path:FILE}` names a file shipped in this repository.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The package's public names: every config dataclass and closed choice is importable from sae_ensemble.config.
+from sae_ensemble.config.choices import (  # noqa: F401
+    K_VARIANTS,
+    KERNEL_VARIANTS,
+    L1_VARIANTS,
+    STEERABLE,
+    ExecutionKind,
+    HalvingMetric,
+    MatmulPrecision,
+    NativeKernels,
+    Normalize,
+    StoreDtype,
+    TinyModel,
+    Variant,
+    Verify,
+    WandbMode,
+)
+from sae_ensemble.config.data import LMData, ModelConfig, StoreConfig, SyntheticData
+from sae_ensemble.config.grid import Grid
+from sae_ensemble.config.training import (  # noqa: F401
+    RESULT_CHANGING,
+    Halving,
+    Training,
+    parse_size,
+    result_changing,
+    training_from_dict,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+MISSING = "???"  # omegaconf.MISSING, spelled out so this module needs no Hydra: the data group fills it
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and what is allowed."""
+
+
+@dataclass
+class EvalConfig:
+    """Model-level evaluation (LM data only)."""
+
+    ce_loss: bool = True
+    """Splice each SAE into the model and measure CE loss recovered and KL on held-out text."""
+    n_contexts: int = 32
+    """Held-out contexts for CE evaluation."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases tracking: one run per member, grouped by sweep."""
+
+    mode: WandbMode | None = None
+    """online, offline, disabled; null = online if WANDB_API_KEY is set, else offline."""
+    project: str = "sae_ensemble"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (team or user)."""
+
+
+@dataclass
+class SweepConfig:
+    """One outer-grid point: one store, one inner grid trained as ensembles across local devices."""
+
+    name: str = "sweep"
+    """Sweep name: the wandb group and the label of this run."""
+    data: Any = MISSING
+    """SyntheticData (data=synthetic) or LMData (data=lm)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The language model (LM data only; model=gpt2|pythia-70m|tiny)."""
+    layer: int = 0
+    """LM: layer used by the default hook name."""
+    hook: str = "blocks.${layer}.hook_resid_post"
+    """LM: TransformerLens hook name whose activations are harvested."""
+    grid: Grid = field(default_factory=Grid)
+    """The inner grid: every combination of its axes is one member (grid=default|quick|paper|architectures)."""
+    training: Training = field(default_factory=Training)
+    """How every member trains."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Model-level evaluation (LM data)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Tracking (wandb=auto|offline|disabled)."""
+    devices: str = "auto"
+    """auto (all GPUs, else CPU), cpu, cpu:N (N CPU workers), cuda, or cuda:0,1,..."""
+    plan_only: bool = False
+    """Print the plan and exit without training."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+# -- checks that need nothing but the config -------------------------------------------------------
+
+
+def validate(cfg: SweepConfig) -> None:
+    """Raise ConfigError on the first value no member, store or device needs to be seen to refuse.
+
+    Member rules (grid.members), the execution's (execution.check) and the devices' (devices.resolve)
+    are applied by pipeline.validate, which calls this first."""
+    data, grid, training = cfg.data, cfg.grid, cfg.training
+    if not isinstance(data, StoreConfig):
+        raise ConfigError(f"data={data!r} is not a data config; choose a group: data=synthetic or data=lm")
+    checks = [
+        (
+            bool(grid.dict_sizes or grid.dict_ratios),
+            "the grid has no dictionary size: set grid.dict_sizes or grid.dict_ratios",
+        ),
+        (all(r > 0 for r in grid.dict_ratios), f"grid.dict_ratios={list(grid.dict_ratios)} must all be positive"),
+        (
+            all(t > 0 for t in grid.target_l0),
+            f"grid.target_l0={list(grid.target_l0)} must hold positive L0 targets (active features per row)",
+        ),
+        (
+            all(round(t) >= 1 for t in grid.target_l0) or Variant.topk not in grid.variants,
+            f"grid.target_l0={list(grid.target_l0)} gives topk members k = round(target) < 1; "
+            "use targets of at least 0.5",
+        ),
+        (
+            not grid.target_l0 or all(v in STEERABLE or v == Variant.topk for v in grid.variants),
+            f"grid.target_l0 steers variants {', '.join(STEERABLE)} and sets k of topk; "
+            f"grid.variants={[str(v) for v in grid.variants]} has another",
+        ),
+        (
+            grid.l1_start > 0,
+            f"grid.l1_start={grid.l1_start} must be positive (the starting coefficient of target-L0 members)",
+        ),
+        (
+            all(0 < f < 1 for f in grid.matryoshka_fractions)
+            and (grid.matryoshka_fractions or Variant.matryoshka not in grid.variants),
+            f"grid.matryoshka_fractions={list(grid.matryoshka_fractions)} must be fractions in (0, 1), at least one "
+            "for matryoshka",
+        ),
+        *(
+            (getattr(training, name) >= 1, f"training.{name}={getattr(training, name)} must be at least 1")
+            for name in (
+                "steps",
+                "batch_size",
+                "checkpoint_every",
+                "log_every",
+                "dead_window_tokens",
+                "eval_rows",
+                "shuffle_window_chunks",
+                "freeze_after",
+            )
+        ),
+        (training.halving.problem(training.steps) is None, str(training.halving.problem(training.steps))),
+        (
+            data.heldout_rows >= 1,
+            f"data.heldout_rows={data.heldout_rows} must be at least 1: the final metrics need held-out rows",
+        ),
+        (data.rows_per_chunk >= 1, f"data.rows_per_chunk={data.rows_per_chunk} must be at least 1"),
+        (cfg.eval.n_contexts >= 1, f"eval.n_contexts={cfg.eval.n_contexts} must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    try:
+        parse_size(training.memory_budget)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def register() -> None:
+    """Register the schema with Hydra and the `logspace` and `repo_path` resolvers (idempotent)."""
+    from hydra.core.config_store import ConfigStore  # here, not at the top: the engine never needs Hydra
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("logspace"):
+
+        def logspace(start: str, stop: str, n: str) -> list[float]:
+            import numpy as np
+
+            return [float(f"{v:.6g}") for v in np.logspace(float(start), float(stop), int(n))]
+
+        OmegaConf.register_new_resolver("logspace", logspace)
+    if not OmegaConf.has_resolver("repo_path"):
+        # Files shipped in the repo (the tiny model's corpus) resolve wherever sweep.py is launched from.
+        OmegaConf.register_new_resolver("repo_path", lambda relative: str(REPO / relative))
+    store = ConfigStore.instance()
+    store.store(name="sweep_schema", node=SweepConfig)
+    store.store(group="data", name="synthetic_schema", node=SyntheticData)
+    store.store(group="data", name="lm_schema", node=LMData)

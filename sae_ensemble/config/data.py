@@ -1,0 +1,89 @@
+"""Where activations come from: a store's settings, synthetic ground truth or a language model's harvest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sae_ensemble.config.choices import StoreDtype, TinyModel, Verify
+
+
+@dataclass
+class StoreConfig:
+    """Where a store lives and how it is written and checked: what both data sources share."""
+
+    store: str | None = None
+    """Use this existing store directory as is (skips synthesis and harvesting)."""
+    verify: Verify = Verify.once
+    """Before training, check the store beyond chunk sizes: once = sha256 and finiteness of every row,
+    recorded in its manifest and skipped later while the chunk files are unchanged; checksum = every
+    time; size = sizes and headers only (the worker still skips any batch holding nan or inf)."""
+    store_root: str = "stores"
+    """Cache directory of content-addressed stores (relative to where you launch)."""
+    rows_per_chunk: int = 65536
+    """Rows per chunk file."""
+    heldout_rows: int = 8192
+    """Rows kept out of training, for evaluation (LM stores: not part of the cache key, so a changed
+    value reuses a cached store's split; use another store_root)."""
+    dtype: StoreDtype = StoreDtype.float32
+    """Stored dtype (batches are always float32)."""
+
+
+@dataclass
+class SyntheticData(StoreConfig):
+    """Ground-truth toy data (the seeds' setup): unit-norm features, a few active per row."""
+
+    source = "synthetic"  # not a field: the group (data=synthetic) chooses the class
+    d_in: int = 256
+    """Activation width."""
+    n_features: int = 512
+    """Number of ground-truth features."""
+    n_active: float = 5.0
+    """Mean number of active features per row."""
+    feature_prob_decay: float = 0.99
+    """Feature i fires with probability proportional to decay^i."""
+    n_rows: int = 300_000
+    """Rows to generate (training + held out); the default is ~2.6 epochs of 3000 steps x 256 rows."""
+    correlated: bool = False
+    """Correlate feature activations."""
+    noise_std: float = 0.0
+    """Standard deviation of added Gaussian noise."""
+    seed: int = 0
+    """Seed of the features and rows."""
+
+
+@dataclass
+class LMData(StoreConfig):
+    """Activations harvested from a language model (model=...) at `hook`, cached by content."""
+
+    source = "lm"
+    dataset: str = "NeelNanda/pile-10k"
+    """Hugging Face dataset name (streamed) or a local .txt/.jsonl file or directory."""
+    split: str = "train"
+    """Dataset split."""
+    dataset_config: str | None = None
+    """Dataset configuration name."""
+    text_field: str = "text"
+    """Text field of dataset records."""
+    context_length: int = 128
+    """Tokens per context."""
+    n_tokens: int = 2_000_000
+    """Rows (token positions) to harvest."""
+    drop_bos: bool = True
+    """Skip the BOS position of every context."""
+    harvest_batch_size: int = 16
+    """Contexts per forward pass while harvesting."""
+
+
+@dataclass
+class ModelConfig:
+    """The language model (LM data only)."""
+
+    name: str = "gpt2"
+    """Hugging Face model name or local directory, as TransformerBridge.boot_transformers takes it."""
+    revision: str | None = None
+    """Model revision (HF branch, tag or commit)."""
+    build_tiny: TinyModel | None = None
+    """trained, random or null. Set: `name` is a cache directory and the sweep uses the tiny local GPT-2
+    built under it on first use (`name/<kind>-<recipe fingerprint>`): trained (model=tiny: a few CPU
+    minutes once, then reused; see activations/tiny_model.py) or random (instant; for fast tests).
+    null: `name` is the model itself."""
