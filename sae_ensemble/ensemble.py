@@ -10,10 +10,10 @@ One step:
      after the step);
   2. every member's gradient on the shared batch: `vmap(grad(loss))` of the members' architecture
      (architectures/; the reference) or, for sae.py's variants, a hand-written kernel equal to it
-     (kernels/, chosen by `execution`);
-  3. Adam on the stacked tensors directly, no vmap (Adam is elementwise; vmapping
-     torchopt's hits its slow fallback path), the per-member lr broadcast over the member
-     axis: torchopt's for the reference, kernels/adam.py (equal, cache-chunked) for the kernels;
+     (kernels/), as the ensemble's `Execution` says (execution.py; `auto` asks autotune.py);
+  3. Adam on the stacked tensors directly, no vmap (Adam is elementwise), the per-member lr broadcast
+     over the member axis: kernels/adam.py, one Adam per device whatever computed the gradients (equal
+     to torchopt's `scale_by_adam`, the definition the tests hold it to);
   4. decoder rows are rescaled to unit norm, and an architecture's untrained state (BatchTopK's
      running threshold) takes its new value from the step's aux outputs;
   5. members due to resample (relu, tied with resample_every; resample.py) re-initialise their dead
@@ -32,32 +32,21 @@ Adam turns a zero gradient into a zero update, so they stay zero.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-import torchopt
 
-from sae_ensemble import architectures, autotune, kernels, resample, sae, steering
-from sae_ensemble.kernels.adam import broadcast
+from sae_ensemble import architectures, autotune, kernels, resample, sae
+from sae_ensemble import execution as executions
+from sae_ensemble.config import ExecutionKind
+from sae_ensemble.cuda_graph import GraphedStep
+from sae_ensemble.execution import Execution
+from sae_ensemble.kernels.adam import AdamState, broadcast
 from sae_ensemble.member import Member
-
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
-
-
-def _per_member(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
-
+from sae_ensemble.schedules import Schedules, per_member
 
 SPARSITY_COEFFICIENTS = ("l1", "l0_coefficient")  # the hparam l1_warmup_steps warms up, whichever the architecture has
 COMPILED_SHAPES = 64  # compiled versions of one kernel a process keeps (one per ensemble shape and row chunk)
-EXECUTIONS = ("auto", "reference", "fused", "sparse")
-"""How a step computes gradients: `reference` is vmap(grad(sae.loss)), the definition; `fused`
-and `sparse` are the hand-written kernels (kernels/, docs/kernels.md), equal to it; `auto`
-times the candidates on the first batch, and again every autotune.RETUNE_EVERY steps, and keeps
-the fastest (autotune.py)."""
 
 
 class Ensemble:
@@ -70,20 +59,21 @@ class Ensemble:
         device: str | torch.device = "cpu",
         autocast_bf16: bool = False,
         *,
-        execution: str = "reference",
+        execution: str | Execution = "reference",
         micro_batches: int = 1,
         init: bool = True,
         freeze_after: int = 1,
         cuda_graphs: bool = True,
         compile: bool = False,
     ) -> None:
-        """`micro_batches` splits every batch into that many chunks whose gradients are summed
-        (equal to the whole batch; bounds the step's temporaries). `init=False` leaves the
-        stacked state zero, for a caller that fills every slot with `load_member_state`.
-        `freeze_after`: non-finite steps in a row (each skipped) before a member freezes.
-        `cuda_graphs`: replay the fused step as a CUDA graph (CUDA only). `compile`: run the kernels
-        (kernels.dense.grads, kernels.adam.step_) through torch.compile, whose generated code fuses the
-        elementwise passes between the GEMMs (equal to the eager kernels to float rounding; the first
+        """`execution`: a config.ExecutionKind (`auto` tunes on the first batch, autotune.py), or an Execution to
+        step with exactly that (rows per kernel call, passes: benchmarks and tests pin one). `micro_batches`
+        splits every batch into that many chunks whose gradients are summed (equal to the whole batch; bounds
+        the step's temporaries). `init=False` leaves the stacked state zero, for a caller that fills every
+        slot with `load_member_state`. `freeze_after`: non-finite steps in a row (each skipped) before a
+        member freezes. `cuda_graphs`: replay the fused step as a CUDA graph (CUDA only). `compile`: run the
+        kernels (kernels.dense.grads, kernels.adam.step_) through torch.compile, whose generated code fuses
+        the elementwise passes between the GEMMs (equal to the eager kernels to float rounding; the first
         step of each shape pays the compilation)."""
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -93,12 +83,11 @@ class Ensemble:
         ids = [m.member_id for m in members]
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate members in one ensemble: {sorted({i for i in ids if ids.count(i) > 1})}")
-        if execution not in EXECUTIONS:
-            raise ValueError(f"execution={execution!r} is unknown; allowed: {', '.join(EXECUTIONS)}")
-        if micro_batches < 1:
-            raise ValueError(f"micro_batches={micro_batches} must be at least 1")
-        if freeze_after < 1:
-            raise ValueError(f"freeze_after={freeze_after} must be at least 1 (consecutive non-finite steps before a member freezes)")
+        auxk = any(m.auxk_dead_tokens for m in members)
+        kind = execution.kind if isinstance(execution, Execution) else str(execution)
+        executions.check(kind, [m.variant for m in members], auxk, autocast_bf16)
+        if micro_batches < 1 or freeze_after < 1:
+            raise ValueError(f"micro_batches={micro_batches} and freeze_after={freeze_after} must be at least 1")
         self.device = torch.device(device)
         if autocast_bf16 and self.device.type != "cuda":
             raise ValueError(f"autocast_bf16 needs a CUDA device; got device={self.device}")
@@ -112,52 +101,40 @@ class Ensemble:
         self.n_padded = max(m.dict_size for m in members)
         self.architecture = architectures.module_for(members)  # raises if members' parameter sets differ
         self.layout = self.architecture.layout(members)
-        kernels_apply = self.architecture is sae and not getattr(self.layout, "k_aux", 0)
-        if execution in ("fused", "sparse") and not kernels_apply:
-            raise ValueError(f"execution={execution!r} implements variants {', '.join(architectures.KERNEL_VARIANTS)} without AuxK only; "
-                             f"these members ({sorted({m.variant for m in members})}, AuxK on: {any(m.auxk_dead_tokens for m in members)}) "
-                             "need execution='reference' or 'auto'")
-        if execution == "auto" and not kernels_apply:
-            execution = "reference"  # the only execution for other architectures: nothing to tune
-        if execution == "sparse" and autocast_bf16:
-            raise ValueError("execution='sparse' runs in float32; bf16 autocast uses execution='fused', 'reference' or 'auto'")
-        self.execution = execution
-        self.retune = execution == "auto"  # re-time the candidates every autotune.RETUNE_EVERY steps
-        self.row_chunk: int | None = None  # rows per kernel call (None: the whole micro-batch); set by autotune
-        self.passes: str | None = None  # where the fused kernel works between its GEMMs (kernels.dense.PASSES; None: its default); set by autotune
-        self.autotune_report: dict[str, float] = {}
-        self.choice = execution  # what the step runs, as the autotuner names it
+        # `auto` tunes only where a kernel applies: other architectures have the reference alone.
+        self.auto = kind == ExecutionKind.auto and executions.kernels_apply([m.variant for m in members], auxk)
+        fixed = (
+            execution
+            if isinstance(execution, Execution)
+            else executions.REFERENCE
+            if kind == ExecutionKind.auto
+            else Execution(kind)
+        )
+        self.execution: Execution | None = None if self.auto else fixed  # None until the first tuning
+        self.autotune_report: dict[str, float] = {}  # {candidate: ms per gradient} of the latest tuning
 
         self.params = self._allocate(init)
         n = self.n_padded
         self.hparams = _stack([architectures.make_hparams(m, n, self.layout) for m in members], self.device)
         self.sparsity_key = next((key for key in SPARSITY_COEFFICIENTS if key in self.hparams), None)
-        self.lr = _per_member([m.lr for m in members], self.device)
-        self.lr_warmup = _per_member([m.lr_warmup_steps for m in members], self.device)
-        self.lr_decay = _per_member([m.lr_decay_steps for m in members], self.device)
-        self.l1_warmup = _per_member([m.l1_warmup_steps for m in members], self.device)
-        self.auxk_dead_tokens = _per_member([m.auxk_dead_tokens for m in members], self.device)
+        configured = (
+            self.hparams[self.sparsity_key] if self.sparsity_key else torch.zeros(len(members), device=self.device)
+        )
+        self.schedule = Schedules(members, total_steps, configured)
+        self.auxk_dead_tokens = per_member([m.auxk_dead_tokens for m in members], self.device)
         # [M, n] rows since each feature last fired (AuxK's dead mask); saved with the moments to resume exactly
         self.tokens_since_fired = torch.zeros(len(members), self.n_padded, device=self.device)
         self.resampling = any(m.resample_every for m in members)
         self.last_resampled: dict[int, int] = {}  # {member index: features} of the latest resample
-        self.target_l0 = _per_member([m.target_l0 if m.variant in steering.STEERABLE else 0.0 for m in members], self.device)
-        self.steered = self.target_l0 > 0  # [M] members whose coefficient the controller sets
-        self.controller = steering.init_state(self._base_coefficient())  # [M] tensors, updated in place by the step
 
-        self.optimizer = torchopt.transform.scale_by_adam(b1=ADAM_BETAS[0], b2=ADAM_BETAS[1], eps=ADAM_EPS)
-        self.opt_state = self.optimizer.init(self.params)
+        self.opt_state = AdamState.zeros_like(self.params)
         self.alive = torch.ones(len(members), dtype=torch.bool, device=self.device)
-        self.nonfinite_streak = torch.zeros(len(members), dtype=torch.int64, device=self.device)  # [M] non-finite steps in a row
+        self.nonfinite_streak = torch.zeros(
+            len(members), dtype=torch.int64, device=self.device
+        )  # [M] non-finite steps in a row
         self.step_count = 0
         self._device_step = torch.zeros((), device=self.device)  # step_count on the device, read by the step itself
-        self.cuda_graphs = cuda_graphs
-        # The stream this ensemble's graph is warmed up on, captured on and (stage.py) may replay on. Graphs
-        # captured on one stream share its cuBLAS workspace (pytorch/pytorch#193402): two ensembles' graphs
-        # could not then run side by side, and re-capturing one (a re-tune) could free the other's workspace.
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._graph_warm = False
+        self._graphs = GraphedStep(self.device) if cuda_graphs and self.device.type == "cuda" else None
         self.rows_seen = 0
 
         self._dense_grads, self._adam_step = kernels.dense.grads, kernels.adam.step_
@@ -174,7 +151,9 @@ class Ensemble:
         arch = self.architecture
         grad_fn = torch.func.grad(arch.loss, has_aux=True)
         self._grad = torch.func.vmap(lambda p, h, x: grad_fn(p, h, x, self.layout), in_dims=(0, 0, None))
-        self._forward = torch.func.vmap(lambda p, h, x: _encode_decode(arch, p, h, x, self.layout), in_dims=(0, 0, None))
+        self._forward = torch.func.vmap(
+            lambda p, h, x: _encode_decode(arch, p, h, x, self.layout), in_dims=(0, 0, None)
+        )
 
     def _allocate(self, init: bool) -> dict[str, torch.Tensor]:
         """Stacked params allocated on the device, each member's init generated and copied in
@@ -190,24 +169,9 @@ class Ensemble:
     def __len__(self) -> int:
         return len(self.members)
 
-    # -- schedules -------------------------------------------------------------
-
     def schedules(self, step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lr [M], sparsity coefficient [M]) at `step` (0-based; an int or a 0-d tensor on the device): linear
-        warmups and an optional linear lr decay to 0. The coefficient is the architecture's l1 or l0_coefficient
-        (zeros for architectures with neither, which take no sparsity penalty). A steered member's
-        coefficient is its controller's."""
-        s = torch.as_tensor(step, dtype=torch.float32, device=self.device)
-        lr_factor = torch.clamp((s + 1) / self.lr_warmup.clamp(min=1), max=1.0)
-        steps_left = self.total_steps - s
-        decay_factor = torch.where(self.lr_decay > 0, torch.clamp(steps_left / self.lr_decay.clamp(min=1), max=1.0), 1.0)
-        l1_factor = torch.clamp((s + 1) / self.l1_warmup.clamp(min=1), max=1.0)
-        coefficient = torch.where(self.steered, steering.coefficients(self.controller, self.target_l0), self._base_coefficient())
-        return self.lr * lr_factor * decay_factor, coefficient * l1_factor
-
-    def _base_coefficient(self) -> torch.Tensor:
-        """[M] the architecture's sparsity coefficient as configured (zeros where it has none)."""
-        return self.hparams[self.sparsity_key] if self.sparsity_key else torch.zeros_like(self.lr)
+        """(lr [M], sparsity coefficient [M]) at `step` (schedules.py)."""
+        return self.schedule.at(step)
 
     def with_sparsity(self, coefficient: torch.Tensor) -> dict[str, torch.Tensor]:
         """The hparams of this step: its sparsity coefficient [M] (see `schedules`) and, for AuxK, the dead
@@ -220,19 +184,34 @@ class Ensemble:
 
     # -- training --------------------------------------------------------------
 
-    def grads(self, batch: torch.Tensor, hparams: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(gradients, aux stats) of every member's loss on `batch`, by this ensemble's execution.
+    @property
+    def choice(self) -> str:
+        """What the step runs, as the autotuner names it (`auto` before the first tuning)."""
+        return self.execution.describe() if self.execution else str(ExecutionKind.auto)
+
+    def grads(
+        self, batch: torch.Tensor, hparams: dict[str, torch.Tensor], execution: Execution | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(gradients, aux stats) of every member's loss on `batch`, by `execution` (default: the ensemble's).
 
         Pure: reads the params, changes nothing. Micro-batches are weighted by their share
         of rows, so their sum is the whole batch's gradient (the bias-decay term too, since
         the weights sum to 1).
         """
-        chunk = self.row_chunk or -(-batch.shape[0] // self.micro_batches)
-        if self.execution == "sparse":
+        execution = execution or self.execution or executions.REFERENCE
+        chunk = execution.row_chunk or -(-batch.shape[0] // self.micro_batches)
+        if execution.kind == "sparse":
             return kernels.sparse.grads(self.params, hparams, batch, self.layout, row_chunk=chunk)
-        if self.execution == "fused":
-            return self._dense_grads(self.params, hparams, batch, self.layout, row_chunk=chunk, dtype=self.kernel_dtype,
-                                     passes=self.passes)
+        if execution.kind == "fused":
+            return self._dense_grads(
+                self.params,
+                hparams,
+                batch,
+                self.layout,
+                row_chunk=chunk,
+                dtype=self.kernel_dtype,
+                passes=execution.passes,
+            )
         if self.micro_batches == 1:
             return self._reference(batch, hparams)
         total: dict[str, torch.Tensor] = {}
@@ -255,23 +234,36 @@ class Ensemble:
             grads, aux = self._grad(self.params, hparams, batch)
         return {name: g.float() for name, g in grads.items()}, aux
 
-    def autotune(self, batch: torch.Tensor) -> str:
-        """Time each execution that applies here on `batch`, keep the fastest and return its name
-        (autotune.py; changes no training state)."""
-        return autotune.tune(self, batch)
+    def autotune(self, batch: torch.Tensor) -> Execution:
+        """Time each execution that applies here on `batch` and step with the fastest from now on (autotune.py;
+        changes no training state); returns it."""
+        hparams = self.with_sparsity(self.schedules(self.step_count)[1])
+        shape = autotune.Shape(
+            self.device,
+            len(self),
+            self.n_padded,
+            -(-batch.shape[0] // self.micro_batches),
+            self.kernel_dtype,
+            self.compiled,
+            self.layout.all_topk,
+        )
+        self.execution, self.autotune_report = autotune.tune(
+            lambda candidate: self.grads(batch, hparams, candidate)[1], shape, self.hparams["feature_mask"].sum(-1)
+        )
+        return self.execution
 
     def step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """One training step of every member on `batch` [B, d_in]; returns per-member stats [M].
 
-        On CUDA the fused step is captured once as a CUDA graph and replayed: launching its
-        ~200 small kernels one by one from Python kept the GPU waiting on the host (measured on
-        an H100). The stats returned then live in the graph's buffers until the next step.
+        On CUDA the fused step is captured once as a CUDA graph and replayed (cuda_graph.py); the stats
+        returned then live in the graph's buffers until the next step.
         """
         if self._tunes_now():
             self.autotune(batch)
-            self._graph = None
+            if self._graphs:
+                self._graphs.drop()
         if self._graphed():
-            stats = self._graphed_step(batch)
+            stats = self._graphs(self._step, batch)
         else:
             stats = self._step(batch)
         self.step_count += 1
@@ -281,34 +273,28 @@ class Ensemble:
         return stats
 
     def _tunes_now(self) -> bool:
-        return self.execution == "auto" or (self.retune and self.step_count % autotune.RETUNE_EVERY == 0)
+        return self.auto and (self.execution is None or self.step_count % autotune.RETUNE_EVERY == 0)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the fused step runs as a CUDA graph here (CUDA, asked for, and no capture failed)."""
+        return self._graphs is not None and not self._graphs.failed
+
+    @property
+    def graph_captured(self) -> bool:
+        return self._graphs is not None and self._graphs.graph is not None
 
     def _graphed(self) -> bool:
-        """Whether the step runs as a CUDA graph (`_graphed_step`)."""
-        return self.cuda_graphs and self.device.type == "cuda" and self.execution == "fused"
-
-    def _graph_fits(self, batch: torch.Tensor) -> bool:
-        """Whether a graph is captured for a batch of this shape."""
-        return self._graph is not None and batch.shape == self._graph_batch.shape
-
-    def replays(self, batch: torch.Tensor) -> bool:
-        """Whether the next `step(batch)` only copies the batch in and replays the captured CUDA graph: no
-        tuning, capture, resampling or other host work, so stage.py may run it on `self.stream`."""
-        return not self._tunes_now() and self._graphed() and self._graph_fits(batch) and not self.resampling
+        return self.cuda_graphs and self.execution is not None and self.execution.kind == "fused"
 
     def _step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """The step on the device. No host reads on CUDA and every state update in place, so it can be
-        captured as a CUDA graph: the step number is the device tensor `_device_step`."""
+        captured as a CUDA graph (cuda_graph.py): the step number is the device tensor `_device_step`."""
         lr, coefficient = self.schedules(self._device_step)
         grads, aux = self.grads(batch, self.with_sparsity(coefficient))
         ok = self.alive & torch.isfinite(aux["loss"])
-        if self.execution in ("fused", "sparse"):
-            taken = self._adam_step(self.params, grads, self.opt_state.mu, self.opt_state.nu, self._device_step + 1, lr, ok,
-                                       ADAM_BETAS, ADAM_EPS, check_on_host=self._check_on_host)
-            for count in self.opt_state.count.values():
-                count.add_(1)
-        else:
-            taken = self._reference_update(grads, lr, ok)
+        step = self._device_step
+        taken = self._adam_step(self.params, grads, self.opt_state, step + 1, lr, ok, check_on_host=self._check_on_host)
         with torch.no_grad():  # a member that skipped the step keeps its counts, as its params
             fired = torch.nan_to_num(aux["fired"]) > 0
             since = torch.where(fired, 0.0, self.tokens_since_fired + batch.shape[0])
@@ -320,66 +306,9 @@ class Ensemble:
         # A live member that could not step skips it; freeze_after such steps in a row freeze it for good.
         self.nonfinite_streak.copy_(torch.where(self.alive & ~taken, self.nonfinite_streak + 1, 0))
         self.alive &= self.nonfinite_streak < self.freeze_after
-        # The controller learns only from steps taken at the full coefficient (after any l1 warmup).
-        steering.update_(self.controller, aux["l0"], self.target_l0, self.steered & taken & (self._device_step + 1 >= self.l1_warmup))
+        self.schedule.learn(aux["l0"], taken, step)
         self._device_step.add_(1)
         return {**aux, "lr": lr, "l1": coefficient, "alive": self.alive}
-
-    def _graphed_step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`_step` as a replayed CUDA graph: one eager step on a side stream first (cuBLAS sets up
-        its workspaces), then a capture, then replays. A capture that fails falls back to eager steps."""
-        if self._graph_fits(batch):
-            self._graph_batch.copy_(batch)
-            self._graph.replay()
-            return self._graph_stats
-        side = self.stream
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        if not self._graph_warm:
-            with torch.cuda.stream(side):
-                stats = self._step(batch)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self._graph_warm = True
-            return stats
-        graph, static_batch = torch.cuda.CUDAGraph(), batch.clone()
-        try:
-            with torch.cuda.graph(graph, stream=side):
-                static_stats = self._step(static_batch)
-        except RuntimeError as error:  # an op that cannot be captured: train eagerly, say so once
-            warnings.warn(f"CUDA graph capture of the fused step failed ({error}); stepping eagerly")
-            self.cuda_graphs = False
-            return self._step(batch)
-        self._graph, self._graph_batch, self._graph_stats = graph, static_batch, static_stats
-        self._graph.replay()  # capturing recorded the step; replaying runs it
-        return self._graph_stats
-
-    @torch.no_grad()
-    def _reference_update(self, grads: dict[str, torch.Tensor], lr: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-        """torchopt's Adam on the stacked tensors (no vmap: Adam is elementwise), then the step.
-
-        Returns taken [M]: members in `ok` whose gradient is finite (a NaN or inf anywhere
-        survives a per-member sum). The others keep their params and moments exactly.
-        """
-        taken = ok.clone()
-        for g in grads.values():
-            taken &= torch.isfinite(g.reshape(g.shape[0], -1).sum(1))
-        # On CPU, checking first skips a pass per tensor in the usual all-taken case; on CUDA
-        # that check would stall the queue every step, so select always.
-        select = self.device.type == "cuda" or not bool(taken.all())
-        old_state = self.opt_state
-        # In place unless a held-back member must keep its moments (it goes on later); one that
-        # freezes at once never uses them again.
-        directions, self.opt_state = self.optimizer.update(grads, self.opt_state, inplace=not select or self.freeze_after == 1)
-        for name, p in self.params.items():
-            direction = torch.where(broadcast(taken, p), directions[name], 0.0) if select else directions[name]
-            p.addcmul_(broadcast(lr, p), direction, value=-1)
-        W_dec = self.params["W_dec"]
-        unit = F.normalize(W_dec, dim=-1)
-        W_dec.copy_(torch.where(broadcast(taken, W_dec), unit, W_dec) if select else unit)
-        if select and self.freeze_after > 1:  # held-back members go on later from their old moments
-            kept = {part: {n: torch.where(broadcast(taken, old), getattr(self.opt_state, part)[n], old)
-                           for n, old in getattr(old_state, part).items()} for part in ("mu", "nu")}
-            self.opt_state = self.opt_state._replace(**kept)
-        return taken
 
     @torch.no_grad()
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,12 +336,16 @@ class Ensemble:
         params = architectures.unpad(self.architecture, params, member.dict_size)
         moments = {}
         for prefix, tree in (("mu", self.opt_state.mu), ("nu", self.opt_state.nu)):
-            cut = architectures.unpad(self.architecture, {name: value[index].detach().cpu() for name, value in tree.items()}, member.dict_size)
+            cut = architectures.unpad(
+                self.architecture, {name: value[index].detach().cpu() for name, value in tree.items()}, member.dict_size
+            )
             moments.update({f"{prefix}.{name}": value.clone() for name, value in cut.items()})
         moments["state.tokens_since_fired"] = self.tokens_since_fired[index, : member.dict_size].cpu().clone()
         return params, moments
 
-    def load_member_state(self, index: int, params: dict[str, torch.Tensor], moments: dict[str, torch.Tensor] | None) -> None:
+    def load_member_state(
+        self, index: int, params: dict[str, torch.Tensor], moments: dict[str, torch.Tensor] | None
+    ) -> None:
         """Put one member's saved params (and moments, to resume) into slot `index`, zero-padded."""
         slots = [(self.params[name], value) for name, value in params.items()]
         if moments is not None:
@@ -427,21 +360,11 @@ class Ensemble:
             slot.zero_()
             _fill(slot, value)
 
-    def controller_state(self, index: int) -> dict[str, float]:
-        """One member's controller state as plain floats (float32 values: exact through JSON)."""
-        return {name: float(self.controller[name][index]) for name in steering.STATE}
-
-    def load_controller_state(self, index: int, state: dict[str, float]) -> None:
-        for name in steering.STATE:
-            self.controller[name][index] = state[name]
-
     def set_step(self, step: int, rows_seen: int) -> None:
-        """Restore the step counters (the Adam bias correction counts steps too)."""
+        """Restore the step counters (Adam's bias correction reads `_device_step` too)."""
         self.step_count = int(step)
         self.rows_seen = int(rows_seen)
         self._device_step.fill_(int(step))
-        for count in self.opt_state.count.values():
-            count.fill_(int(step))
 
 
 def _encode_decode(architecture, params, hp, x, layout):

@@ -28,7 +28,8 @@ def due(ensemble) -> list[int]:
 
 @torch.no_grad()
 def resample_dead_(ensemble, batch: torch.Tensor, members: list[int]) -> dict[int, int]:
-    """Resample the dead features of `members` from `batch` [B, d] in place; returns {member index: features resampled}."""
+    """Resample the dead features of `members` from `batch` [B, d] in place; returns {member index: features
+    resampled}."""
     _, x_hat = ensemble.forward(batch)  # [M, B, d]
     errors = (batch - x_hat).norm(dim=-1).float().cpu()  # [M, B]
     resampled = {}

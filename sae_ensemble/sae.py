@@ -45,7 +45,16 @@ import torch.nn.functional as F
 
 VARIANTS = ("relu", "tied", "topk")
 PARAMS = {"W_enc": ("n", "d"), "b_enc": ("n",), "W_dec": ("n", "d"), "b_dec": ("d",)}  # axes: n features, d = d_in
-HYPERPARAMETERS = ("l1", "bias_decay", "k", "use_b_dec", "auxk_coefficient", "k_aux", "auxk_dead_tokens", "d_in")  # the member fields make_hparams reads
+HYPERPARAMETERS = (
+    "l1",
+    "bias_decay",
+    "k",
+    "use_b_dec",
+    "auxk_coefficient",
+    "k_aux",
+    "auxk_dead_tokens",
+    "d_in",
+)  # the member fields make_hparams reads
 
 Params = dict[str, torch.Tensor]
 Hparams = dict[str, torch.Tensor]
@@ -67,12 +76,7 @@ def init_params(variant: str, d_in: int, dict_size: int, seed: int, n_padded: in
     rows = F.normalize(torch.randn(dict_size, d_in, generator=generator), dim=-1)
     W_dec = torch.zeros(n_padded, d_in)
     W_dec[:dict_size] = rows
-    return {
-        "W_enc": W_dec.clone(),
-        "b_enc": torch.zeros(n_padded),
-        "W_dec": W_dec,
-        "b_dec": torch.zeros(d_in),
-    }
+    return {"W_enc": W_dec.clone(), "b_enc": torch.zeros(n_padded), "W_dec": W_dec, "b_dec": torch.zeros(d_in)}
 
 
 def make_hparams(
@@ -83,7 +87,7 @@ def make_hparams(
     k: int = 0,
     use_b_dec: bool = True,
     n_padded: int | None = None,
-    layout: "Layout | None" = None,
+    layout: Layout | None = None,
     auxk_coefficient: float = 0.0,
     k_aux: int = 0,
     auxk_dead_tokens: int = 0,
@@ -125,15 +129,24 @@ class Layout(NamedTuple):
     """Largest k_aux of any member with AuxK on (0: none, skip AuxK; the kernels implement none)."""
 
     @classmethod
-    def of(cls, variants: list[str], ks: list[int], k_aux: int = 0) -> "Layout":
+    def of(cls, variants: list[str], ks: list[int], k_aux: int = 0) -> Layout:
         k_max = max((k for v, k in zip(variants, ks) if v == "topk"), default=0)
         tied = [v == "tied" for v in variants]
-        return cls(k_max=k_max, any_tied=any(tied), all_tied=all(tied), all_topk=all(v == "topk" for v in variants), k_aux=k_aux)
+        return cls(
+            k_max=k_max,
+            any_tied=any(tied),
+            all_tied=all(tied),
+            all_topk=all(v == "topk" for v in variants),
+            k_aux=k_aux,
+        )
 
 
 def layout(members) -> Layout:
     """The Layout of these members (anything with Member's fields)."""
-    k_aux = max((auxk_size(m.k_aux, m.d_in, m.dict_size) for m in members if m.variant == "topk" and m.auxk_dead_tokens > 0), default=0)
+    k_aux = max(
+        (auxk_size(m.k_aux, m.d_in, m.dict_size) for m in members if m.variant == "topk" and m.auxk_dead_tokens > 0),
+        default=0,
+    )
     return Layout.of([m.variant for m in members], [m.k for m in members], k_aux)
 
 
@@ -141,17 +154,23 @@ def layout(members) -> Layout:
 
 
 def auxk_size(k_aux: int, d_in: int, dict_size: int) -> int:
-    """A member's k_aux: its own, or d_in // 2 (SAELens' choice; Gao et al. used 512 for d_model 12k), at most dict_size."""
+    """A member's k_aux: its own, or d_in // 2 (SAELens' choice; Gao et al. used 512 for d_model 12k), at most
+    dict_size."""
     return max(1, min(k_aux or d_in // 2, dict_size))
 
 
 def auxk_hparams(on: bool, coefficient: float, k_aux: int, n_padded: int) -> Hparams:
     """auxk_coefficient (0 when off), k_aux, and `dead` [n] (zeros here; the ensemble sets it each step)."""
-    return {"auxk_coefficient": torch.tensor(float(coefficient) if on else 0.0), "k_aux": torch.tensor(float(k_aux)),
-            "dead": torch.zeros(n_padded)}
+    return {
+        "auxk_coefficient": torch.tensor(float(coefficient) if on else 0.0),
+        "k_aux": torch.tensor(float(k_aux)),
+        "dead": torch.zeros(n_padded),
+    }
 
 
-def auxk_loss(pre: torch.Tensor, residual: torch.Tensor, dictionary: torch.Tensor, hp: Hparams, k_aux_max: int) -> torch.Tensor:
+def auxk_loss(
+    pre: torch.Tensor, residual: torch.Tensor, dictionary: torch.Tensor, hp: Hparams, k_aux_max: int
+) -> torch.Tensor:
     """AuxK: mean((topk_aux(pre over dead features) @ D - sg(residual))^2) * min(n_dead / k_aux, 1).
 
     pre [B, n] pre-activations, residual [B, d] = x - x_hat, dictionary [n, d]. The kept pre-activations
@@ -222,7 +241,9 @@ def decode(params: Params, hp: Hparams, codes: torch.Tensor, layout: Layout = La
     return torch.addmm(params["b_dec"] * hp["use_b_dec"], codes, decoder(params, hp, layout))
 
 
-def loss(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss(
+    params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Training loss of one member on x [B, d], with its parts as aux outputs."""
     pre = pre_activations(params, hp, x)
     codes = codes_of(pre, hp, layout)
@@ -232,7 +253,10 @@ def loss(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()
     bias_norm = (params["b_enc"] * hp["feature_mask"]).norm()
     total = mse + hp["l1"] * l1_norm + hp["bias_decay"] * bias_norm
     if layout.k_aux > 0:
-        total = total + hp["auxk_coefficient"] * auxk_loss(pre, x - x_hat, decoder(params, hp, layout), hp, layout.k_aux)
-    fired = torch.sign(codes).sum(0, dtype=torch.float32)  # [n] rows in which each feature fired (codes >= 0; sign is 2x faster than > 0 here; float32: bf16 counts round above 256)
+        total = total + hp["auxk_coefficient"] * auxk_loss(
+            pre, x - x_hat, decoder(params, hp, layout), hp, layout.k_aux
+        )
+    # [n] rows in which each feature fired (codes >= 0, so their sign; float32: bf16 counts round above 256)
+    fired = torch.sign(codes).sum(0, dtype=torch.float32)
     aux = {"loss": total, "mse": mse, "l1_norm": l1_norm, "l0": fired.sum() / x.shape[0], "fired": fired}
     return total, aux

@@ -13,11 +13,14 @@ exactly as they were (the ensemble decides when such steps in a row freeze it).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from sae_ensemble.kernels import native
 
+BETAS, EPS = (0.9, 0.999), 1e-8  # Adam's defaults, as torchopt's scale_by_adam and SAELens use them
 CHUNK_BYTES = 4 * 2**20  # params bytes per chunk: with its grads, moments and direction (~12 MiB) it stays in L3
 
 
@@ -27,17 +30,25 @@ def member_chunks(n_members: int, member_bytes: int, device: torch.device) -> li
     return [slice(start, min(start + per_chunk, n_members)) for start in range(0, n_members, per_chunk)]
 
 
+class AdamState(NamedTuple):
+    """Adam's moments of every param, stacked like the params (the step count is the caller's)."""
+
+    mu: dict[str, torch.Tensor]
+    nu: dict[str, torch.Tensor]
+
+    @classmethod
+    def zeros_like(cls, params: dict[str, torch.Tensor]) -> AdamState:
+        return cls(*({name: torch.zeros_like(p) for name, p in params.items()} for _ in range(2)))
+
+
 @torch.no_grad()
 def step_(
     params: dict[str, torch.Tensor],
     grads: dict[str, torch.Tensor],
-    mu: dict[str, torch.Tensor],
-    nu: dict[str, torch.Tensor],
+    state: AdamState,
     count: torch.Tensor,
     lr: torch.Tensor,
     ok: torch.Tensor,
-    betas: tuple[float, float],
-    eps: float,
     check_on_host: bool,
     one_pass: bool = True,
 ) -> torch.Tensor:
@@ -52,7 +63,7 @@ def step_(
     the selections) instead of selecting on the device every step (CUDA). `one_pass`: let a chunk
     whose members all step run kernels/native.py's C kernel (CPU; the same numbers in one pass).
     """
-    b1, b2 = betas
+    (b1, b2), eps, mu, nu = BETAS, EPS, state.mu, state.nu
     correction1, correction2 = 1 - torch.pow(b1, count), 1 - torch.pow(b2, count)
     M = lr.shape[0]
     taken = ok.clone()
@@ -61,12 +72,11 @@ def step_(
     names = list(params)
     member_bytes = sum(p[0].numel() * p.element_size() for p in params.values())
     # The C kernel makes one pass whatever the chunk, so it takes the whole stack at once: per
-    # chunk, the small torch ops around each call cost more than the cache saves (2.8 of 6.6 ms
-    # on the small case, docs/benchmarks.md).
+    # chunk, the small torch ops around each call cost more than the cache saves (docs/benchmarks.md).
     whole = one_pass and native.fits(*params.values(), *grads.values(), *mu.values(), *nu.values(), lr)
     for chunk in [slice(0, M)] if whole else member_chunks(M, member_bytes, lr.device):
         for name in names:  # a NaN or inf anywhere in a member's gradient survives its sum
-            taken[chunk] &= torch.isfinite(grads[name][chunk].flatten(1).sum(1))
+            taken[chunk] &= torch.isfinite(grads[name][chunk].reshape(len(taken[chunk]), -1).sum(1))
         steps = taken[chunk]
         hold = not bool(steps.all()) if check_on_host else True
         for name in names:
@@ -79,7 +89,7 @@ def step_(
                 v.mul_(decay2).addcmul_(g * g, 1 - decay2)
                 scale = broadcast(torch.where(steps, lr[chunk], 0.0), p)
             elif one_pass and native.fits(p, g, m, v, lr):
-                native.adam_(p, g, m, v, lr[chunk], betas, corrections, eps)
+                native.adam_(p, g, m, v, lr[chunk], BETAS, corrections, eps)
                 scale = None
             else:
                 m.mul_(b1).add_(g, alpha=1 - b1)

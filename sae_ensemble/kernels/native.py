@@ -50,7 +50,9 @@ def cache_dir() -> Path:
 def _cpu_key() -> str:
     """What -march=native compiled for: a shared home on a cluster of mixed nodes gets one build per CPU."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Features")))
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Features"))
+        )
     except (OSError, StopIteration):
         flags = platform.processor()
     return platform.machine() + flags
@@ -66,39 +68,106 @@ def _build(compiler: str) -> Path:
         fd, partial = tempfile.mkstemp(dir=library.parent, suffix=".so.partial")
         os.close(fd)
         try:
-            subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", partial, "-lm"],
-                           check=True, capture_output=True, text=True, timeout=120)
+            subprocess.run(
+                [compiler, *FLAGS, *map(str, SOURCES), "-o", partial, "-lm"],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             os.replace(partial, library)
         finally:
             Path(partial).unlink(missing_ok=True)
     return library
 
 
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def _torch_lib() -> Path:
+    return Path(torch.__file__).with_name("lib") / "libtorch_cpu.so"
+
+
+def _prerequisites() -> bool:
+    return bool(
+        torch.backends.mkl.is_available() and _torch_lib().exists() and _compiler() and platform.system() == "Linux"
+    )
+
+
 @functools.cache
 def _kernel():
     """(the library, MKL's vmsSqrt) or None where either is missing."""
-    torch_lib = Path(torch.__file__).with_name("lib") / "libtorch_cpu.so"
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if not (torch.backends.mkl.is_available() and torch_lib.exists() and compiler and platform.system() == "Linux"):
-        warnings.warn("Adam and the fused step's passes run as torch ops: no C compiler, or this torch does not take sqrt from MKL", stacklevel=3)
+    torch_lib, compiler = _torch_lib(), _compiler()
+    if not _prerequisites():
+        warnings.warn(
+            "Adam and the fused step's passes run as torch ops: no C compiler, or this torch does not take sqrt from "
+            "MKL",
+            stacklevel=3,
+        )
         return None
     try:
         vsqrt = ctypes.cast(ctypes.CDLL(str(torch_lib)).vmsSqrt, ctypes.c_void_p)
         library = ctypes.CDLL(str(_build(compiler)))
     except (OSError, AttributeError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or error
-        warnings.warn(f"Adam and the fused step's passes run as torch ops: the C kernels did not build ({str(detail).strip()[:300]})", stacklevel=3)
+        warnings.warn(
+            f"Adam and the fused step's passes run as torch ops: the C kernels did not build "
+            f"({str(detail).strip()[:300]})",
+            stacklevel=3,
+        )
         return None
     library.adam_step.restype = library.relu_count.restype = library.relu_backward.restype = None
-    library.adam_step.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float] * 7 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-    library.relu_count.argtypes = library.relu_backward.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    library.adam_step.argtypes = (
+        [ctypes.c_void_p] * 5
+        + [ctypes.c_int64] * 2
+        + [ctypes.c_float] * 7
+        + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    )
+    library.relu_count.argtypes = library.relu_backward.argtypes = (
+        [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    )
     library.normalise_backward.restype = None
     library.normalise_backward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     return library, vsqrt
 
 
+MODES = ("auto", "on", "off")  # config.NativeKernels: training.native_kernels
+_mode = "auto"
+
+
+def use(mode: str) -> None:
+    """This process's choice (a worker sets it from training.native_kernels): auto = the C kernels where they
+    build, else torch ops; on = required (`available` raises if they do not build); off = torch ops only."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"training.native_kernels={mode!r} is unknown; allowed: {', '.join(MODES)}")
+    _mode = str(mode)
+
+
 def available() -> bool:
+    """Whether the C kernels run in this process (built on the first call under `auto` and `on`)."""
+    if _mode == "off":
+        return False
+    if _kernel() is None and _mode == "on":
+        raise RuntimeError(
+            "training.native_kernels=on but the C kernels did not build here (the warning above says why); "
+            "use auto or off"
+        )
     return _kernel() is not None
+
+
+def prerequisites() -> bool:
+    """Whether what the build needs is here: Linux, a C compiler, a torch that takes sqrt from MKL."""
+    return _prerequisites()
+
+
+def expected(mode: str = "auto") -> bool:
+    """Whether the C kernels will run under `mode`, without building them (the plan asks; it compiles nothing):
+    on and off say so; auto: their result once built, else whether what the build needs is present."""
+    if mode != "auto":
+        return mode == "on"
+    return _kernel() is not None if _kernel.cache_info().currsize else _prerequisites()
 
 
 def fits(*tensors: torch.Tensor) -> bool:
@@ -109,29 +178,70 @@ def fits(*tensors: torch.Tensor) -> bool:
 def adam_(p, g, m, v, lr, betas: tuple[float, float], corrections: tuple[float, float], eps: float) -> None:
     """Update p, m and v ([M, ...], a chunk of members) in place with per-member learning rates lr [M]."""
     (b1, b2), (c1, c2) = betas, corrections
-    _run("adam_step", p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), lr.data_ptr(), p.shape[0], p[0].numel(),
-         b1, 1 - b1, b2, 1 - b2, c1, c2, eps, _kernel()[1], VML_MODE, torch.get_num_threads())
+    _run(
+        "adam_step",
+        p.data_ptr(),
+        g.data_ptr(),
+        m.data_ptr(),
+        v.data_ptr(),
+        lr.data_ptr(),
+        p.shape[0],
+        p[0].numel(),
+        b1,
+        1 - b1,
+        b2,
+        1 - b2,
+        c1,
+        c2,
+        eps,
+        _kernel()[1],
+        VML_MODE,
+        torch.get_num_threads(),
+    )
 
 
-def relu_count_(x: torch.Tensor, fired: torch.Tensor, bias: torch.Tensor | None = None, total: torch.Tensor | None = None) -> None:
+def relu_count_(
+    x: torch.Tensor, fired: torch.Tensor, bias: torch.Tensor | None = None, total: torch.Tensor | None = None
+) -> None:
     """x [M, rows, n] += bias [M, n], then ReLU in place; add each feature's firing count (codes > 0)
     over the rows to fired [M, n] and, given total [M, n], its codes' sum."""
-    assert fits(x, fired, *(t for t in (bias, total) if t is not None)), "relu_count_ needs contiguous float32 CPU tensors"
-    _run("relu_count", x.data_ptr(), _pointer(bias), fired.data_ptr(), _pointer(total), *x.shape, torch.get_num_threads())
+    assert fits(x, fired, *(t for t in (bias, total) if t is not None)), (
+        "relu_count_ needs contiguous float32 CPU tensors"
+    )
+    _run(
+        "relu_count", x.data_ptr(), _pointer(bias), fired.data_ptr(), _pointer(total), *x.shape, torch.get_num_threads()
+    )
 
 
 def relu_backward_(g: torch.Tensor, codes: torch.Tensor, add: torch.Tensor, g_sum: torch.Tensor) -> None:
     """g [M, rows, n] = g + add [M] where codes > 0 (or NaN, as threshold_backward), else 0, in place;
     add each feature's sum over the rows to g_sum [M, n]."""
     assert fits(g, codes, add, g_sum) and g.shape == codes.shape, "relu_backward_ needs contiguous float32 CPU tensors"
-    _run("relu_backward", g.data_ptr(), codes.data_ptr(), add.data_ptr(), g_sum.data_ptr(), *g.shape, torch.get_num_threads())
+    _run(
+        "relu_backward",
+        g.data_ptr(),
+        codes.data_ptr(),
+        add.data_ptr(),
+        g_sum.data_ptr(),
+        *g.shape,
+        torch.get_num_threads(),
+    )
 
 
 def normalise_backward_(g: torch.Tensor, D: torch.Tensor, norms: torch.Tensor) -> None:
     """g [..., d] = (g - D (g . D)) / norms [..., 1], in place: dL/drows from dL/dD, D = rows / norms."""
-    assert fits(g, D, norms) and g.shape == D.shape and norms.numel() * g.shape[-1] == g.numel(), \
+    assert fits(g, D, norms) and g.shape == D.shape and norms.numel() * g.shape[-1] == g.numel(), (
         "normalise_backward_ needs contiguous float32 CPU tensors of matching shapes"
-    _run("normalise_backward", g.data_ptr(), D.data_ptr(), norms.data_ptr(), norms.numel(), g.shape[-1], torch.get_num_threads())
+    )
+    _run(
+        "normalise_backward",
+        g.data_ptr(),
+        D.data_ptr(),
+        norms.data_ptr(),
+        norms.numel(),
+        g.shape[-1],
+        torch.get_num_threads(),
+    )
 
 
 def _run(name: str, *args) -> None:

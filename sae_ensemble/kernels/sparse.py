@@ -22,7 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from sae_ensemble.kernels.dense import Sums, augmented_encoder, augmented_rows, augmented_width, decoder_rows, finish, topk_codes
+from sae_ensemble.kernels.augmented import augmented_encoder, augmented_rows, augmented_width
+from sae_ensemble.kernels.common import Sums, decoder_rows, finish, topk_codes
 from sae_ensemble.sae import Hparams, Layout, Params
 
 # torch warns that sparse CSR support is "beta" on every construction; these products are
@@ -30,7 +31,9 @@ from sae_ensemble.sae import Hparams, Layout, Params
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
-def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chunk: int | None = None) -> tuple[Params, dict[str, torch.Tensor]]:
+def grads(
+    params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chunk: int | None = None
+) -> tuple[Params, dict[str, torch.Tensor]]:
     """(gradients, aux) of every member's loss on x [B, d], equal to the dense kernel."""
     W_enc, b_dec = params["W_enc"], params["b_dec"]
     M, n, d = W_enc.shape
@@ -59,11 +62,15 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
         xc_aug = augmented_rows(rows_x, centre, d_aug)
         pre = torch.bmm(xc_aug, W_aug.transpose(1, 2))  # [M, b, n]
         codes = _active_topk(pre, hp, layout) if layout.all_topk else _active_nonzero(pre, hp, layout)
-        pattern = torch.sparse_csr_tensor(codes.crow, codes.columns, codes.values, size=(M * b, M * n), check_invariants=False)
-        if codes.k_per_row and not x.is_cuda:  # embedding_bag beat MKL's CSR product 1.8x on CPU
+        pattern = torch.sparse_csr_tensor(
+            codes.crow, codes.columns, codes.values, size=(M * b, M * n), check_invariants=False
+        )
+        if codes.k_per_row and not x.is_cuda:  # embedding_bag beats MKL's CSR product on CPU (docs/kernels.md)
             k = codes.k_per_row
-            x_hat = F.embedding_bag(codes.columns.view(M * b, k), D_flat, per_sample_weights=codes.values.view(M * b, k), mode="sum")
-        else:  # and cuSPARSE's CSR product beat embedding_bag 3.6x on an H100
+            x_hat = F.embedding_bag(
+                codes.columns.view(M * b, k), D_flat, per_sample_weights=codes.values.view(M * b, k), mode="sum"
+            )
+        else:  # and cuSPARSE's CSR product beats embedding_bag on CUDA
             x_hat = torch.sparse.mm(pattern, D_flat)
         err = x_hat.view(M, b, d) + centre.unsqueeze(1) - rows_x
         squared_error += err.pow(2).sum((1, 2))
@@ -80,7 +87,15 @@ def grads(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chun
         g_D += torch.sparse.mm(transposed(codes.values), g_xhat)
         g_W_enc += torch.sparse.mm(transposed(g_pre), xc_aug[..., :d].reshape(M * b, d))
 
-    sums = Sums(g_D.view(M, n, d), g_W_enc.view(M, n, d), g_pre_sum.view(M, n), g_xhat_sum, squared_error, code_sum, fired.view(M, n))
+    sums = Sums(
+        g_D.view(M, n, d),
+        g_W_enc.view(M, n, d),
+        g_pre_sum.view(M, n),
+        g_xhat_sum,
+        squared_error,
+        code_sum,
+        fired.view(M, n),
+    )
     return finish(params, hp, layout, D, norms, sums, B)
 
 
@@ -132,4 +147,6 @@ def _transposed(entry_rows: torch.Tensor, columns: torch.Tensor, n_rows: int, n_
     crow = torch.zeros(n_columns + 1, dtype=torch.long, device=columns.device)
     crow[1:] = torch.cumsum(torch.bincount(sorted_columns, minlength=n_columns), 0)
     rows_t = entry_rows[order]
-    return lambda values: torch.sparse_csr_tensor(crow, rows_t, values[order], size=(n_columns, n_rows), check_invariants=False)
+    return lambda values: torch.sparse_csr_tensor(
+        crow, rows_t, values[order], size=(n_columns, n_rows), check_invariants=False
+    )

@@ -1,0 +1,102 @@
+"""What every hand-written gradient (dense.py, augmented.py, sparse.py) shares: the decoder rows, top-k codes,
+the sums a row loop accumulates, and the gradients and aux stats `finish` makes of them.
+
+Shapes: M members, B rows, d = d_in, n = padded dict size.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from sae_ensemble.kernels import native
+from sae_ensemble.sae import Hparams, Layout, Params
+
+PAD_BIAS = 1e30  # as sae.encode: padded features never fire
+
+
+def decoder_rows(params: Params, hp: Hparams, layout: Layout) -> torch.Tensor:
+    """[M, n, d] rows that normalise into each member's dictionary (W_enc's for tied members)."""
+    if layout.all_tied:
+        return params["W_enc"]
+    if layout.any_tied:
+        return torch.where(hp["tied"].view(-1, 1, 1) > 0, params["W_enc"], params["W_dec"])
+    return params["W_dec"]
+
+
+def topk_codes(pre: torch.Tensor, hp: Hparams, layout: Layout) -> torch.Tensor:
+    """Codes [M, B, n]: each topk member keeps exactly its k largest ReLU'd pre-activations per row."""
+    values, indices = torch.topk(pre, layout.k_max, dim=-1)  # [M, B, k_max], largest first
+    rank_kept = torch.arange(layout.k_max, device=pre.device) < hp["k"].view(-1, 1, 1)  # [M, 1, k_max]
+    kept = torch.zeros_like(pre).scatter_(-1, indices, values.relu_() * rank_kept)
+    if layout.all_topk:
+        return kept
+    return torch.where(hp["topk"].view(-1, 1, 1) > 0, kept, pre.relu_())
+
+
+def native_path(device_type: str, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether `grads`'s passes are kernels/native.py's C by default (and the plan models their memory):
+    eagerly, on CPU, in float32, where the C kernels built."""
+    return not torch.compiler.is_compiling() and device_type == "cpu" and dtype == torch.float32 and native.available()
+
+
+class Sums(NamedTuple):
+    """What the per-chunk loop accumulates over the batch's rows (every kernel fills the same)."""
+
+    g_D: torch.Tensor  # [M, n, d] dL/d(unit-norm decoder rows)
+    g_W_enc: torch.Tensor  # [M, n, d] dL/dW_enc through the encoder GEMM
+    g_pre_sum: torch.Tensor  # [M, n] dL/dpre summed over rows (= the encoder-bias gradient)
+    g_xhat_sum: torch.Tensor  # [M, d] dL/dx_hat summed over rows
+    squared_error: torch.Tensor  # [M]
+    code_sum: torch.Tensor  # [M] sum of all codes (the L1 norm times B)
+    fired: torch.Tensor  # [M, n] rows in which each feature fired
+
+
+def finish(
+    params: Params, hp: Hparams, layout: Layout, D: torch.Tensor, norms: torch.Tensor, sums: Sums, B: int
+) -> tuple[Params, dict[str, torch.Tensor]]:
+    """The per-parameter gradients and aux stats from the accumulated sums."""
+    W_enc, b_enc = params["W_enc"], params["b_enc"]
+    d = W_enc.shape[-1]
+    mask = hp["feature_mask"]
+    # Through the row normalisation D = rows / |rows|: project out the radial part.
+    if native_path(D.device.type) and native.fits(sums.g_D, D, norms):  # not the augmented paths' strided views
+        g_rows = sums.g_D  # the accumulated sum is ours: one C pass, in place
+        native.normalise_backward_(g_rows, D, norms)
+    else:
+        radial = torch.linalg.vecdot(sums.g_D, D).unsqueeze(-1)  # [M, n, 1]
+        g_rows = torch.addcmul(sums.g_D, D, radial, value=-1).div_(norms)  # three passes over [M, n, d] instead of five
+    g_W_enc = sums.g_W_enc.contiguous()  # a view into the augmented gradient: own it before adding
+    if layout.all_tied:
+        g_W_enc += g_rows
+        g_W_dec = torch.zeros_like(params["W_dec"])
+    elif layout.any_tied:
+        tied = hp["tied"].view(-1, 1, 1) > 0
+        g_W_enc += torch.where(tied, g_rows, 0.0)
+        g_W_dec = torch.where(tied, 0.0, g_rows)
+    else:
+        g_W_dec = g_rows
+
+    masked_b_enc = b_enc * mask
+    bias_norm = masked_b_enc.norm(dim=-1)  # [M]
+    # d|b|/db = b/|b|, and 0 at b = 0 (as autograd's norm backward).
+    g_norm = (
+        torch.where(bias_norm.unsqueeze(-1) > 0, masked_b_enc / bias_norm.clamp(min=1e-30).unsqueeze(-1), 0.0) * mask
+    )
+    g_b_enc = sums.g_pre_sum + hp["bias_decay"].view(-1, 1) * g_norm
+    through_encoder = torch.bmm(sums.g_pre_sum.unsqueeze(1), W_enc).squeeze(1)  # [M, d]: d(x - b_dec) part
+    g_b_dec = (sums.g_xhat_sum - through_encoder) * hp["use_b_dec"].view(-1, 1)
+
+    mse = sums.squared_error / (B * d)
+    l1_norm = sums.code_sum / B
+    loss = mse + hp["l1"] * l1_norm + hp["bias_decay"] * bias_norm
+    aux = {"loss": loss, "mse": mse, "l1_norm": l1_norm, "l0": sums.fired.sum(-1) / B, "fired": sums.fired}
+    return {"W_enc": g_W_enc, "b_enc": g_b_enc, "W_dec": g_W_dec, "b_dec": g_b_dec}, aux
+
+
+def accumulate(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """total + a @ b, batched, in float32; the first chunk's product is the total (no zero-fill pass)."""
+    if total is None:
+        return torch.bmm(a, b).float()
+    return total.baddbmm_(a, b) if a.dtype == total.dtype else total.add_(torch.bmm(a, b))
