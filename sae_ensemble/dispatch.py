@@ -1,4 +1,4 @@
-"""One worker process per device, each training its ensembles of the plan (train.py) from the shared store;
+"""One worker process per device, each training its ensembles of a segment (train.py) from the shared store;
 then (`evaluate`) one per device again, each evaluating the members of its ensembles (eval_worker.py).
 
 Workers open the store themselves (memory-mapped: no activations cross a pipe), train,
@@ -6,75 +6,32 @@ checkpoint, and report through one queue. The parent shows a progress bar, forwa
 metrics to a callback, and watches every worker: a worker that raises or dies makes
 it stop the others (they checkpoint) and report which device and members failed.
 
-Checkpoints and the run-dir layout: train.py.
+Checkpoints: checkpoint.py; the run-dir layout: rundir.py.
 
-Exit codes (also sweep.py's): 0 done, 1 a worker failed, 3 members froze (sweep.py; see
+Exit codes (also sweep.py's): 0 done, 1 a worker failed, 3 members froze (pipeline.py; see
 Training.freeze_after), 75 stopped by SIGTERM/SIGINT after checkpointing (rerun into the same
 run dir to resume; SLURM requeues on it). docs/reliability.md lists every fault and its code.
 """
 
 from __future__ import annotations
 
-import os
 import queue as queue_module
 import signal
 import time
 import traceback
-from dataclasses import asdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-import torch
 import torch.multiprocessing as mp
 from tqdm import tqdm
 
+from sae_ensemble.config import Training
+from sae_ensemble.devices import cpu_threads
 from sae_ensemble.eval_worker import LMEvaluation, evaluate_worker
-from sae_ensemble.train import Training, segment_end, train_worker
+from sae_ensemble.rundir import Plan, RunDir, Segment
+from sae_ensemble.train import train_worker
 
 EXIT_OK, EXIT_FAILED, EXIT_FROZEN, EXIT_REQUEUE = 0, 1, 3, 75
-
-
-# -- devices -----------------------------------------------------------------------------------------
-
-
-def resolve_devices(spec: str) -> list[str]:
-    """`auto`, `cpu`, `cpu:N` (N CPU workers), `cuda`, `cuda:0,2,...` -> worker device names."""
-    spec = str(spec).strip()
-    n_gpus = torch.cuda.device_count()
-    if spec == "auto":
-        return [f"cuda:{i}" for i in range(n_gpus)] if n_gpus else ["cpu:0"]
-    if spec == "cpu":
-        return ["cpu:0"]
-    if spec.startswith("cpu:"):
-        count = spec[4:]
-        if not count.isdigit() or int(count) < 1:
-            raise ValueError(f"devices={spec!r}: cpu:N needs a worker count N >= 1, e.g. cpu:2")
-        return [f"cpu:{i}" for i in range(int(count))]
-    if spec == "cuda" or spec.startswith("cuda:"):
-        indices = list(range(n_gpus)) if spec == "cuda" else spec[5:].split(",")
-        if not all(str(i).strip().isdigit() for i in indices) or not indices:
-            raise ValueError(f"devices={spec!r}: write cuda:0,1,... with GPU indices")
-        indices = [int(i) for i in indices]
-        bad = [i for i in indices if i >= n_gpus]
-        if bad or not n_gpus:
-            raise ValueError(f"devices={spec!r} asks for GPU(s) {bad or indices} but {n_gpus} are visible; use auto, cpu:N, or cuda:0..{max(n_gpus - 1, 0)}")
-        if len(set(indices)) != len(indices):
-            raise ValueError(f"devices={spec!r} names a GPU twice")
-        return [f"cuda:{i}" for i in indices]
-    raise ValueError(f"devices={spec!r} is unknown; allowed: auto, cpu, cpu:N, cuda, cuda:0,1,...")
-
-
-def cpu_threads(n_cpu_workers: int) -> int:
-    """Threads per CPU worker: this process's CPU allocation (SLURM cgroups, taskset) split evenly.
-
-    os.cpu_count() counts the whole machine and would oversubscribe a job given part of it.
-    """
-    try:
-        allocated = len(os.sched_getaffinity(0))
-    except AttributeError:  # no sched_getaffinity (macOS)
-        allocated = os.cpu_count() or 1
-    return max(1, allocated // max(1, n_cpu_workers))
-
 
 
 # -- the worker ----------------------------------------------------------------------------------------
@@ -93,7 +50,7 @@ class StopFlag:
         self.stop = stop
         self.signalled = False
 
-    def install(self) -> "StopFlag":
+    def install(self) -> StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
         return self
@@ -107,59 +64,86 @@ class StopFlag:
         return self.signalled or self.stop.is_set()
 
 
-def _worker(job: str, index: int, device: str, plan: dict, store_path: str, run_dir: str, training: dict, lm: dict | None,
-            threads: int, events, stop) -> None:
-    """Worker `index` of the plan on `device`: train its ensembles (stage by stage), or evaluate their members;
-    report through `events`; obey `stop`."""
+def _worker(
+    job: str,
+    index: int,
+    device: str,
+    work: Segment | Plan,
+    store_path: str,
+    run_dir: str,
+    training: Training,
+    lm: LMEvaluation | None,
+    threads: int,
+    events,
+    stop,
+) -> None:
+    """Worker `index` on `device`: train its ensembles of a segment (stage by stage), or evaluate the members
+    of its ensembles of a plan; report through `events`; obey `stop`."""
     # The parent decides when to stop; SIGINT/SIGTERM here (a process group signal) only raise a flag.
     stop = StopFlag(stop).install()
     try:
         if job == "train":
-            train_worker(index, device, plan, Path(store_path), Path(run_dir), Training(**training), threads, events, stop)
+            train_worker(index, device, work, Path(store_path), Path(run_dir), training, threads, events, stop)
         else:
-            evaluate_worker(index, device, plan, Path(store_path), Path(run_dir), Training(**training),
-                            None if lm is None else LMEvaluation(**lm), threads, events, stop)
+            evaluate_worker(index, device, work, Path(store_path), Path(run_dir), training, lm, threads, events, stop)
     except BaseException as error:
         # One line first (what went wrong), then the traceback for whoever debugs it.
         message = str(error).strip().splitlines()
         summary = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
         events.put(("error", index, f"{summary}\n{traceback.format_exc()}"))
-        raise SystemExit(EXIT_FAILED)
+        raise SystemExit(EXIT_FAILED) from error
 
 
 # -- the parent ----------------------------------------------------------------------------------------
 
 
-def run(
-    plan: dict,
+def train(
+    segment: Segment,
     store_path: str | Path,
     run_dir: str | Path,
     training: Training,
     on_metrics: Callable[[str, int, dict[str, float]], None] | None = None,
     progress: bool = True,
 ) -> int:
-    """Train every ensemble of the plan, one worker per device; return an exit code (see module doc)."""
-    until = segment_end(plan, training)
-    totals = [until * sum(len(stage) for stage in w["stages"]) for w in plan["workers"]]
-    return _supervise("train", plan, store_path, run_dir, training, None, totals, on_metrics, progress)
+    """Train every ensemble of the segment to its end step, one worker per device; return an exit code (see module
+    doc)."""
+    totals = [segment.end_step * len(w.ensembles) for w in segment.plan.workers]
+    return _supervise("train", segment, segment.plan, store_path, run_dir, training, None, totals, on_metrics, progress)
 
 
-def evaluate(plan: dict, store_path: str | Path, run_dir: str | Path, training: Training, lm: LMEvaluation | None = None,
-             progress: bool = True) -> int:
-    """Evaluate every trained member (eval_worker.py), each on the device of the worker given its ensemble; an exit code.
+def evaluate(
+    plan: Plan,
+    store_path: str | Path,
+    run_dir: str | Path,
+    training: Training,
+    lm: LMEvaluation | None = None,
+    progress: bool = True,
+) -> int:
+    """Evaluate every trained member (eval_worker.py), each on the device of the worker given its ensemble; an exit
+    code.
 
     `lm`: splice members into this language model for CE loss recovered (None: MMCS only)."""
-    totals = [sum(len(plan["ensembles"][i]["members"]) for stage in w["stages"] for i in stage) for w in plan["workers"]]
-    return _supervise("evaluate", plan, store_path, run_dir, training, None if lm is None else asdict(lm), totals, None, progress)
+    totals = [sum(len(plan.ensembles[i].members) for i in w.ensembles) for w in plan.workers]
+    return _supervise("evaluate", plan, plan, store_path, run_dir, training, lm, totals, None, progress)
 
 
-def _supervise(job: str, plan: dict, store_path: str | Path, run_dir: str | Path, training: Training, lm: dict | None,
-               totals: list[int], on_metrics: Callable[[str, int, dict[str, float]], None] | None, progress: bool) -> int:
+def _supervise(
+    job: str,
+    work: Segment | Plan,
+    plan: Plan,
+    store_path: str | Path,
+    run_dir: str | Path,
+    training: Training,
+    lm: LMEvaluation | None,
+    totals: list[int],
+    on_metrics: Callable[[str, int, dict[str, float]], None] | None,
+    progress: bool,
+) -> int:
     """Start one `job` worker per device of the plan, follow them to the end (progress counts `totals` units
     per worker: ensemble-steps or members), stop them all on a failure or a signal; an exit code."""
     run_dir = Path(run_dir)
-    plan_workers = plan["workers"]
-    threads = cpu_threads(sum(w["device"].startswith("cpu") for w in plan_workers))
+    plan_workers = plan.workers
+    threads = cpu_threads(sum(w.device.startswith("cpu") for w in plan_workers))
     context = mp.get_context("spawn")
     events, stop = context.Queue(), context.Event()
 
@@ -177,9 +161,21 @@ def _supervise(job: str, plan: dict, store_path: str | Path, run_dir: str | Path
     try:
         for index, w in enumerate(plan_workers):
             worker = context.Process(
-                target=_worker, name=f"sae-worker-{w['device']}",
-                args=(job, index, w["device"], plan, str(store_path), str(run_dir), asdict(training), lm,
-                      threads if w["device"].startswith("cpu") else 1, events, stop),
+                target=_worker,
+                name=f"sae-worker-{w.device}",
+                args=(
+                    job,
+                    index,
+                    w.device,
+                    work,
+                    str(store_path),
+                    str(run_dir),
+                    training,
+                    lm,
+                    threads if w.device.startswith("cpu") else 1,
+                    events,
+                    stop,
+                ),
             )
             worker.start()
             workers[index] = worker
@@ -193,8 +189,14 @@ def _supervise(job: str, plan: dict, store_path: str | Path, run_dir: str | Path
     total_steps = dict(enumerate(totals))
     failures: list[str] = []
     # Training counts ensemble-steps (a worker with three ensembles has 3 x steps to do); evaluation counts members.
-    bar = tqdm(total=sum(total_steps.values()), unit="step" if job == "train" else "member", desc=None if job == "train" else "evaluate",
-               disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(
+        total=sum(total_steps.values()),
+        unit="step" if job == "train" else "member",
+        desc=None if job == "train" else "evaluate",
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
     started, first_step = time.monotonic(), None
     try:
         while any(s in ("starting", "running") for s in status.values()):
@@ -212,7 +214,7 @@ def _supervise(job: str, plan: dict, store_path: str | Path, run_dir: str | Path
             elif kind == "progress":
                 steps_done[index] = payload["step"]
             elif kind == "note":
-                tqdm.write(f"{plan_workers[index]['device']}: {payload}")
+                tqdm.write(f"{plan_workers[index].device}: {payload}")
             elif kind == "metrics":
                 if on_metrics:
                     for member_id, values in payload["members"].items():
@@ -224,8 +226,10 @@ def _supervise(job: str, plan: dict, store_path: str | Path, run_dir: str | Path
             elif kind == "skipped":
                 skipped[index] += 1
                 if skipped[index] == 1:
-                    tqdm.write(f"warning: {plan_workers[index]['device']}: skipped a batch holding non-finite values before step "
-                               f"{payload['step'] + 1} (store position {payload['position']}); no member saw it")
+                    tqdm.write(
+                        f"warning: {plan_workers[index].device}: skipped a batch holding non-finite values before step "
+                        f"{payload['step'] + 1} (store position {payload['position']}); no member saw it"
+                    )
             elif kind == "error":
                 status[index] = "failed"
                 failures.append(_describe(plan, index, f"raised an exception: {payload}"))
@@ -240,9 +244,11 @@ def _supervise(job: str, plan: dict, store_path: str | Path, run_dir: str | Path
                         stop.set()
             done_now = sum(steps_done.values())
             if done_now != bar.n:
-                states = " ".join(f"{plan_workers[i]['device']}={s}" for i, s in status.items())
+                states = " ".join(f"{plan_workers[i].device}={s}" for i, s in status.items())
                 if job == "train":
-                    rows_per_s = (done_now - (first_step or 0)) * training.batch_size / max(time.monotonic() - started, 1e-9)
+                    rows_per_s = (
+                        (done_now - (first_step or 0)) * training.batch_size / max(time.monotonic() - started, 1e-9)
+                    )
                     states = f"{rows_per_s:,.0f} rows/s {states}"
                 bar.set_postfix_str(states, refresh=False)
                 bar.update(done_now - bar.n)  # tqdm rate-limits redraws (mininterval)
@@ -250,17 +256,26 @@ def _supervise(job: str, plan: dict, store_path: str | Path, run_dir: str | Path
         bar.close()
         _stop_workers(workers, previous, events)
 
-    what, where = ("checkpoints", run_dir / "checkpoints") if job == "train" else ("evaluation results (eval.json)", run_dir / "members")
+    run = RunDir(run_dir)
+    if isinstance(work, Segment):
+        what, where = "checkpoints", run.path / work.checkpoint_dir
+    else:
+        what, where = "evaluation results (eval.json)", run.members
     for index, count in skipped.items():
         if count:
-            print(f"warning: {plan_workers[index]['device']}: skipped {count} batch(es) holding non-finite values this run", flush=True)
+            print(
+                f"warning: {plan_workers[index].device}: skipped {count} batch(es) holding non-finite values this run",
+                flush=True,
+            )
     for message in failures:
         print(f"error: {message}", flush=True)
     if failures:
         print(f"error: {len(failures)} worker(s) failed; {what} are kept in {where}; rerun to resume", flush=True)
         return EXIT_FAILED
     if interrupted or any(s == "stopped" for s in status.values()):
-        print(f"interrupted: {what} written to {where}; rerun into {run_dir} to resume (exit {EXIT_REQUEUE})", flush=True)
+        print(
+            f"interrupted: {what} written to {where}; rerun into {run_dir} to resume (exit {EXIT_REQUEUE})", flush=True
+        )
         if signal.SIGUSR2 in interrupted:
             signal.raise_signal(signal.SIGUSR2)  # now the restored (submitit) handler requeues
         return EXIT_REQUEUE
@@ -279,16 +294,14 @@ def _stop_workers(workers: dict, previous_handlers: dict, events) -> None:
     events.close()
 
 
-def _describe(plan: dict, index: int, what: str) -> str:
-    worker = plan["workers"][index]
-    ensembles = [i for stage in worker["stages"] for i in stage]
-    members = [m for i in ensembles for m in plan["ensembles"][i]["members"]]
+def _describe(plan: Plan, index: int, what: str) -> str:
+    worker = plan.workers[index]
+    members = [m for i in worker.ensembles for m in plan.ensembles[i].members]
     shown = ", ".join(members[:6]) + (f" and {len(members) - 6} more" if len(members) > 6 else "")
-    return f"worker on {worker['device']} (ensembles {', '.join(map(str, ensembles))}: {shown}) {what}"
+    return f"worker on {worker.device} (ensembles {', '.join(map(str, worker.ensembles))}: {shown}) {what}"
 
 
 def _exit_reason(code: int | None) -> str:
     if code is not None and code < 0:
         return f"signal {signal.Signals(-code).name}"
     return f"exit code {code}"
-

@@ -20,20 +20,20 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from sae_ensemble.activations.store import ActivationStore
-from sae_ensemble.atomic import write_json_atomic
-from sae_ensemble.checkpoint import EVAL_FILE, SAE_FILE, read_json
+from sae_ensemble.activations.reader import ActivationStore
+from sae_ensemble.checkpoint import read_evaluation, write_evaluation
+from sae_ensemble.config import Training
+from sae_ensemble.devices import torch_device
 from sae_ensemble.member import Member
 from sae_ensemble.metrics import mmcs_between
-from sae_ensemble.plan import plan_members
-from sae_ensemble.train import Training, torch_device
+from sae_ensemble.rundir import Plan, RunDir
 
 MEMBERS_PER_GROUP = 8  # members loaded at once: one spliced forward pass of the CE evaluation evaluates them all
 
 
 @dataclass
 class LMEvaluation:
-    """What the CE evaluation needs (sweep.py fills it from the config; plain data for the workers)."""
+    """What the CE evaluation needs (the pipeline fills it from the config; plain data for the workers)."""
 
     model: str
     revision: str | None
@@ -53,13 +53,13 @@ class LMEvaluation:
 
 
 def member_dir(run_dir: Path, member_id: str) -> Path:
-    return run_dir / "members" / member_id
+    return RunDir(run_dir).member(member_id).path
 
 
 def evaluated(run_dir: Path, member_id: str, with_ce: bool) -> bool:
     """True when the member has eval.json covering what is asked (CE scores too, when `with_ce`)."""
-    path = member_dir(run_dir, member_id) / EVAL_FILE
-    return path.exists() and (read_json(path).get("ce_loss", False) or not with_ce)
+    evaluation = read_evaluation(member_dir(run_dir, member_id))
+    return evaluation is not None and (evaluation.get("ce_loss", False) or not with_ce)
 
 
 class Decoders(Mapping):
@@ -75,7 +75,7 @@ class Decoders(Mapping):
     def __getitem__(self, member_id: str) -> torch.Tensor:
         if member_id not in self.known:
             raise KeyError(member_id)
-        with safe_open(str(member_dir(self.run_dir, member_id) / SAE_FILE), framework="pt") as f:
+        with safe_open(str(RunDir(self.run_dir).member(member_id).sae), framework="pt") as f:
             return f.get_tensor("W_dec").to(self.device)
 
     def __iter__(self) -> Iterator[str]:
@@ -93,10 +93,17 @@ def pending(run_dir: Path, member_ids: Sequence[str], with_ce: bool) -> list[str
     return [member_id for member_id in member_ids if not evaluated(run_dir, member_id, with_ce)]
 
 
-def evaluate_members_of_run(run_dir: Path, mine: Sequence[str], members: Sequence[Member], device: torch.device,
-                            ce: Callable[[list[Path]], dict[str, dict[str, float]]] | None = None,
-                            should_stop: Callable[[], bool] = lambda: False, on_group: Callable[[int], None] = lambda n: None) -> bool:
-    """Evaluate the members `mine` (ids) of a run whose members are `members`, a group at a time; False if stopped first.
+def evaluate_members_of_run(
+    run_dir: Path,
+    mine: Sequence[str],
+    members: Sequence[Member],
+    device: torch.device,
+    ce: Callable[[list[Path]], dict[str, dict[str, float]]] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_group: Callable[[int], None] = lambda n: None,
+) -> bool:
+    """Evaluate the members `mine` (ids) of a run whose members are `members`, a group at a time; False if stopped
+    first.
 
     Members evaluated before (eval.json, covering CE when `ce` is given) are skipped. `ce(dirs)` gives CE
     metrics by member id for a group's member dirs (None: no CE evaluation).
@@ -115,24 +122,36 @@ def evaluate_members_of_run(run_dir: Path, mine: Sequence[str], members: Sequenc
             for member_id, values in ce([member_dir(run_dir, member_id) for member_id in group]).items():
                 results[member_id].update(values)
         for member_id, values in results.items():
-            write_json_atomic(member_dir(run_dir, member_id) / EVAL_FILE, {"metrics": values, "ce_loss": ce is not None})
+            write_evaluation(member_dir(run_dir, member_id), values, ce is not None)
         on_group(len(group))
     return True
 
 
-def evaluate_worker(index: int, device: str, plan: dict, store_path: Path, run_dir: Path, training: Training,
-                    lm: LMEvaluation | None, threads: int, events, stop) -> None:
+def evaluate_worker(
+    index: int,
+    device: str,
+    plan: Plan,
+    store_path: Path,
+    run_dir: Path,
+    training: Training,
+    lm: LMEvaluation | None,
+    threads: int,
+    events,
+    stop,
+) -> None:
     """Worker `index`'s share of the evaluation: the members of its ensembles (see the module doc)."""
     torch.set_num_threads(threads)
     device_ = torch_device(device)
     if device_.type == "cuda":
         torch.cuda.set_device(device_)
-    mine = [m.member_id for stage in plan["workers"][index]["stages"] for i in stage for m in plan_members(plan, i)]
+    mine = [m.member_id for i in plan.workers[index].ensembles for m in plan.ensemble_members(i)]
     todo = pending(run_dir, mine, lm is not None)
     events.put(("start", index, {"step": len(mine) - len(todo)}))
     ce = None
     if todo and lm is not None:
-        ce = _ce_evaluator(lm, ActivationStore.open(store_path), training, device_, lambda text: events.put(("note", index, text)))
+        ce = _ce_evaluator(
+            lm, ActivationStore.open(store_path), training, device_, lambda text: events.put(("note", index, text))
+        )
     done = len(mine) - len(todo)
 
     def report(n: int) -> None:
@@ -140,16 +159,19 @@ def evaluate_worker(index: int, device: str, plan: dict, store_path: Path, run_d
         done += n
         events.put(("progress", index, {"step": done}))
 
-    members = [Member.from_dict(values) for values in plan["members"].values()]
+    members = list(plan.members.values())
     if evaluate_members_of_run(run_dir, mine, members, device_, ce, stop.is_set, report):
         events.put(("done", index, None))
     else:
         events.put(("stopped", index, None))
 
 
-def _ce_evaluator(lm: LMEvaluation, store: ActivationStore, training: Training, device: torch.device, note: Callable[[str], None]):
-    """The CE evaluation of a group of member dirs on `device` (the model booted once), or None without held-out text."""
-    from sae_ensemble.activations.harvest import boot_model, free_device_memory, iter_contexts, iter_texts, rows_per_context
+def _ce_evaluator(
+    lm: LMEvaluation, store: ActivationStore, training: Training, device: torch.device, note: Callable[[str], None]
+):
+    """The CE evaluation of a group of member dirs on `device` (the model booted once), or None without held-out
+    text."""
+    from sae_ensemble.activations.lm import boot_model, free_device_memory, iter_contexts, iter_texts, rows_per_context
     from sae_ensemble.evaluate import evaluate_members
 
     bridge = boot_model(lm.model, device=str(device), revision=lm.revision)
@@ -174,7 +196,15 @@ def _ce_evaluator(lm: LMEvaluation, store: ActivationStore, training: Training, 
     # Per group, the clean and zero-ablated passes run again (2 passes beside the group's spliced one,
     # which is MEMBERS_PER_GROUP times as large): the price of never holding more members than a group.
     def ce(dirs: list[Path]) -> dict[str, dict[str, float]]:
-        return evaluate_members(bridge, tokens, lm.hook, dirs, normalization, progress=False, members_per_pass=MEMBERS_PER_GROUP,
-                                skip_first_position=skip_first)
+        return evaluate_members(
+            bridge,
+            tokens,
+            lm.hook,
+            dirs,
+            normalization,
+            progress=False,
+            members_per_pass=MEMBERS_PER_GROUP,
+            skip_first_position=skip_first,
+        )
 
     return ce

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sae_ensemble import architectures
-from sae_ensemble.checkpoint import CFG_FILE, load_member, read_json
+from sae_ensemble.checkpoint import load_member
+from sae_ensemble.rundir import MemberDir, read_json
 
 Reconstruction = Callable[[torch.Tensor], torch.Tensor]  # x [..., d] -> x_hat [..., d]
 MIN_CE_GAP = 0.05
@@ -40,9 +41,7 @@ the same model; a gap of 0.05 keeps that noise under ~20% of the score's denomin
 
 
 def reconstruction_from_checkpoint(
-    directory: str | Path,
-    normalization: tuple[torch.Tensor, float] | None = None,
-    device: str | torch.device = "cpu",
+    directory: str | Path, normalization: tuple[torch.Tensor, float] | None = None, device: str | torch.device = "cpu"
 ) -> Reconstruction:
     """x -> x_hat of a saved member (`members/<id>/`).
 
@@ -58,12 +57,16 @@ def reconstruction_from_checkpoint(
     shift, scale = (torch.zeros(member.d_in), 1.0) if normalization is None else normalization
     shift = torch.as_tensor(shift, dtype=torch.float32, device=device)
     if shift.shape != (member.d_in,):
-        raise ValueError(f"normalization shift has shape {list(shift.shape)}; expected [{member.d_in}] for {member.member_id}")
+        raise ValueError(
+            f"normalization shift has shape {list(shift.shape)}; expected [{member.d_in}] for {member.member_id}"
+        )
 
     @torch.no_grad()
     def reconstruct(x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != member.d_in:
-            raise ValueError(f"activations have width {x.shape[-1]}; member {member.member_id} expects d_in={member.d_in}")
+            raise ValueError(
+                f"activations have width {x.shape[-1]}; member {member.member_id} expects d_in={member.d_in}"
+            )
         rows = (x.reshape(-1, member.d_in).float() - shift) / scale  # [rows, d] in the SAE's space
         x_hat = architecture.decode(params, hp, architecture.encode(params, hp, rows, layout), layout)
         return (x_hat * scale + shift).reshape(x.shape).to(x.dtype)
@@ -117,7 +120,9 @@ def ce_loss_recovered(
     if batch_size < 1 or members_per_pass < 1:
         raise ValueError(f"batch_size={batch_size} and members_per_pass={members_per_pass} must both be at least 1")
     if hook_name not in bridge.hook_dict:
-        raise ValueError(f"hook_name={hook_name!r} is not a hook point of this model; e.g. {sorted(bridge.hook_dict)[:5]}")
+        raise ValueError(
+            f"hook_name={hook_name!r} is not a hook point of this model; e.g. {sorted(bridge.hook_dict)[:5]}"
+        )
 
     def keep(x: torch.Tensor, replaced: torch.Tensor) -> torch.Tensor:
         """The replacement, but position 0 left as it was when the SAE never trained on it (BOS)."""
@@ -126,7 +131,9 @@ def ce_loss_recovered(
         return torch.cat([x[:, :1], replaced[:, 1:]], dim=1)
 
     n_members = len(reconstructions)
-    groups = [list(range(start, min(start + members_per_pass, n_members))) for start in range(0, n_members, members_per_pass)]
+    groups = [
+        list(range(start, min(start + members_per_pass, n_members))) for start in range(0, n_members, members_per_pass)
+    ]
     batches = list(torch.split(tokens, batch_size))
     ce_clean = ce_zero = kl_zero = 0.0
     ce_recon = [0.0] * n_members
@@ -137,7 +144,9 @@ def ce_loss_recovered(
     for batch in batches:
         clean = _next_token_log_probs(bridge(batch))
         bar.update()
-        zero = _next_token_log_probs(bridge.run_with_hooks(batch, fwd_hooks=[(hook_name, lambda x, hook: keep(x, torch.zeros_like(x)))]))
+        zero = _next_token_log_probs(
+            bridge.run_with_hooks(batch, fwd_hooks=[(hook_name, lambda x, hook: keep(x, torch.zeros_like(x)))])
+        )
         bar.update()
         ce_clean += _ce_sum(clean, batch)
         ce_zero += _ce_sum(zero, batch)
@@ -161,8 +170,11 @@ def ce_loss_recovered(
     gap = zero_mean - clean_mean
     scored = gap >= min_ce_gap and gap != 0 and kl_zero_mean > 0  # -inf scores any nonzero gap (tests of the formulas)
     if not scored:
-        print(f"warning: zero-ablating {hook_name} raises CE by only {gap:.4f} nats (< min_ce_gap={min_ce_gap}); "
-              f"ce_recovered, ce_loss_score and kl_div_score are NaN, since that ratio would be noise", file=sys.stderr)
+        print(
+            f"warning: zero-ablating {hook_name} raises CE by only {gap:.4f} nats (< min_ce_gap={min_ce_gap}); "
+            f"ce_recovered, ce_loss_score and kl_div_score are NaN, since that ratio would be noise",
+            file=sys.stderr,
+        )
     results = []
     for m in range(n_members):
         recon_mean, kl_mean = ce_recon[m] / positions, kl[m] / positions
@@ -193,5 +205,5 @@ def evaluate_members(
     """member_id -> CE metrics for saved members (directories `members/<id>/`)."""
     device = next(bridge.parameters()).device
     reconstructions = [reconstruction_from_checkpoint(d, normalization, device) for d in member_dirs]
-    ids = [read_json(Path(d) / CFG_FILE)["member_id"] for d in member_dirs]
+    ids = [read_json(MemberDir(d).cfg)["member_id"] for d in member_dirs]
     return dict(zip(ids, ce_loss_recovered(bridge, tokens, hook_name, reconstructions, **kwargs)))

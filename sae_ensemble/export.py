@@ -34,21 +34,33 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from sae_ensemble.atomic import atomic_write, write_json_atomic
-from sae_ensemble.checkpoint import CheckpointError, load_member, read_json
+from sae_ensemble.checkpoint import load_member
 from sae_ensemble.member import Member
+from sae_ensemble.rundir import CheckpointError, MemberDir, RunDir, read_json
 
 FORMATS = ("saelens", "dictionary_learning", "sparsify")
-EXPRESSIBLE = {"saelens": ("relu", "tied", "topk", "batchtopk", "matryoshka", "jumprelu", "gated"),
-               "dictionary_learning": ("relu", "tied", "topk"), "sparsify": ("topk",)}
-SAELENS_ARCHITECTURE = {"relu": "standard", "tied": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu",
-                        "jumprelu": "jumprelu", "gated": "gated"}
+EXPRESSIBLE = {
+    "saelens": ("relu", "tied", "topk", "batchtopk", "matryoshka", "jumprelu", "gated"),
+    "dictionary_learning": ("relu", "tied", "topk"),
+    "sparsify": ("topk",),
+}
+SAELENS_ARCHITECTURE = {
+    "relu": "standard",
+    "tied": "standard",
+    "topk": "topk",
+    "batchtopk": "jumprelu",
+    "matryoshka": "jumprelu",
+    "jumprelu": "jumprelu",
+    "gated": "gated",
+}
 SAELENS_VERSION = "6.54.12"  # the sae-lens release tests/test_interop.py loads these files with
 
 
@@ -56,11 +68,17 @@ class ExportError(ValueError):
     """A member cannot be exported as asked (unknown format, inexpressible variant, missing store)."""
 
 
-def folded_params(member: Member, params: dict[str, torch.Tensor], shift: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
+def folded_params(
+    member: Member, params: dict[str, torch.Tensor], shift: torch.Tensor, scale: float
+) -> dict[str, torch.Tensor]:
     """Our params rewritten for raw activations (module docstring); W_* [n, d] rows, b_enc [n], b_dec [d];
     gated: b_gate, r_mag, b_mag [n] instead of b_enc; jumprelu, batchtopk, matryoshka: threshold [n] added."""
     b_dec = params["b_dec"].float() * float(member.use_b_dec)  # the architectures ignore b_dec when use_b_dec is off
-    folded = {"W_enc": params["W_enc"].float(), "W_dec": params["W_dec"].float(), "b_dec": shift.float() + scale * b_dec}
+    folded = {
+        "W_enc": params["W_enc"].float(),
+        "W_dec": params["W_dec"].float(),
+        "b_dec": shift.float() + scale * b_dec,
+    }
     for name in ("b_enc", "b_gate", "b_mag"):
         if name in params:
             folded[name] = params[name].float() * scale
@@ -79,7 +97,13 @@ def run_context(run_dir: Path) -> dict[str, Any]:
     Synthetic runs and run directories without `.hydra/config.yaml` get placeholders, since a
     SAELens config needs these fields but only an LM sweep has real values for them.
     """
-    context = {"model_name": "unknown", "hook_name": "unknown", "context_size": None, "prepend_bos": True, "source": "unknown"}
+    context = {
+        "model_name": "unknown",
+        "hook_name": "unknown",
+        "context_size": None,
+        "prepend_bos": True,
+        "source": "unknown",
+    }
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         return context
@@ -94,10 +118,19 @@ def run_context(run_dir: Path) -> dict[str, Any]:
     def select(key: str, default: Any) -> Any:
         try:
             return OmegaConf.select(cfg, key, default=default)
-        except OmegaConfBaseException:  # an interpolation this process cannot resolve: say unknown, never fail the export
+        except (
+            OmegaConfBaseException
+        ):  # an interpolation this process cannot resolve: say unknown, never fail the export
             return default
 
-    context["source"] = select("data.source", "unknown")
+    # data=lm's config has a dataset, data=synthetic's features (runs before the data split also said data.source)
+    context["source"] = select("data.source", None) or (
+        "lm"
+        if select("data.dataset", None) is not None
+        else "synthetic"
+        if select("data.n_features", None) is not None
+        else "unknown"
+    )
     if context["source"] == "lm":
         context["model_name"] = str(select("model.name", "unknown"))
         context["hook_name"] = str(select("hook", "unknown"))
@@ -112,15 +145,22 @@ def normalization_of(cfg: dict[str, Any], store_dir: str | Path | None) -> tuple
     if mode == "none":
         return torch.zeros(d_in), 1.0
     if store_dir is None:
-        raise ExportError(f"member {cfg['member_id']} was trained with normalize={mode!r}; pass --store with the store it was trained on so the export can fold the normalisation into its weights")
-    from sae_ensemble.activations.store import ActivationStore, StoreError
+        raise ExportError(
+            f"member {cfg['member_id']} was trained with normalize={mode!r}; pass --store with the store it was "
+            "trained on so the export can fold the normalisation into its weights"
+        )
+    from sae_ensemble.activations.format import StoreError
+    from sae_ensemble.activations.reader import ActivationStore
 
     try:
         store = ActivationStore.open(store_dir)
     except StoreError as error:
         raise ExportError(f"--store {store_dir} cannot be opened ({error})") from None
     if cfg.get("store_fingerprint") not in (None, store.fingerprint):
-        raise ExportError(f"--store {store_dir} has fingerprint {store.fingerprint}, but member {cfg['member_id']} was trained on {cfg['store_fingerprint']}; pass the store it was trained on")
+        raise ExportError(
+            f"--store {store_dir} has fingerprint {store.fingerprint}, but member {cfg['member_id']} was trained on "
+            f"{cfg['store_fingerprint']}; pass the store it was trained on"
+        )
     shift, scale = store.normalization(mode)
     return shift, float(scale)
 
@@ -161,22 +201,41 @@ def write_saelens(out: Path, member: Member, params: dict[str, torch.Tensor], co
     write_json_atomic(out / "cfg.json", cfg)
 
 
-def write_dictionary_learning(out: Path, member: Member, params: dict[str, torch.Tensor], context: dict[str, Any]) -> None:
+def write_dictionary_learning(
+    out: Path, member: Member, params: dict[str, torch.Tensor], context: dict[str, Any]
+) -> None:
     """dictionary_learning: ae.pt (a plain state dict of tensors) + config.json, read by `utils.load_dictionary`."""
     decoder = params["W_dec"].T.contiguous()  # nn.Linear(dict_size, activation_dim).weight is [d, n]
     if member.variant == "topk":
-        state = {"k": torch.tensor(member.k, dtype=torch.int32), "threshold": torch.tensor(-1.0),  # -1: threshold unused
-                 "decoder.weight": decoder, "encoder.weight": params["W_enc"].contiguous(),
-                 "encoder.bias": params["b_enc"].contiguous(), "b_dec": params["b_dec"].contiguous()}
+        state = {
+            "k": torch.tensor(member.k, dtype=torch.int32),
+            "threshold": torch.tensor(-1.0),  # -1: threshold unused
+            "decoder.weight": decoder,
+            "encoder.weight": params["W_enc"].contiguous(),
+            "encoder.bias": params["b_enc"].contiguous(),
+            "b_dec": params["b_dec"].contiguous(),
+        }
         dict_class, trainer_class = "AutoEncoderTopK", "TopKTrainer"
     else:
-        state = {"bias": params["b_dec"].contiguous(), "encoder.weight": params["W_enc"].contiguous(),
-                 "encoder.bias": params["b_enc"].contiguous(), "decoder.weight": decoder}
+        state = {
+            "bias": params["b_dec"].contiguous(),
+            "encoder.weight": params["W_enc"].contiguous(),
+            "encoder.bias": params["b_enc"].contiguous(),
+            "decoder.weight": decoder,
+        }
         dict_class, trainer_class = "AutoEncoder", "StandardTrainer"
     atomic_write(out / "ae.pt", lambda tmp: torch.save(state, tmp))
-    trainer = {"dict_class": dict_class, "trainer_class": trainer_class, "activation_dim": member.d_in,
-               "dict_size": member.dict_size, "lr": member.lr, "seed": member.seed, "lm_name": context["model_name"],
-               "submodule_name": context["hook_name"], "exported_from": f"sae_ensemble member {member.member_id}"}
+    trainer = {
+        "dict_class": dict_class,
+        "trainer_class": trainer_class,
+        "activation_dim": member.d_in,
+        "dict_size": member.dict_size,
+        "lr": member.lr,
+        "seed": member.seed,
+        "lm_name": context["model_name"],
+        "submodule_name": context["hook_name"],
+        "exported_from": f"sae_ensemble member {member.member_id}",
+    }
     if member.variant == "topk":
         trainer["k"] = member.k
     else:
@@ -186,22 +245,41 @@ def write_dictionary_learning(out: Path, member: Member, params: dict[str, torch
 
 def write_sparsify(out: Path, member: Member, params: dict[str, torch.Tensor], context: dict[str, Any]) -> None:
     """sparsify: cfg.json (SparseCoderConfig fields + d_in) + sae.safetensors, read by `Sae.load_from_disk`."""
-    weights = {"encoder.weight": params["W_enc"].contiguous(), "encoder.bias": params["b_enc"].contiguous(),
-               "W_dec": params["W_dec"].contiguous(), "b_dec": params["b_dec"].contiguous()}
+    weights = {
+        "encoder.weight": params["W_enc"].contiguous(),
+        "encoder.bias": params["b_enc"].contiguous(),
+        "W_dec": params["W_dec"].contiguous(),
+        "b_dec": params["b_dec"].contiguous(),
+    }
     atomic_write(out / "sae.safetensors", lambda tmp: save_file(weights, tmp))
-    cfg = {"activation": "topk", "expansion_factor": max(1, member.dict_size // member.d_in), "normalize_decoder": True,
-           "num_latents": member.dict_size, "k": member.k, "multi_topk": False, "skip_connection": False,
-           "transcode": False, "d_in": member.d_in}
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": max(1, member.dict_size // member.d_in),
+        "normalize_decoder": True,
+        "num_latents": member.dict_size,
+        "k": member.k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": member.d_in,
+    }
     write_json_atomic(out / "cfg.json", cfg)
 
 
 WRITERS: dict[str, Callable[[Path, Member, dict[str, torch.Tensor], dict[str, Any]], None]] = {
-    "saelens": write_saelens, "dictionary_learning": write_dictionary_learning, "sparsify": write_sparsify,
+    "saelens": write_saelens,
+    "dictionary_learning": write_dictionary_learning,
+    "sparsify": write_sparsify,
 }
 
 
-def export_run(run_dir: str | Path, fmt: str, members: str = "*", out: str | Path | None = None,
-               store_dir: str | Path | None = None) -> list[Path]:
+def export_run(
+    run_dir: str | Path,
+    fmt: str,
+    members: str = "*",
+    out: str | Path | None = None,
+    store_dir: str | Path | None = None,
+) -> list[Path]:
     """Export every finished member of `run_dir` whose id matches `members`; returns the directories written.
 
     Checks every selected member before writing any, so a refusal leaves nothing half-exported.
@@ -209,14 +287,17 @@ def export_run(run_dir: str | Path, fmt: str, members: str = "*", out: str | Pat
     run_dir = Path(run_dir)
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r} is unknown; allowed: {', '.join(FORMATS)}")
-    dirs = sorted(p.parent for p in run_dir.glob("members/*/cfg.json") if fnmatch.fnmatchcase(p.parent.name, members))
+    dirs = [d.path for d in RunDir(run_dir).finished_members() if fnmatch.fnmatchcase(d.path.name, members)]
     if not dirs:
-        raise ExportError(f"no finished member in {run_dir / 'members'} matches --members {members!r}")
-    cfgs = [read_json(d / "cfg.json") for d in dirs]
+        raise ExportError(f"no finished member in {RunDir(run_dir).members} matches --members {members!r}")
+    cfgs = [read_json(MemberDir(d).cfg) for d in dirs]
     refused = [c["member_id"] for c in cfgs if c.get("variant") not in EXPRESSIBLE[fmt]]
     if refused:
-        raise ExportError(f"{fmt} cannot express variant(s) {sorted({c['variant'] for c in cfgs if c['member_id'] in refused})} "
-                          f"of {len(refused)} member(s) (e.g. {refused[0]}); it holds {', '.join(EXPRESSIBLE[fmt])}: select those with --members")
+        raise ExportError(
+            f"{fmt} cannot express variant(s) {sorted({c['variant'] for c in cfgs if c['member_id'] in refused})} "
+            f"of {len(refused)} member(s) (e.g. {refused[0]}); it holds {', '.join(EXPRESSIBLE[fmt])}: select those "
+            "with --members"
+        )
     normalizations = [normalization_of(c, store_dir) for c in cfgs]
     context = run_context(run_dir)
     out = run_dir / "export" / fmt if out is None else Path(out)
@@ -236,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", required=True, choices=FORMATS, help="target library's format")
     parser.add_argument("--members", default="*", help="glob over member ids (default: all)")
     parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/export/FORMAT)")
-    parser.add_argument("--store", default=None, help="store the members were trained on (needed when training.normalize != none)")
+    parser.add_argument(
+        "--store", default=None, help="store the members were trained on (needed when training.normalize != none)"
+    )
     args = parser.parse_args(argv)
     try:
         written = export_run(args.run_dir, args.format, args.members, args.out, args.store)

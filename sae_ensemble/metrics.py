@@ -47,7 +47,10 @@ def reconstruction_metrics(
 
 
 def heldout_metrics(
-    x: torch.Tensor, forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], feature_mask: torch.Tensor, rows_per_part: int
+    x: torch.Tensor,
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    feature_mask: torch.Tensor,
+    rows_per_part: int,
 ) -> dict[str, torch.Tensor]:
     """`reconstruction_metrics` over all of x [R, d], `rows_per_part` rows at a time.
 
@@ -63,8 +66,11 @@ def heldout_metrics(
     return _metrics_from_sums(total)
 
 
-def _reconstruction_sums(x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor, feature_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Sums over rows that every metric of `reconstruction_metrics` is a function of (float64, so they add exactly enough)."""
+def _reconstruction_sums(
+    x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor, feature_mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Sums over rows that every metric of `reconstruction_metrics` is a function of (float64, so they add exactly
+    enough)."""
     if x_hat.dim() != 3 or x_hat.shape[1:] != x.shape:
         raise ValueError(f"x_hat has shape {list(x_hat.shape)}; expected [M, {x.shape[0]}, {x.shape[1]}] to match x")
     if codes.shape[:2] != x_hat.shape[:2] or feature_mask.shape != (codes.shape[0], codes.shape[2]):
@@ -145,7 +151,9 @@ class FiringCounter:
     def update(self, fired: torch.Tensor, n_tokens: int) -> None:
         """Add one batch: `fired` [M, n] = rows of the batch in which each feature was > 0."""
         if fired.shape != self.current.shape:
-            raise ValueError(f"fired has shape {list(fired.shape)}; expected {list(self.current.shape)} [members, n_padded]")
+            raise ValueError(
+                f"fired has shape {list(fired.shape)}; expected {list(self.current.shape)} [members, n_padded]"
+            )
         self.current += fired.detach().round().to(torch.int64)
         self.current_tokens += int(n_tokens)
         if self.current_tokens >= self.block_tokens:
@@ -184,7 +192,10 @@ class FiringCounter:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if tuple(state["blocks"].shape) != tuple(self.blocks.shape):
-            raise ValueError(f"saved firing counts have shape {list(state['blocks'].shape)}; this counter has {list(self.blocks.shape)}")
+            raise ValueError(
+                f"saved firing counts have shape {list(state['blocks'].shape)}; this counter has "
+                f"{list(self.blocks.shape)}"
+            )
         device = self.current.device
         self.blocks = state["blocks"].to(device, torch.int64)
         self.block_token_counts = state["block_token_counts"].to(torch.int64).clone()
@@ -198,7 +209,9 @@ class FiringCounter:
 _MAX_COS_ELEMENTS = 1 << 26  # similarities computed at once (256 MB of float32)
 
 
-def _max_cos(dictionary: torch.Tensor, reference: torch.Tensor, reference_mask: torch.Tensor | None = None) -> torch.Tensor:
+def _max_cos(
+    dictionary: torch.Tensor, reference: torch.Tensor, reference_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """For each row of `dictionary` [..., n_a, d]: max cosine similarity to a row of `reference` [..., n_b, d].
 
     Rows of the reference where `reference_mask` [..., n_b] is 0 (padding) are never a match.
@@ -219,12 +232,15 @@ def _max_cos(dictionary: torch.Tensor, reference: torch.Tensor, reference_mask: 
 def mmcs(dictionary: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean over `dictionary`'s rows [n_a, d] of the max cosine similarity to any row of `reference` [n_b, d]."""
     if dictionary.dim() != 2 or reference.dim() != 2 or dictionary.shape[1] != reference.shape[1]:
-        raise ValueError(f"dictionary {list(dictionary.shape)} and reference {list(reference.shape)} must be [n, d] with equal d")
+        raise ValueError(
+            f"dictionary {list(dictionary.shape)} and reference {list(reference.shape)} must be [n, d] with equal d"
+        )
     return float(_max_cos(dictionary, reference).mean())
 
 
 def mmcs_truth(decoders: torch.Tensor, feature_mask: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """[M] recovery of the ground truth: for each true feature, the max cos sim to any of the member's real features, averaged.
+    """[M] recovery of the ground truth: for each true feature, the max cos sim to any of the member's real features,
+    averaged.
 
     Direction: truth vs learned, mmcs(truth, member), as in the seeds. It asks "is every
     true feature found?". The other direction scores the member's own features instead,
@@ -233,7 +249,9 @@ def mmcs_truth(decoders: torch.Tensor, feature_mask: torch.Tensor, truth: torch.
     decoders [M, n, d], feature_mask [M, n], truth [F, d].
     """
     if decoders.dim() != 3 or truth.dim() != 2 or decoders.shape[-1] != truth.shape[-1]:
-        raise ValueError(f"decoders {list(decoders.shape)} and truth {list(truth.shape)} must be [M, n, d] and [F, d] with equal d")
+        raise ValueError(
+            f"decoders {list(decoders.shape)} and truth {list(truth.shape)} must be [M, n, d] and [F, d] with equal d"
+        )
     truth = truth.to(decoders.device).expand(decoders.shape[0], *truth.shape)  # [M, F, d]
     return _max_cos(truth, decoders, feature_mask).mean(-1)
 
@@ -242,7 +260,10 @@ PAIRINGS = ("next_size", "seed")
 
 
 def mmcs_between(
-    members: Sequence[Member], decoders: Mapping[str, torch.Tensor], pairing: str = "next_size", of: Collection[str] | None = None
+    members: Sequence[Member],
+    decoders: Mapping[str, torch.Tensor],
+    pairing: str = "next_size",
+    of: Collection[str] | None = None,
 ) -> dict[str, float]:
     """MMCS of each member's dictionary against its partners; members without a partner are absent.
 

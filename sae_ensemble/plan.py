@@ -1,6 +1,6 @@
 """The plan: members -> ensembles that fit a memory budget -> workers, one per device.
 
-A plan is plain data (`plan.json` in the run dir):
+A plan is a typed record (rundir.Plan; `plan.json` in the run dir):
     ensembles  the unit of training and of checkpoints: members of one dict size (so
                nothing is padded) and one architecture family (architectures.family: the
                variants of one architecture module share its parameter set and its vmapped
@@ -25,140 +25,114 @@ A worker's peak in a stage = sum of its ensembles' states + the largest step + i
 
 from __future__ import annotations
 
-import re
+import dataclasses
 from collections.abc import Sequence
 
-import torch
-
 from sae_ensemble.architectures import family
-from sae_ensemble.kernels import dense
+from sae_ensemble.kernels import native as kernels_native
 from sae_ensemble.member import Member
+from sae_ensemble.memory import format_size
+from sae_ensemble.rundir import EnsembleSpec, Plan, WorkerSpec
 
 BYTES = 4  # float32 state and activations
 FIRING_BLOCKS = 9  # FiringCounter: 8 ring blocks + the current one, int64 [M, n] each
 # Transient bytes of one step beyond the state, in units of (P, A, X), per execution path and
 # variant; a mixed ensemble takes the largest. Fitted to the peak RSS of one CPU ensemble over
 # its state (glibc heap with no trimming, as the worker runs) on shapes where each term
-# dominates: `python -m benchmarks.scale --calibrate --execution E` measures and prints the fit.
-# Most of the reference's c_P is its Adam update: torchopt's tree_map makes several P-sized
-# temporaries at once; the kernels update in place (docs/kernels.md). The sparse path's c_A is
+# dominates: `python -m benchmarks.scale --calibrate --execution E` measures and prints the fit
+# (the fits and their history: docs/benchmarks.md, "Memory-aware plans"). The sparse path's c_A is
 # fitted at init, where half of a relu or tied member's latents are active (its CSR codes then
 # cost 3 bytes per element for each one of a dense tensor): the worst case of `sparse` pinned.
-# The architectures/ variants beyond sae.py's are not fitted yet: they take the largest fitted cost of
+# The architectures/ variants beyond sae.py's are not fitted: they take the largest fitted cost of
 # each term plus the [b, n] tensors their losses hold beyond topk's (jumprelu: its step's saved
 # pre-activations; gated: the gate path's two; batchtopk: the flattened top-k's indices and scatter;
 # matryoshka: one masked copy of the codes per level, counted for three levels); they run the reference.
-# tied's reference was refitted in round 8 on the 2-core EPYC VM (fit 4.38, 5.89, 9.54): the older fit
-# (6.6, 5.7, 9.8) planned its test shape at 621 MiB where fresh processes peaked at 463-534 MiB, at
-# and just under the model test's 0.75 bound.
 STEP_COST = {
-    "reference": {"relu": (6.4, 5.1, 10.4), "tied": (4.4, 5.9, 9.5), "topk": (5.8, 10.1, 11.4),
-                  "jumprelu": (6.6, 12.1, 11.4), "gated": (6.6, 13.1, 12.4), "batchtopk": (6.6, 13.1, 11.4),
-                  "matryoshka": (6.6, 16.1, 14.4)},
+    "reference": {
+        "relu": (6.4, 5.1, 10.4),
+        "tied": (5.2, 5.9, 9.5),
+        "topk": (5.8, 10.1, 11.4),
+        "jumprelu": (6.6, 12.1, 11.4),
+        "gated": (6.6, 13.1, 12.4),
+        "batchtopk": (6.6, 13.1, 11.4),
+        "matryoshka": (6.6, 16.1, 14.4),
+    },
     "fused": {"relu": (1.7, 2.8, 3.5), "tied": (1.8, 2.8, 4.0), "topk": (1.4, 3.6, 3.6)},
     "sparse": {"relu": (3.0, 14.5, 6.3), "tied": (4.2, 13.1, 5.7), "topk": (3.5, 1.2, 5.3)},
 }
 # The fused step without kernels/native.py's C passes (CUDA workers; a CPU without a C compiler) builds
-# augmented operands and copies the weight gradient out of one (docs/kernels.md): about 2 P more. Fitted
-# on CPU on that path, before the C passes existed.
+# augmented operands and copies the weight gradient out of one (kernels/augmented.py): about 2 P more.
 TORCH_OPS_FUSED_COST = {"relu": (3.5, 2.0, 4.5), "tied": (4.3, 2.8, 5.0), "topk": (3.6, 3.8, 4.5)}
 # What `auto` may run: every candidate its autotuner times (ensemble.autotune), so the plan takes the
 # largest cost of them. The sparse kernel is timed for relu and tied members only once at most
 # autotune.SPARSE_DENSITY (5%) of their latents fire, where its CSR codes are small: it adds nothing then.
-AUTO_CANDIDATES = {"relu": ("reference", "fused"), "tied": ("reference", "fused"), "topk": ("reference", "fused", "sparse")}
+AUTO_CANDIDATES = {
+    "relu": ("reference", "fused"),
+    "tied": ("reference", "fused"),
+    "topk": ("reference", "fused", "sparse"),
+}
 """What `auto` may run per variant; the architectures/ variants beyond sae.py's have only the reference."""
 # Micro-batches of the reference add more than their gradient accumulator (P): each part's gradients
-# land in new blocks of the untrimmed heap. Measured: 4 x 12288 features, d_in 768, 8 micro-batches of
-# 256 rows peaked 4.9 P above the model without this term. So on CPU they pay off only when A
-# dominates P. The kernels accumulate over row chunks in place: fused needs no such term (measured,
-# 2 x 6144 features, d_in 768, 4 micro-batches: 4.3 P over the state, modelled 4.0); sparse 1 P there.
+# land in new blocks of the untrimmed heap, so on CPU they pay off only when A dominates P. The kernels
+# accumulate over row chunks in place: fused needs no such term, sparse 1 P (docs/benchmarks.md).
 MICRO_BATCH_COST = {"reference": 5.0, "fused": 0.0, "sparse": 1.0}
 MIN_MICRO_ROWS = 256  # below this a micro-batch's GEMMs lose efficiency: split members first
-CPU_RUNTIME_BYTES = 86 * 2**20  # a CPU worker's own peak beyond the model (thread pools, store buffers), fitted with STEP_COST
+CPU_RUNTIME_BYTES = (
+    86 * 2**20
+)  # a CPU worker's own peak beyond the model (thread pools, store buffers), fitted with STEP_COST
 # A CPU worker's heap is never trimmed (memory.reuse_freed_memory), so its peak also depends on
-# fragmentation: identical runs of one 4 GiB step measured up to 16% apart, and a stage of three
-# ensembles stepped in turn peaked 17% above the model. CPU plans keep the modelled peak this far
-# under the budget; CUDA's caching allocator reports live bytes, which the model counts.
+# fragmentation, which varies between identical runs (docs/benchmarks.md). CPU plans keep the modelled
+# peak this far under the budget; CUDA's caching allocator reports live bytes, which the model counts.
 CPU_HEADROOM = 0.25
-CPU_WORKER_OVERHEAD = 2**29  # the auto budget leaves this per CPU worker for the interpreter and torch
-AUTO_FRACTION = 0.9  # of free memory, leaving room for the allocator and the runtime
-
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
 
 class PlanError(ValueError):
     """The grid cannot be planned within the budget; the message names the member and the budget."""
 
 
-# -- the budget ----------------------------------------------------------------------------------
-
-
-def parse_size(spec: str | int) -> int | None:
-    """`auto` -> None; `8GiB`, `512MiB`, `4e9`, `1.5GB` -> bytes. Raises ValueError naming the value."""
-    text = str(spec).strip().lower()
-    if text == "auto":
-        return None
-    match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)", text)
-    if not match or match.group(2) not in _UNITS or float(match.group(1)) <= 0:
-        raise ValueError(f"training.memory_budget={spec!r} is not a size; allowed: auto, or a positive size such as 8GiB, 512MiB, 4e9")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
-
-
-def format_size(n_bytes: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n_bytes >= size:
-            return f"{n_bytes / size:.2f}{unit}"
-    return f"{int(n_bytes)}B"
-
-
-def available_bytes(device: str, n_cpu_workers: int = 1) -> int:
-    """Auto budget of one worker: 90% of the GPU's free memory, or of available RAM shared by the CPU workers."""
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(AUTO_FRACTION * free)
-    with open("/proc/meminfo") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    available = int(fields["MemAvailable"].split()[0]) * 1024
-    return int(AUTO_FRACTION * available / max(1, n_cpu_workers)) - CPU_WORKER_OVERHEAD
-
-
-def resolve_budget(spec: str | int, devices: Sequence[str]) -> int:
-    """Bytes one worker may use: the given size, or the smallest auto budget over `devices`."""
-    size = parse_size(spec)
-    if size is not None:
-        return size
-    n_cpu = sum(d.startswith("cpu") for d in devices)
-    return min(available_bytes(d, n_cpu) for d in devices)
-
-
 # -- the memory model ----------------------------------------------------------------------------
 
 
-def step_costs(execution: str, variant: str, device: str = "cpu") -> tuple[float, float, float, float]:
-    """(c_P, c_A, c_X, c_M) of one member's step by `execution` on `device`: auto takes the largest over what it may run."""
+def step_costs(
+    execution: str, variant: str, device: str = "cpu", native: str = "auto"
+) -> tuple[float, float, float, float]:
+    """(c_P, c_A, c_X, c_M) of one member's step by `execution` on `device`, with the C kernels per `native`
+    (training.native_kernels): auto takes the largest over what it may run."""
     if execution != "auto" and execution not in STEP_COST:
         raise ValueError(f"execution={execution!r} has no memory model; known: auto, {', '.join(STEP_COST)}")
     paths = AUTO_CANDIDATES.get(variant, ("reference",)) if execution == "auto" else (execution,)
-    native = dense.native_path(device.split(":")[0])
+    c_passes = device.startswith("cpu") and kernels_native.expected(
+        native
+    )  # never builds them: a plan compiles nothing
 
     def costs(path: str) -> tuple[float, ...]:
-        table = TORCH_OPS_FUSED_COST if path == "fused" and not native else STEP_COST[path]
+        table = TORCH_OPS_FUSED_COST if path == "fused" and not c_passes else STEP_COST[path]
         return (*table[variant], MICRO_BATCH_COST[path])
 
     return tuple(max(values) for values in zip(*(costs(path) for path in paths)))
 
 
-def ensemble_memory(members: Sequence[Member], batch_size: int, micro_batches: int = 1, execution: str = "reference",
-                    device: str = "cpu") -> dict:
-    """state_bytes (held all run) and step_bytes (transient) of one ensemble stepped by `execution` on `device`; see the module doc."""
+def ensemble_memory(
+    members: Sequence[Member],
+    batch_size: int,
+    micro_batches: int = 1,
+    execution: str = "reference",
+    device: str = "cpu",
+    native: str = "auto",
+) -> dict:
+    """state_bytes (held all run) and step_bytes (transient) of one ensemble stepped by `execution` on `device`; see the
+    module doc."""
     m, n, d = len(members), max(x.dict_size for x in members), members[0].d_in
     params = BYTES * m * (2 * n * d + n + d)
     activations = BYTES * m * (batch_size // micro_batches) * n
     wide = BYTES * m * (batch_size // micro_batches) * d
     state = 3 * params + BYTES * m * (n + 8) + 8 * FIRING_BLOCKS * m * n
-    c_params, c_activations, c_wide, c_micro = (max(c) for c in zip(*(step_costs(execution, x.variant, device) for x in members)))
-    step = c_params * params + c_activations * activations + c_wide * wide + (c_micro * params if micro_batches > 1 else 0)
+    c_params, c_activations, c_wide, c_micro = (
+        max(c) for c in zip(*(step_costs(execution, x.variant, device, native) for x in members))
+    )
+    step = (
+        c_params * params + c_activations * activations + c_wide * wide + (c_micro * params if micro_batches > 1 else 0)
+    )
     return {"state_bytes": int(state), "step_bytes": int(step)}
 
 
@@ -181,12 +155,18 @@ def _headroom_note(device: str) -> str:
     return f" (a CPU worker keeps {CPU_HEADROOM:.0%} of it as headroom)" if device.startswith("cpu") else ""
 
 
-def stage_bytes(ensembles: Sequence[dict], batch_size: int, d_in: int, device: str) -> int:
-    """Peak of a worker on `device` stepping these planned ensembles on one batch, one after another."""
+def stage_bytes(ensembles: Sequence[EnsembleSpec | dict], batch_size: int, d_in: int, device: str) -> int:
+    """Peak of a worker on `device` stepping these planned ensembles (or their ensemble_memory) on one batch, one after
+    another."""
     if not ensembles:
         return 0
-    return (sum(e["state_bytes"] for e in ensembles) + max(e["step_bytes"] for e in ensembles)
-            + batch_bytes(batch_size, d_in) + runtime_bytes(device))
+    memory = [e if isinstance(e, dict) else dataclasses.asdict(e) for e in ensembles]
+    return (
+        sum(e["state_bytes"] for e in memory)
+        + max(e["step_bytes"] for e in memory)
+        + batch_bytes(batch_size, d_in)
+        + runtime_bytes(device)
+    )
 
 
 # -- packing -------------------------------------------------------------------------------------
@@ -233,7 +213,14 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def fit_ensembles(members: Sequence[Member], batch_size: int, budget: int, device: str, execution: str = "reference") -> list[tuple[list[Member], int]]:
+def fit_ensembles(
+    members: Sequence[Member],
+    batch_size: int,
+    budget: int,
+    device: str,
+    execution: str = "reference",
+    native: str = "auto",
+) -> list[tuple[list[Member], int]]:
     """Members of one dict size -> [(members, micro_batches)], each fitting the budget alone.
 
     Prefers the fewest pieces, then the fewest micro-batches of at least MIN_MICRO_ROWS rows;
@@ -245,101 +232,145 @@ def fit_ensembles(members: Sequence[Member], batch_size: int, budget: int, devic
         chunks = [list(members[i : i + size]) for i in range(0, len(members), size)]
         micro = [k for k in _divisors(batch_size) if batch_size // k >= min(MIN_MICRO_ROWS, batch_size) or size == 1]
         for k in micro:
-            if all(stage_bytes([ensemble_memory(c, batch_size, k, execution, device)], batch_size, d, device) <= usable(budget, device) for c in chunks):
+            if all(
+                stage_bytes([ensemble_memory(c, batch_size, k, execution, device, native)], batch_size, d, device)
+                <= usable(budget, device)
+                for c in chunks
+            ):
                 return [(c, k) for c in chunks]
-    least, member = max((stage_bytes([ensemble_memory([m], batch_size, batch_size, execution, device)], batch_size, d, device), m.member_id) for m in members)
-    raise PlanError(f"member {member} needs {format_size(least)} even alone with micro-batches of one row, more than fits "
-                    f"training.memory_budget={format_size(budget)}{_headroom_note(device)}; raise the budget, or use fewer features or a smaller d_in")
+    least, member = max(
+        (
+            stage_bytes(
+                [ensemble_memory([m], batch_size, batch_size, execution, device, native)], batch_size, d, device
+            ),
+            m.member_id,
+        )
+        for m in members
+    )
+    raise PlanError(
+        f"member {member} needs {format_size(least)} even alone with micro-batches of one row, more than fits "
+        f"training.memory_budget={format_size(budget)}{_headroom_note(device)}; raise the budget, or use fewer "
+        "features or a smaller d_in"
+    )
 
 
-def stages(ensembles: Sequence[dict], budget: int, batch_size: int, d_in: int, device: str) -> list[list[int]]:
+def stages(ensembles: Sequence[EnsembleSpec], budget: int, batch_size: int, d_in: int, device: str) -> list[list[int]]:
     """Group one worker's ensembles into stages that fit the budget together (first fit, largest first)."""
-    result: list[list[dict]] = []
-    for e in sorted(ensembles, key=lambda e: (-(e["state_bytes"] + e["step_bytes"]), e["index"])):
+    result: list[list[EnsembleSpec]] = []
+    for e in sorted(ensembles, key=lambda e: (-(e.state_bytes + e.step_bytes), e.index)):
         for stage in result:
             if stage_bytes(stage + [e], batch_size, d_in, device) <= usable(budget, device):
                 stage.append(e)
                 break
         else:
             result.append([e])
-    return [sorted(e["index"] for e in stage) for stage in result]
+    return [sorted(e.index for e in stage) for stage in result]
 
 
-def _worker(device: str, ensembles: Sequence[dict], budget: int, batch_size: int, d_in: int) -> dict:
-    by_index = {e["index"]: e for e in ensembles}
+def _worker(device: str, ensembles: Sequence[EnsembleSpec], budget: int, batch_size: int, d_in: int) -> WorkerSpec:
+    by_index = {e.index: e for e in ensembles}
     plan_stages = stages(ensembles, budget, batch_size, d_in, device)
     peak = max((stage_bytes([by_index[i] for i in s], batch_size, d_in, device) for s in plan_stages), default=0)
-    return {"device": device, "stages": plan_stages, "planned_bytes": peak}
+    return WorkerSpec(device, plan_stages, peak)
 
 
-def make_plan(members: Sequence[Member], devices: Sequence[str], batch_size: int, budget: int, execution: str = "reference") -> dict:
-    """The plan as plain data (see the module doc); raises PlanError if a member cannot fit the budget."""
+def make_plan(
+    members: Sequence[Member],
+    devices: Sequence[str],
+    batch_size: int,
+    budget: int,
+    execution: str = "reference",
+    native: str = "auto",
+) -> Plan:
+    """The plan (see the module doc), for `execution` with the C kernels per `native`; raises PlanError if a member
+    cannot fit the budget."""
     ensembles, workers = [], []
     for device, group in zip(devices, pack(members, len(devices))):
         mine = []
         for size, kind in sorted({(m.dict_size, family(m.variant)) for m in group}, key=lambda key: (-key[0], key[1])):
             same = [m for m in group if m.dict_size == size and family(m.variant) == kind]
-            for chunk, micro_batches in fit_ensembles(same, batch_size, budget, device, execution):
-                mine.append(_ensemble(len(ensembles) + len(mine), chunk, batch_size, micro_batches, execution, device))
+            for chunk, micro_batches in fit_ensembles(same, batch_size, budget, device, execution, native):
+                index = len(ensembles) + len(mine)
+                mine.append(_ensemble(index, chunk, batch_size, micro_batches, execution, device, native))
         ensembles += mine
         workers.append(_worker(device, mine, budget, batch_size, members[0].d_in))
-    return {"batch_size": batch_size, "execution": execution, "budget_bytes": budget,
-            "members": {m.member_id: m.to_dict() for m in members}, "ensembles": ensembles, "workers": workers}
+    return Plan(batch_size, str(execution), budget, {m.member_id: m for m in members}, ensembles, workers)
 
 
-def _ensemble(index: int, members: list[Member], batch_size: int, micro_batches: int, execution: str, device: str) -> dict:
+def _ensemble(
+    index: int, members: list[Member], batch_size: int, micro_batches: int, execution: str, device: str, native: str
+) -> EnsembleSpec:
     n, d = max(m.dict_size for m in members), members[0].d_in
-    return {"index": index, "members": [m.member_id for m in members], "dict_sizes": sorted({m.dict_size for m in members}),
-            "micro_batches": micro_batches, "padding_waste": round(1 - cost(members) / (len(members) * n * d), 4),
-            "flops_per_step": 12 * batch_size * d * n * len(members), **ensemble_memory(members, batch_size, micro_batches, execution, device)}
+    return EnsembleSpec(
+        index,
+        [m.member_id for m in members],
+        sorted({m.dict_size for m in members}),
+        micro_batches,
+        round(1 - cost(members) / (len(members) * n * d), 4),
+        12 * batch_size * d * n * len(members),
+        **ensemble_memory(members, batch_size, micro_batches, execution, device, native),
+    )
 
 
-def assign(plan: dict, devices: Sequence[str], budget: int, execution: str) -> dict:
+def assign(plan: Plan, devices: Sequence[str], budget: int, execution: str, native: str = "auto") -> Plan:
     """The plan's ensembles spread over `devices` (a resume on another device count), stepped by `execution`.
 
     Ensembles keep their members and micro-batches; their memory is modelled again for `execution`
     (a resume may change it), and each must fit the budget alone. The same device count keeps
     the old assignment; otherwise the costliest ensemble goes to the least-loaded worker.
     """
-    d_in = next(iter(plan["members"].values()))["d_in"]
-    batch_size = plan["batch_size"]
-    plan = {**plan, "execution": execution, "ensembles": [
-        {**e, **ensemble_memory(plan_members(plan, e["index"]), batch_size, e["micro_batches"], execution, devices[0])}
-        for e in plan["ensembles"]]}
-    for e in plan["ensembles"]:
+    d_in = next(iter(plan.members.values())).d_in
+    batch_size = plan.batch_size
+    ensembles = [
+        dataclasses.replace(
+            e,
+            **ensemble_memory(
+                plan.ensemble_members(e.index), batch_size, e.micro_batches, execution, devices[0], native
+            ),
+        )
+        for e in plan.ensembles
+    ]
+    for e in ensembles:
         needed = max(stage_bytes([e], batch_size, d_in, device) for device in devices)
         if any(stage_bytes([e], batch_size, d_in, device) > usable(budget, device) for device in devices):
-            raise PlanError(f"ensemble {e['index']} ({len(e['members'])} members of dict size {e['dict_sizes']}) was planned for "
-                            f"{format_size(needed)}, more than fits training.memory_budget={format_size(budget)}{_headroom_note(devices[0])}; "
-                            "resume with a budget that holds it or use a new run dir")
-    if len(plan["workers"]) == len(devices):
-        groups = [[plan["ensembles"][i] for stage in w["stages"] for i in stage] for w in plan["workers"]]
+            raise PlanError(
+                f"ensemble {e.index} ({len(e.members)} members of dict size {e.dict_sizes}) was planned for "
+                f"{format_size(needed)}, more than fits "
+                f"training.memory_budget={format_size(budget)}{_headroom_note(devices[0])}; "
+                "resume with a budget that holds it or use a new run dir"
+            )
+    if len(plan.workers) == len(devices):
+        groups = [[ensembles[i] for i in w.ensembles] for w in plan.workers]
     else:
         groups, loads = [[] for _ in devices], [0] * len(devices)
-        for e in sorted(plan["ensembles"], key=lambda e: (-e["flops_per_step"], e["index"])):
+        for e in sorted(ensembles, key=lambda e: (-e.flops_per_step, e.index)):
             target = loads.index(min(loads))
             groups[target].append(e)
-            loads[target] += e["flops_per_step"]
+            loads[target] += e.flops_per_step
     workers = [_worker(device, group, budget, batch_size, d_in) for device, group in zip(devices, groups) if group]
-    return {**plan, "budget_bytes": budget, "workers": workers}
+    return dataclasses.replace(
+        plan, execution=str(execution), budget_bytes=budget, ensembles=ensembles, workers=workers
+    )
 
 
-def plan_members(plan: dict, index: int) -> list[Member]:
-    """The members of ensemble `index` of a plan."""
-    return [Member.from_dict(plan["members"][member_id]) for member_id in plan["ensembles"][index]["members"]]
-
-
-def format_plan(plan: dict) -> str:
+def format_plan(plan: Plan) -> str:
     """The plan as a table: one row per ensemble, by worker and stage."""
-    lines = [f"{len(plan['members'])} members in {len(plan['ensembles'])} ensembles on {len(plan['workers'])} workers "
-             f"(batch {plan['batch_size']}, budget {format_size(plan['budget_bytes'])} per worker)"]
-    lines.append(f"{'device':<10} {'stage':>5} {'ens':>4} {'members':>7} {'dict size':>9} {'micro':>5} {'GFLOP/step':>10} {'state':>9} {'step':>9}")
-    for worker in plan["workers"]:
-        for number, stage in enumerate(worker["stages"]):
+    lines = [
+        f"{len(plan.members)} members in {len(plan.ensembles)} ensembles on {len(plan.workers)} workers "
+        f"(batch {plan.batch_size}, budget {format_size(plan.budget_bytes)} per worker)"
+    ]
+    lines.append(
+        f"{'device':<10} {'stage':>5} {'ens':>4} {'members':>7} {'dict size':>9} {'micro':>5} {'GFLOP/step':>10} "
+        f"{'state':>9} {'step':>9}"
+    )
+    for worker in plan.workers:
+        for number, stage in enumerate(worker.stages):
             for i in stage:
-                e = plan["ensembles"][i]
-                lines.append(f"{worker['device']:<10} {number:>5} {i:>4} {len(e['members']):>7} {','.join(map(str, e['dict_sizes'])):>9} "
-                             f"{e['micro_batches']:>5} {e['flops_per_step'] / 1e9:>10.2f} {format_size(e['state_bytes']):>9} {format_size(e['step_bytes']):>9}")
-        lines.append(f"{worker['device']:<10} planned peak {format_size(worker['planned_bytes'])}")
+                e = plan.ensembles[i]
+                lines.append(
+                    f"{worker.device:<10} {number:>5} {i:>4} {len(e.members):>7} {','.join(map(str, e.dict_sizes)):>9} "
+                    f"{e.micro_batches:>5} {e.flops_per_step / 1e9:>10.2f} {format_size(e.state_bytes):>9} "
+                    f"{format_size(e.step_bytes):>9}"
+                )
+        lines.append(f"{worker.device:<10} planned peak {format_size(worker.planned_bytes)}")
     return "\n".join(lines)
-

@@ -29,23 +29,22 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from sae_ensemble.checkpoint import CFG_FILE, CheckpointError, read_evaluation, read_json
-from sae_ensemble.member import K_VARIANTS, L1_VARIANTS, Member
+from sae_ensemble.checkpoint import member_of, read_evaluation
+from sae_ensemble.config import K_VARIANTS, L1_VARIANTS
+from sae_ensemble.rundir import CheckpointError, RunDir, read_json
 
-SUMMARY_FILE = "summary.csv"
-PLOTS_DIR = "plots"
-FREQ_FILE = "feature_freq.safetensors"
 COLUMNS = (
     "member_id", "variant", "l1", "target_l0", "l1_final", "dict_size", "bias_decay", "lr", "seed", "k",
     "steps", "tokens", "alive", "stopped_early",
     "mse", "fvu", "l0", "dead_frac", "mmcs_truth", "ce_recovered", "mmcs_next", "mmcs_seed",
     "l1_norm", "kl", "ce_clean", "ce_zero_ablation", "ce_recon",
     # SAELens / SAEBench names (docs/metrics.md): their `l1` is our l1_norm, their `mse` is d_in x ours
-    "explained_variance", "cossim", "l2_ratio", "relative_reconstruction_bias", "ce_loss_score", "kl_div_score", "kl_zero_ablation",
+    "explained_variance", "cossim", "l2_ratio", "relative_reconstruction_bias", "ce_loss_score", "kl_div_score",
+    "kl_zero_ablation",
     "d_in", "use_b_dec", "lr_warmup_steps", "lr_decay_steps", "l1_warmup_steps",
     # the architectures' own hyperparameters (docs/architectures.md)
-    "l0_coefficient", "threshold", "bandwidth", "topk_threshold_lr", "matryoshka_widths", "auxk_dead_tokens", "auxk_coefficient",
-    "k_aux", "resample_every",
+    "l0_coefficient", "threshold", "bandwidth", "topk_threshold_lr", "matryoshka_widths", "auxk_dead_tokens",
+    "auxk_coefficient", "k_aux", "resample_every",
 )  # fmt: skip
 METRIC_RENAMES = {"l1": "l1_norm"}
 Row = dict[str, Any]
@@ -58,27 +57,24 @@ class ReportError(ValueError):
 # -- rows ----------------------------------------------------------------------------------------
 
 
-def member_dirs(run_dir: str | Path) -> list[Path]:
-    """Complete member directories (those with cfg.json, written last), sorted by name."""
-    return sorted(p.parent for p in Path(run_dir).glob(f"members/*/{CFG_FILE}"))
-
-
 def load_rows(run_dir: str | Path) -> list[Row]:
     """One row per finished member, sorted by member_id: cfg.json's final metrics and eval.json's results."""
-    dirs = member_dirs(run_dir)
+    run = RunDir(run_dir)
+    dirs = run.finished_members()
     if not dirs:
-        raise ReportError(f"{run_dir} has no members: expected {Path(run_dir) / 'members' / '<member_id>' / CFG_FILE}")
+        raise ReportError(f"{run_dir} has no members: expected {run.member('<member_id>').cfg}")
     rows = []
     for directory in dirs:
-        cfg = read_json(directory / CFG_FILE)
+        cfg = read_json(directory.cfg)
         try:
-            member = Member.from_dict({k: v for k, v in cfg.items() if k in Member.__dataclass_fields__})
+            member = member_of(cfg)
         except (TypeError, ValueError) as error:
-            raise ReportError(f"{directory / CFG_FILE} does not describe a member ({error})") from None
+            raise ReportError(f"{directory.cfg} does not describe a member ({error})") from None
         row: Row = {**member.to_dict(), "member_id": member.member_id}
         row.update({key: cfg.get(key) for key in ("steps", "tokens", "alive", "l1_final")})
         row["stopped_early"] = bool(cfg.get("stopped_early", False))  # by successive halving, at `steps` (halving.py)
-        for name, value in {**(cfg.get("metrics") or {}), **read_evaluation(directory)}.items():
+        evaluation = read_evaluation(directory.path) or {"metrics": {}}
+        for name, value in {**(cfg.get("metrics") or {}), **evaluation["metrics"]}.items():
             row[METRIC_RENAMES.get(name, name)] = value
         rows.append(row)
     return sorted(rows, key=lambda row: row["member_id"])
@@ -102,7 +98,7 @@ def write_summary(run_dir: str | Path, rows: Sequence[Row] | None = None) -> Pat
     writer.writerow(columns)
     for row in sorted(rows, key=lambda r: r["member_id"]):
         writer.writerow([_cell(row.get(c)) for c in columns])
-    path = Path(run_dir) / SUMMARY_FILE
+    path = RunDir(run_dir).summary
     path.write_text(text.getvalue())
     return path
 
@@ -112,12 +108,18 @@ def write_summary(run_dir: str | Path, rows: Sequence[Row] | None = None) -> Pat
 
 def _number(row: Row, key: str) -> float | None:
     value = row.get(key)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+    return (
+        float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else None
+    )
 
 
 def pareto_front(rows: Sequence[Row], x: str = "l0", y: str = "fvu") -> list[Row]:
     """Rows no other row beats on both `x` and `y` (lower is better for both), sorted by x."""
-    scored = sorted((r for r in rows if _number(r, x) is not None and _number(r, y) is not None), key=lambda r: (r[x], r[y]))
+    scored = sorted(
+        (r for r in rows if _number(r, x) is not None and _number(r, y) is not None), key=lambda r: (r[x], r[y])
+    )
     front, best_y = [], math.inf
     for row in scored:
         if row[y] < best_y:
@@ -136,9 +138,14 @@ def format_table(rows: Sequence[Row], columns: Sequence[str] | None = None) -> s
     def cell(value: Any) -> str:
         return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
 
-    table = [["", *columns]] + [["*" if r["member_id"] in on_front else "", *(cell(r.get(c)) for c in columns)] for r in rows]
+    table = [["", *columns]] + [
+        ["*" if r["member_id"] in on_front else "", *(cell(r.get(c)) for c in columns)] for r in rows
+    ]
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))).rstrip() for line in table)
+    return "\n".join(
+        "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))).rstrip()
+        for line in table
+    )
 
 
 # -- plots ---------------------------------------------------------------------------------------
@@ -180,18 +187,25 @@ def plot_pareto(rows: Sequence[Row], path: Path) -> Path | None:
         coloured = [r for r in group if r in l1_rows]
         other = [r for r in group if r not in l1_rows]
         if coloured:
-            ax.scatter([r["l0"] for r in coloured], [r["fvu"] for r in coloured], c=[math.log10(r["l1"]) for r in coloured],
-                                 cmap="viridis", norm=norm, marker=marker, label=f"d={size}", edgecolors="none")  # fmt: skip
+            ax.scatter([r["l0"] for r in coloured], [r["fvu"] for r in coloured],
+                       c=[math.log10(r["l1"]) for r in coloured], cmap="viridis", norm=norm, marker=marker,
+                       label=f"d={size}", edgecolors="none")  # fmt: skip
         if other:
             ax.scatter([r["l0"] for r in other], [r["fvu"] for r in other], c="black", marker=marker,
                        label=None if coloured else f"d={size}")  # fmt: skip
     if l1_rows:
         fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="log10 l1")
     front = pareto_front(rows)
-    ax.step([r["l0"] for r in front], [r["fvu"] for r in front], where="post", color="crimson", lw=1, label="Pareto front")
+    ax.step(
+        [r["l0"] for r in front], [r["fvu"] for r in front], where="post", color="crimson", lw=1, label="Pareto front"
+    )
     if all(r["l0"] > 0 for r in rows):
         ax.set_xscale("log")
-    ax.set(xlabel="L0 (active features per row)", ylabel="FVU (fraction of variance unexplained)", title="Sparsity vs reconstruction")
+    ax.set(
+        xlabel="L0 (active features per row)",
+        ylabel="FVU (fraction of variance unexplained)",
+        title="Sparsity vs reconstruction",
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -206,7 +220,9 @@ def plot_mmcs_heatmap(rows: Sequence[Row], path: Path) -> Path | None:
     variants = sorted({r["variant"] for r in rows})
     fig, axes = plt.subplots(1, len(variants), figsize=(1 + 4 * len(variants), 4), squeeze=False, layout="constrained")
     for ax, variant in zip(axes[0], variants):
-        sparsity = "k" if variant in K_VARIANTS else "l0_coefficient" if variant == "jumprelu" else "l1"  # each variant's sparsity knob
+        sparsity = (
+            "k" if variant in K_VARIANTS else "l0_coefficient" if variant == "jumprelu" else "l1"
+        )  # each variant's sparsity knob
         group = [r for r in rows if r["variant"] == variant]
         ys, xs = sorted({r[sparsity] for r in group}), sorted({r["dict_size"] for r in group})
         cells: dict[tuple, list[float]] = defaultdict(list)
@@ -217,7 +233,15 @@ def plot_mmcs_heatmap(rows: Sequence[Row], path: Path) -> Path | None:
             grid[i, j] = sum(values) / len(values)
         image = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="magma", origin="lower", aspect="auto")
         for (i, j), _ in cells.items():
-            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8, color="white" if grid[i, j] < 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{grid[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if grid[i, j] < 0.6 else "black",
+            )
         ax.set_xticks(range(len(xs)), [str(x) for x in xs])
         ax.set_yticks(range(len(ys)), [_cell(y) for y in ys])
         ax.set(xlabel="dict size", ylabel=sparsity, title=f"{variant}: {metric}")
@@ -241,9 +265,19 @@ def plot_dead_vs_l1(rows: Sequence[Row], path: Path) -> Path | None:
             if (r["variant"], r["dict_size"]) == (variant, size):
                 by_l1[r["l1"]].append(r["dead_frac"])
         l1s = sorted(by_l1)
-        ax.plot(l1s, [sum(by_l1[v]) / len(by_l1[v]) for v in l1s], marker=MARKERS[index % len(MARKERS)], label=f"{variant} d={size}")
+        ax.plot(
+            l1s,
+            [sum(by_l1[v]) / len(by_l1[v]) for v in l1s],
+            marker=MARKERS[index % len(MARKERS)],
+            label=f"{variant} d={size}",
+        )
     ax.set_xscale("log")
-    ax.set(xlabel="l1 coefficient", ylabel="dead fraction (never fired in the window)", ylim=(-0.02, 1.02), title="Dead features vs l1")
+    ax.set(
+        xlabel="l1 coefficient",
+        ylabel="dead fraction (never fired in the window)",
+        ylim=(-0.02, 1.02),
+        title="Dead features vs l1",
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -252,7 +286,7 @@ def plot_feature_frequencies(run_dir: Path, rows: Sequence[Row], path: Path) -> 
     """Histogram of log10 firing frequency per member (from feature_freq.safetensors); None when no member has one."""
     found = []
     for r in rows:
-        file = Path(run_dir) / "members" / r["member_id"] / FREQ_FILE
+        file = RunDir(run_dir).member(r["member_id"]).frequency
         if file.is_file():
             with safe_open(str(file), framework="pt") as f:
                 found.append((r["member_id"], f.get_tensor("frequency").float()))
@@ -279,7 +313,7 @@ def write_plots(run_dir: str | Path, rows: Sequence[Row] | None = None) -> list[
     """Write every plot the data allows into RUN_DIR/plots/; returns the paths written."""
     run_dir = Path(run_dir)
     rows = load_rows(run_dir) if rows is None else rows
-    plots = run_dir / PLOTS_DIR
+    plots = RunDir(run_dir).plots
     plots.mkdir(exist_ok=True)
     written = [
         plot_pareto(rows, plots / "pareto_l0_fvu.png"),

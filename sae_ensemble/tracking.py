@@ -62,7 +62,9 @@ class Tracker:
         if mode is None:
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         if mode not in MODES:
-            raise ValueError(f"wandb mode={mode!r} is unknown; allowed: {', '.join(MODES)} (or None to choose by WANDB_API_KEY)")
+            raise ValueError(
+                f"wandb mode={mode!r} is unknown; allowed: {', '.join(MODES)} (or None to choose by WANDB_API_KEY)"
+            )
         self.project, self.group, self.mode, self.entity = project, group, mode, entity
         self.base_config = dict(base_config or {})
         self.directory = Path(directory)
@@ -89,8 +91,12 @@ class Tracker:
             config = {**self.base_config, **member.to_dict(), "member_id": key}
             job_type, name = member.variant, key
         else:
-            raise ValueError(f"member {key!r} was never registered with the tracker; registered: {sorted(self.members)[:5]}...")
-        self.runs[key] = self._init(config=config, job_type=job_type, name=name, id=run_id(self.group, key, self.directory))
+            raise ValueError(
+                f"member {key!r} was never registered with the tracker; registered: {sorted(self.members)[:5]}..."
+            )
+        self.runs[key] = self._init(
+            config=config, job_type=job_type, name=name, id=run_id(self.group, key, self.directory)
+        )
         return self.runs[key]
 
     def _init(self, **run_args):
@@ -120,7 +126,10 @@ class Tracker:
         except Exception as error:  # noqa: BLE001 - no network must never stop a sweep
             if self.mode != "online":
                 raise
-            warnings.warn(f"wandb could not start an online run ({error}); logging offline to {self.directory}/wandb instead")
+            warnings.warn(
+                f"wandb could not start an online run ({error}); logging offline to {self.directory}/wandb instead",
+                stacklevel=2,
+            )
             self.mode = "offline"
             return wandb.init(mode=self.mode, **args)
 
@@ -141,7 +150,9 @@ class Tracker:
                 function, args = call
                 function(*args)
             except Exception as error:  # noqa: BLE001 - tracking must never stop a sweep
-                warnings.warn(f"wandb tracking failed ({type(error).__name__}: {error}); training goes on")
+                warnings.warn(
+                    f"wandb tracking failed ({type(error).__name__}: {error}); training goes on", stacklevel=2
+                )
             finally:
                 self._calls.task_done()
 
@@ -152,7 +163,9 @@ class Tracker:
 
     def _check_registered(self, key: str) -> None:
         if key != SWEEP_RUN and key not in self.members:
-            raise ValueError(f"member {key!r} was never registered with the tracker; registered: {sorted(self.members)[:5]}...")
+            raise ValueError(
+                f"member {key!r} was never registered with the tracker; registered: {sorted(self.members)[:5]}..."
+            )
 
     # -- the interface (returns at once) ------------------------------------------------------
 
@@ -217,7 +230,7 @@ class Tracker:
             wandb.teardown()
             self._started = False
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,0 +1,97 @@
+"""The store a sweep trains on: the one given (data.store), a synthetic one, or a harvest; reused when present."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from sae_ensemble.activations.reader import ActivationStore
+from sae_ensemble.config import ConfigError, LMData, SweepConfig, SyntheticData, TinyModel
+
+
+def get_store(cfg: SweepConfig, devices: list[str]) -> ActivationStore:
+    """The store this sweep trains on: given, synthesised, or harvested (each reused when it exists)."""
+    data = cfg.data
+    if isinstance(data, LMData):
+        ensure_model(cfg)
+    if data.store:
+        store = ActivationStore.open(data.store)
+        if isinstance(data, SyntheticData) and store.d_in != data.d_in:
+            raise ConfigError(
+                f"data.store={data.store} has d_in={store.d_in} but data.d_in={data.d_in}; set data.d_in={store.d_in} "
+                "or use another store"
+            )
+        if isinstance(data, LMData):
+            stored = (store.manifest.get("hook"), store.manifest.get("source", {}).get("model"))
+            if stored != (cfg.hook, cfg.model.name):
+                raise ConfigError(
+                    f"data.store={data.store} holds hook {stored[0]!r} of model {stored[1]!r}, "
+                    f"not hook={cfg.hook!r} of model.name={cfg.model.name!r}; evaluation would splice it into the "
+                    "wrong place"
+                )
+        return store
+    if isinstance(data, SyntheticData):
+        from sae_ensemble.activations.synthetic import write_synthetic
+
+        params = dict(
+            d_in=data.d_in,
+            n_features=data.n_features,
+            n_active=data.n_active,
+            feature_prob_decay=data.feature_prob_decay,
+            n_rows=data.n_rows,
+            seed=data.seed,
+            correlated=data.correlated,
+            noise_std=data.noise_std,
+            dtype=str(data.dtype),
+        )
+        key = hashlib.sha256(
+            json.dumps([params, data.rows_per_chunk, data.heldout_rows], sort_keys=True).encode()
+        ).hexdigest()[:16]
+        return write_synthetic(
+            Path(data.store_root) / f"synthetic-{key}",
+            rows_per_chunk=data.rows_per_chunk,
+            heldout_rows=data.heldout_rows,
+            **params,
+        )
+    from sae_ensemble.activations.harvest import get_or_harvest
+
+    stores = get_or_harvest(
+        cfg.model.name,
+        [cfg.hook],
+        data.dataset,
+        cache_root=data.store_root,
+        n_tokens=data.n_tokens,
+        context_length=data.context_length,
+        split=data.split,
+        dataset_config=data.dataset_config,
+        text_field=data.text_field,
+        dtype=str(data.dtype),
+        drop_bos=data.drop_bos,
+        revision=cfg.model.revision,
+        device=harvest_device(devices),
+        batch_size=data.harvest_batch_size,
+        rows_per_chunk=data.rows_per_chunk,
+        heldout_rows=data.heldout_rows,
+        progress=cfg.progress,
+    )
+    return stores[cfg.hook]
+
+
+def ensure_model(cfg: SweepConfig) -> None:
+    """With model.build_tiny, build the tiny GPT-2 under model.name on first use and point model.name at it.
+
+    Everything after (the harvest's store key and manifest, evaluation, tracking) then names the
+    model directory itself, whose name carries the fingerprint of its recipe.
+    """
+    if cfg.model.build_tiny:
+        from sae_ensemble.activations.tiny_model import ensure_tiny_gpt2
+
+        # Log lines, not bars: minutes of silence on first use would look like a hang even with progress=false.
+        directory = ensure_tiny_gpt2(cfg.model.name, trained=cfg.model.build_tiny == TinyModel.trained)
+        cfg.model.name = str(directory)
+
+
+def harvest_device(devices: list[str]) -> str:
+    """The model runs on the first worker device (workers are named cpu:N, torch wants cpu)."""
+    return "cpu" if devices[0].startswith("cpu") else devices[0]
