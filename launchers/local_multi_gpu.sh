@@ -13,8 +13,9 @@
 # Ctrl-C / SIGTERM: forwarded to the running point, which checkpoints and exits 75; the
 # script then stops and exits 75. Rerun the same command to resume: finished points are
 # no-ops (exit 0 at once), the interrupted one resumes from its checkpoint.
-# Exit code: 0 all points done, 75 interrupted, else the first failing point's code
-# (1 worker failed, 2 bad config); a failing point does not stop the later ones.
+# Exit code: 0 all points done, 75 interrupted, else the first failing point's code (sweep.py's:
+# 1 a worker failed or Hydra refused the line, 2 bad config or input, 3 members froze); a
+# failing point does not stop the later ones.
 
 set -uo pipefail
 

@@ -1,4 +1,4 @@
-"""Stand-in Hydra app for the submitit-launcher tests, until sweep.py exists.
+"""Stand-in Hydra app for the submitit-launcher tests: seconds where the real sweep.py takes a minute.
 
     python tests/hydra_standin.py -m --config-dir conf hydra/launcher=slurm +point=a,b
 
@@ -7,6 +7,7 @@ Hydra's output dir, saving progress.json after every step like a periodic checkp
 a rerun into the same output dir (submitit's requeue) resumes from it. Writes done.json
 at the end; every start appends a line to starts.log.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,17 @@ def main(cfg: DictConfig) -> dict:
     progress = out / "progress.json"
     state = json.loads(progress.read_text()) if progress.exists() else {"step": 0, "total": 0}
     with open(out / "starts.log", "a") as f:
-        f.write(json.dumps({"from_step": state["step"], "job": os.environ.get("SLURM_JOB_ID"),
-                            "restarts": os.environ.get("SLURM_RESTART_COUNT", "0"),
-                            "cfg": OmegaConf.to_container(cfg)}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "from_step": state["step"],
+                    "job": os.environ.get("SLURM_JOB_ID"),
+                    "restarts": os.environ.get("SLURM_RESTART_COUNT", "0"),
+                    "cfg": OmegaConf.to_container(cfg),
+                }
+            )
+            + "\n"
+        )
     while state["step"] < steps:
         time.sleep(step_s)
         state = {"step": state["step"] + 1, "total": state["total"] + state["step"]}

@@ -12,6 +12,7 @@ stopped by its pid (also when start-up fails); nothing else is signalled.
 Needs root (SlurmUser=root, slurmd launches jobs) and the Debian packages `slurm-wlm`
 and `munge` (`launchers/install_slurm.sh`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,9 +22,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 # Debian installs the daemons in /usr/sbin, which non-login shells may not have on PATH.
 SBIN_DIRS = ("/usr/sbin", "/sbin")
@@ -71,15 +72,14 @@ class SlurmCluster:
     logs: dict[str, Path]
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def run(self, args: list[str], check: bool = True, timeout: float = 30,
-            **kwargs) -> subprocess.CompletedProcess:
+    def run(self, args: list[str], check: bool = True, timeout: float = 30, **kwargs) -> subprocess.CompletedProcess:
         """Run a SLURM client command against this cluster; text output captured."""
         kwargs.setdefault("env", self.env)
         proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)
         if check and proc.returncode != 0:
             raise RuntimeError(
-                f"{' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}\n"
-                + self.daemon_logs())
+                f"{' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}\n" + self.daemon_logs()
+            )
         return proc
 
     def job_fields(self, job_id: str) -> dict[str, str] | None:
@@ -102,8 +102,7 @@ class SlurmCluster:
         fields = self.job_fields(job_id)
         return fields.get("JobState") if fields else None
 
-    def wait_for_state(self, job_id: str, states: set[str], timeout: float = 60,
-                       poll_s: float = 0.3) -> dict[str, str]:
+    def wait_for_state(self, job_id: str, states: set[str], timeout: float = 60, poll_s: float = 0.3) -> dict[str, str]:
         """Poll until the job is in one of `states`; on timeout raise with daemon logs."""
         deadline = time.monotonic() + timeout
         fields: dict[str, str] | None = None
@@ -115,7 +114,8 @@ class SlurmCluster:
         raise TimeoutError(
             f"job {job_id} not in {sorted(states)} after {timeout:.0f}s; last seen: "
             f"{fields and {k: fields.get(k) for k in ('JobState', 'Reason', 'ExitCode', 'Restarts')}}\n"
-            + self.daemon_logs())
+            + self.daemon_logs()
+        )
 
     def daemon_logs(self, tail_lines: int = 40) -> str:
         """The last lines of every daemon log, for error messages."""
@@ -127,8 +127,7 @@ class SlurmCluster:
         return "\n".join(parts)
 
 
-def _write_conf(root: Path, node: str, ctld_port: int, slurmd_port: int,
-                munge_socket: Path) -> Path:
+def _write_conf(root: Path, node: str, ctld_port: int, slurmd_port: int, munge_socket: Path) -> Path:
     state = root / "state"
     spool = root / "spool"
     for d in (state, spool):
@@ -183,7 +182,7 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
 
 def _stop(procs: dict[str, subprocess.Popen], timeout: float = 10) -> None:
     """Stop the daemons we started, newest first, by pid: TERM, then KILL if they hang."""
-    for name, proc in reversed(list(procs.items())):
+    for proc in reversed(list(procs.values())):
         if proc.poll() is not None:
             continue
         proc.send_signal(signal.SIGTERM)
@@ -200,8 +199,8 @@ def slurm_cluster(tmp_dir: str | os.PathLike, start_timeout: float = 30) -> Iter
     missing = missing_tools()
     if missing:
         raise FileNotFoundError(
-            f"SLURM/munge executables not found: {', '.join(missing)}; "
-            "install them with launchers/install_slurm.sh")
+            f"SLURM/munge executables not found: {', '.join(missing)}; install them with launchers/install_slurm.sh"
+        )
     if os.geteuid() != 0:
         raise PermissionError("the test cluster runs slurmd with SlurmUser=root and needs root")
 
@@ -212,37 +211,56 @@ def slurm_cluster(tmp_dir: str | os.PathLike, start_timeout: float = 30) -> Iter
     node = socket.gethostname().split(".")[0]  # slurmd registers under the short hostname
     munge_socket = root / "munge.socket"
     key = root / "munge.key"
-    logs = {"munged": root / "munged.log", "slurmctld": root / "slurmctld.log",
-            "slurmd": root / "slurmd.log"}
+    logs = {"munged": root / "munged.log", "slurmctld": root / "slurmctld.log", "slurmd": root / "slurmd.log"}
     conf = _write_conf(root, node, _free_port(), _free_port(), munge_socket)
-    env = dict(os.environ, SLURM_CONF=str(conf),
-               PATH=os.environ.get("PATH", "") + os.pathsep + os.pathsep.join(SBIN_DIRS))
+    env = dict(
+        os.environ, SLURM_CONF=str(conf), PATH=os.environ.get("PATH", "") + os.pathsep + os.pathsep.join(SBIN_DIRS)
+    )
     cluster = SlurmCluster(root=root, conf=conf, node=node, env=env, logs=logs)
 
     try:
-        subprocess.run([find_tool("mungekey"), "--create", "--keyfile", str(key)],
-                       check=True, capture_output=True, text=True)
+        subprocess.run(
+            [find_tool("mungekey"), "--create", "--keyfile", str(key)], check=True, capture_output=True, text=True
+        )
         # -F: stay in the foreground so the Popen pid is the daemon's pid (stop by pid);
         # -f: allow running as root and in a /tmp path.
         cluster.procs["munged"] = subprocess.Popen(
-            [find_tool("munged"), "-F", "-f", f"--socket={munge_socket}", f"--key-file={key}",
-             f"--log-file={logs['munged']}", f"--pid-file={root / 'munged.pid'}",
-             f"--seed-file={root / 'munged.seed'}"],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(root / "munged.stderr", "w"))
+            [
+                find_tool("munged"),
+                "-F",
+                "-f",
+                f"--socket={munge_socket}",
+                f"--key-file={key}",
+                f"--log-file={logs['munged']}",
+                f"--pid-file={root / 'munged.pid'}",
+                f"--seed-file={root / 'munged.seed'}",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(root / "munged.stderr", "w"),
+        )
         _wait_for(lambda: munge_socket.exists(), 10, "munged socket", cluster)
 
         # -D: foreground, so the daemons are our children and their pids are the Popen pids.
         for daemon in ("slurmctld", "slurmd"):
             cluster.procs[daemon] = subprocess.Popen(
-                [find_tool(daemon), "-D", "-f", str(conf)], env=env,
-                stdout=subprocess.DEVNULL, stderr=open(root / f"{daemon}.stderr", "w"))
+                [find_tool(daemon), "-D", "-f", str(conf)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=open(root / f"{daemon}.stderr", "w"),
+            )
             if daemon == "slurmctld":
-                _wait_for(lambda: cluster.run(["scontrol", "ping"], check=False).returncode == 0,
-                          start_timeout, "slurmctld to answer `scontrol ping`", cluster)
+                _wait_for(
+                    lambda: cluster.run(["scontrol", "ping"], check=False).returncode == 0,
+                    start_timeout,
+                    "slurmctld to answer `scontrol ping`",
+                    cluster,
+                )
 
         def node_idle() -> bool:
             out = cluster.run(["sinfo", "--noheader", "-N", "-o", "%T"], check=False).stdout
             return out.strip() == "idle"
+
         _wait_for(node_idle, start_timeout, f"node {node} to be idle in sinfo", cluster)
         yield cluster
     finally:
@@ -272,13 +290,11 @@ def _wait_for(ready, timeout: float, what: str, cluster: SlurmCluster) -> None:
     while time.monotonic() < deadline:
         dead = [n for n, p in cluster.procs.items() if p.poll() is not None]
         if dead:
-            raise RuntimeError(
-                f"{', '.join(dead)} exited while waiting for {what}\n" + _stderr_and_logs(cluster))
+            raise RuntimeError(f"{', '.join(dead)} exited while waiting for {what}\n" + _stderr_and_logs(cluster))
         if ready():
             return
         time.sleep(0.2)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}\n"
-                       + _stderr_and_logs(cluster))
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}\n" + _stderr_and_logs(cluster))
 
 
 def _stderr_and_logs(cluster: SlurmCluster) -> str:

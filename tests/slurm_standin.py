@@ -7,8 +7,10 @@ writing RUN_DIR/progress.json after each. On SIGTERM/SIGINT it writes
 RUN_DIR/checkpoint.json and exits 75; a rerun into the same RUN_DIR resumes from the
 checkpoint. At the end it writes RUN_DIR/done.json and exits 0; a rerun into a finished
 run dir exits 0 at once. Every start appends one line to RUN_DIR/starts.log, so a test
-can tell a resumed run from a fresh one. An argument without `=` is a bad config: exit 2.
+can tell a resumed run from a fresh one. An argument without `=` is refused as Hydra refuses
+it in sweep.py (its override parser): exit 1.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_DONE, EXIT_BAD_CONFIG, EXIT_INTERRUPTED = 0, 2, 75
+EXIT_DONE, EXIT_HYDRA_ERROR, EXIT_INTERRUPTED = 0, 1, 75
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -31,8 +33,8 @@ def write_json(path: Path, data: dict) -> None:
 def main(argv: list[str]) -> int:
     bad = [a for a in argv if "=" not in a]
     if bad:
-        print(f"bad override(s) {bad}: expected key=value", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        print(f"Error parsing override(s) {bad}: expected key=value", file=sys.stderr)
+        return EXIT_HYDRA_ERROR
     overrides = dict(a.split("=", 1) for a in argv)
     run_dir = Path(overrides.pop("hydra.run.dir", "standin_run"))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -50,10 +52,18 @@ def main(argv: list[str]) -> int:
     if checkpoint.exists():
         state = json.loads(checkpoint.read_text())
     with open(run_dir / "starts.log", "a") as f:
-        f.write(json.dumps({"pid": os.getpid(), "from_step": state["step"],
-                            "job": os.environ.get("SLURM_JOB_ID"),
-                            "restarts": os.environ.get("SLURM_RESTART_COUNT", "0"),
-                            "overrides": overrides}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "from_step": state["step"],
+                    "job": os.environ.get("SLURM_JOB_ID"),
+                    "restarts": os.environ.get("SLURM_RESTART_COUNT", "0"),
+                    "overrides": overrides,
+                }
+            )
+            + "\n"
+        )
 
     stop = []
     # Only set a flag in the handler: the loop checkpoints at a step boundary, like the
@@ -64,8 +74,7 @@ def main(argv: list[str]) -> int:
     while state["step"] < steps:
         if stop:
             write_json(checkpoint, state)
-            print(f"signal {stop[0]}: checkpointed at step {state['step']}, exiting "
-                  f"{EXIT_INTERRUPTED}", flush=True)
+            print(f"signal {stop[0]}: checkpointed at step {state['step']}, exiting {EXIT_INTERRUPTED}", flush=True)
             return EXIT_INTERRUPTED
         time.sleep(step_s)
         state = {"step": state["step"] + 1, "total": state["total"] + state["step"]}

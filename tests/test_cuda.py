@@ -15,24 +15,24 @@ A broken path (members mixed, a frozen member stepped, a batch corrupted) moves 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from sae_ensemble import autotune
-from sae_ensemble import ensemble as ensemble_module
-from sae_ensemble.activations.store import ChunkWriter
+from sae_ensemble import autotune, dispatch, segments
+from sae_ensemble.activations.stream import train_batches
 from sae_ensemble.activations.synthetic import write_synthetic
+from sae_ensemble.activations.writer import ChunkWriter
 from sae_ensemble.checkpoint import load_ensemble, load_member, save_member
-from sae_ensemble.dispatch import Training, resolve_devices, run
+from sae_ensemble.config import ExecutionKind, Grid, Training
+from sae_ensemble.devices import resolve_devices
 from sae_ensemble.ensemble import Ensemble
-from sae_ensemble.grid import Grid
-from sae_ensemble.plan import make_plan
+from sae_ensemble.execution import Execution
+from sae_ensemble.grid import members as grid_members
 from sae_ensemble.member import Member
-from sae_ensemble.stage import Stage
+from sae_ensemble.plan import make_plan
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -66,17 +66,12 @@ def sparse_batches(n_batches: int, batch: int = 64, seed: int = 0, device: str =
     return out
 
 
-def executions() -> list[str]:
-    """The step implementations this Ensemble offers (the reference only, before kernels/ existed)."""
-    if "execution" not in inspect.signature(Ensemble).parameters:
-        return ["reference"]
-    return [e for e in ensemble_module.EXECUTIONS if e not in ("auto", "sparse")]
+# The dense step implementations, each pinned: the reference (vmap of the loss's gradient) and the fused kernel.
+EXECUTIONS = [str(e) for e in ExecutionKind if e not in (ExecutionKind.auto, ExecutionKind.sparse)]
 
 
 def make(members, device=DEVICE, execution="reference", **kwargs) -> Ensemble:
-    if execution != "reference":
-        kwargs["execution"] = execution
-    return Ensemble(members, total_steps=STEPS, device=device, **kwargs)
+    return Ensemble(members, total_steps=STEPS, device=device, execution=execution, **kwargs)
 
 
 def train(members, batches, device=DEVICE, execution="reference") -> Ensemble:
@@ -105,7 +100,7 @@ def max_difference(a: Ensemble, i: int, b: Ensemble, j: int) -> float:
 # -- the step -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("execution", executions())
+@pytest.mark.parametrize("execution", EXECUTIONS)
 @pytest.mark.parametrize("allow_tf32,atol", [(False, FP32_ATOL), (True, TF32_ATOL)], ids=["fp32", "tf32"])
 def test_member_in_cuda_ensemble_matches_solo_training(execution, allow_tf32, atol):
     batches = sparse_batches(STEPS)
@@ -116,7 +111,9 @@ def test_member_in_cuda_ensemble_matches_solo_training(execution, allow_tf32, at
     figure(f"ensemble_vs_solo_max_abs_{execution}_{'tf32' if allow_tf32 else 'fp32'}", worst)
     assert worst <= atol, f"a member trained in the ensemble differs from its solo run by {worst:.3g} > {atol}"
     assert together.params["W_enc"].device.type == torch.device(DEVICE).type and bool(together.alive.all())
-    moved = float((together.member_state(0)[0]["W_enc"] - make([MIXED[0]], "cpu").member_state(0)[0]["W_enc"]).abs().max())
+    moved = float(
+        (together.member_state(0)[0]["W_enc"] - make([MIXED[0]], "cpu").member_state(0)[0]["W_enc"]).abs().max()
+    )
     assert moved > 1e-2, "the members did not train"
 
 
@@ -131,34 +128,40 @@ def test_cuda_training_matches_cpu_training():
 
 
 @pytest.mark.parametrize("retune", [False, True], ids=["steady", "recaptured"])
-def test_ensembles_replayed_side_by_side_train_as_each_alone(retune, monkeypatch):
-    """stage.py: two graphed ensembles on streams of their own, stepped serially or overlapped, equal each trained
-    alone. `recaptured`: every 10 steps each drops its graph and captures it again (a re-tune that keeps its choice)
-    while the other's graph lives and replays: captures sharing a stream's cuBLAS workspace broke that (pytorch#193402)."""
+def test_graphed_ensembles_stepped_one_after_another_train_as_each_alone(retune, monkeypatch):
+    """A worker's stage steps its ensembles one after another, each replaying its own CUDA graph (cuda_graph.py);
+    together they equal each trained alone. `recaptured`: every 10 steps each re-tunes, keeps its choice, drops its
+    graph and captures it again while the other's graph lives and replays: captures sharing a stream's cuBLAS
+    workspace broke that (pytorch#193402), so each ensemble captures on a stream of its own."""
+    tunes = []
+
+    def keeps_the_fused_step(grads, shape, features):
+        tunes.append(shape)
+        return Execution("fused"), {"fused": 1.0}
+
     monkeypatch.setattr(autotune, "RETUNE_EVERY", 10)
-    monkeypatch.setattr(autotune, "tune", lambda ensemble, batch: ensemble.choice)
+    monkeypatch.setattr(autotune, "tune", keeps_the_fused_step)
     groups, batches = [MIXED[:2], MIXED[4:]], sparse_batches(STEPS)
 
-    def fresh(group):
-        ensemble = make(group, execution="fused")
-        ensemble.retune = retune
-        return ensemble
+    def fresh(group):  # an auto ensemble re-tunes every RETUNE_EVERY steps; a pinned one never does
+        return make(group, execution="auto" if retune else "fused")
 
     with tf32(False):
         alone = [fresh(group) for group in groups]
         for ensemble in alone:
             for batch in batches:
                 ensemble.step(batch)
-        for overlap in (False, True):
-            stage, ensembles = Stage(overlap=overlap), [fresh(group) for group in groups]
-            replayed = 0
-            for batch in batches:
-                replayed += all(e.replays(batch) for e in ensembles)
-                stage.step(ensembles, batch)
-            assert replayed >= STEPS - (10 if retune else 4), f"the stage replayed only {replayed} of {STEPS} steps"
-            worst = max(max_difference(e, i, solo, i) for e, solo in zip(ensembles, alone) for i in range(len(e.members)))
-            figure(f"stage_{stage.choice}_{'recaptured' if retune else 'steady'}_vs_alone_max_abs", worst)
-            assert worst <= 1e-5, f"ensembles stepped {stage.choice} differ from each alone by {worst:.3g}"
+        tunes.clear()
+        ensembles, replayed = [fresh(group) for group in groups], 0
+        for batch in batches:
+            replayed += all(e.graph_captured for e in ensembles)  # a graph of this batch shape: the step replays it
+            for ensemble in ensembles:
+                ensemble.step(batch)
+    assert len(tunes) == (2 * STEPS // 10 if retune else 0), "each ensemble re-tunes (and re-captures) every 10 steps"
+    assert replayed >= STEPS - (10 if retune else 4), f"the ensembles replayed only {replayed} of {STEPS} steps"
+    worst = max(max_difference(e, i, solo, i) for e, solo in zip(ensembles, alone) for i in range(len(e.members)))
+    figure(f"graphed_one_after_another_{'recaptured' if retune else 'steady'}_vs_alone_max_abs", worst)
+    assert worst <= 1e-5, f"graphed ensembles stepped one after another differ from each alone by {worst:.3g}"
 
 
 def test_diverging_member_is_frozen_on_cuda_and_the_others_are_unchanged():
@@ -184,7 +187,7 @@ def test_diverging_member_is_frozen_on_cuda_and_the_others_are_unchanged():
     assert worst <= FP32_ATOL, f"a diverging member changed the others by {worst:.3g}"
 
 
-@pytest.mark.parametrize("execution", executions())
+@pytest.mark.parametrize("execution", EXECUTIONS)
 def test_cuda_step_never_waits_for_the_gpu(execution):
     # The step's one data-dependent choice (is every member alive?) is made on the GPU, so
     # the host can queue step after step; any synchronising call raises in this mode.
@@ -199,7 +202,7 @@ def test_cuda_step_never_waits_for_the_gpu(execution):
 
 @contextlib.contextmanager
 def host_syncs_raise(device):
-    """Inside, any call that makes the host wait for the GPU raises (torch.cuda.set_sync_debug_mode); off CUDA, nothing."""
+    """Inside, a call making the host wait for the GPU raises (torch.cuda.set_sync_debug_mode); off CUDA, nothing."""
     if torch.device(device).type != "cuda":
         yield
         return
@@ -265,8 +268,8 @@ def test_store_feeds_pinned_batches_to_cuda_equal_to_cpu(tmp_path, dtype, normal
     writer = ChunkWriter(tmp_path / "s", 32, dtype, 512, heldout_rows=200)
     writer.write(x)
     store = writer.close()
-    on_cpu = store.train_batches(128, seed=3, normalize=normalize)
-    on_gpu = store.train_batches(128, seed=3, device=DEVICE, normalize=normalize)
+    on_cpu = train_batches(store, 128, seed=3, normalize=normalize)
+    on_gpu = train_batches(store, 128, seed=3, device=DEVICE, normalize=normalize)
     # Hold 40 batches without synchronising: a copy from a reused host buffer would show up here.
     gpu_batches = [next(on_gpu) for _ in range(40)]
     for gpu_batch, position in gpu_batches:
@@ -286,18 +289,31 @@ def synthetic_store(tmp_path_factory):
 
 GRID = Grid(variants=["relu", "tied"], dict_sizes=[32, 64], l1=[1e-3, 1e-2])
 # Full float32 matmuls on both sides (training.matmul_precision's default, TF32, is not what a CPU computes).
-TRAINING = Training(steps=40, batch_size=64, checkpoint_every=15, log_every=10, eval_rows=256, dead_window_tokens=2000,
-                    matmul_precision="highest")
+TRAINING = Training(
+    steps=40,
+    batch_size=64,
+    checkpoint_every=15,
+    log_every=10,
+    eval_rows=256,
+    dead_window_tokens=2000,
+    matmul_precision="highest",
+)
 
 
 def trained_members(run_dir) -> dict[str, dict[str, torch.Tensor]]:
     return {p.name: load_member(p)[1] for p in sorted((run_dir / "members").iterdir())}
 
 
+def train_grid(devices: str, store, run_dir) -> int:
+    """The dispatcher's exit code after training GRID on `devices` (one segment: no halving)."""
+    plan = make_plan(grid_members(GRID, 16), resolve_devices(devices), TRAINING.batch_size, 2**34)
+    return dispatch.train(segments.first(plan, TRAINING), store, run_dir, TRAINING, progress=False)
+
+
 @pytest.fixture(scope="module")
 def cpu_run(synthetic_store, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("cpu_run")
-    assert run(make_plan(GRID.members(16), resolve_devices("cpu:1"), 64, 2**34), synthetic_store, run_dir, TRAINING, progress=False) == 0
+    assert train_grid("cpu:1", synthetic_store, run_dir) == 0
     return trained_members(run_dir)
 
 
@@ -305,8 +321,7 @@ def cpu_run(synthetic_store, tmp_path_factory):
 def test_dispatcher_on_cuda_trains_the_members_cpu_trains(devices, synthetic_store, cpu_run, tmp_path):
     if len(devices.split(",")) > torch.cuda.device_count():
         pytest.skip(f"{devices} needs {len(devices.split(','))} GPUs; {torch.cuda.device_count()} visible")
-    plan = make_plan(GRID.members(16), resolve_devices(devices), 64, 2**34)
-    assert run(plan, synthetic_store, tmp_path, TRAINING, progress=False) == 0
+    assert train_grid(devices, synthetic_store, tmp_path) == 0
     on_gpu = trained_members(tmp_path)
     assert sorted(on_gpu) == sorted(cpu_run)
     worst = max(float((on_gpu[m][name] - cpu_run[m][name]).abs().max()) for m in cpu_run for name in cpu_run[m])
@@ -332,15 +347,19 @@ def test_ce_evaluation_on_gpu_matches_cpu(tmp_path):
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
         ensemble.step(torch.randn(64, 64, generator=g))
-    dirs = [save_member(tmp_path / m.member_id, m, *ensemble.member_state(i), {"steps": 5, "tokens": 320}) for i, m in enumerate(members)]
+    dirs = [
+        save_member(tmp_path / m.member_id, m, *ensemble.member_state(i), {"steps": 5, "tokens": 320})
+        for i, m in enumerate(members)
+    ]
     tokens = torch.randint(0, 300, (6, 16), generator=g)
     normalization = (torch.randn(64, generator=g) * 0.1, 2.0)
     results = {}
     for device in ("cpu", DEVICE):
         bridge = TransformerBridge.boot_transformers(str(model_dir), device=device)
         assert next(bridge.parameters()).device.type == torch.device(device).type
-        results[device] = evaluate_members(bridge, tokens.to(device), hook, dirs, normalization, batch_size=4, progress=False,
-                                           min_ce_gap=-math.inf)  # score even the random model's tiny CE gap: CPU and GPU must agree on it
+        results[device] = evaluate_members(
+            bridge, tokens.to(device), hook, dirs, normalization, batch_size=4, progress=False, min_ce_gap=-math.inf
+        )  # score even the random model's tiny CE gap: CPU and GPU must agree on it
     # CE and KL are means of float32 log-probabilities: 2e-5 apart at most. ce_recovered divides by
     # the small CE gap of a random model, so it gets 1e-2; a broken splice moves it by ~1.
     for member_id, on_cpu in results["cpu"].items():

@@ -24,7 +24,9 @@ def sparse_mixture(rows: int, generator: torch.Generator) -> torch.Tensor:
     """Rows of the synthetic store's generator (activations/synthetic.py): 4 active features per row on average."""
     features = ground_truth_features(D_IN, TRUE_FEATURES, seed=0)
     p = feature_probabilities(TRUE_FEATURES, 4.0, 0.99)
-    active = (torch.rand(rows, TRUE_FEATURES, generator=generator) < p).float() * torch.rand(rows, TRUE_FEATURES, generator=generator)
+    active = (torch.rand(rows, TRUE_FEATURES, generator=generator) < p).float() * torch.rand(
+        rows, TRUE_FEATURES, generator=generator
+    )
     return active @ features
 
 
@@ -44,8 +46,10 @@ def trained():
 @pytest.mark.parametrize("plain,remedy", [(0, 1), (2, 3)], ids=["auxk_for_topk", "resampling_for_relu"])
 def test_remedy_at_least_halves_dead_latents_at_equal_or_better_fvu(trained, plain, remedy):
     dead, fvu = trained["dead"], trained["fvu"]
-    print(f"{MEMBERS[plain].member_id}: dead {dead[plain]:.3f} fvu {fvu[plain]:.3f}; "
-          f"{MEMBERS[remedy].member_id}: dead {dead[remedy]:.3f} fvu {fvu[remedy]:.3f}")
+    print(
+        f"{MEMBERS[plain].member_id}: dead {dead[plain]:.3f} fvu {fvu[plain]:.3f}; "
+        f"{MEMBERS[remedy].member_id}: dead {dead[remedy]:.3f} fvu {fvu[remedy]:.3f}"
+    )
     assert dead[plain] >= 0.2  # the setup really kills latents
     assert dead[remedy] <= dead[plain] / 2
     assert fvu[remedy] <= fvu[plain]

@@ -8,7 +8,6 @@ import torch
 from sae_ensemble.checkpoint import CheckpointError, load_ensemble, load_member, save_member
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.member import Member
-from sae_ensemble.stage import Stage
 
 D_IN = 24
 STEPS = 50
@@ -152,19 +151,3 @@ def test_invalid_members_are_rejected_with_the_field_named():
         Member("crosscoder", 4, 8)
     with pytest.raises(ValueError, match="must share d_in"):
         Ensemble([Member("relu", 4, 8), Member("relu", 5, 8)], 1)
-
-
-@pytest.mark.parametrize("overlap", [None, True])
-def test_stage_on_cpu_steps_its_ensembles_one_after_another(overlap):
-    """stage.py: off CUDA nothing replays, so even a stage told to overlap steps each ensemble in turn, as alone."""
-    groups, batches = [MIXED[:3], MIXED[5:]], sparse_batches(10)
-    alone = [train(group, batches) for group in groups]
-    stage, ensembles = Stage(overlap=overlap), [Ensemble(group, total_steps=STEPS) for group in groups]
-    for batch in batches:
-        stats = stage.step(ensembles, batch)
-        assert [s["loss"].shape for s in stats] == [(3,), (2,)]
-    for ensemble, solo in zip(ensembles, alone):
-        for name, value in ensemble.params.items():
-            assert torch.equal(value, solo.params[name]), name
-    assert stage.report() == {} and stage.choice == (None if overlap is None else "overlapped")
-    assert not any(e.replays(batches[0]) for e in ensembles)

@@ -6,17 +6,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae_ensemble.checkpoint import EVAL_FILE, save_member
-from sae_ensemble.dispatch import EXIT_OK, Training, evaluate
+from sae_ensemble.checkpoint import save_member
+from sae_ensemble.config import Training
+from sae_ensemble.dispatch import EXIT_OK, evaluate
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.eval_worker import MEMBERS_PER_GROUP, evaluate_members_of_run
 from sae_ensemble.member import Member
 from sae_ensemble.metrics import mmcs_between
 from sae_ensemble.plan import make_plan
 from sae_ensemble.report import load_rows
+from sae_ensemble.rundir import RunDir
 
 D_IN = 8
-MEMBERS = [Member("relu", D_IN, size, l1=l1, seed=seed) for size in (16, 32) for l1 in (1e-3, 1e-2, 1e-1) for seed in (0, 1)]
+MEMBERS = [
+    Member("relu", D_IN, size, l1=l1, seed=seed) for size in (16, 32) for l1 in (1e-3, 1e-2, 1e-1) for seed in (0, 1)
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +33,13 @@ def trained(tmp_path_factory):
         ensemble.step(torch.randn(32, D_IN, generator=g))
     for i, member in enumerate(MEMBERS):
         params, _ = ensemble.member_state(i)
-        save_member(run_dir / "members" / member.member_id, member, params, None, {"steps": 5, "tokens": 160, "metrics": {"fvu": 0.5}})
+        save_member(
+            run_dir / "members" / member.member_id,
+            member,
+            params,
+            None,
+            {"steps": 5, "tokens": 160, "metrics": {"fvu": 0.5}},
+        )
     return run_dir
 
 
@@ -44,8 +54,8 @@ def expected_mmcs(run_dir) -> dict[str, dict[str, float]]:
 
 
 def evaluations(run_dir) -> dict[str, dict]:
-    return {m.member_id: json.loads((run_dir / "members" / m.member_id / EVAL_FILE).read_text()) for m in MEMBERS
-            if (run_dir / "members" / m.member_id / EVAL_FILE).exists()}
+    files = {m.member_id: RunDir(run_dir).member(m.member_id).eval for m in MEMBERS}
+    return {member_id: json.loads(path.read_text()) for member_id, path in files.items() if path.exists()}
 
 
 def test_a_stopped_evaluation_resumes_without_evaluating_finished_members_again(trained, tmp_path):
@@ -80,7 +90,7 @@ def test_workers_evaluate_their_members_and_the_report_only_reads(trained, tmp_p
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
     plan = make_plan(MEMBERS, ["cpu:0", "cpu:1"], 32, 2**34)
-    assert len(plan["workers"]) == 2
+    assert len(plan.workers) == 2
     store = tmp_path / "unused-store"  # MMCS reads only the members; the store is opened for CE alone
     assert evaluate(plan, store, run_dir, Training(), progress=False) == EXIT_OK
     found, expected = evaluations(run_dir), expected_mmcs(run_dir)
@@ -88,12 +98,15 @@ def test_workers_evaluate_their_members_and_the_report_only_reads(trained, tmp_p
     rows = {row["member_id"]: row for row in load_rows(run_dir)}
     for member_id, values in expected.items():
         assert found[member_id]["metrics"] == pytest.approx(values, abs=1e-6)
-        assert {k: rows[member_id].get(k) for k in values} == pytest.approx(values, abs=1e-6) and rows[member_id]["fvu"] == 0.5
+        assert {k: rows[member_id].get(k) for k in values} == pytest.approx(values, abs=1e-6) and rows[member_id][
+            "fvu"
+        ] == 0.5
 
 
 def test_sigterm_during_the_evaluation_stage_exits_75_and_a_rerun_finishes_it(trained, tmp_path):
     """The dispatcher's signal path: SIGTERM once a worker exists (its handlers are installed before any) stops the
-    workers at their next group with exit 75; a rerun evaluates what is left, to the values of an uninterrupted stage."""
+    workers at their next group with exit 75; a rerun evaluates what is left, to the values of an uninterrupted
+    stage."""
     import os
     import shutil
     import signal
@@ -106,15 +119,24 @@ def test_sigterm_during_the_evaluation_stage_exits_75_and_a_rerun_finishes_it(tr
 
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
-    script = (f"import sys\nfrom sae_ensemble.dispatch import Training, evaluate\nfrom sae_ensemble.member import Member\n"
-              f"from sae_ensemble.plan import make_plan\nmembers = [Member.from_dict(m) for m in {[m.to_dict() for m in MEMBERS]!r}]\n"
-              f"plan = make_plan(members, ['cpu:0'], 32, 2**34)\n"
-              f"sys.exit(evaluate(plan, {str(tmp_path / 'no-store')!r}, {str(run_dir)!r}, Training(), progress=False))\n")
+    script = (
+        f"import sys\nfrom sae_ensemble.config import Training\nfrom sae_ensemble.dispatch import evaluate\n"
+        f"from sae_ensemble.member import Member\nfrom sae_ensemble.plan import make_plan\n"
+        f"members = [Member.from_dict(m) for m in {[m.to_dict() for m in MEMBERS]!r}]\n"
+        f"plan = make_plan(members, ['cpu:0'], 32, 2**34)\n"
+        f"sys.exit(evaluate(plan, {str(tmp_path / 'no-store')!r}, {str(run_dir)!r}, Training(), progress=False))\n"
+    )
     repo = Path(__file__).resolve().parents[1]
 
     def launch():
-        return subprocess.Popen([sys.executable, "-c", script], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONPATH": str(repo)})
+        return subprocess.Popen(
+            [sys.executable, "-c", script],
+            cwd=repo,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(repo)},
+        )
 
     def has_worker(pid: int) -> bool:
         for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
@@ -150,7 +172,9 @@ def test_decoders_are_read_only_for_the_pairs_compared(trained, monkeypatch):
 
     reads = []
     real = eval_worker.Decoders.__getitem__
-    monkeypatch.setattr(eval_worker.Decoders, "__getitem__", lambda self, member_id: (reads.append(member_id), real(self, member_id))[1])
+    monkeypatch.setattr(
+        eval_worker.Decoders, "__getitem__", lambda self, member_id: (reads.append(member_id), real(self, member_id))[1]
+    )
     small = MEMBERS[0]  # d16, l1 1e-3, seed 0: next size MEMBERS[6], other seed MEMBERS[1]
     decoders = eval_worker.Decoders(trained, [m.member_id for m in MEMBERS], torch.device("cpu"))
     for pairing in ("next_size", "seed"):

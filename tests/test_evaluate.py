@@ -30,8 +30,11 @@ def tokens():
 
 def test_identity_recovers_everything_and_zeros_recover_nothing(bridge, tokens):
     identity, zeros = (lambda x: x), torch.zeros_like
-    # min_ce_gap=-inf: this random model barely uses the hook (ablation even lowers CE), but the formulas are tested here
-    results = ce_loss_recovered(bridge, tokens, HOOK, [identity, zeros], batch_size=4, progress=False, min_ce_gap=-math.inf)
+    # min_ce_gap=-inf: this random model barely uses the hook (ablation even lowers CE), but the formulas are tested
+    # here
+    results = ce_loss_recovered(
+        bridge, tokens, HOOK, [identity, zeros], batch_size=4, progress=False, min_ce_gap=-math.inf
+    )
     assert results[0]["ce_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert results[0]["ce_loss_score"] == results[0]["ce_recovered"]
     assert results[0]["kl_div_score"] == pytest.approx(1.0, abs=1e-4)
@@ -49,7 +52,11 @@ def test_identity_recovers_everything_and_zeros_recover_nothing(bridge, tokens):
 def test_scores_are_nan_with_one_warning_line_when_ablation_barely_changes_ce(bridge, tokens, capsys):
     results = ce_loss_recovered(bridge, tokens, HOOK, [lambda x: x, torch.zeros_like], progress=False, min_ce_gap=1e6)
     for result in results:
-        assert math.isnan(result["ce_recovered"]) and math.isnan(result["ce_loss_score"]) and math.isnan(result["kl_div_score"])
+        assert (
+            math.isnan(result["ce_recovered"])
+            and math.isnan(result["ce_loss_score"])
+            and math.isnan(result["kl_div_score"])
+        )
         assert all(math.isfinite(result[name]) for name in ("ce_clean", "ce_zero_ablation", "ce_recon", "kl"))
     warning = capsys.readouterr().err.strip().splitlines()
     assert len(warning) == 1 and warning[0].startswith(f"warning: zero-ablating {HOOK} raises CE by only")
@@ -60,7 +67,9 @@ def test_members_batched_in_one_pass_match_members_run_alone(bridge, tokens):
     g = torch.Generator().manual_seed(1)
     noise = [0.1 * torch.randn(64, generator=g) for _ in range(3)]
     members = [lambda x, n=n: x + n for n in noise] + [lambda x: 0.5 * x]
-    together = ce_loss_recovered(bridge, tokens, HOOK, members, members_per_pass=3, progress=False, min_ce_gap=-math.inf)
+    together = ce_loss_recovered(
+        bridge, tokens, HOOK, members, members_per_pass=3, progress=False, min_ce_gap=-math.inf
+    )
     alone = [ce_loss_recovered(bridge, tokens, HOOK, m, progress=False, min_ce_gap=-math.inf)[0] for m in members]
     for a, b in zip(together, alone):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
@@ -94,5 +103,12 @@ def test_evaluate_members_keys_results_by_member_id(bridge, tokens, tmp_path):
     directory = save_member(tmp_path / member.member_id, member, params, moments, info={"steps": 0, "tokens": 0})
     results = evaluate_members(bridge, tokens[:2], HOOK, [directory], progress=False)
     assert list(results) == [member.member_id]
-    assert set(results[member.member_id]) >= {"ce_clean", "ce_zero_ablation", "ce_recon", "ce_recovered", "kl",
-                                              "ce_loss_score", "kl_div_score"}
+    assert set(results[member.member_id]) >= {
+        "ce_clean",
+        "ce_zero_ablation",
+        "ce_recon",
+        "ce_recovered",
+        "kl",
+        "ce_loss_score",
+        "kl_div_score",
+    }

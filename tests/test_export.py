@@ -5,8 +5,9 @@ pin the layout (names, shapes, transposes, the normalisation fold) without them.
 """
 
 import json
-import subprocess
+import runpy
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,13 @@ from sae_ensemble.checkpoint import load_member, save_member
 from sae_ensemble.export import ExportError, export_run, main
 from sae_ensemble.member import Member
 
-REPO = Path(__file__).resolve().parents[1]
 D_IN, N = 12, 40
-MEMBERS = [Member("relu", D_IN, N, l1=1e-3, seed=0), Member("tied", D_IN, N, l1=1e-3, seed=1), Member("topk", D_IN, N, k=5, seed=2),
-           Member("relu", D_IN, N, l1=1e-3, seed=3, use_b_dec=False)]  # its saved b_dec must not leak into the export
+MEMBERS = [
+    Member("relu", D_IN, N, l1=1e-3, seed=0),
+    Member("tied", D_IN, N, l1=1e-3, seed=1),
+    Member("topk", D_IN, N, k=5, seed=2),
+    Member("relu", D_IN, N, l1=1e-3, seed=3, use_b_dec=False),
+]  # its saved b_dec must not leak into the export
 SHIFT_SCALE = 0.25  # the test store's rows are 0.25 * z + offset: a scale far from 1 shows a missed fold, values of
 # order 1 keep float32 rounding (about 1e-7 relative) well inside the interop tests' atol of 1e-5
 
@@ -31,9 +35,15 @@ def random_params(member: Member, seed: int) -> dict[str, torch.Tensor]:
     """Params as a trained member saves them: unit-norm W_dec (the normalised encoder if tied), nonzero biases."""
     g = torch.Generator().manual_seed(seed)
     W_enc = torch.randn(member.dict_size, member.d_in, generator=g) / member.d_in**0.5
-    W_dec = F.normalize(W_enc if member.variant == "tied" else torch.randn(member.dict_size, member.d_in, generator=g), dim=-1)
-    return {"W_enc": W_enc, "b_enc": 0.3 * torch.randn(member.dict_size, generator=g), "W_dec": W_dec,
-            "b_dec": torch.randn(member.d_in, generator=g)}
+    W_dec = F.normalize(
+        W_enc if member.variant == "tied" else torch.randn(member.dict_size, member.d_in, generator=g), dim=-1
+    )
+    return {
+        "W_enc": W_enc,
+        "b_enc": 0.3 * torch.randn(member.dict_size, generator=g),
+        "W_dec": W_dec,
+        "b_dec": torch.randn(member.d_in, generator=g),
+    }
 
 
 def build_run(run_dir: Path, store=None, normalize: str = "none") -> Path:
@@ -51,7 +61,9 @@ def make_store(path: Path):
     from tests.test_store import write_store
 
     g = torch.Generator().manual_seed(7)
-    return write_store(path, SHIFT_SCALE * torch.randn(256, D_IN, generator=g) + torch.linspace(-0.5, 0.5, D_IN), heldout_rows=32)
+    return write_store(
+        path, SHIFT_SCALE * torch.randn(256, D_IN, generator=g) + torch.linspace(-0.5, 0.5, D_IN), heldout_rows=32
+    )
 
 
 def reference_outputs(member_dir: Path, x: torch.Tensor, shift: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
@@ -133,12 +145,20 @@ def test_saelens_config_declares_what_the_loader_needs(tmp_path):
     assert {"model_name", "hook_name", "context_size", "prepend_bos"} <= set(cfg["metadata"])
 
 
-def test_saelens_metadata_comes_from_the_runs_hydra_config(tmp_path):
+@pytest.mark.parametrize(
+    "data",
+    [
+        "  source: lm\n",
+        "  dataset: ${repo_path:data/tiny_corpus.txt}\n",
+    ],  # LMData has no `source` field: it has a dataset
+    ids=["before-the-data-split", "lm-data"],
+)
+def test_saelens_metadata_comes_from_the_runs_hydra_config(tmp_path, data):
     run_dir = build_run(tmp_path / "run")
     (run_dir / ".hydra").mkdir()
     (run_dir / ".hydra" / "config.yaml").write_text(
-        "data:\n  source: lm\n  context_length: 32\n  store_root: stores\nmodel:\n  name: ${data.store_root}/models/tiny-gpt2\n"
-        "layer: 1\nhook: blocks.${layer}.hook_resid_post\n"
+        f"data:\n{data}  context_length: 32\n  store_root: stores\n"
+        "model:\n  name: ${data.store_root}/models/tiny-gpt2\nlayer: 1\nhook: blocks.${layer}.hook_resid_post\n"
     )
     (directory,) = export_run(run_dir, "saelens", members="relu-*-s0")
     metadata = json.loads((directory / "cfg.json").read_text())["metadata"]
@@ -160,7 +180,7 @@ def test_normalised_member_without_store_is_refused(tmp_path):
         export_run(run_dir, "saelens")
 
 
-def test_cli_exit_codes_and_one_line_errors(tmp_path, capsys):
+def test_cli_refuses_with_a_one_line_error_and_exit_2_and_exports_the_selected_members(tmp_path, capsys):
     run_dir = build_run(tmp_path / "run")
     assert main([str(run_dir), "--format", "sparsify"]) == 2
     err = capsys.readouterr().err.strip()
@@ -172,23 +192,35 @@ def test_cli_exit_codes_and_one_line_errors(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == [MEMBERS[0].member_id]
 
 
-def test_module_runs_as_a_script(tmp_path):
+def test_module_runs_as_a_script(tmp_path, monkeypatch, capsys):
+    """`python -m sae_ensemble.export ...`, its `__main__` block included, in this process."""
     run_dir = build_run(tmp_path / "run")
-    result = subprocess.run([sys.executable, "-m", "sae_ensemble.export", str(run_dir), "--format", "saelens"],
-                            cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert len(result.stdout.split()) == len(MEMBERS)
-    assert all((Path(p) / "sae_weights.safetensors").is_file() for p in result.stdout.split())
+    monkeypatch.setattr(sys, "argv", ["sae_ensemble.export", str(run_dir), "--format", "saelens"])
+    with pytest.raises(SystemExit) as exited, warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", "'sae_ensemble.export' found in sys.modules", RuntimeWarning
+        )  # runpy re-runs an imported module
+        runpy.run_module("sae_ensemble.export", run_name="__main__")
+    out, err = capsys.readouterr()
+    assert exited.value.code == 0, err
+    assert len(out.split()) == len(MEMBERS)
+    assert all((Path(p) / "sae_weights.safetensors").is_file() for p in out.split())
 
 
-ARCHITECTURE_MEMBERS = [Member("jumprelu", D_IN, N, l0_coefficient=1e-3, seed=0), Member("batchtopk", D_IN, N, k=5, seed=1),
-                        Member("matryoshka", D_IN, N, k=5, seed=2, matryoshka_widths=(8,)), Member("gated", D_IN, N, l1=1e-3, seed=3)]
+ARCHITECTURE_MEMBERS = [
+    Member("jumprelu", D_IN, N, l0_coefficient=1e-3, seed=0),
+    Member("batchtopk", D_IN, N, k=5, seed=1),
+    Member("matryoshka", D_IN, N, k=5, seed=2, matryoshka_widths=(8,)),
+    Member("gated", D_IN, N, l1=1e-3, seed=3),
+]
 
 
 def architecture_params(member: Member, seed: int) -> dict[str, torch.Tensor]:
     """Params as a trained member of another architecture saves them: thresholds where codes are, nonzero biases."""
     g = torch.Generator().manual_seed(seed)
-    params = {name: 0.3 * torch.randn(value.shape, generator=g) for name, value in architectures.init_params(member).items()}
+    params = {
+        name: 0.3 * torch.randn(value.shape, generator=g) for name, value in architectures.init_params(member).items()
+    }
     params["W_enc"] = torch.randn(N, D_IN, generator=g) / D_IN**0.5
     params["W_dec"] = F.normalize(torch.randn(N, D_IN, generator=g), dim=-1)
     if "log_threshold" in params:
@@ -213,10 +245,16 @@ def saelens_architecture_forward(directory: Path, x: torch.Tensor) -> tuple[torc
 
 
 def build_architecture_run(run_dir: Path, store, normalize: str) -> Path:
-    """A run directory holding ARCHITECTURE_MEMBERS with random params, trained (on paper) with `normalize` on `store`."""
+    """A run directory holding ARCHITECTURE_MEMBERS with random params, trained (on paper) with `normalize` on
+    `store`."""
     for i, member in enumerate(ARCHITECTURE_MEMBERS):
-        save_member(run_dir / "members" / member.member_id, member, architecture_params(member, i), None,
-                    {"steps": 1, "tokens": 1, "normalize": normalize, "metrics": {}, "store_fingerprint": store.fingerprint})
+        save_member(
+            run_dir / "members" / member.member_id,
+            member,
+            architecture_params(member, i),
+            None,
+            {"steps": 1, "tokens": 1, "normalize": normalize, "metrics": {}, "store_fingerprint": store.fingerprint},
+        )
     return run_dir
 
 
@@ -239,7 +277,9 @@ def test_saelens_export_of_every_architecture_reproduces_our_inference(tmp_path,
 def test_dictionary_learning_refuses_the_architectures_it_does_not_take_yet(tmp_path):
     run_dir = tmp_path / "run"
     member = ARCHITECTURE_MEMBERS[0]
-    save_member(run_dir / "members" / member.member_id, member, architecture_params(member, 0), None, {"steps": 1, "tokens": 1})
+    save_member(
+        run_dir / "members" / member.member_id, member, architecture_params(member, 0), None, {"steps": 1, "tokens": 1}
+    )
     with pytest.raises(ExportError, match=r"dictionary_learning cannot express variant\(s\) \['jumprelu'\]"):
         export_run(run_dir, "dictionary_learning")
     assert not (run_dir / "export").exists()

@@ -46,14 +46,23 @@ def test_library_loads_our_export_and_matches_our_forward(tmp_path, lib, normali
     x = inputs()
     for directory in written:
         expected = reference_outputs(run_dir / "members" / directory.name, x, shift, scale)
-        save_file({name: value.contiguous() for name, value in expected.items()}, io_dir / f"{directory.name}.safetensors")
-    result = subprocess.run([str(python), str(REPO / "tests" / "interop" / "check.py"), lib, str(written[0].parent), str(io_dir)],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        save_file(
+            {name: value.contiguous() for name, value in expected.items()}, io_dir / f"{directory.name}.safetensors"
+        )
+    result = subprocess.run(
+        [str(python), str(REPO / "tests" / "interop" / "check.py"), lib, str(written[0].parent), str(io_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert sorted(k for k in report if not k.startswith("_")) == sorted(d.name for d in written)
     worst = max(max(diffs.values()) for member_id, diffs in report.items() if not member_id.startswith("_"))
-    print(f"{lib} {report['_versions']} normalize={normalize}: largest |difference| {worst:.2e}")  # shown with pytest -s
+    print(
+        f"{lib} {report['_versions']} normalize={normalize}: largest |difference| {worst:.2e}"
+    )  # shown with pytest -s
     for member_id, diffs in report.items():
         if member_id.startswith("_"):
             continue

@@ -33,7 +33,8 @@ def test_reconstruction_metrics_match_a_loop_over_members():
             "l0": np.mean([np.count_nonzero(row > 0) for row in c]),
             "l1": np.mean([np.sum(np.abs(row)) for row in c]),
             # SAELens / SAEBench names (sae_lens.evals.get_sparsity_and_variance_metrics), row by row
-            "explained_variance": 1 - np.mean(np.sum(err**2, 1)) / (np.mean(np.sum(xn**2, 1)) - np.sum(xn.mean(0) ** 2)),
+            "explained_variance": 1
+            - np.mean(np.sum(err**2, 1)) / (np.mean(np.sum(xn**2, 1)) - np.sum(xn.mean(0) ** 2)),
             "cossim": np.mean([np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(xn, xn + err)]),
             "l2_ratio": np.mean([np.linalg.norm(b) / np.linalg.norm(a) for a, b in zip(xn, xn + err)]),
             "relative_reconstruction_bias": np.mean(np.sum((xn + err) ** 2, 1)) / np.mean(np.sum(xn * (xn + err), 1)),

@@ -1,36 +1,25 @@
 """summary.csv, plots and the report CLI on run directories built by a tiny trained ensemble."""
 
 import csv
-import subprocess
+import runpy
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sae_ensemble.checkpoint import save_member
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.eval_worker import evaluate_members_of_run
 from sae_ensemble.member import Member
 from sae_ensemble.metrics import FiringCounter, mmcs, mmcs_truth, reconstruction_metrics
-from sae_ensemble.report import (
-    COLUMNS,
-    FREQ_FILE,
-    format_table,
-    load_rows,
-    pareto_front,
-    write_plots,
-    write_summary,
-)
+from sae_ensemble.report import COLUMNS, format_table, load_rows, pareto_front, write_plots, write_summary
 
-REPO = Path(__file__).resolve().parents[1]
 D_IN = 6
 MEMBERS = [
-    Member("relu", D_IN, size, l1=l1, seed=seed, lr=1e-2)
-    for size in (8, 16)
-    for l1 in (1e-3, 1e-1)
-    for seed in (0, 1)
+    Member("relu", D_IN, size, l1=l1, seed=seed, lr=1e-2) for size in (8, 16) for l1 in (1e-3, 1e-1) for seed in (0, 1)
 ] + [Member("topk", D_IN, 16, k=2, lr=1e-2), Member("tied", D_IN, 8, l1=1e-2, lr=1e-2)]
 
 
@@ -47,8 +36,10 @@ def build_run_dir(run_dir: Path, with_frequencies: bool) -> Path:
     mask = ensemble.hparams["feature_mask"]
     codes, x_hat = ensemble.forward(batch)
     metrics = reconstruction_metrics(batch, x_hat, codes, mask)
-    decoders = torch.stack([torch.nn.functional.pad(ensemble.member_state(i)[0]["W_dec"], (0, 0, 0, ensemble.n_padded - m.dict_size))
-                            for i, m in enumerate(MEMBERS)])  # fmt: skip
+    pad = [(0, 0, 0, ensemble.n_padded - m.dict_size) for m in MEMBERS]
+    decoders = torch.stack(
+        [torch.nn.functional.pad(ensemble.member_state(i)[0]["W_dec"], pad[i]) for i in range(len(MEMBERS))]
+    )
     truth_scores = mmcs_truth(decoders, mask, truth)
     dead = counter.dead_fraction(mask)
     frequencies = counter.frequencies()
@@ -56,11 +47,9 @@ def build_run_dir(run_dir: Path, with_frequencies: bool) -> Path:
         params, moments = ensemble.member_state(index)
         member_metrics = {name: float(value[index]) for name, value in metrics.items()}
         member_metrics.update(dead_frac=float(dead[index]), mmcs_truth=float(truth_scores[index]))
-        directory = run_dir / "members" / member.member_id
         info = {"steps": 20, "tokens": 20 * 64, "alive": bool(ensemble.alive[index]), "metrics": member_metrics}
-        save_member(directory, member, params, moments, info=info)
-        if with_frequencies:
-            save_file({"frequency": frequencies[index, : member.dict_size].contiguous()}, directory / FREQ_FILE)
+        frequency = frequencies[index, : member.dict_size] if with_frequencies else None
+        save_member(run_dir / "members" / member.member_id, member, params, moments, info=info, frequency=frequency)
     # The evaluation stage (eval_worker.py; a sweep runs it in its workers): MMCS between dictionaries into eval.json.
     assert evaluate_members_of_run(run_dir, [m.member_id for m in MEMBERS], MEMBERS, torch.device("cpu"))
     return run_dir
@@ -83,7 +72,11 @@ def test_summary_has_one_sorted_row_per_member_with_metrics_and_mmcs(run_dir):
     by_id = {r["member_id"]: r for r in rows}
     for member in MEMBERS:
         row = by_id[member.member_id]
-        assert float(row["l1"]) == member.l1 and int(row["dict_size"]) == member.dict_size and int(row["seed"]) == member.seed
+        assert (
+            float(row["l1"]) == member.l1
+            and int(row["dict_size"]) == member.dict_size
+            and int(row["seed"]) == member.seed
+        )
         assert row["ce_recovered"] == ""  # never evaluated on an LM
         assert 0 <= float(row["fvu"]) and 0 <= float(row["dead_frac"]) <= 1 and 0 < float(row["mmcs_truth"]) <= 1 + 1e-6
         # SAELens names sit in their own columns; explained_variance is 1 - fvu by definition
@@ -96,13 +89,20 @@ def test_summary_has_one_sorted_row_per_member_with_metrics_and_mmcs(run_dir):
     small, large, other_seed = MEMBERS[0], MEMBERS[4], MEMBERS[1]  # d8 l1=1e-3 s0, d16 l1=1e-3 s0, d8 l1=1e-3 s1
     assert float(by_id[small.member_id]["mmcs_next"]) == pytest.approx(mmcs(decoder(small), decoder(large)), abs=1e-6)
     assert by_id[large.member_id]["mmcs_next"] == ""  # no larger dict
-    assert float(by_id[small.member_id]["mmcs_seed"]) == pytest.approx(mmcs(decoder(small), decoder(other_seed)), abs=1e-6)
+    assert float(by_id[small.member_id]["mmcs_seed"]) == pytest.approx(
+        mmcs(decoder(small), decoder(other_seed)), abs=1e-6
+    )
     assert by_id[MEMBERS[-1].member_id]["mmcs_seed"] == ""  # the tied member has no seed partner
 
 
 def test_plots_are_written_and_non_empty(run_dir):
     paths = write_plots(run_dir)
-    assert {p.name for p in paths} == {"pareto_l0_fvu.png", "mmcs_heatmap.png", "dead_vs_l1.png", "feature_frequency.png"}
+    assert {p.name for p in paths} == {
+        "pareto_l0_fvu.png",
+        "mmcs_heatmap.png",
+        "dead_vs_l1.png",
+        "feature_frequency.png",
+    }
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
@@ -113,19 +113,31 @@ def test_frequency_plot_is_skipped_cleanly_without_frequency_files(tmp_path):
     assert "feature_frequency.png" not in names and "pareto_l0_fvu.png" in names
 
 
-def test_cli_regenerates_a_byte_identical_summary(run_dir):
+def run_report_cli(monkeypatch, *args: str) -> int:
+    """`python -m sae_ensemble.report ARGS` in this process (its `__main__` block included); its exit code."""
+    monkeypatch.setattr(sys, "argv", ["sae_ensemble.report", *args])
+    with pytest.raises(SystemExit) as exited, warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", "'sae_ensemble.report' found in sys.modules", RuntimeWarning
+        )  # runpy re-runs an imported module
+        runpy.run_module("sae_ensemble.report", run_name="__main__")
+    return exited.value.code
+
+
+def test_cli_regenerates_a_byte_identical_summary(run_dir, monkeypatch, capsys):
     first = write_summary(run_dir).read_bytes()
     (run_dir / "summary.csv").unlink()
-    result = subprocess.run([sys.executable, "-m", "sae_ensemble.report", str(run_dir)], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    code = run_report_cli(monkeypatch, str(run_dir))
+    out, err = capsys.readouterr()
+    assert code == 0, err
     assert (run_dir / "summary.csv").read_bytes() == first
-    assert MEMBERS[0].member_id in result.stdout  # the console table
+    assert MEMBERS[0].member_id in out  # the console table
 
 
-def test_cli_on_a_directory_without_members_fails_with_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "sae_ensemble.report", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "has no members" in result.stderr
+def test_cli_on_a_directory_without_members_fails_with_one_line(tmp_path, monkeypatch, capsys):
+    assert run_report_cli(monkeypatch, str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no members" in err
 
 
 def test_pareto_front_keeps_only_undominated_rows():

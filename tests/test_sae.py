@@ -34,9 +34,7 @@ class ReferenceSAE(nn.Module):
         return loss + self.bias_decay * torch.sqrt((self.b_enc**2).sum())
 
 
-@pytest.mark.parametrize(
-    "variant,use_b_dec", [("relu", True), ("relu", False), ("tied", True), ("topk", True)]
-)
+@pytest.mark.parametrize("variant,use_b_dec", [("relu", True), ("relu", False), ("tied", True), ("topk", True)])
 def test_loss_and_gradients_match_reference_module(variant, use_b_dec):
     torch.manual_seed(0)
     d, n, B = 16, 24, 32
@@ -69,7 +67,9 @@ def test_padded_member_computes_the_same_loss_as_unpadded():
         loss_small, _ = sae.loss(small, sae.make_hparams(variant, n, 0.1, 0.1, 3), x, layout)
         loss_padded, aux = sae.loss(padded, sae.make_hparams(variant, n, 0.1, 0.1, 3, n_padded=pad), x, layout)
         torch.testing.assert_close(loss_small, loss_padded)
-        assert (sae.encode(padded, sae.make_hparams(variant, n, 0.1, 0.1, 3, n_padded=pad), x, layout)[:, n:] == 0).all()
+        assert (
+            sae.encode(padded, sae.make_hparams(variant, n, 0.1, 0.1, 3, n_padded=pad), x, layout)[:, n:] == 0
+        ).all()
 
 
 def test_unknown_variant_is_rejected_with_the_allowed_list():

@@ -4,13 +4,14 @@ slow test) the trained model=tiny meeting its targets through the real sweep."""
 import csv
 import json
 import math
-import os
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+from sae_ensemble import pipeline
 from sae_ensemble.activations.tiny_model import Recipe, ensure_tiny_gpt2, fingerprint, train_tiny_gpt2
+from tests.sweeps import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 # A recipe of a few seconds: the real text and tokenizer, a toy model and three steps.
@@ -29,8 +30,12 @@ def test_two_trainings_give_identical_files_and_another_seed_does_not(tmp_path):
 
 
 def test_changed_recipe_or_kind_gets_its_own_directory():
-    prints = {fingerprint(QUICK, True), fingerprint(replace(QUICK, steps=4), True), fingerprint(replace(QUICK, lr=1e-3), True),
-              fingerprint(QUICK, False)}
+    prints = {
+        fingerprint(QUICK, True),
+        fingerprint(replace(QUICK, steps=4), True),
+        fingerprint(replace(QUICK, lr=1e-3), True),
+        fingerprint(QUICK, False),
+    }
     assert len(prints) == 4
     assert fingerprint(QUICK, True) == fingerprint(replace(QUICK), True)
 
@@ -48,14 +53,21 @@ def test_concurrent_first_use_trains_once_and_both_get_the_model(tmp_path):
     killed_build.mkdir()
     (killed_build / "config.json").write_text("{}")
     code = ENSURE.format(root=str(root), recipe=QUICK)
-    users = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    users = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outputs = [user.communicate(timeout=300) for user in users]
     assert all(user.returncode == 0 for user in users), outputs
     directory = root / f"trained-{fingerprint(QUICK, True)}"
     assert [out.strip() for out, _ in outputs] == [str(directory)] * 2
     assert sum("training on first use" in err for _, err in outputs) == 1, outputs
-    assert sorted(p.name for p in root.iterdir()) == [directory.name, directory.name + ".lock"]  # the killed build is gone
+    assert sorted(p.name for p in root.iterdir()) == [
+        directory.name,
+        directory.name + ".lock",
+    ]  # the killed build is gone
     assert json.loads((directory / "training.json").read_text())["fingerprint"] == fingerprint(QUICK, True)
     mtime = (directory / "model.safetensors").stat().st_mtime_ns
     assert ensure_tiny_gpt2(root, trained=True, recipe=QUICK, progress=False) == directory  # reused, not rebuilt
@@ -68,16 +80,26 @@ def test_the_random_model_is_cached_beside_the_trained_one(tmp_path):
     assert ensure_tiny_gpt2(tmp_path, trained=False) == directory
 
 
-def test_model_tiny_sweep_scores_ce_recovered_with_the_trained_model(tmp_path):
-    """The acceptance run of model=tiny (the one test that pays for training the real recipe, a few CPU minutes)."""
-    args = [sys.executable, str(REPO / "sweep.py"), "-m", "data=lm", "model=tiny", "layer=0,1", "grid=quick", "devices=cpu",
-            f"data.store_root={tmp_path / 'stores'}", f"hydra.sweep.dir={tmp_path / 'multirun'}", "progress=false", "wandb=disabled"]
-    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=1200, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
-    assert result.returncode == 0, result.stdout + result.stderr
-    [model] = (tmp_path / "stores" / "models" / "tiny-gpt2").glob("trained-*/")
+def test_model_tiny_sweep_scores_ce_recovered_with_the_trained_model(tmp_path, capsys):
+    """The acceptance run of model=tiny (the one test that pays for training the real recipe, a few CPU minutes) on both
+    layers, as `python sweep.py -m data=lm model=tiny layer=0,1` runs them (that multirun CLI: tests/test_sweep.py)."""
+    stores = tmp_path / "stores"
+    for layer in (0, 1):
+        cfg = compose_config(
+            "data=lm",
+            "model=tiny",
+            f"layer={layer}",
+            "grid=quick",
+            "devices=cpu",
+            f"data.store_root={stores}",
+            "progress=false",
+            "wandb=disabled",
+        )
+        assert pipeline.run(cfg, tmp_path / f"layer_{layer}") == pipeline.EXIT_OK, capsys.readouterr().err
+    [model] = (stores / "models" / "tiny-gpt2").glob("trained-*/")
     training = json.loads((model / "training.json").read_text())
     assert training["heldout_ce"] <= 4.5 < training["ln_vocab"], training
-    summaries = sorted((tmp_path / "multirun").glob("*/summary.csv"))
+    summaries = sorted(tmp_path.glob("layer_*/summary.csv"))
     assert len(summaries) == 2
     for summary in summaries:
         for row in csv.DictReader(summary.open()):

@@ -70,10 +70,14 @@ def offline_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-MEMBERS = [Member("relu", 8, 16, l1=1e-3, seed=0), Member("relu", 8, 32, l1=3e-3, lr=2e-3, seed=1), Member("topk", 8, 16, k=4),
-           # the architectures' own hyperparameters reach the run config too
-           Member("jumprelu", 8, 16, l0_coefficient=1e-3, threshold=0.05, bandwidth=0.1),
-           Member("matryoshka", 8, 16, k=2, matryoshka_widths=(4,), auxk_dead_tokens=100)]
+MEMBERS = [
+    Member("relu", 8, 16, l1=1e-3, seed=0),
+    Member("relu", 8, 32, l1=3e-3, lr=2e-3, seed=1),
+    Member("topk", 8, 16, k=4),
+    # the architectures' own hyperparameters reach the run config too
+    Member("jumprelu", 8, 16, l0_coefficient=1e-3, threshold=0.05, bandwidth=0.1),
+    Member("matryoshka", 8, 16, k=2, matryoshka_widths=(4,), auxk_dead_tokens=100),
+]
 BASE = {"data": {"store": "/stores/x", "normalize": "none"}, "model": "tiny", "hook": "blocks.0.hook_resid_pre"}
 
 
@@ -109,9 +113,13 @@ def test_run_ids_are_stable_so_a_resumed_sweep_continues_the_same_runs(offline_e
     run_dirs = list((offline_env / "runs" / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 2  # offline, each session writes its own log; `wandb sync` merges them into one run
     assert {run_record(d)[0].run_id for d in run_dirs} == {run_id("sweep-b", member.member_id, offline_env / "runs")}
-    assert run_id("sweep-b", member.member_id, offline_env / "runs") != run_id("sweep-c", member.member_id, offline_env / "runs")
+    assert run_id("sweep-b", member.member_id, offline_env / "runs") != run_id(
+        "sweep-c", member.member_id, offline_env / "runs"
+    )
     # Another job of the same sweep (another run dir) never writes into these runs.
-    assert run_id("sweep-b", member.member_id, offline_env / "runs") != run_id("sweep-b", member.member_id, offline_env / "job1")
+    assert run_id("sweep-b", member.member_id, offline_env / "runs") != run_id(
+        "sweep-b", member.member_id, offline_env / "job1"
+    )
 
 
 def test_sweep_plots_go_to_one_sweep_run(offline_env):

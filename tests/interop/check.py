@@ -49,8 +49,11 @@ def sparsify(directory: Path):
     return encode, decode
 
 
-LIBRARIES = {"saelens": (saelens, "sae-lens"), "dictionary_learning": (dictionary_learning, "dictionary-learning"),
-             "sparsify": (sparsify, "eai-sparsify")}
+LIBRARIES = {
+    "saelens": (saelens, "sae-lens"),
+    "dictionary_learning": (dictionary_learning, "dictionary-learning"),
+    "sparsify": (sparsify, "eai-sparsify"),
+}
 
 
 def main(lib: str, export_dir: str, io_dir: str) -> None:
