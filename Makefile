@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test sweep bench gpu-check interop clean
+.PHONY: setup test lint sweep bench bench-peers gpu-check interop clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,16 @@ $(STAMP): requirements.txt
 # 2 cores, 2 workers took 556 s against 670 s in one process. TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
 
+# One torch thread per process: two workers with a thread per core each ran in-process training 10-40x slower.
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+
+# ruff (pyproject.toml [tool.ruff]): lint and format, checked, never rewritten here (`ruff format` rewrites).
+LINTED := sae_ensemble benchmarks tests sweep.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 
 sweep: $(STAMP)
 	$(PY) sweep.py $(ARGS)
@@ -31,6 +39,11 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.ensemble
 	$(PY) -m benchmarks.store
 	$(PY) -m benchmarks.scale
+
+# The same grids trained by our ensemble and by SAELens, dictionary_learning and sparsify, each in its own
+# venv (built here if needed), on the same rows in the same order (benchmarks/peers.py, docs/benchmarks.md).
+bench-peers: $(STAMP) interop
+	$(PY) -m benchmarks.peers $(ARGS)
 
 # Every CUDA test, benchmark and sweep on the visible GPUs; report in $$OUT or gpu_check/ (docs/benchmarks.md).
 # `make gpu-check PY=python3` runs with that interpreter as it is (an offline GPU box with a CUDA

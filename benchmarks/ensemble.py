@@ -7,8 +7,10 @@
 
 The ensemble side runs exactly as a sweep worker does: the members are split into the
 planner's ensembles (`plan.make_plan` with the device's auto budget: one per dict size, so
-nothing is padded, with its micro-batches), each stepped with the execution its autotuner
-picks (`--execution` forces one), compiled on CUDA as `training.compile` does (`--no-compile`: eager).
+nothing is padded, with its micro-batches), stepped one after another on the same batch as a
+worker steps a stage, each with the execution its autotuner picks (`--execution` pins a kind,
+`--row-chunk` and `--passes` pin the rest of an `execution.Execution`), compiled on CUDA as
+`training.compile` does (`--no-compile`: eager).
 The sequential side is plain autograd + torch.optim.Adam, one member after another.
 The ensemble, the sequential members and the encoder GEMMs take turns (`--rounds`, default 3),
 and each side's time is its median round.
@@ -22,7 +24,8 @@ Measured in one run, per case:
   speedup            sequential time / ensemble time
   limit_ratio        ensemble step time / time of the members' encoder GEMMs alone (2*B*d*n each),
                      the part no SAE step can skip
-  adam_vmap_ratio    torchopt Adam vmapped over members / the same update on the stacked tensors
+  adam_vmap_ratio    torchopt's Adam (the tests' definition of kernels/adam.py) vmapped over members /
+                     the same update on the stacked tensors
   execution          what each sub-ensemble ran (the autotuner's choice)
 The last line of each case is one JSON object.
 """
@@ -34,28 +37,41 @@ import json
 import statistics
 
 import torch
+import torchopt
 
 from sae_ensemble import sae
 from sae_ensemble.autotune import timed
-from sae_ensemble.ensemble import EXECUTIONS, Ensemble
+from sae_ensemble.config import ExecutionKind
+from sae_ensemble.ensemble import Ensemble
+from sae_ensemble.execution import Execution
+from sae_ensemble.kernels import adam
+from sae_ensemble.kernels.dense import PASSES
 from sae_ensemble.member import Member
-from sae_ensemble.memory import reuse_freed_memory
-from sae_ensemble.plan import make_plan, plan_members, resolve_budget
-from sae_ensemble.stage import TUNE_STEPS, Stage
+from sae_ensemble.memory import resolve_budget, reuse_freed_memory
+from sae_ensemble.plan import make_plan
 
 FREEZE_AFTER = 10  # training.freeze_after's default: time the step training runs
+WARMUP_STEPS = 3  # before timing, on CUDA: the autotuning step, the eager step before the graph capture, the capture
 # The cases docs/benchmarks.md records, (d, dict sizes, members, batch, variant): overhead-bound, mid, mixed
 # sizes, GEMM-bound, sparse.
-RECORDED_CASES = {"small": (128, [512], 32, 256, "relu"), "mid": (256, [2048], 8, 1024, "relu"),
-                  "mixed": (256, [1024, 2048], 16, 1024, "relu"), "large": (512, [2048, 4096], 8, 4096, "relu"),
-                  "topk": (512, [4096], 8, 4096, "topk")}
+RECORDED_CASES = {
+    "small": (128, [512], 32, 256, "relu"),
+    "mid": (256, [2048], 8, 1024, "relu"),
+    "mixed": (256, [1024, 2048], 16, 1024, "relu"),
+    "large": (512, [2048, 4096], 8, 4096, "relu"),
+    "topk": (512, [4096], 8, 4096, "topk"),
+}
 
 
 def largest_ensemble(case: str) -> dict[str, int]:
     """The planner's largest ensemble of a recorded case (one per dict size): d, dict_size, members, batch."""
     d, sizes, members, batch, _ = RECORDED_CASES[case]
-    return {"d": d, "dict_size": max(sizes), "members": sum(sizes[i % len(sizes)] == max(sizes) for i in range(members)),
-            "batch": batch}
+    return {
+        "d": d,
+        "dict_size": max(sizes),
+        "members": sum(sizes[i % len(sizes)] == max(sizes) for i in range(members)),
+        "batch": batch,
+    }
 
 
 def gemm_peak_gflops(device: torch.device, size: int = 4096) -> float:
@@ -73,13 +89,18 @@ def make_members(d: int, dict_sizes: list[int], n_members: int, variant: str = "
     ]
 
 
-def sequential_steps(members: list[Member], batch: torch.Tensor, device: torch.device, autocast_bf16: bool = False) -> list:
+def sequential_steps(
+    members: list[Member], batch: torch.Tensor, device: torch.device, autocast_bf16: bool = False
+) -> list:
     """One step function per member, trained alone with plain autograd + torch.optim.Adam: the baseline."""
     steps = []
     for member in members:
         init = sae.init_params(member.variant, member.d_in, member.dict_size, member.seed)
         params = {k: v.to(device).requires_grad_() for k, v in init.items()}
-        hp = {k: v.to(device) for k, v in sae.make_hparams(member.variant, member.dict_size, member.l1, k=member.k).items()}
+        hp = {
+            k: v.to(device)
+            for k, v in sae.make_hparams(member.variant, member.dict_size, member.l1, k=member.k).items()
+        }
         layout = sae.Layout.of([member.variant], [member.k])
         optimizer = torch.optim.Adam(params.values(), lr=member.lr)
 
@@ -103,8 +124,9 @@ def encoder_gemms(members: list[Member], batch: torch.Tensor, device: torch.devi
 
 
 def adam_vmap_ratio(ensemble: Ensemble, device: torch.device) -> float:
-    """Time of torchopt's Adam vmapped over members / applied to the stacked tensors directly."""
-    optimizer = ensemble.optimizer
+    """Time of torchopt's Adam vmapped over members / applied to the stacked tensors directly: why the
+    ensemble's Adam (kernels/adam.py, equal to torchopt's) works on the stack without vmap."""
+    optimizer = torchopt.transform.scale_by_adam(b1=adam.BETAS[0], b2=adam.BETAS[1], eps=adam.EPS)
     grads = {k: torch.randn_like(v) for k, v in ensemble.params.items()}
     stacked_state = optimizer.init(ensemble.params)
     vmapped_state = torch.func.vmap(optimizer.init)(ensemble.params)
@@ -118,28 +140,58 @@ def planned_ensembles(members: list[Member], batch_size: int, device: torch.devi
     """The members as a sweep worker on `device` would train them: the planner's ensembles, auto budget."""
     name = "cuda:0" if device.type == "cuda" else "cpu:0"
     plan = make_plan(members, [name], batch_size, resolve_budget("auto", [name]))
-    return [Ensemble(plan_members(plan, e["index"]), total_steps=10**9, device=device, micro_batches=e["micro_batches"], **options)
-            for e in plan["ensembles"]]
+    return [
+        Ensemble(
+            plan.ensemble_members(e.index), total_steps=10**9, device=device, micro_batches=e.micro_batches, **options
+        )
+        for e in plan.ensembles
+    ]
 
 
-def run_case(d: int, dict_sizes: list[int], n_members: int, batch_size: int, steps: int, device: torch.device,
-             variant: str = "relu", k: int = 32, execution: str = "auto", autocast_bf16: bool = False, compile: bool = True,
-             rounds: int = 3) -> dict:
+def step_all(ensembles: list[Ensemble], batch: torch.Tensor) -> None:
+    """One step of every ensemble on the same batch, one after another, as a worker steps a stage (train.py)."""
+    for ensemble in ensembles:
+        ensemble.step(batch)
+
+
+def run_case(
+    d: int,
+    dict_sizes: list[int],
+    n_members: int,
+    batch_size: int,
+    steps: int,
+    device: torch.device,
+    variant: str = "relu",
+    k: int = 32,
+    execution: str | Execution = "auto",
+    autocast_bf16: bool = False,
+    compile: bool = True,
+    rounds: int = 3,
+) -> dict:
+    """One case's figures (the module doc). `execution`: an ExecutionKind, or an Execution pinned for every ensemble."""
     members = make_members(d, dict_sizes, n_members, variant, k)
     batch = torch.randn(batch_size, d, device=device)
     flops_per_step = sum(12 * batch_size * d * m.dict_size for m in members)
 
     gemm = gemm_peak_gflops(device)
     compile = compile and device.type == "cuda"  # as a sweep worker (training.compile)
-    ensembles = planned_ensembles(members, batch_size, device, autocast_bf16=autocast_bf16, execution=execution,
-                                  freeze_after=FREEZE_AFTER, compile=compile)
-    stage = Stage()  # as a worker steps its stage's ensembles: on CUDA it may replay them side by side
-    if device.type == "cuda":  # capture each graph, then let the stage time both ways before anything is timed here
-        for _ in range(2 + 2 * TUNE_STEPS):
-            stage.step(ensembles, batch)
-    sides = {"ensemble": (lambda: stage.step(ensembles, batch)),
-             "sequential": sequential_steps(members, batch, device, autocast_bf16),
-             "encoder": encoder_gemms(members, batch, device)}
+    ensembles = planned_ensembles(
+        members,
+        batch_size,
+        device,
+        autocast_bf16=autocast_bf16,
+        execution=execution,
+        freeze_after=FREEZE_AFTER,
+        compile=compile,
+    )
+    if device.type == "cuda":  # tune, warm up and capture each graph before anything is timed
+        for _ in range(WARMUP_STEPS):
+            step_all(ensembles, batch)
+    sides = {
+        "ensemble": (lambda: step_all(ensembles, batch)),
+        "sequential": sequential_steps(members, batch, device, autocast_bf16),
+        "encoder": encoder_gemms(members, batch, device),
+    }
     # The sides take turns, `rounds` times, and each keeps its median: on a shared machine a burst of
     # load then slows one round of every side, not the whole of one side, so it moves no ratio.
     times: dict[str, list[float]] = {side: [] for side in sides}
@@ -151,9 +203,14 @@ def run_case(d: int, dict_sizes: list[int], n_members: int, batch_size: int, ste
         times["encoder"].append(timed(sides["encoder"], 5, device, warmup=1))
     ensemble_time, sequential_time, encoder_time = (statistics.median(times[side]) for side in sides)
     result = {
-        "case": f"d={d} dict_sizes={','.join(map(str, dict_sizes))} members={n_members} batch={batch_size} variant={variant}"
-                + (f" k={k}" if variant == "topk" else "") + (" bf16" if autocast_bf16 else "") + (" compiled" if compile else ""),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "case": f"d={d} dict_sizes={','.join(map(str, dict_sizes))} members={n_members} batch={batch_size}"
+        + f" variant={variant}"
+        + (f" k={k}" if variant == "topk" else "")
+        + (" bf16" if autocast_bf16 else "")
+        + (" compiled" if compile else ""),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
         "gemm_gflops": round(gemm, 1),
         "ensemble_gflops": round(flops_per_step / ensemble_time / 1e9, 1),
         "mfu": round(flops_per_step / ensemble_time / 1e9 / gemm, 3),
@@ -165,34 +222,74 @@ def run_case(d: int, dict_sizes: list[int], n_members: int, batch_size: int, ste
         "sequential_step_ms": round(sequential_time * 1e3, 2),
         # What each ran: an `auto` ensemble tunes in its first step (a warm-up step here), as in a worker.
         "execution": [e.choice for e in ensembles],
-        "autotune_ms": [e.autotune_report for e in ensembles],  # each candidate's ms per gradient, as that tuning timed it
-        "overlap": stage.choice,  # None: one ensemble, or CPU (stage.py); else how the stage replays its graphs
-        "overlap_ms": stage.report(),  # each way's median ms per stage step, as the stage timed it
+        "autotune_ms": [
+            e.autotune_report for e in ensembles
+        ],  # each candidate's ms per gradient, as that tuning timed it
     }
     return result
+
+
+def pinned_execution(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | Execution:
+    """--execution as the Ensemble takes it: the kind alone, or with --row-chunk / --passes an Execution pinned."""
+    if args.passes and args.execution != ExecutionKind.fused:
+        parser.error(f"--passes {args.passes} needs --execution fused; got --execution {args.execution}")
+    if args.row_chunk is not None and args.execution not in (ExecutionKind.fused, ExecutionKind.sparse):
+        parser.error(
+            f"--row-chunk {args.row_chunk} needs --execution fused or sparse; got --execution {args.execution}"
+        )
+    if args.row_chunk is not None and args.row_chunk < 1:
+        parser.error(f"--row-chunk={args.row_chunk} must be at least 1")
+    if args.passes or args.row_chunk is not None:
+        return Execution(args.execution, args.row_chunk, args.passes)
+    return args.execution
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d", type=int, help="d_in")
-    parser.add_argument("--dict-sizes", type=lambda s: [int(x) for x in s.split(",")], help="comma-separated dict sizes, cycled over members")
+    parser.add_argument(
+        "--dict-sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="comma-separated dict sizes, cycled over members",
+    )
     parser.add_argument("--members", type=int)
     parser.add_argument("--batch", type=int)
-    parser.add_argument("--steps", type=int, help="timed steps per side, split over the rounds (default: 10, or 3 for large cases)")
-    parser.add_argument("--rounds", type=int, default=3, help="turns the sides take; each side's time is its median round")
+    parser.add_argument(
+        "--steps", type=int, help="timed steps per side, split over the rounds (default: 10, or 3 for large cases)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="turns the sides take; each side's time is its median round"
+    )
     parser.add_argument("--variant", choices=sae.VARIANTS, default="relu")
     parser.add_argument("--k", type=int, default=32, help="active features per row (topk)")
-    parser.add_argument("--execution", choices=EXECUTIONS, default="auto", help="auto: as a sweep worker (autotuned)")
+    parser.add_argument(
+        "--execution", choices=list(ExecutionKind), default="auto", help="auto: as a sweep worker (autotuned)"
+    )
+    parser.add_argument(
+        "--row-chunk",
+        type=int,
+        help="rows per kernel call (with --execution fused or sparse; default: the micro-batch)",
+    )
+    parser.add_argument(
+        "--passes", choices=PASSES, help="where the fused kernel works between its GEMMs (with --execution fused)"
+    )
     parser.add_argument("--autocast-bf16", action="store_true", help="bf16 autocast on both sides (CUDA)")
-    parser.add_argument("--no-compile", action="store_true", help="run the kernels eagerly on CUDA (training.compile=false)")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="run the kernels eagerly on CUDA (training.compile=false)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--cases", type=lambda s: s.split(","), default=list(RECORDED_CASES),
-                        help=f"comma-separated recorded cases, run when --d is not given (default: all of {','.join(RECORDED_CASES)})")
+    parser.add_argument(
+        "--cases",
+        type=lambda s: s.split(","),
+        default=list(RECORDED_CASES),
+        help=f"comma-separated recorded cases, run when --d is not given (default: all of {','.join(RECORDED_CASES)})",
+    )
     args = parser.parse_args()
     if unknown := [name for name in args.cases if name not in RECORDED_CASES]:
         parser.error(f"--cases: unknown case {', '.join(unknown)}; allowed: {', '.join(RECORDED_CASES)}")
     if args.rounds < 1:
         parser.error(f"--rounds={args.rounds}: need at least 1 round")
+    execution = pinned_execution(parser, args)
     device = torch.device(args.device)
     if device.type == "cpu":
         reuse_freed_memory()  # as the sweep's CPU workers do; helps both sides of the comparison
@@ -204,8 +301,20 @@ def main() -> None:
         cases = [(args.d, args.dict_sizes or [4 * args.d], args.members or 8, args.batch or 1024, args.variant)]
     for d, sizes, m, b, variant in cases:
         steps = args.steps or (3 if device.type == "cpu" and b * m * max(sizes) > 10**8 else 10)
-        result = run_case(d, sizes, m, b, steps, device, variant, args.k, args.execution, args.autocast_bf16, not args.no_compile,
-                          args.rounds)
+        result = run_case(
+            d,
+            sizes,
+            m,
+            b,
+            steps,
+            device,
+            variant,
+            args.k,
+            execution,
+            args.autocast_bf16,
+            not args.no_compile,
+            args.rounds,
+        )
         print(json.dumps(result), flush=True)  # one line per case, as each finishes
 
 

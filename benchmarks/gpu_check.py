@@ -13,7 +13,7 @@ Steps, each in its own process group with its own timeout; one failing never sto
     bench_store     python -m benchmarks.store --device cuda  (feed_ratio on the GPU)
     sweep_default   python sweep.py devices=cuda  (the default synthetic sweep, wandb off)
     sweep_lm        python sweep.py data=lm model=tiny grid=quick devices=cuda  (harvest, train, CE eval)
-    memory_model    python -m benchmarks.scale --device cuda, when that module exists
+    memory_model    python -m benchmarks.scale --device cuda  (the plan's peak against max_memory_allocated)
 Writes gpu_report.json, gpu_report.md (a table to paste into docs/benchmarks.md) and gpu_check.log
 (every step's full output) into $OUT when that is set, else into gpu_check/ in the repo.
 Exits 1 if any step failed or ran out of time, else 0. Without a CUDA device it prints
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import os
 import platform
@@ -35,17 +34,21 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from benchmarks.ensemble import largest_ensemble
+from sae_ensemble import segments
+from sae_ensemble.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "torchopt", "hydra-core", "omegaconf", "transformer-lens", "transformers", "safetensors", "wandb")
+# faulthandler_timeout: a test hung past 90 s dumps every thread's stack into the log.
+PYTEST_OPTIONS = ["-q", "-s", "-m", "cuda", "-p", "no:cacheprovider", "-o", "faulthandler_timeout=90"]
 SWEEP_ARGS = ["devices=cuda", "wandb=disabled", "progress=false"]  # wandb's service start would dominate a short sweep
 
 
@@ -65,7 +68,7 @@ class Step:
 @dataclass
 class Result:
     name: str
-    status: str  # passed, failed, timeout, skipped, not available
+    status: str  # passed, failed, timeout, skipped (out of time)
     seconds: float = 0.0
     figures: dict = field(default_factory=dict)
     detail: str = ""
@@ -88,8 +91,11 @@ def json_lines(output: str) -> list[dict]:
 
 
 def parse_tests(output: str, work: Path) -> dict:
-    figures = {line.split()[1]: float(line.split()[2]) for line in output.splitlines()
-               if line.startswith("gpu-figure ") and len(line.split()) == 3}
+    figures = {
+        line.split()[1]: float(line.split()[2])
+        for line in output.splitlines()
+        if line.startswith("gpu-figure ") and len(line.split()) == 3
+    }
     junit = work / "junit.xml"
     if junit.exists():
         outcomes = {"passed": 0, "failed": 0, "skipped": 0}
@@ -119,7 +125,7 @@ def parse_profile(output: str, work: Path) -> dict:
     total = next((line.split()[1] for line in lines if line.startswith("total ")), None)
     if header is None or total is None:
         return {}
-    top = [" ".join(line.split()[:3]) for line in lines[header + 1:header + 4]]
+    top = [" ".join(line.split()[:3]) for line in lines[header + 1 : header + 4]]
     ran = next((line.split(";")[0].removeprefix("execution: ") for line in lines if line.startswith("execution: ")), "")
     return {"execution": ran, "gpu_ms_per_step": float(total), "top": "; ".join(top)}
 
@@ -134,21 +140,28 @@ def parse_sweep(run_dir: Path) -> Callable[[str, Path], dict]:
 
     def parse(output: str, work: Path) -> dict:
         figures: dict = {}
-        plan_path = run_dir / "plan.json"
-        done = list((run_dir / "checkpoints").rglob("done.json"))
-        if plan_path.exists() and done:
-            plan = json.loads(plan_path.read_text())
-            training = plan.get("training", {})
-            steps, batch = training.get("steps", 0), training.get("batch_size", plan.get("batch_size", 0))
-            devices = {e.get("device") for e in plan.get("ensembles", [])} or {None}
-            # plan.json is written just before the workers start, done.json when each finishes.
-            train_s = max(p.stat().st_mtime for p in done) - plan_path.stat().st_mtime
-            figures.update(members=len(plan.get("members", {})), steps=steps, batch_size=batch, train_s=round(train_s, 1),
-                           rows_per_s=round(steps * batch * len(devices) / train_s),
-                           member_rows_per_s=round(steps * batch * len(plan.get("members", {})) / train_s))
-        summary = run_dir / "summary.csv"
-        if summary.exists():
-            rows = list(csv.DictReader(summary.open()))
+        run = RunDir(run_dir)
+        record = run.read_run()
+        done = []
+        if record is not None:  # the last segment's ensembles finish the training (the only segment without halving)
+            last = segments.latest(run, record.plan, record.training)
+            done = [d.done for d in (run.ensemble(last, e.index) for e in last.plan.ensembles) if d.is_done()]
+        if done:
+            steps, batch, n_members = record.training.steps, record.training.batch_size, len(record.plan.members)
+            # plan.json is written just before the workers start, done.json when each ensemble finishes.
+            train_s = max(p.stat().st_mtime for p in done) - run.plan.stat().st_mtime
+            # Every worker steps through all `steps` batches: rows/s is per device; member rows/s is the whole sweep's.
+            figures.update(
+                members=n_members,
+                devices=len(record.plan.workers),
+                steps=steps,
+                batch_size=batch,
+                train_s=round(train_s, 1),
+                rows_per_s=round(steps * batch / train_s),
+                member_rows_per_s=round(steps * batch * n_members / train_s),
+            )
+        if run.summary.exists():
+            rows = list(csv.DictReader(run.summary.open()))
             figures["summary_rows"] = len(rows)
             for metric in ("mmcs_truth", "ce_recovered", "fvu"):
                 values = [float(r[metric]) for r in rows if r.get(metric) not in (None, "", "nan")]
@@ -170,11 +183,24 @@ def run_step(step: Step, seconds_left: float, work: Path, log) -> Result:
     log.write(f"\n===== {step.name}: {' '.join(step.command)} (timeout {timeout:.0f} s)\n")
     log.flush()
     # Offline flags: every model here is a local tiny one, so a hub lookup is a bug; fail fast, not at the timeout.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "HYDRA_FULL_ERROR": "1",
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+    }
     started = time.monotonic()
     with tempfile.TemporaryFile("w+") as output:
-        process = subprocess.Popen(step.command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            step.command,
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -228,31 +254,88 @@ def _wrote_summary(figures: dict) -> str | None:
 
 def steps(work: Path, python: str) -> list[Step]:
     default_dir, lm_dir, stores = work / "sweep_default", work / "sweep_lm", work / "stores"
-    large = [arg for key, value in largest_ensemble("large").items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+    large = [
+        arg for key, value in largest_ensemble("large").items() for arg in (f"--{key.replace('_', '-')}", str(value))
+    ]
     plan = [
         # The GEMM-bound case first: the figure issue #10 still needs. Then what explains it.
-        Step("gemms", [python, "-m", "benchmarks.gemms", "--device", "cuda"], 90, parse_last_json, "the step's five GEMMs, per layout"),
-        Step("bench_large", [python, "-m", "benchmarks.ensemble", "--device", "cuda", "--cases", "large"], 240, parse_ensemble,
-             "large case, every candidate"),
-        # faulthandler_timeout: a test hung past 90 s dumps every thread's stack into the log.
-        Step("tests", [python, "-m", "pytest", "-q", "-s", "-m", "cuda", "-p", "no:cacheprovider", "-o", "faulthandler_timeout=90",
-                       f"--junitxml={work / 'junit.xml'}", *cuda_test_files()], 200, parse_tests, "CUDA-marked tests",
-             lambda f: None if f.get("passed") else "no CUDA test passed (all skipped?)"),
-        Step("profile_large", [python, "-m", "benchmarks.profile", "--device", "cuda", *large, "--execution", "auto", "--no-cuda-graphs"],
-             150, parse_profile, "the autotuner's choice, its kernels"),
-        Step("bench_ensemble", [python, "-m", "benchmarks.ensemble", "--device", "cuda", "--cases", "small,mid,mixed,topk"], 300,
-             parse_ensemble, "ensemble throughput, other cases"),
-        Step("bench_store", [python, "-m", "benchmarks.store", "--device", "cuda"], 150, parse_last_json, "store feed and harvest"),
-        Step("sweep_default", [python, "sweep.py", *SWEEP_ARGS, f"hydra.run.dir={default_dir}", f"data.store_root={stores}"],
-             150, parse_sweep(default_dir), "default synthetic sweep", _wrote_summary),
-        Step("sweep_lm", [python, "sweep.py", "data=lm", "model=tiny", "model.build_tiny=random", "grid=quick", *SWEEP_ARGS, f"hydra.run.dir={lm_dir}",
-                          f"data.store_root={stores}"], 150, parse_sweep(lm_dir), "LM sweep, tiny GPT-2", _wrote_summary),
+        Step(
+            "gemms",
+            [python, "-m", "benchmarks.gemms", "--device", "cuda"],
+            90,
+            parse_last_json,
+            "the step's five GEMMs, per layout",
+        ),
+        Step(
+            "bench_large",
+            [python, "-m", "benchmarks.ensemble", "--device", "cuda", "--cases", "large"],
+            240,
+            parse_ensemble,
+            "large case, every candidate",
+        ),
+        Step(
+            "tests",
+            [python, "-m", "pytest", *PYTEST_OPTIONS, f"--junitxml={work / 'junit.xml'}", *cuda_test_files()],
+            200,
+            parse_tests,
+            "CUDA-marked tests",
+            lambda f: None if f.get("passed") else "no CUDA test passed (all skipped?)",
+        ),
+        Step(
+            "profile_large",
+            [python, "-m", "benchmarks.profile", "--device", "cuda", *large, "--execution", "auto", "--no-cuda-graphs"],
+            150,
+            parse_profile,
+            "the autotuner's choice, its kernels",
+        ),
+        Step(
+            "bench_ensemble",
+            [python, "-m", "benchmarks.ensemble", "--device", "cuda", "--cases", "small,mid,mixed,topk"],
+            300,
+            parse_ensemble,
+            "ensemble throughput, other cases",
+        ),
+        Step(
+            "bench_store",
+            [python, "-m", "benchmarks.store", "--device", "cuda"],
+            150,
+            parse_last_json,
+            "store feed and harvest",
+        ),
+        Step(
+            "sweep_default",
+            [python, "sweep.py", *SWEEP_ARGS, f"hydra.run.dir={default_dir}", f"data.store_root={stores}"],
+            150,
+            parse_sweep(default_dir),
+            "default synthetic sweep",
+            _wrote_summary,
+        ),
+        Step(
+            "sweep_lm",
+            [
+                python,
+                "sweep.py",
+                "data=lm",
+                "model=tiny",
+                "model.build_tiny=random",
+                "grid=quick",
+                *SWEEP_ARGS,
+                f"hydra.run.dir={lm_dir}",
+                f"data.store_root={stores}",
+            ],
+            150,
+            parse_sweep(lm_dir),
+            "LM sweep, tiny GPT-2",
+            _wrote_summary,
+        ),
+        Step(
+            "memory_model",
+            [python, "-m", "benchmarks.scale", "--device", "cuda"],
+            120,
+            parse_last_json,
+            "memory model vs max_memory_allocated",
+        ),
     ]
-    scale = importlib.util.find_spec("benchmarks.scale")
-    if scale is not None:
-        takes_device = "--device" in Path(scale.origin).read_text()
-        plan.append(Step("memory_model", [python, "-m", "benchmarks.scale", *(["--device", "cuda"] if takes_device else [])], 120,
-                         parse_last_json, "memory model vs max_memory_allocated"))
     return plan
 
 
@@ -298,30 +381,47 @@ def _first_line(command: list[str]) -> str:
 def _figure_text(result: Result) -> str:
     figures = dict(result.figures)
     if "cases" in figures:
-        return "<br>".join(f"{c['case']}: speedup {c.get('speedup')}, mfu {c.get('mfu')}, {c.get('ensemble_step_ms')} ms/step "
-                           f"({c.get('ensemble_gflops')} of {c.get('gemm_gflops')} GFLOP/s)" for c in figures["cases"])
+        return "<br>".join(
+            f"{c['case']}: speedup {c.get('speedup')}, mfu {c.get('mfu')}, {c.get('ensemble_step_ms')} ms/step "
+            f"({c.get('ensemble_gflops')} of {c.get('gemm_gflops')} GFLOP/s)"
+            for c in figures["cases"]
+        )
     if "rows" in figures:  # benchmarks.gemms: each product's share of the peak
         return f"peak {figures.get('peak_tflops')} TFLOP/s<br>" + "<br>".join(
-            f"{name}: {row['ms']} ms, {row['of_peak']} of peak" + (f" (+{row['copy_ms']} ms copy)" if "copy_ms" in row else "")
-            for name, row in figures["rows"].items())
+            f"{name}: {row['ms']} ms, {row['of_peak']} of peak"
+            + (f" (+{row['copy_ms']} ms copy)" if "copy_ms" in row else "")
+            for name, row in figures["rows"].items()
+        )
     figures.pop("not_passed", None)
-    return ", ".join(f"{k} {round(v, 4) if isinstance(v, float) else v}" for k, v in figures.items()
-                     if isinstance(v, (int, float, str)))
+    return ", ".join(
+        f"{k} {round(v, 4) if isinstance(v, float) else v}"
+        for k, v in figures.items()
+        if isinstance(v, (int, float, str))
+    )
 
 
 def markdown(env: dict, results: list[Result], descriptions: dict[str, str]) -> str:
-    lines = [f"### GPU: {', '.join(env['gpus'])}, driver {env['driver']}, CUDA {env['cuda']}, torch {env['torch']}, "
-             f"Python {env['python']} ({env['date']}, commit {env['commit']})", "",
-             "| step | what | result | wall s | figures |", "|------|------|--------|-------:|---------|"]
+    lines = [
+        f"### GPU: {', '.join(env['gpus'])}, driver {env['driver']}, CUDA {env['cuda']}, torch {env['torch']}, "
+        f"Python {env['python']} ({env['date']}, commit {env['commit']})",
+        "",
+        "| step | what | result | wall s | figures |",
+        "|------|------|--------|-------:|---------|",
+    ]
     for r in results:
         why = r.detail.splitlines()[0] if r.status != "passed" and r.detail else ""
         figures = "; ".join(part for part in (why, _figure_text(r)) if part)
-        lines.append(f"| {r.name} | {descriptions.get(r.name, '')} | {'**' + r.status + '**' if r.status != 'passed' else r.status} "
-                     f"| {r.seconds:.0f} | {figures} |")
-    ran = [r for r in results if r.status != "not available"]
-    failed = [r.name for r in ran if r.status != "passed"]
-    lines += ["", f"{len(ran) - len(failed)} of {len(ran)} steps passed" + (f"; failed: {', '.join(failed)}" if failed else "")
-              + "".join(f"; {r.name} not available" for r in results if r.status == "not available")]
+        lines.append(
+            f"| {r.name} | {descriptions.get(r.name, '')} "
+            f"| {'**' + r.status + '**' if r.status != 'passed' else r.status} "
+            f"| {r.seconds:.0f} | {figures} |"
+        )
+    failed = [r.name for r in results if r.status != "passed"]
+    lines += [
+        "",
+        f"{len(results) - len(failed)} of {len(results)} steps passed"
+        + (f"; failed: {', '.join(failed)}" if failed else ""),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -338,7 +438,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))  # stores and run dirs: many files, kept out of $OUT
     deadline = time.monotonic() + args.budget
     env = environment()
-    print(f"gpu-check on {', '.join(env['gpus'])}: driver {env['driver']}, torch {env['torch']}, packages {env['packages']}", flush=True)
+    print(
+        f"gpu-check on {', '.join(env['gpus'])}: driver {env['driver']}, torch {env['torch']}, "
+        f"packages {env['packages']}",
+        flush=True,
+    )
     plan = steps(work, sys.executable)
     if args.only:
         plan = [s for s in plan if s.name in args.only.split(",")]
@@ -349,18 +453,27 @@ def main() -> int:
             result = run_step(step, deadline - time.monotonic(), work, log)
             results.append(result)
             print(f"{result.status} ({result.seconds:.0f} s) {_figure_text(result)[:300]}", flush=True)
-    if importlib.util.find_spec("benchmarks.scale") is None and (not args.only or "memory_model" in args.only.split(",")):
-        results.append(Result("memory_model", "not available", detail="benchmarks/scale.py (issue #11) is not in this checkout"))
     shutil.rmtree(work, ignore_errors=True)
 
-    descriptions = {s.name: s.what for s in plan} | {"memory_model": "memory model vs max_memory_allocated"}
-    report = {"environment": env, "budget_s": args.budget,
-              "steps": [{"name": r.name, "status": r.status, "seconds": round(r.seconds, 1), "figures": r.figures, "detail": r.detail}
-                        for r in results]}
+    descriptions = {s.name: s.what for s in plan}
+    report = {
+        "environment": env,
+        "budget_s": args.budget,
+        "steps": [
+            {
+                "name": r.name,
+                "status": r.status,
+                "seconds": round(r.seconds, 1),
+                "figures": r.figures,
+                "detail": r.detail,
+            }
+            for r in results
+        ],
+    }
     (out / "gpu_report.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(env, results, descriptions)
     (out / "gpu_report.md").write_text(table)
-    failed = [r for r in results if r.status not in ("passed", "not available")]
+    failed = [r for r in results if r.status != "passed"]
     for r in failed:
         print(f"\n----- {r.name} {r.status}: {r.detail}")
         for line in r.figures.get("not_passed", []):
