@@ -19,7 +19,7 @@ import queue as queue_module
 import signal
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch.multiprocessing as mp
@@ -30,6 +30,8 @@ from sae_ensemble.devices import cpu_threads
 from sae_ensemble.eval_worker import LMEvaluation, evaluate_worker
 from sae_ensemble.rundir import Plan, RunDir, Segment
 from sae_ensemble.train import train_worker
+
+StorePaths = str | Path | Mapping[str | None, str | Path]  # a member hook's store (one path: every member's)
 
 EXIT_OK, EXIT_FAILED, EXIT_FROZEN, EXIT_REQUEUE = 0, 1, 3, 75
 
@@ -69,7 +71,7 @@ def _worker(
     index: int,
     device: str,
     work: Segment | Plan,
-    store_path: str,
+    paths: dict[str | None, str],
     run_dir: str,
     training: Training,
     lm: LMEvaluation | None,
@@ -83,9 +85,9 @@ def _worker(
     stop = StopFlag(stop).install()
     try:
         if job == "train":
-            train_worker(index, device, work, Path(store_path), Path(run_dir), training, threads, events, stop)
+            train_worker(index, device, work, paths, Path(run_dir), training, threads, events, stop)
         else:
-            evaluate_worker(index, device, work, Path(store_path), Path(run_dir), training, lm, threads, events, stop)
+            evaluate_worker(index, device, work, paths, Path(run_dir), training, lm, threads, events, stop)
     except BaseException as error:
         # One line first (what went wrong), then the traceback for whoever debugs it.
         message = str(error).strip().splitlines()
@@ -97,9 +99,14 @@ def _worker(
 # -- the parent ----------------------------------------------------------------------------------------
 
 
+def store_paths(stores: StorePaths) -> dict[str | None, str]:
+    """Each member hook's store path (plain strings cross to the workers); one path is the store of every member."""
+    return {k: str(v) for k, v in stores.items()} if isinstance(stores, Mapping) else {None: str(stores)}
+
+
 def train(
     segment: Segment,
-    store_path: str | Path,
+    stores: StorePaths,
     run_dir: str | Path,
     training: Training,
     on_metrics: Callable[[str, int, dict[str, float]], None] | None = None,
@@ -108,12 +115,12 @@ def train(
     """Train every ensemble of the segment to its end step, one worker per device; return an exit code (see module
     doc)."""
     totals = [segment.end_step * len(w.ensembles) for w in segment.plan.workers]
-    return _supervise("train", segment, segment.plan, store_path, run_dir, training, None, totals, on_metrics, progress)
+    return _supervise("train", segment, segment.plan, stores, run_dir, training, None, totals, on_metrics, progress)
 
 
 def evaluate(
     plan: Plan,
-    store_path: str | Path,
+    stores: StorePaths,
     run_dir: str | Path,
     training: Training,
     lm: LMEvaluation | None = None,
@@ -124,14 +131,14 @@ def evaluate(
 
     `lm`: splice members into this language model for CE loss recovered (None: MMCS only)."""
     totals = [sum(len(plan.ensembles[i].members) for i in w.ensembles) for w in plan.workers]
-    return _supervise("evaluate", plan, plan, store_path, run_dir, training, lm, totals, None, progress)
+    return _supervise("evaluate", plan, plan, stores, run_dir, training, lm, totals, None, progress)
 
 
 def _supervise(
     job: str,
     work: Segment | Plan,
     plan: Plan,
-    store_path: str | Path,
+    stores: StorePaths,
     run_dir: str | Path,
     training: Training,
     lm: LMEvaluation | None,
@@ -168,7 +175,7 @@ def _supervise(
                     index,
                     w.device,
                     work,
-                    str(store_path),
+                    store_paths(stores),
                     str(run_dir),
                     training,
                     lm,

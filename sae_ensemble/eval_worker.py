@@ -98,17 +98,18 @@ def evaluate_members_of_run(
     mine: Sequence[str],
     members: Sequence[Member],
     device: torch.device,
-    ce: Callable[[list[Path]], dict[str, dict[str, float]]] | None = None,
+    ce: Callable[[str | None, list[Path]], dict[str, dict[str, float]]] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_group: Callable[[int], None] = lambda n: None,
 ) -> bool:
     """Evaluate the members `mine` (ids) of a run whose members are `members`, a group at a time; False if stopped
     first.
 
-    Members evaluated before (eval.json, covering CE when `ce` is given) are skipped. `ce(dirs)` gives CE
-    metrics by member id for a group's member dirs (None: no CE evaluation).
+    Members evaluated before (eval.json, covering CE when `ce` is given) are skipped. `ce(hook, dirs)` gives CE
+    metrics by member id for member dirs of one member hook (None: no CE evaluation).
     """
     todo = pending(run_dir, mine, ce is not None)
+    hook_of = {m.member_id: m.hook for m in members}
     decoders = Decoders(run_dir, [m.member_id for m in members], device)
     for start in range(0, len(todo), MEMBERS_PER_GROUP):
         if should_stop():
@@ -118,8 +119,9 @@ def evaluate_members_of_run(
         for column, pairing in (("mmcs_next", "next_size"), ("mmcs_seed", "seed")):
             for member_id, value in mmcs_between(members, decoders, pairing=pairing, of=group).items():
                 results[member_id][column] = value
-        if ce is not None:
-            for member_id, values in ce([member_dir(run_dir, member_id) for member_id in group]).items():
+        for hook in dict.fromkeys(hook_of[member_id] for member_id in group) if ce is not None else ():
+            dirs = [member_dir(run_dir, member_id) for member_id in group if hook_of[member_id] == hook]
+            for member_id, values in ce(hook, dirs).items():
                 results[member_id].update(values)
         for member_id, values in results.items():
             write_evaluation(member_dir(run_dir, member_id), values, ce is not None)
@@ -131,7 +133,7 @@ def evaluate_worker(
     index: int,
     device: str,
     plan: Plan,
-    store_path: Path,
+    store_paths: dict[str | None, str],
     run_dir: Path,
     training: Training,
     lm: LMEvaluation | None,
@@ -149,9 +151,8 @@ def evaluate_worker(
     events.put(("start", index, {"step": len(mine) - len(todo)}))
     ce = None
     if todo and lm is not None:
-        ce = _ce_evaluator(
-            lm, ActivationStore.open(store_path), training, device_, lambda text: events.put(("note", index, text))
-        )
+        stores = {hook: ActivationStore.open(path) for hook, path in store_paths.items()}
+        ce = _ce_evaluator(lm, stores, training, device_, lambda text: events.put(("note", index, text)))
     done = len(mine) - len(todo)
 
     def report(n: int) -> None:
@@ -167,10 +168,14 @@ def evaluate_worker(
 
 
 def _ce_evaluator(
-    lm: LMEvaluation, store: ActivationStore, training: Training, device: torch.device, note: Callable[[str], None]
+    lm: LMEvaluation,
+    stores: dict[str | None, ActivationStore],
+    training: Training,
+    device: torch.device,
+    note: Callable[[str], None],
 ):
-    """The CE evaluation of a group of member dirs on `device` (the model booted once), or None without held-out
-    text."""
+    """The CE evaluation of member dirs of one member hook on `device` (the model booted once), or None without
+    held-out text. Members of a run over one store (hook None) splice in at the run's hook, `lm.hook`."""
     from sae_ensemble.activations.lm import boot_model, free_device_memory, iter_contexts, iter_texts, rows_per_context
     from sae_ensemble.evaluate import evaluate_members
 
@@ -190,18 +195,17 @@ def _ce_evaluator(
         free_device_memory(device)
         return None
     tokens = torch.tensor(contexts, device=device)
-    normalization = store.normalization(training.normalize)
     skip_first = lm.drop_bos and bridge.tokenizer.bos_token_id is not None
 
     # Per group, the clean and zero-ablated passes run again (2 passes beside the group's spliced one,
     # which is MEMBERS_PER_GROUP times as large): the price of never holding more members than a group.
-    def ce(dirs: list[Path]) -> dict[str, dict[str, float]]:
+    def ce(hook: str | None, dirs: list[Path]) -> dict[str, dict[str, float]]:
         return evaluate_members(
             bridge,
             tokens,
-            lm.hook,
+            hook or lm.hook,
             dirs,
-            normalization,
+            stores[hook].normalization(training.normalize),
             progress=False,
             members_per_pass=MEMBERS_PER_GROUP,
             skip_first_position=skip_first,

@@ -133,7 +133,8 @@ def run_context(run_dir: Path) -> dict[str, Any]:
     )
     if context["source"] == "lm":
         context["model_name"] = str(select("model.name", "unknown"))
-        context["hook_name"] = str(select("hook", "unknown"))
+        listed = select("data.hooks", None) or []  # several hooks: each member names its own (member.hook)
+        context["hook_name"] = str(listed[0] if len(listed) == 1 else select("hook", "unknown"))
         context["context_size"] = select("data.context_length", None)
     return context
 
@@ -186,7 +187,7 @@ def write_saelens(out: Path, member: Member, params: dict[str, torch.Tensor], co
             "sae_lens_version": SAELENS_VERSION,
             "sae_lens_training_version": None,
             "model_name": context["model_name"],
-            "hook_name": context["hook_name"],
+            "hook_name": member.hook or context["hook_name"],
             "hook_head_index": None,
             "context_size": context["context_size"],
             "prepend_bos": context["prepend_bos"],
@@ -233,7 +234,7 @@ def write_dictionary_learning(
         "lr": member.lr,
         "seed": member.seed,
         "lm_name": context["model_name"],
-        "submodule_name": context["hook_name"],
+        "submodule_name": member.hook or context["hook_name"],
         "exported_from": f"sae_ensemble member {member.member_id}",
     }
     if member.variant == "topk":

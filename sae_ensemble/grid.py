@@ -6,7 +6,9 @@ is refused here with Member's sentence, before any store is built or model run.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from collections.abc import Mapping
 
 from sae_ensemble.config import K_VARIANTS, ConfigError, Grid, Variant
 from sae_ensemble.member import Member
@@ -64,10 +66,16 @@ def members(grid: Grid, d_in: int) -> list[Member]:
     return result
 
 
-def checked_members(grid: Grid, d_in: int) -> list[Member]:
-    """`members`, with a bad axis value as a ConfigError naming the grid (exit 2 in a sweep)."""
+def checked_members(grid: Grid, widths: Mapping[str | None, int]) -> list[Member]:
+    """The run's members: the grid on every hook of `widths` (hook -> its store's d_in), hook by hook.
+
+    With several hooks each member carries its hook (and its id starts with it); with one store the hook
+    is the run's, and members and ids are those of the grid alone. A bad axis value is a ConfigError naming
+    the grid (exit 2 in a sweep)."""
     try:
-        return members(grid, d_in)
+        if len(widths) == 1:
+            return members(grid, next(iter(widths.values())))
+        return [dataclasses.replace(m, hook=hook) for hook, d_in in widths.items() for m in members(grid, d_in)]
     except ValueError as error:
         raise ConfigError(f"grid: {error}") from None
 

@@ -59,6 +59,9 @@ class Member:
     resample_every: int = 0
     """relu, tied: every this many steps, re-initialise the dead features from high-loss inputs (Anthropic
     2023; dictionary_learning's resample_steps); 0 = never. Dead = fired in none of the rows since the last."""
+    hook: str | None = None
+    """The TransformerLens hook whose activations it reads, in a run over several hooks (data.hooks); None in a
+    run over one store, whose hook (if any) is the run's."""
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -130,7 +133,8 @@ class Member:
 
     @property
     def member_id(self) -> str:
-        """Stable, human-readable id, e.g. `relu-d512-l1_0.001-bd0.05-lr0.001-s0`,
+        """Stable, human-readable id, e.g. `relu-d512-l1_0.001-bd0.05-lr0.001-s0` (in a run over several hooks
+        `blocks.3.hook_resid_post-relu-d512-...`),
         `jumprelu-d512-l0c0.001-th0.01-bw0.05-...`,
         or `relu-d512-L0_8-bd0-lr0.003-s0` for a member steered to L0 8 (its starting l1 is in cfg.json)."""
         if self.target_l0 > 0:
@@ -163,11 +167,17 @@ class Member:
         ]
         if not self.use_b_dec:
             parts.append("nobdec")
+        if self.hook is not None:  # first, so a run's members sort by hook; absent for one store: ids unchanged
+            parts.insert(0, self.hook)
         return "-".join(parts)
 
     def to_dict(self) -> dict:
-        """Plain JSON values (matryoshka_widths as a list, as cfg.json and wandb hold it)."""
-        return {**dataclasses.asdict(self), "matryoshka_widths": list(self.matryoshka_widths)}
+        """Plain JSON values (matryoshka_widths as a list, as cfg.json and wandb hold it); no `hook` in a run over
+        one store, whose hook is the run's (its wandb config and Hydra config say which)."""
+        values = {**dataclasses.asdict(self), "matryoshka_widths": list(self.matryoshka_widths)}
+        if self.hook is None:
+            del values["hook"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> Member:

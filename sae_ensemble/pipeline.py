@@ -18,7 +18,6 @@ from pathlib import Path
 
 from sae_ensemble import config, dispatch, execution, halving, report, segments
 from sae_ensemble.activations.format import StoreError
-from sae_ensemble.activations.reader import ActivationStore
 from sae_ensemble.atomic import write_json_atomic
 from sae_ensemble.config import ConfigError, LMData, NativeKernels, SweepConfig, SyntheticData, Training
 from sae_ensemble.devices import resolve_devices
@@ -29,7 +28,7 @@ from sae_ensemble.member import Member
 from sae_ensemble.memory import resolve_budget
 from sae_ensemble.plan import PlanError, assign, format_plan, make_plan
 from sae_ensemble.rundir import CheckpointError, RunDir, RunRecord
-from sae_ensemble.sources import get_store
+from sae_ensemble.sources import Stores, fingerprint, get_stores
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_FROZEN, EXIT_REQUEUE = 0, dispatch.EXIT_FAILED, 2, 3, dispatch.EXIT_REQUEUE
 # Before an LM store exists its width is unknown. Member rules are checked first at this width, which
@@ -41,8 +40,7 @@ def validate(cfg: SweepConfig) -> list[str]:
     """Every check that needs no store, in one pass: the config's own (config.validate), the grid's members'
     (Member), the execution's and the devices'. Raises ConfigError; returns the worker devices."""
     config.validate(cfg)
-    d_in = cfg.data.d_in if isinstance(cfg.data, SyntheticData) else PROVISIONAL_D_IN
-    members = checked_members(cfg.grid, d_in)
+    members = checked_members(cfg.grid, provisional_widths(cfg))
     try:
         execution.check(
             cfg.training.execution,
@@ -64,17 +62,25 @@ def validate(cfg: SweepConfig) -> list[str]:
     return devices
 
 
+def provisional_widths(cfg: SweepConfig) -> dict[str | None, int]:
+    """Each member hook's d_in as far as the config knows it before any store exists (see PROVISIONAL_D_IN)."""
+    if isinstance(cfg.data, SyntheticData):
+        return {None: cfg.data.d_in}
+    names = config.hooks(cfg)
+    return {hook: PROVISIONAL_D_IN for hook in (names if len(names) > 1 else [None])}
+
+
 # -- the plan and the resume check -----------------------------------------------------------------
 
 
-def plan_for(cfg: SweepConfig, devices: list[str], store: ActivationStore, run: RunDir) -> RunRecord:
+def plan_for(cfg: SweepConfig, devices: list[str], stores: Stores, run: RunDir) -> RunRecord:
     """The run's record, reusing the run dir's plan.json when resuming (same members, store and training).
 
     A resume keeps the planned ensembles (their checkpoints name them) and spreads them over
     whatever devices this run has: more devices than ensembles leave some idle, fewer run
     more stages on each.
     """
-    members = checked_members(cfg.grid, store.d_in)
+    members = checked_members(cfg.grid, {hook: store.d_in for hook, store in stores.items()})
     budget = resolve_budget(cfg.training.memory_budget, devices)
     try:
         previous = run.read_run()
@@ -89,10 +95,10 @@ def plan_for(cfg: SweepConfig, devices: list[str], store: ActivationStore, run: 
                     cfg.training.native_kernels,
                 ),
                 cfg.training,
-                store.fingerprint,
+                fingerprint(stores),
             )
         else:
-            check_resume(previous, members, cfg.training, store, run)
+            check_resume(previous, members, cfg.training, fingerprint(stores), run)
             record = dataclasses.replace(
                 previous,
                 plan=assign(previous.plan, devices, budget, cfg.training.execution, cfg.training.native_kernels),
@@ -104,7 +110,7 @@ def plan_for(cfg: SweepConfig, devices: list[str], store: ActivationStore, run: 
 
 
 def check_resume(
-    previous: RunRecord, members: list[Member], training: Training, store: ActivationStore, run: RunDir
+    previous: RunRecord, members: list[Member], training: Training, stores_fingerprint: str, run: RunDir
 ) -> None:
     """Refuse a resume whose members, store or result-changing training settings (config.result_changing) differ."""
     now = {m.member_id: m.to_dict() for m in members}
@@ -113,10 +119,10 @@ def check_resume(
             f"{run.path} already holds a sweep with other members; use a new run dir (hydra.run.dir=...) or the same "
             "grid to resume"
         )
-    if previous.store_fingerprint != store.fingerprint:
+    if previous.store_fingerprint != stores_fingerprint:
         raise ConfigError(
             f"{run.path} was trained on another store (fingerprint {previous.store_fingerprint}, now "
-            f"{store.fingerprint}); "
+            f"{stores_fingerprint}); "
             "use the same data settings or a new run dir"
         )
     # Member fields that ids leave out (lr/l1 warmup, lr decay) change results too.
@@ -162,7 +168,7 @@ def lm_evaluation(cfg: SweepConfig) -> LMEvaluation | None:
     return LMEvaluation(
         model=cfg.model.name,
         revision=cfg.model.revision,
-        hook=cfg.hook,
+        hook=config.hooks(cfg)[0],
         dataset=data.dataset,
         split=data.split,
         dataset_config=data.dataset_config,
@@ -181,7 +187,7 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
     if isinstance(cfg.data, SyntheticData) and not cfg.data.store and not run.plan.exists():
         try:  # refuse a grid that cannot fit before synthesising its data
             make_plan(
-                checked_members(cfg.grid, cfg.data.d_in),
+                checked_members(cfg.grid, {None: cfg.data.d_in}),
                 devices,
                 training.batch_size,
                 resolve_budget(training.memory_budget, devices),
@@ -190,16 +196,17 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
             )
         except PlanError as error:
             raise ConfigError(str(error)) from None
-    store = get_store(cfg, devices)
-    store.verify(cfg.data.verify)  # a corrupt chunk stops the sweep here, before anything trains on it
-    print(f"store: {store}")
-    if training.batch_size > store.n_train_rows or store.heldout_rows < 1:
-        raise ConfigError(
-            f"training.batch_size={training.batch_size} needs at most the store's {store.n_train_rows} training rows, "
-            f"and evaluation needs held-out rows (the store has {store.heldout_rows}); change the batch size or "
-            "data.n_rows/n_tokens/heldout_rows"
-        )
-    record = plan_for(cfg, devices, store, run)
+    stores = get_stores(cfg, devices)
+    for store in stores.values():
+        store.verify(cfg.data.verify)  # a corrupt chunk stops the sweep here, before anything trains on it
+        print(f"store: {store}")
+        if training.batch_size > store.n_train_rows or store.heldout_rows < 1:
+            raise ConfigError(
+                f"training.batch_size={training.batch_size} needs at most the store's {store.n_train_rows} training "
+                f"rows, and evaluation needs held-out rows (the store has {store.heldout_rows}); change the batch "
+                "size or data.n_rows/n_tokens/heldout_rows"
+            )
+    record = plan_for(cfg, devices, stores, run)
     print(format_plan(record.plan), flush=True)
     if cfg.plan_only:
         return EXIT_OK
@@ -212,29 +219,34 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
     base = {
         "sweep": cfg.name,
         "source": cfg.data.source,
-        "store": str(store.path),
-        "store_fingerprint": store.fingerprint,
-        **({"model": cfg.model.name, "hook": cfg.hook, "layer": cfg.layer} if isinstance(cfg.data, LMData) else {}),
+        "store": ",".join(str(store.path) for store in stores.values()),
+        "store_fingerprint": fingerprint(stores),
+        **(
+            {"model": cfg.model.name, "hook": ",".join(config.hooks(cfg)), "layer": cfg.layer}
+            if isinstance(cfg.data, LMData)
+            else {}
+        ),
         **{f"training.{k}": v for k, v in dataclasses.asdict(training).items()},
     }
     with Tracker(cfg.wandb.project, cfg.name, cfg.wandb.mode, cfg.wandb.entity, base, run_dir) as tracker:
         tracker.register(list(record.plan.members.values()))
         budget = resolve_budget(training.memory_budget, devices)
+        paths = {hook: store.path for hook, store in stores.items()}
         code = segments.run(
             record.plan,
-            store,
+            stores,
             run,
             training,
             devices,
             budget,
             lambda segment: dispatch.train(
-                segment, store.path, run_dir, training, on_metrics=tracker.log, progress=cfg.progress
+                segment, paths, run_dir, training, on_metrics=tracker.log, progress=cfg.progress
             ),
         )
         if code != EXIT_OK:
             return code
         # MMCS between dictionaries and CE scores, on the workers' devices; the report below only reads them.
-        code = dispatch.evaluate(record.plan, store.path, run_dir, training, lm_evaluation(cfg), progress=cfg.progress)
+        code = dispatch.evaluate(record.plan, paths, run_dir, training, lm_evaluation(cfg), progress=cfg.progress)
         if code != EXIT_OK:
             return code
         rows = report.load_rows(run_dir)
@@ -243,8 +255,9 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
         for row in rows:
             tracker.finish(row["member_id"], {k: v for k, v in row.items() if isinstance(v, (int, float))})
         tracker.log_sweep_plots(plots)
-    print("\nMembers on the L0-FVU Pareto front:")
-    print(report.format_table(report.pareto_front(rows)))
+    for hook, group in report.by_hook(rows).items():
+        print(f"\nMembers on the L0-FVU Pareto front{f' of {hook}' if hook else ''}:")
+        print(report.format_table(report.pareto_front(group)))
     if training.halving.rungs:
         print("\n" + halving.format_summary(halving.member_steps(rows, training.steps)))
     print(f"\nwrote {summary} and {len(plots)} plots in {run.plots}")

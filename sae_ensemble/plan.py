@@ -26,7 +26,8 @@ A worker's peak in a stage = sum of its ensembles' states + the largest step + i
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 
 from sae_ensemble.architectures import family
 from sae_ensemble.kernels import native as kernels_native
@@ -267,10 +268,20 @@ def stages(ensembles: Sequence[EnsembleSpec], budget: int, batch_size: int, d_in
     return [sorted(e.index for e in stage) for stage in result]
 
 
-def _worker(device: str, ensembles: Sequence[EnsembleSpec], budget: int, batch_size: int, d_in: int) -> WorkerSpec:
-    by_index = {e.index: e for e in ensembles}
-    plan_stages = stages(ensembles, budget, batch_size, d_in, device)
-    peak = max((stage_bytes([by_index[i] for i in s], batch_size, d_in, device) for s in plan_stages), default=0)
+def _worker(
+    device: str, ensembles: Sequence[EnsembleSpec], members: Mapping[str, Member], budget: int, batch_size: int
+) -> WorkerSpec:
+    """A worker's stages: never two hooks in one (a stage's ensembles step on one batch, and each hook has its
+    own), hook by hook in the order of their first ensemble."""
+    by_index, by_hook = {e.index: e for e in ensembles}, defaultdict(list)
+    for e in ensembles:
+        by_hook[members[e.members[0]].hook].append(e)
+    plan_stages, peak = [], 0
+    for group in by_hook.values():
+        d_in = members[group[0].members[0]].d_in
+        for stage in stages(group, budget, batch_size, d_in, device):
+            plan_stages.append(stage)
+            peak = max(peak, stage_bytes([by_index[i] for i in stage], batch_size, d_in, device))
     return WorkerSpec(device, plan_stages, peak)
 
 
@@ -284,17 +295,23 @@ def make_plan(
 ) -> Plan:
     """The plan (see the module doc), for `execution` with the C kernels per `native`; raises PlanError if a member
     cannot fit the budget."""
-    ensembles, workers = [], []
+    ensembles, workers, by_id = [], [], {m.member_id: m for m in members}
     for device, group in zip(devices, pack(members, len(devices))):
         mine = []
-        for size, kind in sorted({(m.dict_size, family(m.variant)) for m in group}, key=lambda key: (-key[0], key[1])):
-            same = [m for m in group if m.dict_size == size and family(m.variant) == kind]
+        keys = sorted({_ensemble_key(m) for m in group}, key=lambda key: (-key[0], key[1], key[2] or ""))
+        for key in keys:
+            same = [m for m in group if _ensemble_key(m) == key]
             for chunk, micro_batches in fit_ensembles(same, batch_size, budget, device, execution, native):
                 index = len(ensembles) + len(mine)
                 mine.append(_ensemble(index, chunk, batch_size, micro_batches, execution, device, native))
         ensembles += mine
-        workers.append(_worker(device, mine, budget, batch_size, members[0].d_in))
-    return Plan(batch_size, str(execution), budget, {m.member_id: m for m in members}, ensembles, workers)
+        workers.append(_worker(device, mine, by_id, budget, batch_size))
+    return Plan(batch_size, str(execution), budget, by_id, ensembles, workers)
+
+
+def _ensemble_key(member: Member) -> tuple[int, str, str | None]:
+    """Members that may share an ensemble: one dict size, one step family (architectures/), one hook (one batch)."""
+    return member.dict_size, family(member.variant), member.hook
 
 
 def _ensemble(
@@ -319,7 +336,6 @@ def assign(plan: Plan, devices: Sequence[str], budget: int, execution: str, nati
     (a resume may change it), and each must fit the budget alone. The same device count keeps
     the old assignment; otherwise the costliest ensemble goes to the least-loaded worker.
     """
-    d_in = next(iter(plan.members.values())).d_in
     batch_size = plan.batch_size
     ensembles = [
         dataclasses.replace(
@@ -331,6 +347,7 @@ def assign(plan: Plan, devices: Sequence[str], budget: int, execution: str, nati
         for e in plan.ensembles
     ]
     for e in ensembles:
+        d_in = plan.members[e.members[0]].d_in
         needed = max(stage_bytes([e], batch_size, d_in, device) for device in devices)
         if any(stage_bytes([e], batch_size, d_in, device) > usable(budget, device) for device in devices):
             raise PlanError(
@@ -347,7 +364,9 @@ def assign(plan: Plan, devices: Sequence[str], budget: int, execution: str, nati
             target = loads.index(min(loads))
             groups[target].append(e)
             loads[target] += e.flops_per_step
-    workers = [_worker(device, group, budget, batch_size, d_in) for device, group in zip(devices, groups) if group]
+    workers = [
+        _worker(device, group, plan.members, budget, batch_size) for device, group in zip(devices, groups) if group
+    ]
     return dataclasses.replace(
         plan, execution=str(execution), budget_bytes=budget, ensembles=ensembles, workers=workers
     )

@@ -34,7 +34,7 @@ from sae_ensemble.config import K_VARIANTS, L1_VARIANTS
 from sae_ensemble.rundir import CheckpointError, RunDir, read_json
 
 COLUMNS = (
-    "member_id", "variant", "l1", "target_l0", "l1_final", "dict_size", "bias_decay", "lr", "seed", "k",
+    "member_id", "hook", "variant", "l1", "target_l0", "l1_final", "dict_size", "bias_decay", "lr", "seed", "k",
     "steps", "tokens", "alive", "stopped_early",
     "mse", "fvu", "l0", "dead_frac", "mmcs_truth", "ce_recovered", "mmcs_next", "mmcs_seed",
     "l1_norm", "kl", "ce_clean", "ce_zero_ablation", "ce_recon",
@@ -92,7 +92,8 @@ def write_summary(run_dir: str | Path, rows: Sequence[Row] | None = None) -> Pat
     """Write RUN_DIR/summary.csv (one row per member, sorted by member_id) and return its path."""
     rows = load_rows(run_dir) if rows is None else rows
     extra = sorted({key for row in rows for key in row} - set(COLUMNS))  # metrics we have no fixed place for
-    columns = [*COLUMNS, *extra]
+    several_hooks = any(row.get("hook") for row in rows)  # else the run's one hook is in its config, not per member
+    columns = [c for c in (*COLUMNS, *extra) if c != "hook" or several_hooks]
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(columns)
@@ -313,15 +314,25 @@ def write_plots(run_dir: str | Path, rows: Sequence[Row] | None = None) -> list[
     """Write every plot the data allows into RUN_DIR/plots/; returns the paths written."""
     run_dir = Path(run_dir)
     rows = load_rows(run_dir) if rows is None else rows
-    plots = RunDir(run_dir).plots
-    plots.mkdir(exist_ok=True)
-    written = [
-        plot_pareto(rows, plots / "pareto_l0_fvu.png"),
-        plot_mmcs_heatmap(rows, plots / "mmcs_heatmap.png"),
-        plot_dead_vs_l1(rows, plots / "dead_vs_l1.png"),
-        plot_feature_frequencies(run_dir, rows, plots / "feature_frequency.png"),
-    ]
+    written = []
+    for hook, group in by_hook(rows).items():  # several hooks: one set of plots per hook, in plots/<hook>/
+        plots = RunDir(run_dir).plots if hook is None else RunDir(run_dir).plots / hook
+        plots.mkdir(parents=True, exist_ok=True)
+        written += [
+            plot_pareto(group, plots / "pareto_l0_fvu.png"),
+            plot_mmcs_heatmap(group, plots / "mmcs_heatmap.png"),
+            plot_dead_vs_l1(group, plots / "dead_vs_l1.png"),
+            plot_feature_frequencies(run_dir, group, plots / "feature_frequency.png"),
+        ]
     return [p for p in written if p is not None]
+
+
+def by_hook(rows: Sequence[Row]) -> dict[str | None, list[Row]]:
+    """Rows by member hook, in order of first appearance (one group, None, in a run over one store)."""
+    groups: dict[str | None, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.get("hook"), []).append(row)
+    return groups
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,8 +3,8 @@
 Without `training.halving` a run is one segment, step 0 to training.steps. With rungs it is one segment
 per stretch between rungs: each is an ordinary plan whose workers train to the segment's end step and
 write their members' held-out results there (train.py); here, between segments, the members still
-training are ranked together (halving.py), the worst stop where they are and the rest are planned afresh
-into the next segment.
+training are ranked together (halving.py; in a run over several hooks, each hook's members among
+themselves), the worst stop where they are and the rest are planned afresh into the next segment.
 
 A rung's transition, all of it derived from files already on disk, so redoing it gives the same:
   1. dropped members get their final directory `members/<member_id>/` (weights at the rung,
@@ -65,7 +65,7 @@ def finished(run: RunDir, plan: Plan, training: Training) -> bool:
 
 def run(
     plan: Plan,
-    store: ActivationStore,
+    stores: dict[str | None, ActivationStore],
     run_dir: RunDir,
     training: Training,
     devices: list[str],
@@ -77,7 +77,9 @@ def run(
     Resumes wherever the run dir stands: committed rungs are taken as they are, a segment's
     ensembles resume from their checkpoints, an uncommitted transition is redone."""
     metric = (
-        halving.resolve_metric(training.halving, store.ground_truth() is not None) if training.halving.rungs else ""
+        halving.resolve_metric(training.halving, all(s.ground_truth() is not None for s in stores.values()))
+        if training.halving.rungs
+        else ""
     )
     segment = first(plan, training)
     for number in range(1, len(end_steps(training))):
@@ -85,7 +87,7 @@ def run(
             code = EXIT_OK if ended(segment, run_dir) else train(segment)
             if code != EXIT_OK:
                 return code
-            _transition(segment, number, metric, store, run_dir, training, devices, budget)
+            _transition(segment, number, metric, stores, run_dir, training, devices, budget)
         committed = Segment.from_json(read_json(run_dir.rung(number) / RunDir.PLAN), end_steps(training)[number])
         segment = dataclasses.replace(
             committed, plan=assign(committed.plan, devices, budget, training.execution, training.native_kernels)
@@ -97,7 +99,7 @@ def _transition(
     segment: Segment,
     number: int,
     metric: str,
-    store: ActivationStore,
+    stores: dict[str | None, ActivationStore],
     run: RunDir,
     training: Training,
     devices: list[str],
@@ -125,9 +127,15 @@ def _transition(
         raise halving.HalvingError(
             f"the ensembles of {run.path} stand at different store positions at step {step}; use a new run dir"
         )
-    order = halving.rank({m: end.metrics for m, end in ends.items()}, metric)
-    keep = order[: halving.survivors_count(len(order), training.halving.eta)]
-    for member_id in order[len(keep) :]:
+    order, keep = [], []
+    for hook in dict.fromkeys(m.hook for m in segment.plan.members.values()):  # a hook's members among themselves
+        ranked = halving.rank(
+            {m: end.metrics for m, end in ends.items() if segment.plan.members[m].hook == hook}, metric
+        )
+        order += ranked
+        keep += ranked[: halving.survivors_count(len(ranked), training.halving.eta)]
+    kept = set(keep)
+    for member_id in (m for m in order if m not in kept):
         step_dir, row = sources[member_id]
         end = ends[member_id]
         checkpoint.write_stopped_member(
@@ -136,7 +144,7 @@ def _transition(
             step_dir,
             row,
             {
-                **checkpoint.result_info(store.fingerprint, training),
+                **checkpoint.result_info(stores[segment.plan.members[member_id].hook].fingerprint, training),
                 "alive": end.alive,
                 "l1_final": end.l1_final,
                 "stopped_early": True,

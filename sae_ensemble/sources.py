@@ -1,4 +1,8 @@
-"""The store a sweep trains on: the one given (data.store), a synthetic one, or a harvest; reused when present."""
+"""The stores a sweep trains on: the one given (data.store), a synthetic one, or a harvest of one store per hook;
+each reused when present.
+
+Stores are keyed as members name their hook (member.py): None for a run over one store, the hook name for
+each store of a run over several hooks (data.hooks)."""
 
 from __future__ import annotations
 
@@ -7,11 +11,29 @@ import json
 from pathlib import Path
 
 from sae_ensemble.activations.reader import ActivationStore
-from sae_ensemble.config import ConfigError, LMData, SweepConfig, SyntheticData, TinyModel
+from sae_ensemble.config import ConfigError, LMData, SweepConfig, SyntheticData, TinyModel, hooks
+
+Stores = dict[str | None, ActivationStore]
+
+
+def get_stores(cfg: SweepConfig, devices: list[str]) -> Stores:
+    """The stores this sweep trains on, keyed by member hook (the module doc)."""
+    if len(hooks(cfg)) > 1:
+        ensure_model(cfg)
+        return dict(_harvest(cfg, devices, hooks(cfg)))
+    return {None: get_store(cfg, devices)}
+
+
+def fingerprint(stores: Stores) -> str:
+    """The stores' content, as a run records it: one store's fingerprint, or a digest of every hook's."""
+    if list(stores) == [None]:
+        return stores[None].fingerprint
+    joined = json.dumps({hook: store.fingerprint for hook, store in stores.items()}, sort_keys=True)
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
 
 def get_store(cfg: SweepConfig, devices: list[str]) -> ActivationStore:
-    """The store this sweep trains on: given, synthesised, or harvested (each reused when it exists)."""
+    """The one store of a run over one store: given, synthesised, or harvested (each reused when it exists)."""
     data = cfg.data
     if isinstance(data, LMData):
         ensure_model(cfg)
@@ -24,10 +46,10 @@ def get_store(cfg: SweepConfig, devices: list[str]) -> ActivationStore:
             )
         if isinstance(data, LMData):
             stored = (store.manifest.get("hook"), store.manifest.get("source", {}).get("model"))
-            if stored != (cfg.hook, cfg.model.name):
+            if stored != (hooks(cfg)[0], cfg.model.name):
                 raise ConfigError(
                     f"data.store={data.store} holds hook {stored[0]!r} of model {stored[1]!r}, "
-                    f"not hook={cfg.hook!r} of model.name={cfg.model.name!r}; evaluation would splice it into the "
+                    f"not hook={hooks(cfg)[0]!r} of model.name={cfg.model.name!r}; evaluation would splice it into the "
                     "wrong place"
                 )
         return store
@@ -54,11 +76,18 @@ def get_store(cfg: SweepConfig, devices: list[str]) -> ActivationStore:
             heldout_rows=data.heldout_rows,
             **params,
         )
+    (hook,) = hooks(cfg)
+    return _harvest(cfg, devices, [hook])[hook]
+
+
+def _harvest(cfg: SweepConfig, devices: list[str], hook_names: list[str]) -> dict[str, ActivationStore]:
+    """One store per hook, the missing ones harvested together in one pass of the model."""
     from sae_ensemble.activations.harvest import get_or_harvest
 
-    stores = get_or_harvest(
+    data = cfg.data
+    return get_or_harvest(
         cfg.model.name,
-        [cfg.hook],
+        hook_names,
         data.dataset,
         cache_root=data.store_root,
         n_tokens=data.n_tokens,
@@ -75,7 +104,6 @@ def get_store(cfg: SweepConfig, devices: list[str]) -> ActivationStore:
         heldout_rows=data.heldout_rows,
         progress=cfg.progress,
     )
-    return stores[cfg.hook]
 
 
 def ensure_model(cfg: SweepConfig) -> None:

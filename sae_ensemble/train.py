@@ -62,13 +62,14 @@ def train_worker(
     index: int,
     device: str,
     segment: Segment,
-    store_path: Path,
+    store_paths: dict[str | None, str],
     run_dir: Path,
     training: Training,
     threads: int,
     events,
     stop,
 ) -> None:
+    """Train worker `index`'s ensembles of the segment, stage by stage; `store_paths`: each member hook's store."""
     torch.set_num_threads(threads)
     native.use(training.native_kernels)
     device_ = torch_device(device)
@@ -81,12 +82,15 @@ def train_worker(
     worker, run = segment.plan.workers[index], RunDir(run_dir)
     directories = {i: run.ensemble(segment, i) for i in worker.ensembles}
     events.put(("start", index, {"step": sum(directories[i].steps_done(segment.end_step) for i in worker.ensembles)}))
-    store = ActivationStore.open(store_path)
+    stores: dict[str | None, ActivationStore] = {}
     for stage in worker.stages:
         todo = [i for i in stage if not directories[i].is_done()]
         behind = sum(directories[i].steps_done(segment.end_step) for i in worker.ensembles if i not in todo)
+        hook = segment.plan.ensemble_members(stage[0])[0].hook  # a stage holds one hook's ensembles (plan.py)
+        if hook not in stores:
+            stores[hook] = ActivationStore.open(store_paths[hook])
         if todo and not _train_stage(
-            index, todo, segment, store, run, training, device_, baseline, behind, events, stop
+            index, todo, segment, stores[hook], run, training, device_, baseline, behind, events, stop
         ):
             events.put(("stopped", index, None))
             return

@@ -65,7 +65,8 @@ def test_a_stopped_evaluation_resumes_without_evaluating_finished_members_again(
     shutil.copytree(trained, run_dir)
     seen: list[str] = []
 
-    def ce(dirs):  # stands in for the CE evaluation: records which members it was given
+    def ce(hook, dirs):  # stands in for the CE evaluation: records which members it was given
+        assert hook is None  # one store: members splice in at the run's hook
         seen.extend(d.name for d in dirs)
         return {d.name: {"ce_recovered": 0.5} for d in dirs}
 

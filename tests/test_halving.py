@@ -48,7 +48,7 @@ def halving_run(store: ActivationStore, run_dir: Path) -> int:
     training = Training(**TRAINING, halving=HALVING)
     return segments.run(
         plan_for(training),
-        store,
+        {None: store},
         RunDir(run_dir),
         training,
         DEVICES,

@@ -85,7 +85,7 @@ class SweepConfig:
     layer: int = 0
     """LM: layer used by the default hook name."""
     hook: str = "blocks.${layer}.hook_resid_post"
-    """LM: TransformerLens hook name whose activations are harvested."""
+    """LM: TransformerLens hook name whose activations are harvested (data.hooks, when given, replaces it)."""
     grid: Grid = field(default_factory=Grid)
     """The inner grid: every combination of its axes is one member (grid=default|quick|paper|architectures)."""
     training: Training = field(default_factory=Training)
@@ -163,6 +163,7 @@ def validate(cfg: SweepConfig) -> None:
         ),
         (data.rows_per_chunk >= 1, f"data.rows_per_chunk={data.rows_per_chunk} must be at least 1"),
         (cfg.eval.n_contexts >= 1, f"eval.n_contexts={cfg.eval.n_contexts} must be at least 1"),
+        *_hook_checks(cfg),
     ]
     for ok, message in checks:
         if not ok:
@@ -171,6 +172,31 @@ def validate(cfg: SweepConfig) -> None:
         parse_size(training.memory_budget)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def hooks(cfg: SweepConfig) -> list[str | None]:
+    """The hooks a run trains on: data.hooks, else the one `hook` (LM data); [None] for a synthetic store."""
+    if not isinstance(cfg.data, LMData):
+        return [None]
+    return list(cfg.data.hooks) or [cfg.hook]
+
+
+def _hook_checks(cfg: SweepConfig) -> list[tuple[bool, str]]:
+    data = cfg.data
+    if not isinstance(data, LMData):
+        return []
+    given = list(data.hooks)
+    return [
+        (
+            len(set(given)) == len(given) and all(isinstance(h, str) and h for h in given),
+            f"data.hooks={given} must be distinct TransformerLens hook names (e.g. blocks.0.hook_resid_post)",
+        ),
+        (
+            not (given and data.store),
+            f"data.hooks={given} harvests one store per hook, and data.store={data.store} names one store: "
+            "give one of them",
+        ),
+    ]
 
 
 def register() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sae_ensemble.config.choices import StoreDtype, TinyModel, Verify
 
@@ -53,9 +53,14 @@ class SyntheticData(StoreConfig):
 
 @dataclass
 class LMData(StoreConfig):
-    """Activations harvested from a language model (model=...) at `hook`, cached by content."""
+    """Activations harvested from a language model (model=...) at `hook`, or at every one of `hooks`, cached by
+    content (one store per hook)."""
 
     source = "lm"
+    hooks: list[str] = field(default_factory=list)
+    """Several TransformerLens hook names, harvested in one pass of the model into sibling stores that share the
+    token order; the inner grid trains on each (member ids then start with the hook). Empty: the one hook of
+    the top-level `hook` (which an outer multirun sweeps)."""
     dataset: str = "NeelNanda/pile-10k"
     """Hugging Face dataset name (streamed) or a local .txt/.jsonl file or directory."""
     split: str = "train"
