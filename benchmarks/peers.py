@@ -14,6 +14,8 @@ block i is batch i for every side, and nobody shuffles. Then the grid trains
 - each peer's way, with its own training loop in its own venv (`make interop`), one SAE after another
   (tests/interop/peers/: the runners, what each library is given and the hyperparameter conversions).
 A peer that cannot train a case (sparsify has no ReLU/L1 SAE) says so; it gets no row of numbers.
+Where a peer fixes its encoder's initial norm (dictionary_learning's ReLU SAE 0.1, sparsify about 0.58), our
+members start from the same (`encoder_init_norm`), so both sides train the same SAEs from the same start.
 
 One JSON line per (case, peer): the seconds of training the whole grid for each side, `speedup` = peer_s /
 ours_s, and the quality each side reached on the same held-out rows (mean FVU and L0; `fvu_ratio` = ours /
@@ -110,12 +112,31 @@ TINY = {  # --tiny: 20 steps at toy sizes, for the tests (does every side train 
 }
 
 
-def our_member(case: Case, spec: dict) -> Member:
+def encoder_init_norm(peer: str, architecture: str) -> float:
+    """The norm of the encoder rows each peer starts from, which it does not let a user set, so our side starts there
+    too (a 300-step training depends on it: docs/benchmarks.md, "Peers"). SAELens is given ours (its
+    decoder_init_norm=1.0, encoder = the decoder's transpose); dictionary_learning's ReLU AutoEncoder starts both at
+    0.1 (its top-k SAEs at unit rows); sparsify's encoder is nn.Linear's default init, U(-1/sqrt(d), 1/sqrt(d)),
+    rows of norm 1/sqrt(3) in expectation, with its decoder the encoder's rows normalised."""
+    if peer == "dictionary_learning" and architecture == "relu":
+        return 0.1
+    return 3**-0.5 if peer == "sparsify" else 1.0
+
+
+def our_member(case: Case, spec: dict, init_norm: float = 1.0) -> Member:
     """The peer spec's member as our Member (the same hyperparameters; the runners convert them for each library)."""
     extra = {"l1": spec["l1"]} if case.architecture == "relu" else {"k": spec["k"]}
     if spec.get("auxk"):
         extra["auxk_dead_tokens"] = spec["auxk_dead_tokens"]
-    return Member(case.architecture, case.d_in, spec["dict_size"], lr=spec["lr"], seed=spec["seed"], **extra)
+    return Member(
+        case.architecture,
+        case.d_in,
+        spec["dict_size"],
+        lr=spec["lr"],
+        seed=spec["seed"],
+        encoder_init_norm=init_norm,
+        **extra,
+    )
 
 
 # -- the rows -----------------------------------------------------------------------------------------
@@ -145,7 +166,9 @@ def write_rows(case: Case, directory: Path) -> tuple[Path, Path]:
 # -- our side -----------------------------------------------------------------------------------------
 
 
-def train_ours(case: Case, train_path: Path, heldout_path: Path, device: str, threads: int) -> dict:
+def train_ours(
+    case: Case, train_path: Path, heldout_path: Path, device: str, threads: int, init_norm: float = 1.0
+) -> dict:
     """The grid as a sweep worker trains it: planned ensembles, autotuned, stepped in turn on every batch."""
     from safetensors.torch import load_file
 
@@ -154,7 +177,7 @@ def train_ours(case: Case, train_path: Path, heldout_path: Path, device: str, th
     target = torch_device(device)
     rows = load_file(train_path)["activations"].to(target)
     heldout = load_file(heldout_path)["activations"].to(target)
-    members = [our_member(case, m) for m in case.members]
+    members = [our_member(case, m, init_norm) for m in case.members]
     worker = f"{device}:0" if device == "cpu" else device
     plan = make_plan(members, [worker], case.batch_size, resolve_budget("auto", [worker]), ExecutionKind.auto)
     sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
@@ -183,8 +206,9 @@ def train_ours(case: Case, train_path: Path, heldout_path: Path, device: str, th
         result = heldout_metrics(heldout, ensemble.forward, ensemble.hparams["feature_mask"], case.batch_size)
         for i, member in enumerate(ensemble.members):
             quality[member.member_id] = {"fvu": float(result["fvu"][i]), "l0": float(result["l0"][i])}
-    by_spec = {our_member(case, m).member_id: m["member_id"] for m in case.members}
+    by_spec = {our_member(case, m, init_norm).member_id: m["member_id"] for m in case.members}
     return {
+        "encoder_init_norm": init_norm,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "execution": [e.choice for e in ensembles],
@@ -272,6 +296,7 @@ def compare(case_name: str, case: Case, device: str, threads: int, ours: dict, p
         "speedup": round(peer["train_seconds"] / ours["seconds"], 2),
         "cpu_seconds": {"ours": round(ours["cpu_seconds"], 2), "peer": round(peer.get("train_cpu_seconds") or 0, 2)},
         "ours_execution": ours["execution"],
+        "encoder_init_norm": round(ours["encoder_init_norm"], 4),
         "peer_trained": trained,
         "quality": {
             "ours": {"fvu": round(ours_fvu, 5), "l0": round(mean(ours["members"], "l0"), 2)},
@@ -283,19 +308,17 @@ def compare(case_name: str, case: Case, device: str, threads: int, ours: dict, p
 
 
 def run_case(case_name: str, case: Case, peers: list[str], device: str, threads: int, directory: Path) -> list[dict]:
+    """Every peer's line for the case; our side trains once per encoder init the peers start from."""
     train_path, heldout_path = write_rows(case, directory)
-    ours = train_ours(case, train_path, heldout_path, device, threads)
-    return [
-        compare(
-            case_name,
-            case,
-            device,
-            threads,
-            ours,
-            train_peer(p, case_name, case, train_path, heldout_path, device, threads, directory),
-        )
-        for p in peers
-    ]
+    ours: dict[float, dict] = {}
+    lines = []
+    for peer in peers:
+        init_norm = encoder_init_norm(peer, case.architecture)
+        result = train_peer(peer, case_name, case, train_path, heldout_path, device, threads, directory)
+        if result.get("supported", False) and init_norm not in ours:
+            ours[init_norm] = train_ours(case, train_path, heldout_path, device, threads, init_norm)
+        lines.append(compare(case_name, case, device, threads, ours.get(init_norm, {}), result))
+    return lines
 
 
 def main() -> None:

@@ -53,6 +53,7 @@ def members(grid: Grid, d_in: int) -> list[Member]:
                     lr=lr,
                     seed=seed,
                     use_b_dec=grid.use_b_dec,
+                    encoder_init_norm=grid.encoder_init_norm,
                     lr_warmup_steps=grid.lr_warmup_steps,
                     lr_decay_steps=grid.lr_decay_steps,
                     l1_warmup_steps=grid.l1_warmup_steps,

@@ -59,6 +59,8 @@ class Member:
     resample_every: int = 0
     """relu, tied: every this many steps, re-initialise the dead features from high-loss inputs (Anthropic
     2023; dictionary_learning's resample_steps); 0 = never. Dead = fired in none of the rows since the last."""
+    encoder_init_norm: float = 1.0
+    """Norm of each encoder row at init (the encoder starts as this times the decoder's unit rows)."""
     hook: str | None = None
     """The TransformerLens hook whose activations it reads, in a run over several hooks (data.hooks); None in a
     run over one store, whose hook (if any) is the run's."""
@@ -114,6 +116,8 @@ class Member:
             raise ValueError(
                 f"matryoshka_widths={list(widths)} is for matryoshka members only (variant={self.variant})"
             )
+        if not self.encoder_init_norm > 0:
+            raise ValueError(f"encoder_init_norm={self.encoder_init_norm} must be positive")
         if self.bias_decay < 0:
             raise ValueError(f"bias_decay={self.bias_decay} must be non-negative")
         if self.lr <= 0:
@@ -157,6 +161,8 @@ class Member:
             )
         if self.resample_every:
             sparsity.append(f"rs{self.resample_every}")
+        if self.encoder_init_norm != 1.0:  # only when set: ids of members at the default do not change
+            sparsity.append(f"ein{self.encoder_init_norm:g}")
         parts = [
             self.variant,
             f"d{self.dict_size}",

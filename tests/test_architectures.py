@@ -364,6 +364,22 @@ def test_existing_member_ids_do_not_change_and_new_ones_name_their_hyperparamete
         == "matryoshka-d32-k4-w4_16-bd0-lr0.001-s0"
     )
     assert Member("gated", 8, 32, l1=1e-2).member_id == "gated-d32-l1_0.01-bd0-lr0.001-s0"
+    assert Member("topk", 8, 32, k=4, encoder_init_norm=0.1).member_id == "topk-d32-k4-ein0.1-bd0-lr0.001-s0"
+    assert Member("relu", 8, 32, hook="blocks.1.hook_resid_post").member_id.startswith("blocks.1.hook_resid_post-relu-")
+
+
+@pytest.mark.parametrize("variant", ["relu", "tied", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"])
+def test_every_architecture_starts_its_encoder_rows_at_encoder_init_norm_along_the_decoder(variant):
+    extra = {"k": 4} if variant in ("topk", "batchtopk", "matryoshka") else {}
+    extra.update({"matryoshka_widths": (8,)} if variant == "matryoshka" else {})
+    default = architectures.init_params(Member(variant, D_IN, 16, **extra))
+    scaled = architectures.init_params(Member(variant, D_IN, 16, encoder_init_norm=0.25, **extra))
+    torch.testing.assert_close(scaled["W_enc"].norm(dim=-1), torch.full((16,), 0.25))
+    torch.testing.assert_close(scaled["W_enc"], 0.25 * default["W_enc"])
+    for name in default.keys() - {"W_enc"}:
+        assert torch.equal(scaled[name], default[name]), name
+    with pytest.raises(ValueError, match="encoder_init_norm=0 must be positive"):
+        Member(variant, D_IN, 16, encoder_init_norm=0, **extra)
 
 
 def test_summary_csv_carries_each_members_architecture_hyperparameters(tmp_path):

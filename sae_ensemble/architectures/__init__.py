@@ -67,10 +67,14 @@ def _hyper(module: ModuleType, member) -> dict[str, Any]:
 
 
 def init_params(member, n_padded: int | None = None) -> dict[str, torch.Tensor]:
-    """One member's initial params (features beyond its dict_size, up to n_padded, are zero)."""
+    """One member's initial params (features beyond its dict_size, up to n_padded, are zero); every architecture's
+    encoder rows start at norm `member.encoder_init_norm`."""
     module = module_of(member.variant)
     extra = {name: getattr(member, name) for name in getattr(module, "INIT_HYPERPARAMETERS", ())}
-    return module.init_params(member.variant, member.d_in, member.dict_size, member.seed, n_padded, **extra)
+    params = module.init_params(member.variant, member.d_in, member.dict_size, member.seed, n_padded, **extra)
+    if member.encoder_init_norm != 1.0:  # multiplying by 1.0 is exact, but leaves the default's tensors as they were
+        params["W_enc"] = params["W_enc"] * member.encoder_init_norm
+    return params
 
 
 def make_hparams(member, n_padded: int | None = None, layout=None) -> dict[str, torch.Tensor]:

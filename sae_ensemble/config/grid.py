@@ -37,6 +37,9 @@ class Grid:
     """Initialisation seeds."""
     use_b_dec: bool = True
     """Learn a decoder bias (pre-encoder centring)."""
+    encoder_init_norm: float = 1.0
+    """Norm of each encoder row at init, along its unit decoder row (SAELens' decoder_init_norm; sparsify's
+    nn.Linear init gives about 0.58, dictionary_learning's ReLU SAE 0.1). Short trainings depend on it."""
     lr_warmup_steps: int = 0
     """Linear learning-rate warmup steps."""
     lr_decay_steps: int = 0
