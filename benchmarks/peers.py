@@ -14,8 +14,9 @@ block i is batch i for every side, and nobody shuffles. Then the grid trains
 - each peer's way, with its own training loop in its own venv (`make interop`), one SAE after another
   (tests/interop/peers/: the runners, what each library is given and the hyperparameter conversions).
 A peer that cannot train a case (sparsify has no ReLU/L1 SAE) says so; it gets no row of numbers.
-Where a peer fixes its encoder's initial norm (dictionary_learning's ReLU SAE 0.1, sparsify about 0.58), our
-members start from the same (`encoder_init_norm`), so both sides train the same SAEs from the same start.
+Where a peer fixes a setting no user can change (the encoder's initial norm: dictionary_learning's ReLU SAE 0.1,
+sparsify about 0.58; gradient clipping: SAELens and dictionary_learning at 1.0 of their loss), our members take
+the same (`encoder_init_norm`, `max_grad_norm`: `peer_fixed`), so both sides train the same SAEs.
 
 One JSON line per (case, peer): the seconds of training the whole grid for each side, `speedup` = peer_s /
 ours_s, and the quality each side reached on the same held-out rows (mean FVU and L0; `fvu_ratio` = ours /
@@ -112,30 +113,26 @@ TINY = {  # --tiny: 20 steps at toy sizes, for the tests (does every side train 
 }
 
 
-def encoder_init_norm(peer: str, architecture: str) -> float:
-    """The norm of the encoder rows each peer starts from, which it does not let a user set, so our side starts there
-    too (a 300-step training depends on it: docs/benchmarks.md, "Peers"). SAELens is given ours (its
-    decoder_init_norm=1.0, encoder = the decoder's transpose); dictionary_learning's ReLU AutoEncoder starts both at
-    0.1 (its top-k SAEs at unit rows); sparsify's encoder is nn.Linear's default init, U(-1/sqrt(d), 1/sqrt(d)),
-    rows of norm 1/sqrt(3) in expectation, with its decoder the encoder's rows normalised."""
-    if peer == "dictionary_learning" and architecture == "relu":
-        return 0.1
-    return 3**-0.5 if peer == "sparsify" else 1.0
+def peer_fixed(peer: str, architecture: str, d_in: int) -> dict[str, float]:
+    """What each peer fixes and lets no user set, as our members' settings, so both sides train the same SAEs (a
+    300-step training depends on both: docs/benchmarks.md, "Peers").
+
+    encoder_init_norm: SAELens is given ours (decoder_init_norm=1.0, encoder = the decoder's transpose);
+    dictionary_learning's ReLU AutoEncoder starts both at 0.1 (its top-k SAEs at unit rows); sparsify's encoder is
+    nn.Linear's default init, U(-1/sqrt(d), 1/sqrt(d)), rows of norm 1/sqrt(3) in expectation.
+    max_grad_norm: SAELens and dictionary_learning clip every step at 1.0 of their loss, which is d_in times ours
+    (1 / d_in here); sparsify does not clip."""
+    init = 0.1 if (peer, architecture) == ("dictionary_learning", "relu") else 3**-0.5 if peer == "sparsify" else 1.0
+    return {"encoder_init_norm": init, "max_grad_norm": 0.0 if peer == "sparsify" else 1.0 / d_in}
 
 
-def our_member(case: Case, spec: dict, init_norm: float = 1.0) -> Member:
+def our_member(case: Case, spec: dict, fixed: dict[str, float] | None = None) -> Member:
     """The peer spec's member as our Member (the same hyperparameters; the runners convert them for each library)."""
     extra = {"l1": spec["l1"]} if case.architecture == "relu" else {"k": spec["k"]}
     if spec.get("auxk"):
         extra["auxk_dead_tokens"] = spec["auxk_dead_tokens"]
     return Member(
-        case.architecture,
-        case.d_in,
-        spec["dict_size"],
-        lr=spec["lr"],
-        seed=spec["seed"],
-        encoder_init_norm=init_norm,
-        **extra,
+        case.architecture, case.d_in, spec["dict_size"], lr=spec["lr"], seed=spec["seed"], **(fixed or {}), **extra
     )
 
 
@@ -167,7 +164,7 @@ def write_rows(case: Case, directory: Path) -> tuple[Path, Path]:
 
 
 def train_ours(
-    case: Case, train_path: Path, heldout_path: Path, device: str, threads: int, init_norm: float = 1.0
+    case: Case, train_path: Path, heldout_path: Path, device: str, threads: int, fixed: dict[str, float] | None = None
 ) -> dict:
     """The grid as a sweep worker trains it: planned ensembles, autotuned, stepped in turn on every batch."""
     from safetensors.torch import load_file
@@ -177,7 +174,7 @@ def train_ours(
     target = torch_device(device)
     rows = load_file(train_path)["activations"].to(target)
     heldout = load_file(heldout_path)["activations"].to(target)
-    members = [our_member(case, m, init_norm) for m in case.members]
+    members = [our_member(case, m, fixed) for m in case.members]
     worker = f"{device}:0" if device == "cpu" else device
     plan = make_plan(members, [worker], case.batch_size, resolve_budget("auto", [worker]), ExecutionKind.auto)
     sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
@@ -206,9 +203,9 @@ def train_ours(
         result = heldout_metrics(heldout, ensemble.forward, ensemble.hparams["feature_mask"], case.batch_size)
         for i, member in enumerate(ensemble.members):
             quality[member.member_id] = {"fvu": float(result["fvu"][i]), "l0": float(result["l0"][i])}
-    by_spec = {our_member(case, m, init_norm).member_id: m["member_id"] for m in case.members}
+    by_spec = {our_member(case, m, fixed).member_id: m["member_id"] for m in case.members}
     return {
-        "encoder_init_norm": init_norm,
+        "settings": {k: round(v, 6) for k, v in (fixed or {}).items()},
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "execution": [e.choice for e in ensembles],
@@ -296,7 +293,7 @@ def compare(case_name: str, case: Case, device: str, threads: int, ours: dict, p
         "speedup": round(peer["train_seconds"] / ours["seconds"], 2),
         "cpu_seconds": {"ours": round(ours["cpu_seconds"], 2), "peer": round(peer.get("train_cpu_seconds") or 0, 2)},
         "ours_execution": ours["execution"],
-        "encoder_init_norm": round(ours["encoder_init_norm"], 4),
+        "ours_settings": ours["settings"],
         "peer_trained": trained,
         "quality": {
             "ours": {"fvu": round(ours_fvu, 5), "l0": round(mean(ours["members"], "l0"), 2)},
@@ -308,16 +305,17 @@ def compare(case_name: str, case: Case, device: str, threads: int, ours: dict, p
 
 
 def run_case(case_name: str, case: Case, peers: list[str], device: str, threads: int, directory: Path) -> list[dict]:
-    """Every peer's line for the case; our side trains once per encoder init the peers start from."""
+    """Every peer's line for the case; our side trains once per set of settings the peers fix (peer_fixed)."""
     train_path, heldout_path = write_rows(case, directory)
-    ours: dict[float, dict] = {}
+    ours: dict[tuple, dict] = {}
     lines = []
     for peer in peers:
-        init_norm = encoder_init_norm(peer, case.architecture)
+        fixed = peer_fixed(peer, case.architecture, case.d_in)
+        key = tuple(sorted(fixed.items()))
         result = train_peer(peer, case_name, case, train_path, heldout_path, device, threads, directory)
-        if result.get("supported", False) and init_norm not in ours:
-            ours[init_norm] = train_ours(case, train_path, heldout_path, device, threads, init_norm)
-        lines.append(compare(case_name, case, device, threads, ours.get(init_norm, {}), result))
+        if result.get("supported", False) and key not in ours:
+            ours[key] = train_ours(case, train_path, heldout_path, device, threads, fixed)
+        lines.append(compare(case_name, case, device, threads, ours.get(key, {}), result))
     return lines
 
 

@@ -331,7 +331,8 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def _check_shapes(path: Path, member: Member, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
     """Every param of the member's architecture present with its shape."""
     n, d = member.dict_size, member.d_in
-    shapes = architectures.param_shapes(architectures.module_of(member.variant), d, n)
+    module = architectures.module_of(member.variant)
+    shapes = architectures.param_shapes(module, d, n, member.d_out, member.skip_connection)
     expected = tuple(shapes)
     missing = [prefix + name for name in expected if name not in tensors]
     if missing:

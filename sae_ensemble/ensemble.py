@@ -85,7 +85,7 @@ class Ensemble:
             raise ValueError(f"duplicate members in one ensemble: {sorted({i for i in ids if ids.count(i) > 1})}")
         auxk = any(m.auxk_dead_tokens for m in members)
         kind = execution.kind if isinstance(execution, Execution) else str(execution)
-        executions.check(kind, [m.variant for m in members], auxk, autocast_bf16)
+        executions.check(kind, [m.variant for m in members], auxk, autocast_bf16, any(m.d_out for m in members))
         if micro_batches < 1 or freeze_after < 1:
             raise ValueError(f"micro_batches={micro_batches} and freeze_after={freeze_after} must be at least 1")
         self.device = torch.device(device)
@@ -102,7 +102,10 @@ class Ensemble:
         self.architecture = architectures.module_for(members)  # raises if members' parameter sets differ
         self.layout = self.architecture.layout(members)
         # `auto` tunes only where a kernel applies: other architectures have the reference alone.
-        self.auto = kind == ExecutionKind.auto and executions.kernels_apply([m.variant for m in members], auxk)
+        transcoders = any(m.d_out for m in members)
+        self.auto = kind == ExecutionKind.auto and executions.kernels_apply(
+            [m.variant for m in members], auxk, transcoders
+        )
         fixed = (
             execution
             if isinstance(execution, Execution)
@@ -122,6 +125,8 @@ class Ensemble:
         )
         self.schedule = Schedules(members, total_steps, configured)
         self.auxk_dead_tokens = per_member([m.auxk_dead_tokens for m in members], self.device)
+        clip = [m.max_grad_norm or float("inf") for m in members]
+        self.max_grad_norm = per_member(clip, self.device) if any(m.max_grad_norm for m in members) else None
         # [M, n] rows since each feature last fired (AuxK's dead mask); saved with the moments to resume exactly
         self.tokens_since_fired = torch.zeros(len(members), self.n_padded, device=self.device)
         self.resampling = any(m.resample_every for m in members)
@@ -158,7 +163,10 @@ class Ensemble:
     def _allocate(self, init: bool) -> dict[str, torch.Tensor]:
         """Stacked params allocated on the device, each member's init generated and copied in
         alone, so host memory holds one member's init at a time, never the whole stack."""
-        shapes = architectures.param_shapes(self.architecture, self.d_in, self.n_padded)
+        first = self.members[0]
+        shapes = architectures.param_shapes(
+            self.architecture, self.d_in, self.n_padded, first.d_out, first.skip_connection
+        )
         params = {name: torch.zeros(len(self.members), *shape, device=self.device) for name, shape in shapes.items()}
         if init:
             for index, member in enumerate(self.members):
@@ -292,6 +300,8 @@ class Ensemble:
         captured as a CUDA graph (cuda_graph.py): the step number is the device tensor `_device_step`."""
         lr, coefficient = self.schedules(self._device_step)
         grads, aux = self.grads(batch, self.with_sparsity(coefficient))
+        if self.max_grad_norm is not None:
+            grads = kernels.adam.clip_by_global_norm(grads, self.max_grad_norm)
         ok = self.alive & torch.isfinite(aux["loss"])
         step = self._device_step
         taken = self._adam_step(self.params, grads, self.opt_state, step + 1, lr, ok, check_on_host=self._check_on_host)
@@ -312,12 +322,14 @@ class Ensemble:
 
     @torch.no_grad()
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes [M, B, n_padded], x_hat [M, B, d]) of every member on `batch` [B, d]."""
+        """(codes [M, B, n_padded], x_hat [M, B, d]) of every member on `batch` [B, d] (transcoders: x_hat is the
+        predicted target [M, B, d_out] of the batch [x | y])."""
         return self._forward(self.params, self.hparams, batch)
 
     @torch.no_grad()
     def decoders(self) -> torch.Tensor:
-        """Every member's unit-norm dictionary [M, n_padded, d] (padded rows are zero)."""
+        """Every member's unit-norm dictionary [M, n_padded, d] (transcoders: of the output, d_out; padded rows are
+        zero)."""
         return torch.func.vmap(lambda p, h: self.architecture.decoder(p, h, self.layout))(self.params, self.hparams)
 
     # -- plain-data views ------------------------------------------------------
@@ -367,9 +379,15 @@ class Ensemble:
         self._device_step.fill_(int(step))
 
 
-def _encode_decode(architecture, params, hp, x, layout):
+def _encode_decode(architecture, params, hp, batch, layout):
+    """(codes, output) of one member on a batch: an SAE's reconstruction of it; a transcoder's prediction of its
+    target from its input ([x | y], sae.split)."""
+    if not getattr(layout, "target_at", 0):  # the architectures/ layouts beyond sae.py's have no transcoders
+        codes = architecture.encode(params, hp, batch, layout)
+        return codes, architecture.decode(params, hp, codes, layout)
+    x, _ = sae.split(batch, layout)
     codes = architecture.encode(params, hp, x, layout)
-    return codes, architecture.decode(params, hp, codes, layout)
+    return codes, architecture.decode(params, hp, codes, layout, x)
 
 
 def _fill(slot: torch.Tensor, value: torch.Tensor) -> None:

@@ -299,6 +299,12 @@ def export_run(
             f"of {len(refused)} member(s) (e.g. {refused[0]}); it holds {', '.join(EXPRESSIBLE[fmt])}: select those "
             "with --members"
         )
+    transcoders = [c["member_id"] for c in cfgs if c.get("d_out")]
+    if transcoders:
+        raise ExportError(
+            f"{len(transcoders)} selected member(s) are transcoders (e.g. {transcoders[0]}), which no export writes "
+            "yet; select SAEs with --members"
+        )
     normalizations = [normalization_of(c, store_dir) for c in cfgs]
     context = run_context(run_dir)
     out = run_dir / "export" / fmt if out is None else Path(out)

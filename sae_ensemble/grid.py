@@ -54,6 +54,7 @@ def members(grid: Grid, d_in: int) -> list[Member]:
                     seed=seed,
                     use_b_dec=grid.use_b_dec,
                     encoder_init_norm=grid.encoder_init_norm,
+                    max_grad_norm=grid.max_grad_norm,
                     lr_warmup_steps=grid.lr_warmup_steps,
                     lr_decay_steps=grid.lr_decay_steps,
                     l1_warmup_steps=grid.l1_warmup_steps,

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from sae_ensemble.config import K_VARIANTS, L1_VARIANTS, Variant
 
+TRANSCODER_VARIANTS = ("relu", "topk")  # sae.py's untied variants: an encoder and a decoder of their own widths
+
 
 @dataclass(frozen=True)
 class Member:
@@ -59,8 +61,16 @@ class Member:
     resample_every: int = 0
     """relu, tied: every this many steps, re-initialise the dead features from high-loss inputs (Anthropic
     2023; dictionary_learning's resample_steps); 0 = never. Dead = fired in none of the rows since the last."""
+    max_grad_norm: float = 0.0
+    """Clip each step's gradient to this L2 norm over all the member's params (torch's clip_grad_norm_); 0 = never.
+    SAELens and dictionary_learning always clip at 1.0 of their loss, which is d_in times ours: 1 / d_in here."""
     encoder_init_norm: float = 1.0
     """Norm of each encoder row at init (the encoder starts as this times the decoder's unit rows)."""
+    d_out: int = 0
+    """A transcoder's output width: it encodes an input of width d_in and reconstructs another activation of width
+    d_out (its batches are [input | target], the target from column d_in); 0 = an SAE, reconstructing its input."""
+    skip_connection: bool = False
+    """A skip transcoder: a learned linear path W_skip [d_out, d_in] from input to output beside the features."""
     hook: str | None = None
     """The TransformerLens hook whose activations it reads, in a run over several hooks (data.hooks); None in a
     run over one store, whose hook (if any) is the run's."""
@@ -116,6 +126,19 @@ class Member:
             raise ValueError(
                 f"matryoshka_widths={list(widths)} is for matryoshka members only (variant={self.variant})"
             )
+        if self.d_out < 0:
+            raise ValueError(f"d_out={self.d_out} must be non-negative (0 = an SAE)")
+        if self.d_out and self.variant not in TRANSCODER_VARIANTS:
+            raise ValueError(
+                f"d_out={self.d_out} makes a transcoder, which variants {', '.join(TRANSCODER_VARIANTS)} can be; "
+                f"variant={self.variant} cannot"
+            )
+        if self.skip_connection and not self.d_out:
+            raise ValueError("skip_connection=True is for transcoders only (d_out > 0)")
+        if self.d_out and self.resample_every:
+            raise ValueError(f"resample_every={self.resample_every} re-initialises SAE features; transcoders have none")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm} must be non-negative (0 = no clipping)")
         if not self.encoder_init_norm > 0:
             raise ValueError(f"encoder_init_norm={self.encoder_init_norm} must be positive")
         if self.bias_decay < 0:
@@ -161,11 +184,15 @@ class Member:
             )
         if self.resample_every:
             sparsity.append(f"rs{self.resample_every}")
+        if self.max_grad_norm:
+            sparsity.append(f"gc{self.max_grad_norm:g}")
         if self.encoder_init_norm != 1.0:  # only when set: ids of members at the default do not change
             sparsity.append(f"ein{self.encoder_init_norm:g}")
+        transcoder = [f"{'skip' if self.skip_connection else ''}tc{self.d_out}"] if self.d_out else []
         parts = [
             self.variant,
             f"d{self.dict_size}",
+            *transcoder,
             *sparsity,
             f"bd{self.bias_decay:g}",
             f"lr{self.lr:g}",

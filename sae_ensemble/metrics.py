@@ -51,8 +51,10 @@ def heldout_metrics(
     forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     feature_mask: torch.Tensor,
     rows_per_part: int,
+    target_at: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """`reconstruction_metrics` over all of x [R, d], `rows_per_part` rows at a time.
+    """`reconstruction_metrics` over all of x [R, d], `rows_per_part` rows at a time; transcoders' rows are
+    [input | target] and their outputs are scored against the target, from column `target_at` on.
 
     `forward(rows)` gives (codes [M, b, n], x_hat [M, b, d]). Sums are added over parts and the
     ratios (fvu, relative_reconstruction_bias) formed once at the end, so the result equals one
@@ -61,7 +63,8 @@ def heldout_metrics(
     total: dict[str, torch.Tensor] = {}
     for rows in x.split(rows_per_part):
         codes, x_hat = forward(rows)
-        for name, value in _reconstruction_sums(rows, x_hat, codes, feature_mask).items():
+        target = rows[:, target_at:] if target_at else rows
+        for name, value in _reconstruction_sums(target, x_hat, codes, feature_mask).items():
             total[name] = total[name] + value if name in total else value
     return _metrics_from_sums(total)
 

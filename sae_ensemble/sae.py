@@ -25,6 +25,11 @@ Variants (the seeds' formulation):
 loss = mean((x_hat - x)^2) + l1 * mean_rows(sum |c|) + bias_decay * ||b_enc||_2
      + auxk_coefficient * AuxK   (topk members with auxk_dead_tokens > 0; see `auxk_loss`)
 
+Transcoders (relu, topk members with d_out > 0; Layout.target_at = d_in): a batch is [x | y], the input x
+[B, d_in] and the target y [B, d_out]. c = ReLU(W_enc x + b_enc) (no input centring: b_dec [d_out] is the
+output's bias, as SAELens' transcoders), y_hat = c @ W_dec + b_dec (+ x @ W_skip.T for skip transcoders,
+W_skip [d_out, d_in] starting at zero), and the loss's error term is mean((y_hat - y)^2).
+
 AuxK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", sec. A.2): the k_aux largest
 pre-activations of dead features (hparam `dead` [n], set each step by the ensemble from the rows
 since each feature last fired) reconstruct the main reconstruction's residual; the term is scaled
@@ -44,7 +49,9 @@ import torch
 import torch.nn.functional as F
 
 VARIANTS = ("relu", "tied", "topk")
-PARAMS = {"W_enc": ("n", "d"), "b_enc": ("n",), "W_dec": ("n", "d"), "b_dec": ("d",)}  # axes: n features, d = d_in
+# Axes: n features, d = d_in, o = the output's width (d_in; a transcoder's d_out). W_skip: skip transcoders only.
+PARAMS = {"W_enc": ("n", "d"), "b_enc": ("n",), "W_dec": ("n", "o"), "b_dec": ("o",), "W_skip": ("o", "d")}
+INIT_HYPERPARAMETERS = ("d_out", "skip_connection")  # the member fields init_params reads beyond the common ones
 HYPERPARAMETERS = (
     "l1",
     "bias_decay",
@@ -60,12 +67,21 @@ Params = dict[str, torch.Tensor]
 Hparams = dict[str, torch.Tensor]
 
 
-def init_params(variant: str, d_in: int, dict_size: int, seed: int, n_padded: int | None = None) -> Params:
+def init_params(
+    variant: str,
+    d_in: int,
+    dict_size: int,
+    seed: int,
+    n_padded: int | None = None,
+    d_out: int = 0,
+    skip_connection: bool = False,
+) -> Params:
     """Initial params of one member, generated on CPU from `seed` alone.
 
     Features beyond `dict_size` (up to `n_padded`) are zero, so they never fire
     and, with zero gradient, never move.  Decoder rows start as random unit
-    vectors and the encoder starts as their transpose, the usual SAE init.
+    vectors and the encoder starts as their transpose, the usual SAE init. A transcoder's
+    encoder rows are random unit vectors of the input's width, drawn after its decoder's.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown SAE variant {variant!r}; allowed: {', '.join(VARIANTS)}")
@@ -73,10 +89,18 @@ def init_params(variant: str, d_in: int, dict_size: int, seed: int, n_padded: in
     if n_padded < dict_size:
         raise ValueError(f"n_padded={n_padded} is smaller than dict_size={dict_size}")
     generator = torch.Generator().manual_seed(seed)
-    rows = F.normalize(torch.randn(dict_size, d_in, generator=generator), dim=-1)
-    W_dec = torch.zeros(n_padded, d_in)
+    d_o = d_out or d_in
+    rows = F.normalize(torch.randn(dict_size, d_o, generator=generator), dim=-1)
+    W_dec = torch.zeros(n_padded, d_o)
     W_dec[:dict_size] = rows
-    return {"W_enc": W_dec.clone(), "b_enc": torch.zeros(n_padded), "W_dec": W_dec, "b_dec": torch.zeros(d_in)}
+    W_enc = W_dec.clone()
+    if d_out:
+        W_enc = torch.zeros(n_padded, d_in)
+        W_enc[:dict_size] = F.normalize(torch.randn(dict_size, d_in, generator=generator), dim=-1)
+    params = {"W_enc": W_enc, "b_enc": torch.zeros(n_padded), "W_dec": W_dec, "b_dec": torch.zeros(d_o)}
+    if skip_connection:
+        params["W_skip"] = torch.zeros(d_o, d_in)
+    return params
 
 
 def make_hparams(
@@ -127,9 +151,13 @@ class Layout(NamedTuple):
     """Every member is topk: codes are sparse by construction (fast paths may exploit it)."""
     k_aux: int = 0
     """Largest k_aux of any member with AuxK on (0: none, skip AuxK; the kernels implement none)."""
+    target_at: int = 0
+    """Transcoders: the column of a batch where the target starts (= d_in); 0: SAEs, whose target is the input."""
+    skip: bool = False
+    """Skip transcoders: add the linear path x @ W_skip.T to the output."""
 
     @classmethod
-    def of(cls, variants: list[str], ks: list[int], k_aux: int = 0) -> Layout:
+    def of(cls, variants: list[str], ks: list[int], k_aux: int = 0, target_at: int = 0, skip: bool = False) -> Layout:
         k_max = max((k for v, k in zip(variants, ks) if v == "topk"), default=0)
         tied = [v == "tied" for v in variants]
         return cls(
@@ -138,6 +166,8 @@ class Layout(NamedTuple):
             all_tied=all(tied),
             all_topk=all(v == "topk" for v in variants),
             k_aux=k_aux,
+            target_at=target_at,
+            skip=skip,
         )
 
 
@@ -147,7 +177,21 @@ def layout(members) -> Layout:
         (auxk_size(m.k_aux, m.d_in, m.dict_size) for m in members if m.variant == "topk" and m.auxk_dead_tokens > 0),
         default=0,
     )
-    return Layout.of([m.variant for m in members], [m.k for m in members], k_aux)
+    kinds = {(getattr(m, "d_out", 0), getattr(m, "skip_connection", False)) for m in members}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"members of one ensemble must all be SAEs or all transcoders of one d_out and skip_connection; got {kinds}"
+        )
+    ((d_out, skip),) = kinds
+    target_at = members[0].d_in if d_out else 0
+    return Layout.of([m.variant for m in members], [m.k for m in members], k_aux, target_at, skip)
+
+
+def split(batch: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, target) of a batch: the batch twice for SAEs; [x | y] cut at layout.target_at for transcoders."""
+    if not layout.target_at:
+        return batch, batch
+    return batch[:, : layout.target_at], batch[:, layout.target_at :]
 
 
 # -- AuxK, shared with architectures/batchtopk.py ------------------------------------------------------
@@ -206,13 +250,15 @@ def encode(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout
     Top-k runs with the static size `layout.k_max`; each member then keeps only
     pre-activations at or above its own k-th largest value.
     """
-    return codes_of(pre_activations(params, hp, x), hp, layout)
+    return codes_of(pre_activations(params, hp, x, layout), hp, layout)
 
 
-def pre_activations(params: Params, hp: Hparams, x: torch.Tensor) -> torch.Tensor:
-    """W_enc (x - b_dec) + b_enc [B, n]; padded features at -1e30."""
-    b_dec = params["b_dec"] * hp["use_b_dec"]
+def pre_activations(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()) -> torch.Tensor:
+    """W_enc (x - b_dec) + b_enc [B, n] (transcoders: W_enc x + b_enc); padded features at -1e30."""
     bias = params["b_enc"] - (1.0 - hp["feature_mask"]) * 1e30
+    if layout.target_at:
+        return torch.addmm(bias, x, params["W_enc"].T)
+    b_dec = params["b_dec"] * hp["use_b_dec"]
     return torch.addmm(bias, x - b_dec, params["W_enc"].T)  # [B, n]
 
 
@@ -236,25 +282,29 @@ def topk_keep(pre: torch.Tensor, hp: Hparams, k_max: int) -> torch.Tensor:
     return torch.where(hp["topk"] > 0, keep, 1.0)
 
 
-def decode(params: Params, hp: Hparams, codes: torch.Tensor, layout: Layout = Layout()) -> torch.Tensor:
-    """Reconstruction x_hat [B, d] from activations [B, n]."""
-    return torch.addmm(params["b_dec"] * hp["use_b_dec"], codes, decoder(params, hp, layout))
+def decode(
+    params: Params, hp: Hparams, codes: torch.Tensor, layout: Layout = Layout(), x: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Reconstruction x_hat [B, d] from activations [B, n] (skip transcoders also need their input x)."""
+    out = torch.addmm(params["b_dec"] * hp["use_b_dec"], codes, decoder(params, hp, layout))
+    return out + x @ params["W_skip"].T if layout.skip else out
 
 
 def loss(
     params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Training loss of one member on x [B, d], with its parts as aux outputs."""
-    pre = pre_activations(params, hp, x)
+    """Training loss of one member on a batch [B, d] (transcoders: [x | y]), with its parts as aux outputs."""
+    x, target = split(x, layout)
+    pre = pre_activations(params, hp, x, layout)
     codes = codes_of(pre, hp, layout)
-    x_hat = decode(params, hp, codes, layout)
-    mse = (x_hat - x).pow(2).mean()
+    x_hat = decode(params, hp, codes, layout, x)
+    mse = (x_hat - target).pow(2).mean()
     l1_norm = codes.sum() / x.shape[0]  # codes >= 0 after ReLU, so |c| = c
     bias_norm = (params["b_enc"] * hp["feature_mask"]).norm()
     total = mse + hp["l1"] * l1_norm + hp["bias_decay"] * bias_norm
     if layout.k_aux > 0:
         total = total + hp["auxk_coefficient"] * auxk_loss(
-            pre, x - x_hat, decoder(params, hp, layout), hp, layout.k_aux
+            pre, target - x_hat, decoder(params, hp, layout), hp, layout.k_aux
         )
     # [n] rows in which each feature fired (codes >= 0, so their sign; float32: bf16 counts round above 256)
     fired = torch.sign(codes).sum(0, dtype=torch.float32)

@@ -286,7 +286,7 @@ def _final_metrics(
     # Pieces as large as a step's micro-batch: its step held several [M, b, n] tensors at once, and
     # the plan counted those; a forward pass holds fewer. Larger pieces could break the budget.
     rows_per_part = -(-training.batch_size // ensemble.micro_batches)
-    result = metrics.heldout_metrics(x, ensemble.forward, mask, rows_per_part)
+    result = metrics.heldout_metrics(x, ensemble.forward, mask, rows_per_part, getattr(ensemble.layout, "target_at", 0))
     result["dead_frac"] = counter.dead_fraction(mask)
     truth = store.ground_truth()
     if truth is not None:

@@ -151,3 +151,31 @@ def test_invalid_members_are_rejected_with_the_field_named():
         Member("crosscoder", 4, 8)
     with pytest.raises(ValueError, match="must share d_in"):
         Ensemble([Member("relu", 4, 8), Member("relu", 5, 8)], 1)
+
+
+def test_gradient_clipping_equals_torchs_clip_grad_norm_member_by_member():
+    from sae_ensemble.kernels.adam import clip_by_global_norm
+
+    g = torch.Generator().manual_seed(0)
+    grads = {"W_enc": torch.randn(3, 8, 4, generator=g), "b_enc": torch.randn(3, 8, generator=g)}
+    max_norm = torch.tensor([0.5, float("inf"), 100.0])
+    clipped = clip_by_global_norm(grads, max_norm)
+    for i in range(3):
+        plain = [torch.nn.Parameter(torch.zeros_like(v[i])) for v in grads.values()]
+        for p, v in zip(plain, grads.values()):
+            p.grad = v[i].clone()
+        torch.nn.utils.clip_grad_norm_(plain, float(max_norm[i]))
+        for p, name in zip(plain, grads):
+            torch.testing.assert_close(clipped[name][i], p.grad, atol=1e-6, rtol=1e-6)
+    assert torch.equal(clipped["W_enc"][1], grads["W_enc"][1])  # inf: as it was
+
+
+def test_a_clipped_member_in_a_mixed_ensemble_equals_it_trained_alone():
+    clipped = Member("relu", D_IN, 48, l1=1e-3, seed=0, max_grad_norm=1e-3)
+    assert clipped.member_id == "relu-d48-l1_0.001-gc0.001-bd0-lr0.001-s0"
+    together = train([MIXED[0], clipped, MIXED[5]], sparse_batches(STEPS)).member_state(1)[0]
+    alone = train([clipped], sparse_batches(STEPS)).member_state(0)[0]
+    unclipped = train([Member("relu", D_IN, 48, l1=1e-3, seed=0)], sparse_batches(STEPS)).member_state(0)[0]
+    for name in alone:
+        torch.testing.assert_close(together[name], alone[name], atol=1e-5, rtol=0, msg=name)
+    assert (alone["W_enc"] - unclipped["W_enc"]).abs().max() > 1e-4  # the clipping changed the training

@@ -7,7 +7,8 @@
 
 Every architecture module provides:
     VARIANTS                       the variants it implements
-    PARAMS                         {name: axes}: "n" = a feature axis (padded in an ensemble), "d" = d_in
+    PARAMS                         {name: axes}: "n" = a feature axis (padded in an ensemble), "d" = d_in,
+                                   "o" = the output's width (sae.py's transcoders: d_out)
     HYPERPARAMETERS                the Member fields its make_hparams reads (besides variant, dict_size)
     init_params(variant, d_in, dict_size, seed, n_padded=None, **hyper) -> params
     make_hparams(variant, dict_size, n_padded=None, **hyper) -> hparams (tensors only, so vmap sees them)
@@ -91,10 +92,15 @@ def layout(members):
     return module_for(members).layout(members)
 
 
-def param_shapes(module: ModuleType, d_in: int, n: int) -> dict[str, tuple[int, ...]]:
-    """Concrete shapes of one member's params for `n` features."""
-    sizes = {"n": n, "d": d_in}
-    return {name: tuple(sizes[axis] for axis in axes) for name, axes in module.PARAMS.items()}
+def param_shapes(
+    module: ModuleType, d_in: int, n: int, d_out: int = 0, skip: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of one member's params for `n` features (axis o: the output's width, d_out or d_in; W_skip
+    only for skip transcoders)."""
+    sizes = {"n": n, "d": d_in, "o": d_out or d_in}
+    return {
+        name: tuple(sizes[axis] for axis in axes) for name, axes in module.PARAMS.items() if name != "W_skip" or skip
+    }
 
 
 def unpad(module: ModuleType, params: dict[str, torch.Tensor], dict_size: int) -> dict[str, torch.Tensor]:

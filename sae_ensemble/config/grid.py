@@ -37,6 +37,9 @@ class Grid:
     """Initialisation seeds."""
     use_b_dec: bool = True
     """Learn a decoder bias (pre-encoder centring)."""
+    max_grad_norm: float = 0.0
+    """Clip each member's gradient to this L2 norm every step; 0 = never (SAELens' and dictionary_learning's
+    always-on clipping at 1.0 of their d_in-times-larger loss is 1 / d_in here)."""
     encoder_init_norm: float = 1.0
     """Norm of each encoder row at init, along its unit decoder row (SAELens' decoder_init_norm; sparsify's
     nn.Linear init gives about 0.58, dictionary_learning's ReLU SAE 0.1). Short trainings depend on it."""
