@@ -14,8 +14,9 @@ from sae_ensemble.config import K_VARIANTS, ConfigError, Grid, Variant
 from sae_ensemble.member import Member
 
 
-def members(grid: Grid, d_in: int) -> list[Member]:
-    """Every member of the grid, in a stable order; raises ValueError on an empty or invalid grid."""
+def members(grid: Grid, d_in: int, d_out: int = 0) -> list[Member]:
+    """Every member of the grid, in a stable order (transcoders of width d_out when d_out > 0, with the
+    skip_connection axis); raises ValueError on an empty or invalid grid."""
     sizes = grid.sizes(d_in)
     axes = {
         "variants": grid.variants,
@@ -28,8 +29,9 @@ def members(grid: Grid, d_in: int) -> list[Member]:
         if not values:
             raise ValueError(f"the grid axis {name} is empty; give at least one value")
     result = []
-    for variant, size, bias_decay, lr, seed in itertools.product(
-        grid.variants, sizes, grid.bias_decay, grid.lr, grid.seeds
+    skips = list(dict.fromkeys(grid.skip_connection)) if d_out else [False]
+    for variant, size, bias_decay, lr, seed, skip in itertools.product(
+        grid.variants, sizes, grid.bias_decay, grid.lr, grid.seeds, skips
     ):
         if grid.target_l0:
             axis = "target_l0"
@@ -55,6 +57,8 @@ def members(grid: Grid, d_in: int) -> list[Member]:
                     use_b_dec=grid.use_b_dec,
                     encoder_init_norm=grid.encoder_init_norm,
                     max_grad_norm=grid.max_grad_norm,
+                    d_out=d_out,
+                    skip_connection=skip,
                     lr_warmup_steps=grid.lr_warmup_steps,
                     lr_decay_steps=grid.lr_decay_steps,
                     l1_warmup_steps=grid.l1_warmup_steps,
@@ -68,7 +72,7 @@ def members(grid: Grid, d_in: int) -> list[Member]:
     return result
 
 
-def checked_members(grid: Grid, widths: Mapping[str | None, int]) -> list[Member]:
+def checked_members(grid: Grid, widths: Mapping[str | None, int], d_out: int = 0) -> list[Member]:
     """The run's members: the grid on every hook of `widths` (hook -> its store's d_in), hook by hook.
 
     With several hooks each member carries its hook (and its id starts with it); with one store the hook
@@ -76,7 +80,7 @@ def checked_members(grid: Grid, widths: Mapping[str | None, int]) -> list[Member
     the grid (exit 2 in a sweep)."""
     try:
         if len(widths) == 1:
-            return members(grid, next(iter(widths.values())))
+            return members(grid, next(iter(widths.values())), d_out)
         return [dataclasses.replace(m, hook=hook) for hook, d_in in widths.items() for m in members(grid, d_in)]
     except ValueError as error:
         raise ConfigError(f"grid: {error}") from None

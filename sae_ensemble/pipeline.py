@@ -40,7 +40,7 @@ def validate(cfg: SweepConfig) -> list[str]:
     """Every check that needs no store, in one pass: the config's own (config.validate), the grid's members'
     (Member), the execution's and the devices'. Raises ConfigError; returns the worker devices."""
     config.validate(cfg)
-    members = checked_members(cfg.grid, provisional_widths(cfg))
+    members = checked_members(cfg.grid, provisional_widths(cfg), config.d_out(cfg))
     try:
         execution.check(
             cfg.training.execution,
@@ -80,7 +80,9 @@ def plan_for(cfg: SweepConfig, devices: list[str], stores: Stores, run: RunDir) 
     whatever devices this run has: more devices than ensembles leave some idle, fewer run
     more stages on each.
     """
-    members = checked_members(cfg.grid, {hook: store.d_in for hook, store in stores.items()})
+    (paired,) = {store.target_at for store in stores.values()}  # a paired store's input width; 0 for SAE stores
+    widths = {hook: paired or store.d_in for hook, store in stores.items()}
+    members = checked_members(cfg.grid, widths, next(iter(stores.values())).d_in - paired if paired else 0)
     budget = resolve_budget(cfg.training.memory_budget, devices)
     try:
         previous = run.read_run()
@@ -187,7 +189,7 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
     if isinstance(cfg.data, SyntheticData) and not cfg.data.store and not run.plan.exists():
         try:  # refuse a grid that cannot fit before synthesising its data
             make_plan(
-                checked_members(cfg.grid, {None: cfg.data.d_in}),
+                checked_members(cfg.grid, {None: cfg.data.d_in}, config.d_out(cfg)),
                 devices,
                 training.batch_size,
                 resolve_budget(training.memory_budget, devices),

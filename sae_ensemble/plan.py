@@ -227,7 +227,7 @@ def fit_ensembles(
     Prefers the fewest pieces, then the fewest micro-batches of at least MIN_MICRO_ROWS rows;
     a single member may use smaller micro-batches. Raises PlanError if one member cannot fit.
     """
-    d = members[0].d_in
+    d = members[0].d_in + members[0].d_out  # a batch row: a transcoder's [x | y]
     for pieces in range(1, len(members) + 1):
         size = -(-len(members) // pieces)
         chunks = [list(members[i : i + size]) for i in range(0, len(members), size)]
@@ -278,7 +278,8 @@ def _worker(
         by_hook[members[e.members[0]].hook].append(e)
     plan_stages, peak = [], 0
     for group in by_hook.values():
-        d_in = members[group[0].members[0]].d_in
+        first = members[group[0].members[0]]
+        d_in = first.d_in + first.d_out  # a batch row: a transcoder's [x | y]
         for stage in stages(group, budget, batch_size, d_in, device):
             plan_stages.append(stage)
             peak = max(peak, stage_bytes([by_index[i] for i in stage], batch_size, d_in, device))
@@ -298,7 +299,7 @@ def make_plan(
     ensembles, workers, by_id = [], [], {m.member_id: m for m in members}
     for device, group in zip(devices, pack(members, len(devices))):
         mine = []
-        keys = sorted({_ensemble_key(m) for m in group}, key=lambda key: (-key[0], key[1], key[2] or ""))
+        keys = sorted({_ensemble_key(m) for m in group}, key=lambda key: (-key[0], key[1], key[2] or "", *key[3:]))
         for key in keys:
             same = [m for m in group if _ensemble_key(m) == key]
             for chunk, micro_batches in fit_ensembles(same, batch_size, budget, device, execution, native):
@@ -309,9 +310,10 @@ def make_plan(
     return Plan(batch_size, str(execution), budget, by_id, ensembles, workers)
 
 
-def _ensemble_key(member: Member) -> tuple[int, str, str | None]:
-    """Members that may share an ensemble: one dict size, one step family (architectures/), one hook (one batch)."""
-    return member.dict_size, family(member.variant), member.hook
+def _ensemble_key(member: Member) -> tuple[int, str, str | None, int, bool]:
+    """Members that may share an ensemble: one dict size, one step family (architectures/), one hook (one batch),
+    and SAEs or transcoders of one output width and skip setting (one parameter set)."""
+    return member.dict_size, family(member.variant), member.hook, member.d_out, member.skip_connection
 
 
 def _ensemble(
@@ -347,7 +349,7 @@ def assign(plan: Plan, devices: Sequence[str], budget: int, execution: str, nati
         for e in plan.ensembles
     ]
     for e in ensembles:
-        d_in = plan.members[e.members[0]].d_in
+        d_in = plan.members[e.members[0]].d_in + plan.members[e.members[0]].d_out
         needed = max(stage_bytes([e], batch_size, d_in, device) for device in devices)
         if any(stage_bytes([e], batch_size, d_in, device) > usable(budget, device) for device in devices):
             raise PlanError(

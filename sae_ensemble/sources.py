@@ -39,10 +39,14 @@ def get_store(cfg: SweepConfig, devices: list[str]) -> ActivationStore:
         ensure_model(cfg)
     if data.store:
         store = ActivationStore.open(data.store)
-        if isinstance(data, SyntheticData) and store.d_in != data.d_in:
+        if isinstance(data, SyntheticData) and (store.target_at or store.d_in, store.d_in) != (
+            data.d_in,
+            data.d_in + data.d_out,
+        ):
             raise ConfigError(
-                f"data.store={data.store} has d_in={store.d_in} but data.d_in={data.d_in}; set data.d_in={store.d_in} "
-                "or use another store"
+                f"data.store={data.store} has d_in={store.target_at or store.d_in} and d_out="
+                f"{store.d_in - store.target_at if store.target_at else 0} but data.d_in={data.d_in} and "
+                f"data.d_out={data.d_out}; set those or use another store"
             )
         if isinstance(data, LMData):
             stored = (store.manifest.get("hook"), store.manifest.get("source", {}).get("model"))
@@ -66,6 +70,7 @@ def get_store(cfg: SweepConfig, devices: list[str]) -> ActivationStore:
             correlated=data.correlated,
             noise_std=data.noise_std,
             dtype=str(data.dtype),
+            **({"d_out": data.d_out, "skip_std": data.skip_std} if data.d_out else {}),  # other stores keep their key
         )
         key = hashlib.sha256(
             json.dumps([params, data.rows_per_chunk, data.heldout_rows], sort_keys=True).encode()

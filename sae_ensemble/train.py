@@ -288,9 +288,12 @@ def _final_metrics(
     rows_per_part = -(-training.batch_size // ensemble.micro_batches)
     result = metrics.heldout_metrics(x, ensemble.forward, mask, rows_per_part, getattr(ensemble.layout, "target_at", 0))
     result["dead_frac"] = counter.dead_fraction(mask)
-    truth = store.ground_truth()
+    truth = store.ground_truth()  # a paired store's: of the target, which transcoders' decoders write
     if truth is not None:
         result["mmcs_truth"] = metrics.mmcs_truth(ensemble.decoders(), mask, truth.to(device))
+    if store.target_at:  # and their encoders read the input's features
+        encoders = torch.nn.functional.normalize(ensemble.params["W_enc"], dim=-1)
+        result["mmcs_truth_in"] = metrics.mmcs_truth(encoders, mask, store.paired_truth()["features"].to(device))
     return {name: value.float().cpu() for name, value in result.items()}
 
 

@@ -162,7 +162,7 @@ def test_a_store_of_another_width_is_refused(tmp_path, capsys):
         run(tmp_path / "b", tmp_path / "stores", f"data.store={store}", "data.d_in=64", "plan_only=true")
         == pipeline.EXIT_BAD_INPUT
     )
-    assert "has d_in=32 but data.d_in=64" in one_error_line(capsys.readouterr().err)
+    assert "has d_in=32 and d_out=0 but data.d_in=64" in one_error_line(capsys.readouterr().err)
 
 
 def test_a_misspelt_hook_is_refused_naming_the_valid_ones(tmp_path, stores, capsys):

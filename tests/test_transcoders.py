@@ -137,3 +137,63 @@ def test_the_kernels_refuse_transcoders_and_auto_runs_the_reference():
     assert ensemble.choice == "reference"
     with pytest.raises(ValueError, match="all be SAEs or all transcoders"):
         Ensemble([member, Member("relu", D_IN, 16, seed=1)], 1)
+
+
+# -- a sweep on a paired synthetic store (data.d_out > 0) ---------------------------------------------------
+
+PAIRED = [
+    "data.d_in=32",
+    "data.d_out=24",
+    "data.n_features=48",
+    "data.n_active=3",
+    "data.n_rows=60000",
+    "data.rows_per_chunk=10000",
+    "data.heldout_rows=4000",
+    "grid.variants=[relu,topk]",
+    "grid.dict_ratios=[]",
+    "grid.dict_sizes=[96]",
+    "grid.k=[6]",
+    "grid.l1=[1e-3]",
+    "training.steps=1500",
+    "training.execution=auto",
+    "devices=cpu",
+]
+
+
+def paired_sweep(tmp_path, *overrides: str) -> int:
+    from sae_ensemble import pipeline
+    from tests.sweeps import compose_config
+
+    cfg = compose_config(*PAIRED, *overrides, f"data.store_root={tmp_path / 'stores'}", "progress=false")
+    return pipeline.run(cfg, tmp_path / "run")
+
+
+def test_a_sweep_on_a_paired_store_trains_transcoders_scored_against_both_dictionaries(tmp_path):
+    import csv
+
+    from sae_ensemble.activations.reader import ActivationStore
+
+    assert paired_sweep(tmp_path, "grid.skip_connection=[false,true]", "data.noise_std=0.1", "wandb=disabled") == 0
+    rows = list(csv.DictReader(open(tmp_path / "run" / "summary.csv")))
+    assert len(rows) == 4 and {(r["variant"], r["skip_connection"]) for r in rows} == {
+        (v, s) for v in ("relu", "topk") for s in ("False", "True")
+    }
+    for r in rows:
+        assert r["d_out"] == "24" and r["d_in"] == "32" and "tc24" in r["member_id"], r
+        assert float(r["fvu"]) < 0.2 and float(r["mmcs_truth"]) > 0.9 and float(r["mmcs_truth_in"]) > 0.8, r
+    (manifest,) = (tmp_path / "stores").glob("synthetic-*/manifest.json")
+    store = ActivationStore.open(manifest.parent)
+    assert (store.d_in, store.target_at) == (56, 32) and store.ground_truth().shape == (48, 24)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.d_out=0", "grid.skip_connection=[true]"], "grid.skip_connection=[True] is for transcoders"),
+        (["training.normalize=center"], "training.normalize=center is for SAEs"),
+    ],
+)
+def test_a_transcoder_setting_without_a_paired_store_is_one_line_exit_2(tmp_path, capsys, overrides, message):
+    assert paired_sweep(tmp_path, *overrides, "wandb=disabled", "plan_only=true") == 2
+    [error] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert message in error, error

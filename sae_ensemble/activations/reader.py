@@ -42,6 +42,9 @@ class ActivationStore:
         self.path = path
         self.manifest = manifest
         self.d_in: int = manifest["d_in"]
+        source = manifest.get("source") or {}
+        # A paired store (transcoders' ground truth, synthetic.py) holds rows [x | y]: the target from this column.
+        self.target_at: int = int(source.get("d_in", 0)) if source.get("d_out") else 0
         self.dtype: str = manifest["dtype"]
         self.n_rows: int = manifest["n_rows"]
         self.heldout_rows: int = manifest["heldout_rows"]
@@ -314,16 +317,35 @@ class ActivationStore:
         return self.normalizer(normalize, device)(x.to(device))
 
     def ground_truth(self) -> torch.Tensor | None:
-        """Synthetic stores: the true feature directions float32 [n_features, d_in]; else None."""
+        """Synthetic stores: the true feature directions float32 [n_features, d_in] (a paired store: those of the
+        target, [n_features, d_out]; `paired_truth` has the rest); else None."""
+        truth = self.paired_truth() if self.target_at else self._truth_file()
+        return None if truth is None else truth["features_out" if self.target_at else "features"]
+
+    def paired_truth(self) -> dict[str, torch.Tensor] | None:
+        """A paired store's truth: `features` [F, d_in] of the input, `features_out` [F, d_out] of the target, `skip`
+        [d_out, d_in] (zeros without a true skip)."""
+        truth = self._truth_file()
+        d_out = self.d_in - self.target_at
+        shapes = {"features": (None, self.target_at), "features_out": (None, d_out), "skip": (d_out, self.target_at)}
+        if truth is None or not all(
+            name in truth and truth[name].ndim == 2 and all(a in (None, b) for a, b in zip(shape, truth[name].shape))
+            for name, shape in shapes.items()
+        ):
+            raise StoreError(f"{self.path / GROUND_TRUTH} must hold a paired store's {', '.join(shapes)}.")
+        return truth
+
+    def _truth_file(self) -> dict[str, torch.Tensor] | None:
         path = self.path / GROUND_TRUTH
         if not path.exists():
             return None
         from safetensors.torch import load_file  # small file: a copy is fine here
 
-        tensors = load_file(path)
-        if "features" not in tensors or tensors["features"].ndim != 2 or tensors["features"].shape[1] != self.d_in:
-            raise StoreError(f"{path} must hold one tensor 'features' of shape [n_features, {self.d_in}].")
-        return tensors["features"].float()
+        tensors = {name: value.float() for name, value in load_file(path).items()}
+        width = self.target_at or self.d_in
+        if "features" not in tensors or tensors["features"].ndim != 2 or tensors["features"].shape[1] != width:
+            raise StoreError(f"{path} must hold one tensor 'features' of shape [n_features, {width}].")
+        return tensors
 
     @property
     def fingerprint(self) -> str:

@@ -4,6 +4,12 @@ x = sum_i a_i f_i + noise, with f_i [d_in] unit norm; feature i is active with p
 p_i ∝ decay^i (scaled so about n_active are active per row); active magnitudes a_i ~ U[0, 1).
 With correlated=True, activity comes from a Gaussian copula: z ~ N(0, C) with a random
 correlation matrix C, and feature i is active when z_i < Φ⁻¹(p_i), so marginals stay p_i.
+
+Paired mode (d_out > 0, transcoders' ground truth): each row is [x | y], with y = sum_i a_i g_i + x @ S.T,
+the same active features read through a second unit-norm dictionary g_i [d_out], plus a true linear skip
+S [d_out, d_in] ~ N(0, skip_std^2) (zero by default). The skip is identifiable only through the part of x no
+feature explains, so a skip needs noise_std > 0. ground_truth.safetensors then holds `features`,
+`features_out` and `skip`.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .format import GROUND_TRUTH, StoreError
 from .lock import store_lock
@@ -55,8 +62,9 @@ def sample_rows(
     generator: torch.Generator,
     chol: torch.Tensor | None = None,
     noise_std: float = 0.0,
+    pair: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One block of synthetic rows [n_rows, d_in]."""
+    """One block of synthetic rows [n_rows, d_in]; with `pair` = (features_out, skip), rows [x | y]."""
     n_features = features.shape[0]
     if chol is None:
         active = torch.rand(n_rows, n_features, generator=generator) < probs  # [n_rows, n_features]
@@ -67,7 +75,10 @@ def sample_rows(
     x = codes @ features  # [n_rows, d_in]
     if noise_std > 0:
         x += noise_std * torch.randn(x.shape, generator=generator)
-    return x
+    if pair is None:
+        return x
+    features_out, skip = pair
+    return torch.cat([x, codes @ features_out + x @ skip.T], dim=1)
 
 
 def write_synthetic(
@@ -84,12 +95,19 @@ def write_synthetic(
     noise_std: float = 0.0,
     dtype: str = "float32",
     heldout_rows: int | None = None,
+    d_out: int = 0,
+    skip_std: float = 0.0,
 ) -> ActivationStore:
-    """Write (or reuse, or resume) a synthetic store with `ground_truth.safetensors`; deterministic in seed.
+    """Write (or reuse, or resume) a synthetic store with `ground_truth.safetensors`; deterministic in seed
+    (paired with d_out > 0: rows [x | y], the module doc).
 
     Rows are generated one chunk at a time (never the whole dataset in memory); chunk k depends
     only on (seed, k), so an interrupted write resumes from its last complete chunk.
     """
+    if d_out < 0 or skip_std < 0 or (skip_std and not d_out):
+        raise StoreError(
+            f"Paired mode needs d_out ({d_out}) >= 0 and skip_std ({skip_std}) >= 0, skip_std only with d_out."
+        )
     if not 0 < n_active <= n_features or not 0 < feature_prob_decay <= 1 or n_rows <= 0 or noise_std < 0:
         raise StoreError(
             f"Synthetic parameters out of range: need 0 < n_active ({n_active}) <= n_features ({n_features}), "
@@ -107,6 +125,7 @@ def write_synthetic(
         "seed": seed,
         "correlated": correlated,
         "noise_std": noise_std,
+        **({"d_out": d_out, "skip_std": skip_std} if d_out else {}),  # only when paired: other stores keep their key
     }
     with store_lock(path):
         return _write_synthetic_locked(
@@ -156,13 +175,22 @@ def _write_synthetic_locked(
     features = ground_truth_features(d_in, n_features, seed)
     probs = feature_probabilities(n_features, n_active, feature_prob_decay)
     chol = _correlation_cholesky(n_features, seed) if correlated else None
-    writer = ChunkWriter(path, d_in, dtype, rows_per_chunk, source=source, hook=None, heldout_rows=heldout_rows)
+    d_out, skip_std = source.get("d_out", 0), source.get("skip_std", 0.0)
+    truth, pair = {"features": features}, None
+    if d_out:
+        pair = (
+            F.normalize(torch.randn(n_features, d_out, generator=_generator(seed, 4)), dim=1),
+            skip_std * torch.randn(d_out, d_in, generator=_generator(seed, 3)),
+        )
+        truth.update(features_out=pair[0], skip=pair[1])
+    width = d_in + d_out
+    writer = ChunkWriter(path, width, dtype, rows_per_chunk, source=source, hook=None, heldout_rows=heldout_rows)
     from safetensors.torch import save_file
 
     tmp = path / (GROUND_TRUTH + ".tmp")
-    save_file({"features": features.contiguous()}, str(tmp))
+    save_file({name: value.contiguous() for name, value in truth.items()}, str(tmp))
     tmp.replace(path / GROUND_TRUTH)
     for k in range(writer.resume_rows // rows_per_chunk, -(-n_rows // rows_per_chunk)):
         rows = min(rows_per_chunk, n_rows - k * rows_per_chunk)
-        writer.write(sample_rows(rows, features, probs, _generator(seed, 2, k), chol, noise_std))
+        writer.write(sample_rows(rows, features, probs, _generator(seed, 2, k), chol, noise_std, pair))
     return writer.close()

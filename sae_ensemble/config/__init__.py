@@ -164,6 +164,16 @@ def validate(cfg: SweepConfig) -> None:
         (data.rows_per_chunk >= 1, f"data.rows_per_chunk={data.rows_per_chunk} must be at least 1"),
         (cfg.eval.n_contexts >= 1, f"eval.n_contexts={cfg.eval.n_contexts} must be at least 1"),
         *_hook_checks(cfg),
+        (
+            d_out(cfg) > 0 or grid.skip_connection == [False],
+            f"grid.skip_connection={list(grid.skip_connection)} is for transcoders: a paired store (data=synthetic "
+            "with data.d_out > 0)",
+        ),
+        (
+            d_out(cfg) == 0 or str(training.normalize) == "none",
+            f"training.normalize={training.normalize} is for SAEs; a paired store (data.d_out={d_out(cfg)}) trains "
+            "transcoders, which take training.normalize=none",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -172,6 +182,11 @@ def validate(cfg: SweepConfig) -> None:
         parse_size(training.memory_budget)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def d_out(cfg: SweepConfig) -> int:
+    """The members' output width: data.d_out of a paired synthetic store (transcoders), else 0 (SAEs)."""
+    return getattr(cfg.data, "d_out", 0) if isinstance(cfg.data, SyntheticData) else 0
 
 
 def hooks(cfg: SweepConfig) -> list[str | None]:

@@ -47,6 +47,12 @@ class SyntheticData(StoreConfig):
     """Correlate feature activations."""
     noise_std: float = 0.0
     """Standard deviation of added Gaussian noise."""
+    d_out: int = 0
+    """Paired mode (transcoders' ground truth) when > 0: rows [x | y], y of this width = the same active features
+    read through a second dictionary (+ x @ skip.T); every member is then a transcoder from x to y."""
+    skip_std: float = 0.0
+    """Paired mode: entries of the true linear skip [d_out, d_in] ~ N(0, skip_std^2); 0 = none. A skip is only
+    identifiable through the noise (noise_std > 0)."""
     seed: int = 0
     """Seed of the features and rows."""
 

@@ -35,6 +35,8 @@ class Grid:
     """Peak learning rates."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Initialisation seeds."""
+    skip_connection: list[bool] = field(default_factory=lambda: [False])
+    """Transcoders (a paired store, data.d_out > 0): with and/or without a learned linear skip path."""
     use_b_dec: bool = True
     """Learn a decoder bias (pre-encoder centring)."""
     max_grad_norm: float = 0.0
