@@ -83,9 +83,9 @@ class Ensemble:
         ids = [m.member_id for m in members]
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate members in one ensemble: {sorted({i for i in ids if ids.count(i) > 1})}")
-        auxk = any(m.auxk_dead_tokens for m in members)
+        auxk, transcoders = any(m.auxk_dead_tokens for m in members), any(m.d_out for m in members)
         kind = execution.kind if isinstance(execution, Execution) else str(execution)
-        executions.check(kind, [m.variant for m in members], auxk, autocast_bf16, any(m.d_out for m in members))
+        executions.check(kind, [m.variant for m in members], auxk, autocast_bf16, transcoders)
         if micro_batches < 1 or freeze_after < 1:
             raise ValueError(f"micro_batches={micro_batches} and freeze_after={freeze_after} must be at least 1")
         self.device = torch.device(device)
@@ -102,7 +102,6 @@ class Ensemble:
         self.architecture = architectures.module_for(members)  # raises if members' parameter sets differ
         self.layout = self.architecture.layout(members)
         # `auto` tunes only where a kernel applies: other architectures have the reference alone.
-        transcoders = any(m.d_out for m in members)
         self.auto = kind == ExecutionKind.auto and executions.kernels_apply(
             [m.variant for m in members], auxk, transcoders
         )

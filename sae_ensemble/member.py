@@ -159,6 +159,11 @@ class Member:
                 raise ValueError(f"{name}={getattr(self, name)} must be non-negative")
 
     @property
+    def row_width(self) -> int:
+        """Width of the batch rows it trains on: d_in, or a transcoder's [x | y], d_in + d_out."""
+        return self.d_in + self.d_out
+
+    @property
     def member_id(self) -> str:
         """Stable, human-readable id, e.g. `relu-d512-l1_0.001-bd0.05-lr0.001-s0` (in a run over several hooks
         `blocks.3.hook_resid_post-relu-d512-...`),

@@ -189,7 +189,7 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
     if isinstance(cfg.data, SyntheticData) and not cfg.data.store and not run.plan.exists():
         try:  # refuse a grid that cannot fit before synthesising its data
             make_plan(
-                checked_members(cfg.grid, {None: cfg.data.d_in}, config.d_out(cfg)),
+                checked_members(cfg.grid, provisional_widths(cfg), config.d_out(cfg)),
                 devices,
                 training.batch_size,
                 resolve_budget(training.memory_budget, devices),

@@ -227,7 +227,7 @@ def fit_ensembles(
     Prefers the fewest pieces, then the fewest micro-batches of at least MIN_MICRO_ROWS rows;
     a single member may use smaller micro-batches. Raises PlanError if one member cannot fit.
     """
-    d = members[0].d_in + members[0].d_out  # a batch row: a transcoder's [x | y]
+    d = members[0].row_width
     for pieces in range(1, len(members) + 1):
         size = -(-len(members) // pieces)
         chunks = [list(members[i : i + size]) for i in range(0, len(members), size)]
@@ -278,8 +278,7 @@ def _worker(
         by_hook[members[e.members[0]].hook].append(e)
     plan_stages, peak = [], 0
     for group in by_hook.values():
-        first = members[group[0].members[0]]
-        d_in = first.d_in + first.d_out  # a batch row: a transcoder's [x | y]
+        d_in = members[group[0].members[0]].row_width
         for stage in stages(group, budget, batch_size, d_in, device):
             plan_stages.append(stage)
             peak = max(peak, stage_bytes([by_index[i] for i in stage], batch_size, d_in, device))
@@ -349,7 +348,7 @@ def assign(plan: Plan, devices: Sequence[str], budget: int, execution: str, nati
         for e in plan.ensembles
     ]
     for e in ensembles:
-        d_in = plan.members[e.members[0]].d_in + plan.members[e.members[0]].d_out
+        d_in = plan.members[e.members[0]].row_width
         needed = max(stage_bytes([e], batch_size, d_in, device) for device in devices)
         if any(stage_bytes([e], batch_size, d_in, device) > usable(budget, device) for device in devices):
             raise PlanError(

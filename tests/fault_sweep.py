@@ -4,9 +4,9 @@ CPU workers stand in for GPUs; the store is tiny and runs are short so the suite
 that must happen inside a worker (a slow checkpoint to signal into, a slow step to kill) are injected
 by SWEEP_SCRIPT: spawned workers re-import it as their main module, so its top-level patches apply in
 them too. The script, the store and the uninterrupted reference run are built once per test session
-and shared by the fault test files (`shared_script`, `shared_store`, `shared_reference`, which each
-file's fixtures call): with pytest-xdist, files run in other worker processes, which wait for the
-first to build them.
+and shared by the fault test files (the fixtures `script`, `store_path` and `reference` below, which
+each file imports): with pytest-xdist, files run in other worker processes, which wait for the first
+to build them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from sae_ensemble.activations.format import read_chunk_header, sha256_file
@@ -132,6 +133,21 @@ def shared_reference(tmp_path_factory) -> Path:
     """The uninterrupted run every resumed one must equal."""
     script, store = shared_script(tmp_path_factory), shared_store(tmp_path_factory)
     return _built_once(tmp_path_factory, "reference", lambda directory: run_reference(script, store, directory))
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory) -> Path:
+    return shared_script(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory) -> Path:
+    return shared_store(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    return shared_reference(tmp_path_factory)
 
 
 def _built_once(tmp_path_factory, name: str, build) -> Path:

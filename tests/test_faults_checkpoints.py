@@ -22,7 +22,7 @@ from sae_ensemble.grid import members
 from sae_ensemble.metrics import FiringCounter
 from sae_ensemble.plan import make_plan
 from sae_ensemble.rundir import EnsembleDir
-from tests.fault_sweep import (
+from tests.fault_sweep import (  # noqa: F401 (the shared fixtures, used by name)
     D_IN,
     GRID,
     TRAINING,
@@ -33,25 +33,10 @@ from tests.fault_sweep import (
     error_lines,
     finish,
     launch,
-    shared_reference,
-    shared_script,
-    shared_store,
+    reference,
+    script,
+    store_path,
 )
-
-
-@pytest.fixture(scope="module")
-def script(tmp_path_factory) -> Path:
-    return shared_script(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def store_path(tmp_path_factory) -> Path:
-    return shared_store(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    return shared_reference(tmp_path_factory)
 
 
 def _checkpoint_at_step_0(run_dir: Path) -> None:

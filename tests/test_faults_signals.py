@@ -11,12 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from sae_ensemble.activations.reader import ActivationStore
 from sae_ensemble.activations.synthetic import write_synthetic
 from sae_ensemble.dispatch import EXIT_OK, EXIT_REQUEUE
-from tests.fault_sweep import (
+from tests.fault_sweep import (  # noqa: F401 (the shared fixtures, used by name)
     REPO,
     assert_checkpoints_readable,
     assert_same_weights,
@@ -25,26 +23,11 @@ from tests.fault_sweep import (
     finish,
     group_is_gone,
     launch,
-    shared_reference,
-    shared_script,
-    shared_store,
+    reference,
+    script,
+    store_path,
     wait_for,
 )
-
-
-@pytest.fixture(scope="module")
-def script(tmp_path_factory) -> Path:
-    return shared_script(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def store_path(tmp_path_factory) -> Path:
-    return shared_store(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    return shared_reference(tmp_path_factory)
 
 
 def test_sigterm_during_a_checkpoint_write_exits_75_and_a_rerun_resumes_to_the_same_weights(

@@ -25,7 +25,7 @@ from sae_ensemble.grid import members
 from sae_ensemble.metrics import FiringCounter
 from sae_ensemble.rundir import EnsembleDir
 from sae_ensemble.train import ensemble_options
-from tests.fault_sweep import (
+from tests.fault_sweep import (  # noqa: F401 (the shared fixtures, used by name)
     D_IN,
     REPO,
     assert_checkpoints_readable,
@@ -36,29 +36,13 @@ from tests.fault_sweep import (
     finish,
     launch,
     members_of,
-    shared_reference,
-    shared_script,
-    shared_store,
+    reference,
+    script,
+    store_path,
     wait_for,
     worker_pids,
     write_nan_rows,
 )
-
-
-@pytest.fixture(scope="module")
-def script(tmp_path_factory) -> Path:
-    return shared_script(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def store_path(tmp_path_factory) -> Path:
-    return shared_store(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    return shared_reference(tmp_path_factory)
-
 
 # -- a worker dies -----------------------------------------------------------------------------------
 

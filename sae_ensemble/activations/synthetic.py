@@ -128,38 +128,13 @@ def write_synthetic(
         **({"d_out": d_out, "skip_std": skip_std} if d_out else {}),  # only when paired: other stores keep their key
     }
     with store_lock(path):
-        return _write_synthetic_locked(
-            path,
-            source,
-            d_in,
-            n_features,
-            n_active,
-            feature_prob_decay,
-            n_rows,
-            rows_per_chunk,
-            seed,
-            correlated,
-            noise_std,
-            dtype,
-            heldout_rows,
-        )
+        return _write_synthetic_locked(path, source, rows_per_chunk, dtype, heldout_rows)
 
 
 def _write_synthetic_locked(
-    path,
-    source,
-    d_in,
-    n_features,
-    n_active,
-    feature_prob_decay,
-    n_rows,
-    rows_per_chunk,
-    seed,
-    correlated,
-    noise_std,
-    dtype,
-    heldout_rows,
+    path: Path, source: dict, rows_per_chunk: int, dtype: str, heldout_rows: int | None
 ) -> ActivationStore:
+    """write_synthetic under the store's lock; `source` (the manifest's record of the parameters) says what to write."""
     if (path / "manifest.json").exists():
         store = ActivationStore.open(path)
         wanted = {"source": source, "dtype": dtype, "rows_per_chunk": rows_per_chunk}
@@ -172,9 +147,10 @@ def _write_synthetic_locked(
             )
         return store
 
+    d_in, n_features, n_rows, seed = source["d_in"], source["n_features"], source["n_rows"], source["seed"]
     features = ground_truth_features(d_in, n_features, seed)
-    probs = feature_probabilities(n_features, n_active, feature_prob_decay)
-    chol = _correlation_cholesky(n_features, seed) if correlated else None
+    probs = feature_probabilities(n_features, source["n_active"], source["feature_prob_decay"])
+    chol = _correlation_cholesky(n_features, seed) if source["correlated"] else None
     d_out, skip_std = source.get("d_out", 0), source.get("skip_std", 0.0)
     truth, pair = {"features": features}, None
     if d_out:
@@ -192,5 +168,5 @@ def _write_synthetic_locked(
     tmp.replace(path / GROUND_TRUTH)
     for k in range(writer.resume_rows // rows_per_chunk, -(-n_rows // rows_per_chunk)):
         rows = min(rows_per_chunk, n_rows - k * rows_per_chunk)
-        writer.write(sample_rows(rows, features, probs, _generator(seed, 2, k), chol, noise_std, pair))
+        writer.write(sample_rows(rows, features, probs, _generator(seed, 2, k), chol, source["noise_std"], pair))
     return writer.close()
