@@ -94,6 +94,8 @@ def test_a_malformed_override_and_a_mistyped_value_are_hydras_errors():
         (["devices=cuda:3"], "devices='cuda:3' asks for GPU(s)"),
         (["training.halving.rungs=[0.5,0.25]"], "training.halving.rungs=[0.5, 0.25] fall on steps [1500, 750]"),
         (["training.memory_budget=lots"], "training.memory_budget='lots' is not a size"),
+        (["data.d_out=-4"], "data.d_out=-4 and data.skip_std=0.0 must be non-negative"),
+        (["data.skip_std=0.1"], "a true skip needs a paired store (data.d_out > 0)"),
         (
             ["grid.variants=[jumprelu]", "training.execution=fused"],
             "training.execution=fused implements relu, tied, topk without AuxK only; "
@@ -112,6 +114,8 @@ def test_a_malformed_override_and_a_mistyped_value_are_hydras_errors():
         "too-many-gpus",
         "halving-rungs",
         "memory-budget",
+        "negative-d-out",
+        "skip-without-pairs",
         "execution-variant",
         "bf16-on-cpu",
     ],

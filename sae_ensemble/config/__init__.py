@@ -162,6 +162,13 @@ def validate(cfg: SweepConfig) -> None:
             f"data.heldout_rows={data.heldout_rows} must be at least 1: the final metrics need held-out rows",
         ),
         (data.rows_per_chunk >= 1, f"data.rows_per_chunk={data.rows_per_chunk} must be at least 1"),
+        (
+            d_out(cfg) >= 0
+            and getattr(data, "skip_std", 0.0) >= 0
+            and (d_out(cfg) > 0 or not getattr(data, "skip_std", 0.0)),
+            f"data.d_out={d_out(cfg)} and data.skip_std={getattr(data, 'skip_std', 0.0)} must be non-negative, and a "
+            "true skip needs a paired store (data.d_out > 0)",
+        ),
         (cfg.eval.n_contexts >= 1, f"eval.n_contexts={cfg.eval.n_contexts} must be at least 1"),
         *_hook_checks(cfg),
         (
