@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from sae_ensemble.config import K_VARIANTS, L1_VARIANTS, Variant
-
-TRANSCODER_VARIANTS = ("relu", "topk")  # sae.py's untied variants: an encoder and a decoder of their own widths
+from sae_ensemble.config import K_VARIANTS, L1_VARIANTS, TRANSCODER_VARIANTS, Variant
 
 
 @dataclass(frozen=True)
@@ -130,8 +128,8 @@ class Member:
             raise ValueError(f"d_out={self.d_out} must be non-negative (0 = an SAE)")
         if self.d_out and self.variant not in TRANSCODER_VARIANTS:
             raise ValueError(
-                f"d_out={self.d_out} makes a transcoder, which variants {', '.join(TRANSCODER_VARIANTS)} can be; "
-                f"variant={self.variant} cannot"
+                f"variant={self.variant} cannot be a transcoder (tied: its encoder is its decoder; gated: not "
+                f"implemented); transcoders can be {', '.join(TRANSCODER_VARIANTS)}"
             )
         if self.skip_connection and not self.d_out:
             raise ValueError("skip_connection=True is for transcoders only (d_out > 0)")

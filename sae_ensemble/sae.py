@@ -177,14 +177,19 @@ def layout(members) -> Layout:
         (auxk_size(m.k_aux, m.d_in, m.dict_size) for m in members if m.variant == "topk" and m.auxk_dead_tokens > 0),
         default=0,
     )
+    return Layout.of([m.variant for m in members], [m.k for m in members], k_aux, *transcoding(members))
+
+
+def transcoding(members) -> tuple[int, bool]:
+    """(target_at, skip) of members sharing one call, for every architecture's Layout: (d_in, skip_connection) of
+    transcoders, (0, False) of SAEs; ValueError if they mix."""
     kinds = {(getattr(m, "d_out", 0), getattr(m, "skip_connection", False)) for m in members}
     if len(kinds) > 1:
         raise ValueError(
             f"members of one ensemble must all be SAEs or all transcoders of one d_out and skip_connection; got {kinds}"
         )
     ((d_out, skip),) = kinds
-    target_at = members[0].d_in if d_out else 0
-    return Layout.of([m.variant for m in members], [m.k for m in members], k_aux, target_at, skip)
+    return (members[0].d_in if d_out else 0), skip
 
 
 def split(batch: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:

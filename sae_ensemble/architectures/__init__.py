@@ -8,11 +8,13 @@
 Every architecture module provides:
     VARIANTS                       the variants it implements
     PARAMS                         {name: axes}: "n" = a feature axis (padded in an ensemble), "d" = d_in,
-                                   "o" = the output's width (sae.py's transcoders: d_out)
+                                   "o" = the output's width (transcoders: d_out); W_skip only for skip transcoders
     HYPERPARAMETERS                the Member fields its make_hparams reads (besides variant, dict_size)
-    init_params(variant, d_in, dict_size, seed, n_padded=None, **hyper) -> params
+    init_params(variant, d_in, dict_size, seed, n_padded=None, **hyper) -> params  (hyper: INIT_HYPERPARAMETERS)
     make_hparams(variant, dict_size, n_padded=None, **hyper) -> hparams (tensors only, so vmap sees them)
-    layout(members) -> Layout      static code-path choices for members sharing one vmapped call
+    layout(members) -> Layout      static code-path choices for members sharing one vmapped call; where the
+                                   variants can be transcoders (config.TRANSCODER_VARIANTS), its target_at and
+                                   skip (sae.transcoding) and decode(..., x) for the skip path
     encode, decode, decoder, loss  pure functions of (params, hparams, x or codes, layout);
                                    loss returns (total, aux) with aux {loss, mse, l1_norm, l0, fired, ...}
     update_state (optional)        new values of params the loss does not train (a running threshold),

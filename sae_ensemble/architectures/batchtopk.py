@@ -22,6 +22,11 @@ dictionary's residual (SAELens' default for Matryoshka too: use_matryoshka_aux_l
 A BatchTopK member is the one-level case, so both variants share this module and one ensemble: levels
 are right-aligned in a static count (Layout.levels); a member's unused leading levels have weight 0.
 With micro-batches (plan.py, under memory pressure) the top k * B is taken per micro-batch.
+
+Transcoders (d_out > 0; Layout.target_at = d_in), as sae.py's: a batch is [x | y], acts = ReLU(W_enc x + b_enc)
+(no input centring), y_hat = c @ D + b_dec (+ x @ W_skip.T for skip transcoders), every level's error and AuxK's
+residual against y. W_dec [n, d_out], b_dec [d_out] (PARAMS axis "o"); a Matryoshka transcoder's prefixes
+predict y, each with the bias and the skip path.
 """
 
 from __future__ import annotations
@@ -35,7 +40,15 @@ from sae_ensemble import sae
 from sae_ensemble.sae import auxk_hparams, auxk_loss, auxk_size
 
 VARIANTS = ("batchtopk", "matryoshka")
-PARAMS = {"W_enc": ("n", "d"), "b_enc": ("n",), "W_dec": ("n", "d"), "b_dec": ("d",), "threshold": ()}
+PARAMS = {
+    "W_enc": ("n", "d"),
+    "b_enc": ("n",),
+    "W_dec": ("n", "o"),
+    "b_dec": ("o",),
+    "W_skip": ("o", "d"),
+    "threshold": (),
+}
+INIT_HYPERPARAMETERS = ("d_out", "skip_connection")
 HYPERPARAMETERS = (
     "k",
     "bias_decay",
@@ -53,11 +66,21 @@ Params = dict[str, torch.Tensor]
 Hparams = dict[str, torch.Tensor]
 
 
-def init_params(variant: str, d_in: int, dict_size: int, seed: int, n_padded: int | None = None) -> Params:
-    """sae.py's init, and a threshold of 0 (no inference threshold until training has estimated one)."""
+def init_params(
+    variant: str,
+    d_in: int,
+    dict_size: int,
+    seed: int,
+    n_padded: int | None = None,
+    d_out: int = 0,
+    skip_connection: bool = False,
+) -> Params:
+    """sae.py's init (transcoders' too), and a threshold of 0 (no inference threshold until training has estimated
+    one)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} is not a batchtopk variant")
-    return {**sae.init_params("relu", d_in, dict_size, seed, n_padded), "threshold": torch.zeros(())}
+    params = sae.init_params("relu", d_in, dict_size, seed, n_padded, d_out, skip_connection)
+    return {**params, "threshold": torch.zeros(())}
 
 
 def levels_of(variant: str, widths, dict_size: int) -> list[int]:
@@ -110,13 +133,20 @@ class Layout(NamedTuple):
     """Most nested levels of any member (1: plain BatchTopK)."""
     k_aux: int = 0
     """Largest k_aux of any member with AuxK on (0: none, skip AuxK)."""
+    target_at: int = 0
+    """Transcoders: the column of a batch where the target starts (= d_in); 0: SAEs (sae.Layout's)."""
+    skip: bool = False
+    """Skip transcoders: add the linear path x @ W_skip.T to the output."""
 
 
 def layout(members) -> Layout:
+    target_at, skip = sae.transcoding(members)
     return Layout(
         k_max=max(m.k for m in members),
         levels=max(len(levels_of(m.variant, m.matryoshka_widths, m.dict_size)) for m in members),
         k_aux=max((auxk_size(m.k_aux, m.d_in, m.dict_size) for m in members if m.auxk_dead_tokens > 0), default=0),
+        target_at=target_at,
+        skip=skip,
     )
 
 
@@ -124,15 +154,17 @@ def decoder(params: Params, hp: Hparams, layout: Layout = Layout()) -> torch.Ten
     return F.normalize(params["W_dec"], dim=-1)
 
 
-def pre_activations(params: Params, hp: Hparams, x: torch.Tensor) -> torch.Tensor:
-    """W_enc (x - b_dec) + b_enc [B, n]; padded features at -1e30."""
+def pre_activations(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()) -> torch.Tensor:
+    """W_enc (x - b_dec) + b_enc [B, n] (transcoders: W_enc x + b_enc); padded features at -1e30."""
     bias = params["b_enc"] - (1.0 - hp["feature_mask"]) * PAD_BIAS
+    if layout.target_at:
+        return torch.addmm(bias, x, params["W_enc"].T)
     return torch.addmm(bias, x - params["b_dec"] * hp["use_b_dec"], params["W_enc"].T)
 
 
-def activations(params: Params, hp: Hparams, x: torch.Tensor) -> torch.Tensor:
-    """ReLU(W_enc (x - b_dec) + b_enc) [B, n]; padded features are 0."""
-    return F.relu(pre_activations(params, hp, x))
+def activations(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()) -> torch.Tensor:
+    """ReLU(pre_activations) [B, n]; padded features are 0."""
+    return F.relu(pre_activations(params, hp, x, layout))
 
 
 def batch_topk(acts: torch.Tensor, hp: Hparams, k_max: float) -> torch.Tensor:
@@ -147,34 +179,45 @@ def batch_topk(acts: torch.Tensor, hp: Hparams, k_max: float) -> torch.Tensor:
 
 def encode(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()) -> torch.Tensor:
     """Inference codes [B, n]: activations above the member's running threshold (independent of the batch)."""
-    acts = activations(params, hp, x)
+    acts = activations(params, hp, x, layout)
     return acts * (acts > params["threshold"]).to(acts.dtype)
 
 
-def decode(params: Params, hp: Hparams, codes: torch.Tensor, layout: Layout = Layout()) -> torch.Tensor:
-    return torch.addmm(params["b_dec"] * hp["use_b_dec"], codes, decoder(params, hp, layout))
+def decode(
+    params: Params, hp: Hparams, codes: torch.Tensor, layout: Layout = Layout(), x: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Reconstruction [B, d] (transcoders: the target's prediction [B, d_out]; skip transcoders also need x)."""
+    return torch.addmm(output_bias(params, hp, layout, x), codes, decoder(params, hp, layout))
+
+
+def output_bias(params: Params, hp: Hparams, layout: Layout, x: torch.Tensor | None) -> torch.Tensor:
+    """What the output holds before any feature: b_dec [d] (skip transcoders: b_dec + x @ W_skip.T, [B, d_out])."""
+    bias = params["b_dec"] * hp["use_b_dec"]
+    return bias + x @ params["W_skip"].T if layout.skip else bias
 
 
 def loss(
     params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Training loss of one member on x [B, d] (batch top-k codes; nested levels for matryoshka), with aux outputs."""
-    pre = pre_activations(params, hp, x)
+    """Training loss of one member on x [B, d] (transcoders: [x | y]; batch top-k codes; nested levels for
+    matryoshka), with aux outputs."""
+    x, target = sae.split(x, layout)
+    pre = pre_activations(params, hp, x, layout)
     codes = batch_topk(F.relu(pre), hp, layout.k_max)
     dictionary = decoder(params, hp, layout)
     feature = torch.arange(codes.shape[-1], device=x.device)
-    x_hat, start, recon = params["b_dec"] * hp["use_b_dec"], 0.0, 0.0
+    x_hat, start, recon = output_bias(params, hp, layout, x), 0.0, 0.0
     for level in range(layout.levels):  # x_hat grows by one level's features at a time
         end = hp["level_ends"][level]
         in_level = ((feature >= start) & (feature < end)).to(codes.dtype)
         x_hat = x_hat + (codes * in_level) @ dictionary
-        mse = (x_hat - x).pow(2).mean()
+        mse = (x_hat - target).pow(2).mean()
         recon = recon + hp["level_weights"][level] * mse
         start = end
     bias_norm = (params["b_enc"] * hp["feature_mask"]).norm()
     total = recon + hp["bias_decay"] * bias_norm
     if layout.k_aux > 0:  # the whole dictionary's residual: x_hat after the last level
-        total = total + hp["auxk_coefficient"] * auxk_loss(pre, x - x_hat, dictionary, hp, layout.k_aux)
+        total = total + hp["auxk_coefficient"] * auxk_loss(pre, target - x_hat, dictionary, hp, layout.k_aux)
     fired = torch.sign(codes).sum(0, dtype=torch.float32)
     smallest_kept = torch.where(codes > 0, codes, torch.inf).min().detach()  # inf when nothing fired
     aux = {

@@ -19,6 +19,10 @@ over the model dimension, our MSE is a mean over elements (as sae.py's), so our 
 SAELens' divided by d_in. SAELens now trains theta directly (its issue #494); we keep the paper's
 log theta, which needs an init threshold near the scale of the pre-activations.
 
+Transcoders (d_out > 0; Layout.target_at = d_in), as sae.py's: a batch is [x | y], pre = W_enc x + b_enc (no
+input centring), y_hat = c @ D + b_dec (+ x @ W_skip.T for skip transcoders), the error against y. W_dec
+[n, d_out], b_dec [d_out] (PARAMS axis "o").
+
 Both functions are torch.autograd.Functions with `setup_context` and `generate_vmap_rule=True`,
 so torch.func.grad and vmap (the ensemble's reference step) run them per member.
 """
@@ -34,9 +38,16 @@ import torch.nn.functional as F
 from sae_ensemble import sae
 
 VARIANTS = ("jumprelu",)
-PARAMS = {"W_enc": ("n", "d"), "b_enc": ("n",), "W_dec": ("n", "d"), "b_dec": ("d",), "log_threshold": ("n",)}
+PARAMS = {
+    "W_enc": ("n", "d"),
+    "b_enc": ("n",),
+    "W_dec": ("n", "o"),
+    "b_dec": ("o",),
+    "W_skip": ("o", "d"),
+    "log_threshold": ("n",),
+}
 HYPERPARAMETERS = ("l0_coefficient", "bandwidth", "bias_decay", "use_b_dec")
-INIT_HYPERPARAMETERS = ("threshold",)
+INIT_HYPERPARAMETERS = ("threshold", "d_out", "skip_connection")
 PAD_BIAS = 1e30  # padded features get this much negative bias: they never fire and pass no gradient
 
 Params = dict[str, torch.Tensor]
@@ -91,14 +102,22 @@ class Step(torch.autograd.Function):
 
 
 def init_params(
-    variant: str, d_in: int, dict_size: int, seed: int, n_padded: int | None = None, threshold: float = 0.01
+    variant: str,
+    d_in: int,
+    dict_size: int,
+    seed: int,
+    n_padded: int | None = None,
+    threshold: float = 0.01,
+    d_out: int = 0,
+    skip_connection: bool = False,
 ) -> Params:
-    """sae.py's init (random unit decoder rows, encoder their transpose) plus log(threshold) per feature."""
+    """sae.py's init (random unit decoder rows; an SAE's encoder their transpose, a transcoder's other random unit
+    rows) plus log(threshold) per feature."""
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} is not a jumprelu variant")
     if threshold <= 0:
         raise ValueError(f"threshold={threshold} must be positive (its log is trained)")
-    params = sae.init_params("relu", d_in, dict_size, seed, n_padded)
+    params = sae.init_params("relu", d_in, dict_size, seed, n_padded, d_out, skip_connection)
     log_threshold = torch.zeros_like(params["b_enc"])
     log_threshold[:dict_size] = math.log(threshold)
     return {**params, "log_threshold": log_threshold}
@@ -127,11 +146,16 @@ def make_hparams(
 
 
 class Layout(NamedTuple):
-    """JumpReLU members need no static choices; the type keeps the interface uniform."""
+    """Static facts of the members sharing one vmapped call: only whether they are transcoders."""
+
+    target_at: int = 0
+    """Transcoders: the column of a batch where the target starts (= d_in); 0: SAEs (sae.Layout's)."""
+    skip: bool = False
+    """Skip transcoders: add the linear path x @ W_skip.T to the output."""
 
 
 def layout(members) -> Layout:
-    return Layout()
+    return Layout(*sae.transcoding(members))
 
 
 def decoder(params: Params, hp: Hparams, layout: Layout = Layout()) -> torch.Tensor:
@@ -139,30 +163,37 @@ def decoder(params: Params, hp: Hparams, layout: Layout = Layout()) -> torch.Ten
     return F.normalize(params["W_dec"], dim=-1)
 
 
-def pre_activations(params: Params, hp: Hparams, x: torch.Tensor) -> torch.Tensor:
-    """pre [B, n] of x [B, d]; padded features sit at -1e30."""
+def pre_activations(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()) -> torch.Tensor:
+    """pre [B, n] of x [B, d] (transcoders: W_enc x + b_enc); padded features sit at -1e30."""
     bias = params["b_enc"] - (1.0 - hp["feature_mask"]) * PAD_BIAS
+    if layout.target_at:
+        return torch.addmm(bias, x, params["W_enc"].T)
     return torch.addmm(bias, x - params["b_dec"] * hp["use_b_dec"], params["W_enc"].T)
 
 
 def encode(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()) -> torch.Tensor:
     """Feature activations c [B, n] of x [B, d]."""
-    return JumpReLU.apply(pre_activations(params, hp, x), params["log_threshold"].exp(), hp["bandwidth"])
+    return JumpReLU.apply(pre_activations(params, hp, x, layout), params["log_threshold"].exp(), hp["bandwidth"])
 
 
-def decode(params: Params, hp: Hparams, codes: torch.Tensor, layout: Layout = Layout()) -> torch.Tensor:
-    return torch.addmm(params["b_dec"] * hp["use_b_dec"], codes, decoder(params, hp, layout))
+def decode(
+    params: Params, hp: Hparams, codes: torch.Tensor, layout: Layout = Layout(), x: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Reconstruction [B, d] (transcoders: the target's prediction [B, d_out]; skip transcoders also need x)."""
+    out = torch.addmm(params["b_dec"] * hp["use_b_dec"], codes, decoder(params, hp, layout))
+    return out + x @ params["W_skip"].T if layout.skip else out
 
 
 def loss(
     params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Training loss of one member on x [B, d], with its parts as aux outputs."""
-    pre = pre_activations(params, hp, x)
+    """Training loss of one member on x [B, d] (transcoders: [x | y]), with its parts as aux outputs."""
+    x, target = sae.split(x, layout)
+    pre = pre_activations(params, hp, x, layout)
     theta = params["log_threshold"].exp()
     codes = JumpReLU.apply(pre, theta, hp["bandwidth"])
-    x_hat = decode(params, hp, codes, layout)
-    mse = (x_hat - x).pow(2).mean()
+    x_hat = decode(params, hp, codes, layout, x)
+    mse = (x_hat - target).pow(2).mean()
     l0_estimate = Step.apply(pre, theta, hp["bandwidth"]).sum() / x.shape[0]  # equals the L0; only its gradient differs
     bias_norm = (params["b_enc"] * hp["feature_mask"]).norm()
     total = mse + hp["l0_coefficient"] * l0_estimate + hp["bias_decay"] * bias_norm

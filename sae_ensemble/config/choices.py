@@ -24,6 +24,9 @@ K_VARIANTS = (Variant.topk, Variant.batchtopk, Variant.matryoshka)  # sparsity s
 L1_VARIANTS = (Variant.relu, Variant.tied, Variant.gated)  # sparsity set by l1
 STEERABLE = (Variant.relu, Variant.tied)  # target-L0 members steer their l1 (steering.py); topk takes k = round(target)
 KERNEL_VARIANTS = (Variant.relu, Variant.tied, Variant.topk)  # what the hand-written kernels (kernels/) implement
+# Variants that can be transcoders (an encoder of the input's width, a decoder of the output's): not tied (one matrix
+# for both; measured on the tiny LM's MLP it predicts worse than zero), nor gated (not implemented).
+TRANSCODER_VARIANTS = (Variant.relu, Variant.topk, Variant.batchtopk, Variant.matryoshka, Variant.jumprelu)
 
 
 class StoreDtype(StrEnum):
