@@ -85,7 +85,7 @@ class Ensemble:
             raise ValueError(f"duplicate members in one ensemble: {sorted({i for i in ids if ids.count(i) > 1})}")
         auxk, transcoders = any(m.auxk_dead_tokens for m in members), any(m.d_out for m in members)
         kind = execution.kind if isinstance(execution, Execution) else str(execution)
-        executions.check(kind, [m.variant for m in members], auxk, autocast_bf16, transcoders)
+        executions.check(kind, [m.variant for m in members], auxk, autocast_bf16)
         if micro_batches < 1 or freeze_after < 1:
             raise ValueError(f"micro_batches={micro_batches} and freeze_after={freeze_after} must be at least 1")
         self.device = torch.device(device)
@@ -102,9 +102,7 @@ class Ensemble:
         self.architecture = architectures.module_for(members)  # raises if members' parameter sets differ
         self.layout = self.architecture.layout(members)
         # `auto` tunes only where a kernel applies: other architectures have the reference alone.
-        self.auto = kind == ExecutionKind.auto and executions.kernels_apply(
-            [m.variant for m in members], auxk, transcoders
-        )
+        self.auto = kind == ExecutionKind.auto and executions.kernels_apply([m.variant for m in members], auxk)
         fixed = (
             execution
             if isinstance(execution, Execution)
@@ -156,7 +154,7 @@ class Ensemble:
         grad_fn = torch.func.grad(arch.loss, has_aux=True)
         self._grad = torch.func.vmap(lambda p, h, x: grad_fn(p, h, x, self.layout), in_dims=(0, 0, None))
         self._forward = torch.func.vmap(
-            lambda p, h, x: _encode_decode(arch, p, h, x, self.layout), in_dims=(0, 0, None)
+            lambda p, h, x: _encode_decode(arch, p, h, x, self.layout, transcoders), in_dims=(0, 0, None)
         )
 
     def _allocate(self, init: bool) -> dict[str, torch.Tensor]:
@@ -378,10 +376,10 @@ class Ensemble:
         self._device_step.fill_(int(step))
 
 
-def _encode_decode(architecture, params, hp, batch, layout):
+def _encode_decode(architecture, params, hp, batch, layout, transcoders: bool):
     """(codes, output) of one member on a batch: an SAE's reconstruction of it; a transcoder's prediction of its
     target from its input ([x | y], sae.split)."""
-    if not getattr(layout, "target_at", 0):  # the architectures/ layouts beyond sae.py's have no transcoders
+    if not transcoders:  # every architecture's SAEs (gated's layout has no target_at: it has no transcoders)
         codes = architecture.encode(params, hp, batch, layout)
         return codes, architecture.decode(params, hp, codes, layout)
     x, _ = sae.split(batch, layout)

@@ -36,19 +36,16 @@ class Execution:
 REFERENCE = Execution("reference")
 
 
-def kernels_apply(variants: Sequence[str], auxk: bool, transcoders: bool = False) -> bool:
-    """Whether the hand-written kernels implement these members: sae.py's variants, without AuxK, SAEs only."""
-    return set(variants) <= set(KERNEL_VARIANTS) and not (auxk and set(variants) & set(K_VARIANTS)) and not transcoders
+def kernels_apply(variants: Sequence[str], auxk: bool) -> bool:
+    """Whether the hand-written kernels implement these members: sae.py's variants without AuxK (SAEs and, for
+    relu and topk, transcoders with or without the skip path)."""
+    return set(variants) <= set(KERNEL_VARIANTS) and not (auxk and set(variants) & set(K_VARIANTS))
 
 
-def check(kind: str, variants: Sequence[str], auxk: bool, autocast_bf16: bool, transcoders: bool = False) -> None:
+def check(kind: str, variants: Sequence[str], auxk: bool, autocast_bf16: bool) -> None:
     """Raise ValueError, one sentence naming the settings, if execution `kind` cannot train these members."""
     if kind not in ExecutionKind.__members__:
         raise ValueError(f"training.execution={kind!r} is unknown; allowed: {', '.join(ExecutionKind)}")
-    if kind in (ExecutionKind.fused, ExecutionKind.sparse) and transcoders:
-        raise ValueError(
-            f"training.execution={kind} trains SAEs only; transcoders need training.execution=auto or reference"
-        )
     if kind in (ExecutionKind.fused, ExecutionKind.sparse) and not kernels_apply(variants, auxk):
         raise ValueError(
             f"training.execution={kind} implements {', '.join(KERNEL_VARIANTS)} without AuxK only; variants "

@@ -118,7 +118,8 @@ def test_a_skip_transcoder_learns_the_true_skip_path_and_saves_it(tmp_path):
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"variant": "tied", "d_out": D_OUT}, "variant=tied cannot"),
+        ({"variant": "tied", "d_out": D_IN}, "variant=tied cannot be a transcoder"),
+        ({"variant": "gated", "d_out": D_OUT}, "variant=gated cannot be a transcoder"),
         ({"variant": "relu", "skip_connection": True}, "skip_connection=True is for transcoders only"),
         ({"variant": "relu", "d_out": D_OUT, "resample_every": 10}, "transcoders have none"),
     ],
@@ -128,13 +129,8 @@ def test_a_member_that_cannot_be_a_transcoder_is_refused_naming_the_field(fields
         Member(d_in=D_IN, dict_size=16, **fields)
 
 
-def test_the_kernels_refuse_transcoders_and_auto_runs_the_reference():
+def test_a_mix_of_saes_and_transcoders_in_one_ensemble_is_refused():
     member = Member("relu", D_IN, 16, d_out=D_OUT)
-    with pytest.raises(ValueError, match="transcoders need training.execution=auto or reference"):
-        Ensemble([member], 1, execution="fused")
-    ensemble = Ensemble([member], 1, execution="auto")
-    ensemble.step(paired_batches(1)[0][0])
-    assert ensemble.choice == "reference"
     with pytest.raises(ValueError, match="all be SAEs or all transcoders"):
         Ensemble([member, Member("relu", D_IN, 16, seed=1)], 1)
 

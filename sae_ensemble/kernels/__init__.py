@@ -1,4 +1,5 @@
-"""Hand-written ensemble gradients, each equal to the reference `vmap(grad(sae.loss))`.
+"""Hand-written ensemble gradients, each equal to the reference `vmap(grad(sae.loss))`, for SAEs and for relu and
+topk transcoders with or without the skip path (common.py says how a transcoder's batch is read).
 
 dense     fused forward and backward on the stacked tensors (every variant)
 augmented dense's step with the bias and the L1 term inside augmented GEMMs (eager, off the C path)

@@ -4,6 +4,7 @@ The encoder gets a bias column and the decoder a column of ones (`D_aug = [D, 1]
 reconstructs x also sums each row's codes (the L1 norm) and the one giving dL/dcodes also adds the L1
 coefficient: fewer torch ops over the [M, b, n] tiles, which is what an eager step off the C path needs
 (CUDA without compile, a CPU without a C compiler). The sparse kernel builds its encoder the same way.
+Transcoders (common.py): the encoder's operand is [x, 1, 0...] at d_in, the decoder's [D, 1, 0...] at d_out.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sae_ensemble.kernels.common import PAD_BIAS, Sums, accumulate, topk_codes
-from sae_ensemble.sae import Hparams, Layout, Params
+from sae_ensemble.kernels.common import PAD_BIAS, Sums, accumulate, centres, topk_codes
+from sae_ensemble.sae import Hparams, Layout, Params, split
 
 
 def augmented_width(d: int) -> int:
@@ -56,44 +57,50 @@ def sums(
     # save passes and memory here.
     W_enc, b_dec = params["W_enc"], params["b_dec"]
     M, n, d = W_enc.shape
-    B = x.shape[0]
+    B, o = x.shape[0], b_dec.shape[-1]
     mask = hp["feature_mask"]  # [M, n]
-    centre = b_dec * hp["use_b_dec"].view(-1, 1)  # [M, d]
-    d_aug = augmented_width(d)
+    centre_in, out_bias = centres(params, hp, layout)  # [M, d], [M, o]
+    d_aug, o_aug = augmented_width(d), augmented_width(o)
     W_aug = augmented_encoder(params, mask, d_aug)
     # Decoder [D, 1]: the reconstruction GEMM also sums each row's codes (the L1 norm), and the
     # GEMM giving dL/dcodes also adds the L1 coefficient.
-    D_aug = rows.new_zeros(M, n, d_aug)
-    torch.div(rows, norms, out=D_aug[..., :d])
-    D_aug[..., d] = 1.0
-    D = D_aug[..., :d]
-    centre_aug = F.pad(centre, (0, d_aug - d)).unsqueeze(1).to(dtype)  # [M, 1, d_aug]: no bias on the L1 column
+    D_aug = rows.new_zeros(M, n, o_aug)
+    torch.div(rows, norms, out=D_aug[..., :o])
+    D_aug[..., o] = 1.0
+    D = D_aug[..., :o]
+    bias_aug = F.pad(out_bias, (0, o_aug - o)).unsqueeze(1).to(dtype)  # [M, 1, o_aug]: no bias on the L1 column
     W_aug, D_operand = W_aug.to(dtype), D_aug.to(dtype)
+    skip_operand = params["W_skip"].mT.to(dtype) if layout.skip else None  # [M, d, o]
 
     g_W_aug: torch.Tensor | None = None
     g_D_aug: torch.Tensor | None = None
-    g_xhat_sum = torch.zeros_like(b_dec)  # [M, d]
+    g_W_skip: torch.Tensor | None = None
+    g_xhat_sum = torch.zeros_like(b_dec)  # [M, o]
     squared_error = x.new_zeros(M)
     code_sum = x.new_zeros(M)
     fired = x.new_zeros(M, n)
     l1_column = (hp["l1"] / B).view(-1, 1)  # [M, 1]: dL/dcode from the L1 term
-    mse_scale = 2.0 / (B * d)
+    mse_scale = 2.0 / (B * o)
 
     for rows_x in x.split(row_chunk or B):
-        xc_aug = augmented_rows(rows_x, centre, d_aug, dtype)
+        inputs, target = split(rows_x, layout)
+        xc_aug = augmented_rows(inputs, centre_in, d_aug, dtype)
         pre = torch.bmm(xc_aug, W_aug.transpose(1, 2))  # [M, b, n]
         if layout.k_max > 0:
             codes = topk_codes(pre, hp, layout)
         else:
             codes = pre.relu_()
-        xhat_aug = torch.baddbmm(centre_aug, codes, D_operand).float()  # [M, b, d_aug]; column d: sum of codes
-        err = xhat_aug[..., :d] - rows_x
+        addend = bias_aug
+        if skip_operand is not None:  # x @ W_skip^T in the output's columns, none in the L1 column
+            addend = bias_aug + F.pad(torch.bmm(xc_aug[..., :d], skip_operand), (0, o_aug - o))
+        xhat_aug = torch.baddbmm(addend, codes, D_operand).float()  # [M, b, o_aug]; column o: sum of codes
+        err = xhat_aug[..., :o] - target
         squared_error += err.pow(2).sum((1, 2))
-        code_sum += xhat_aug[..., d].sum(1)
+        code_sum += xhat_aug[..., o].sum(1)
 
         g_aug = torch.zeros_like(xhat_aug)  # [dL/dx_hat, l1/B, 0...]
-        torch.mul(err, mse_scale, out=g_aug[..., :d])
-        g_aug[..., d] = l1_column
+        torch.mul(err, mse_scale, out=g_aug[..., :o])
+        g_aug[..., o] = l1_column
         g_operand = g_aug.to(dtype)
         # Firing counts through a 0/1 tile: summing a bool tensor widens it to int64 first (a copy at 8
         # bytes per element, docs/kernels.md); the tile's memory then takes dL/dcodes.
@@ -103,7 +110,10 @@ def sums(
         torch.ops.aten.threshold_backward(g_pre, codes, 0.0, grad_input=g_pre)  # ReLU/top-k mask, in place
         g_D_aug = accumulate(g_D_aug, codes.transpose(1, 2), g_operand)
         g_W_aug = accumulate(g_W_aug, g_pre.transpose(1, 2), xc_aug)
-        g_xhat_sum += g_aug[..., :d].sum(1)
+        if skip_operand is not None:
+            g_W_skip = accumulate(g_W_skip, g_operand[..., :o].transpose(1, 2), xc_aug[..., :d])
+        g_xhat_sum += g_aug[..., :o].sum(1)
 
     assert g_W_aug is not None and g_D_aug is not None  # x has at least one row
-    return D, Sums(g_D_aug[..., :d], g_W_aug[..., :d], g_W_aug[..., d], g_xhat_sum, squared_error, code_sum, fired)
+    g_D, g_W_enc, g_b_enc = g_D_aug[..., :o], g_W_aug[..., :d], g_W_aug[..., d]
+    return D, Sums(g_D, g_W_enc, g_b_enc, g_xhat_sum, squared_error, code_sum, fired, g_W_skip)

@@ -1,7 +1,11 @@
 """What every hand-written gradient (dense.py, augmented.py, sparse.py) shares: the decoder rows, top-k codes,
 the sums a row loop accumulates, and the gradients and aux stats `finish` makes of them.
 
-Shapes: M members, B rows, d = d_in, n = padded dict size.
+Transcoders (sae.py; layout.target_at > 0): a batch row is [x | y]. The encoder reads x uncentred and b_dec is
+the output's bias alone, so `centres` gives a zero input centre; the error is y_hat - y at o = d_out columns, and
+skip transcoders add x @ W_skip^T to y_hat (their gradient, g_xhat^T x, is Sums.g_W_skip).
+
+Shapes: M members, B rows, d = d_in, o = the output's width (d; a transcoder's d_out), n = padded dict size.
 """
 
 from __future__ import annotations
@@ -25,6 +29,16 @@ def decoder_rows(params: Params, hp: Hparams, layout: Layout) -> torch.Tensor:
     return params["W_dec"]
 
 
+def centres(params: Params, hp: Hparams, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the encoder input's centre [M, d], the output's bias [M, o]): b_dec * use_b_dec twice for SAEs; zeros and
+    b_dec * use_b_dec for transcoders, whose input is not centred (x - 0 is x exactly, so the loops need no branch)."""
+    out_bias = params["b_dec"] * hp["use_b_dec"].view(-1, 1)
+    if not layout.target_at:
+        return out_bias, out_bias
+    W_enc = params["W_enc"]
+    return W_enc.new_zeros(W_enc.shape[0], W_enc.shape[-1]), out_bias
+
+
 def topk_codes(pre: torch.Tensor, hp: Hparams, layout: Layout) -> torch.Tensor:
     """Codes [M, B, n]: each topk member keeps exactly its k largest ReLU'd pre-activations per row."""
     values, indices = torch.topk(pre, layout.k_max, dim=-1)  # [M, B, k_max], largest first
@@ -44,13 +58,14 @@ def native_path(device_type: str, dtype: torch.dtype = torch.float32) -> bool:
 class Sums(NamedTuple):
     """What the per-chunk loop accumulates over the batch's rows (every kernel fills the same)."""
 
-    g_D: torch.Tensor  # [M, n, d] dL/d(unit-norm decoder rows)
+    g_D: torch.Tensor  # [M, n, o] dL/d(unit-norm decoder rows)
     g_W_enc: torch.Tensor  # [M, n, d] dL/dW_enc through the encoder GEMM
     g_pre_sum: torch.Tensor  # [M, n] dL/dpre summed over rows (= the encoder-bias gradient)
-    g_xhat_sum: torch.Tensor  # [M, d] dL/dx_hat summed over rows
+    g_xhat_sum: torch.Tensor  # [M, o] dL/dx_hat summed over rows
     squared_error: torch.Tensor  # [M]
     code_sum: torch.Tensor  # [M] sum of all codes (the L1 norm times B)
     fired: torch.Tensor  # [M, n] rows in which each feature fired
+    g_W_skip: torch.Tensor | None = None  # [M, o, d] dL/dW_skip (skip transcoders only)
 
 
 def finish(
@@ -58,7 +73,7 @@ def finish(
 ) -> tuple[Params, dict[str, torch.Tensor]]:
     """The per-parameter gradients and aux stats from the accumulated sums."""
     W_enc, b_enc = params["W_enc"], params["b_enc"]
-    d = W_enc.shape[-1]
+    o = params["b_dec"].shape[-1]
     mask = hp["feature_mask"]
     # Through the row normalisation D = rows / |rows|: project out the radial part.
     if native_path(D.device.type) and native.fits(sums.g_D, D, norms):  # not the augmented paths' strided views
@@ -85,14 +100,20 @@ def finish(
         torch.where(bias_norm.unsqueeze(-1) > 0, masked_b_enc / bias_norm.clamp(min=1e-30).unsqueeze(-1), 0.0) * mask
     )
     g_b_enc = sums.g_pre_sum + hp["bias_decay"].view(-1, 1) * g_norm
-    through_encoder = torch.bmm(sums.g_pre_sum.unsqueeze(1), W_enc).squeeze(1)  # [M, d]: d(x - b_dec) part
-    g_b_dec = (sums.g_xhat_sum - through_encoder) * hp["use_b_dec"].view(-1, 1)
+    g_b_dec = sums.g_xhat_sum
+    if not layout.target_at:  # an SAE's b_dec also centres the encoder's input
+        through_encoder = torch.bmm(sums.g_pre_sum.unsqueeze(1), W_enc).squeeze(1)  # [M, d]: d(x - b_dec) part
+        g_b_dec = g_b_dec - through_encoder
+    g_b_dec = g_b_dec * hp["use_b_dec"].view(-1, 1)
 
-    mse = sums.squared_error / (B * d)
+    mse = sums.squared_error / (B * o)
     l1_norm = sums.code_sum / B
     loss = mse + hp["l1"] * l1_norm + hp["bias_decay"] * bias_norm
     aux = {"loss": loss, "mse": mse, "l1_norm": l1_norm, "l0": sums.fired.sum(-1) / B, "fired": sums.fired}
-    return {"W_enc": g_W_enc, "b_enc": g_b_enc, "W_dec": g_W_dec, "b_dec": g_b_dec}, aux
+    grads = {"W_enc": g_W_enc, "b_enc": g_b_enc, "W_dec": g_W_dec, "b_dec": g_b_dec}
+    if layout.skip:
+        grads["W_skip"] = sums.g_W_skip
+    return grads, aux
 
 
 def accumulate(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,12 @@ leading member axis), computed without autograd:
 - the b_dec gradient through the encoder is a GEMV, (sum_rows dL/dpre) @ W_enc, not
   the [B, d] GEMM that autograd runs for d(x - b_dec);
 - rows are processed in chunks of `row_chunk` with gradients accumulated, so on CPU an
-  [M, chunk, n] tile stays in cache (and the same loop gives micro-batching for free).
+  [M, chunk, n] tile stays in cache (and the same loop gives micro-batching for free);
+- transcoders (common.py) run the same loop: the input is centred by zero, the error is taken
+  against the target columns, and a skip transcoder's x @ W_skip^T rides in the decoder GEMM's
+  addend, its gradient one more GEMM at d columns.
 
-Shapes: M members, B rows, d = d_in, n = padded dict size.
+Shapes: M members, B rows, d = d_in, o = the output's width (d; a transcoder's d_out), n = padded dict size.
 """
 
 from __future__ import annotations
@@ -29,8 +32,17 @@ from __future__ import annotations
 import torch
 
 from sae_ensemble.kernels import augmented, native
-from sae_ensemble.kernels.common import PAD_BIAS, Sums, accumulate, decoder_rows, finish, native_path, topk_codes
-from sae_ensemble.sae import Hparams, Layout, Params
+from sae_ensemble.kernels.common import (
+    PAD_BIAS,
+    Sums,
+    accumulate,
+    centres,
+    decoder_rows,
+    finish,
+    native_path,
+    topk_codes,
+)
+from sae_ensemble.sae import Hparams, Layout, Params, split
 
 PASSES = ("c", "torch", "transposed", "augmented")
 """Where `grads` does the work between its GEMMs (docs/kernels.md): `c`, kernels/native.py's two passes
@@ -49,7 +61,8 @@ def grads(
     dtype: torch.dtype = torch.float32,
     passes: str | None = None,
 ) -> tuple[Params, dict[str, torch.Tensor]]:
-    """(gradients, aux) of every member's loss on x [B, d], equal to the vmapped autograd reference.
+    """(gradients, aux) of every member's loss on x [B, d] (transcoders: [x | y]), equal to the vmapped autograd
+    reference.
 
     `dtype`: of the GEMM operands and the [M, b, n] tensors. bfloat16 (CUDA) is what autocast
     gives the reference: half the bytes per pass and twice the GEMM rate; the gradients are
@@ -107,32 +120,38 @@ def _direct_sums(
     """
     W_enc, b_dec = params["W_enc"], params["b_dec"]
     M, n, d = W_enc.shape
-    B = x.shape[0]
-    centre = (b_dec * hp["use_b_dec"].view(-1, 1)).unsqueeze(1)  # [M, 1, d]
+    B, o = x.shape[0], b_dec.shape[-1]
+    centre_in, out_bias = (c.unsqueeze(1) for c in centres(params, hp, layout))  # [M, 1, d], [M, 1, o]
     bias = (params["b_enc"] - (1.0 - hp["feature_mask"]) * PAD_BIAS).contiguous()  # [M, n]
     l1_grad = (hp["l1"] / B).float().contiguous()  # [M]: dL/dcode from the L1 term
-    mse_scale = 2.0 / (B * d)
-    W_operand, D_operand, centre_operand = W_enc.to(dtype), D.to(dtype), centre.to(dtype)  # no copies in float32
+    mse_scale = 2.0 / (B * o)
+    W_operand, D_operand, bias_operand = W_enc.to(dtype), D.to(dtype), out_bias.to(dtype)  # no copies in float32
+    skip_operand = params["W_skip"].mT.to(dtype) if layout.skip else None  # [M, d, o]
     g_D: torch.Tensor | None = None
     g_W_enc: torch.Tensor | None = None
+    g_W_skip: torch.Tensor | None = None
     g_pre_sum, fired, code_total, g_xhat_sum, squared_error = _zero_sums(x, b_dec, n)
     for rows_x in x.split(row_chunk or B):
-        centred = (rows_x.unsqueeze(0) - centre).to(dtype)  # [M, b, d]
+        inputs, target = split(rows_x, layout)
+        centred = (inputs.unsqueeze(0) - centre_in).to(dtype)  # [M, b, d]
         codes = _encode(centred, W_operand, bias, fired, code_total, hp, layout, passes)
-        err = torch.baddbmm(centre_operand, codes, D_operand).float().sub_(rows_x)  # x_hat - x [M, b, d]
+        addend = bias_operand if skip_operand is None else torch.baddbmm(bias_operand, centred, skip_operand)
+        err = torch.baddbmm(addend, codes, D_operand).float().sub_(target)  # x_hat - target [M, b, o]
         squared_error += torch.linalg.vecdot(err.flatten(1), err.flatten(1))
         g_xhat = err.mul_(mse_scale)  # dL/dx_hat
         g_operand = g_xhat.to(dtype)
         g_pre = _backward(g_operand, D_operand, codes, l1_grad, g_pre_sum, passes)
         g_D = accumulate(g_D, codes.transpose(1, 2), g_operand)
         g_W_enc = accumulate(g_W_enc, g_pre.transpose(1, 2), centred)
+        if skip_operand is not None:
+            g_W_skip = accumulate(g_W_skip, g_operand.transpose(1, 2), centred)
         g_xhat_sum += g_xhat.sum(1)
     assert g_W_enc is not None and g_D is not None  # x has at least one row
-    return Sums(g_D, g_W_enc, g_pre_sum, g_xhat_sum, squared_error, code_total.sum(-1), fired)
+    return Sums(g_D, g_W_enc, g_pre_sum, g_xhat_sum, squared_error, code_total.sum(-1), fired, g_W_skip)
 
 
 def _zero_sums(x: torch.Tensor, b_dec: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-    """The row loops' accumulators: g_pre_sum, fired, code_total [M, n], g_xhat_sum [M, d], squared_error [M]."""
+    """The row loops' accumulators: g_pre_sum, fired, code_total [M, n], g_xhat_sum [M, o], squared_error [M]."""
     M = b_dec.shape[0]
     return x.new_zeros(M, n), x.new_zeros(M, n), x.new_zeros(M, n), torch.zeros_like(b_dec), x.new_zeros(M)
 
@@ -154,23 +173,26 @@ def _transposed_sums(
     copies (benchmarks.gemms, docs/benchmarks.md). Feature-major tiles are K-major there, and the encoder
     and dL/dcodes GEMMs produce them from K-major operands as before. Only the decoder reads one
     N-major operand (the codes, summed over n). The [M, d, b] and [M, b, d] copies of x - b_dec and
-    of g are small (d columns, not n). In float32, x enters as the decoder GEMM's addend: reading x
+    of g are small (d columns, not n). In float32, the target enters as the decoder GEMM's addend: reading it
     transposed inside the two reductions over err would cost as much again as the GEMMs saved (docs/kernels.md).
     """
     W_enc, b_dec = params["W_enc"], params["b_dec"]
     M, n, d = W_enc.shape
-    B = x.shape[0]
-    centre = (b_dec * hp["use_b_dec"].view(-1, 1)).unsqueeze(-1)  # [M, d, 1]
+    B, o = x.shape[0], b_dec.shape[-1]
+    centre_in, out_bias = (c.unsqueeze(-1) for c in centres(params, hp, layout))  # [M, d, 1], [M, o, 1]
     bias = (params["b_enc"] - (1.0 - hp["feature_mask"]) * PAD_BIAS).unsqueeze(-1)  # [M, n, 1]
     l1_grad = (hp["l1"] / B).float().view(-1, 1, 1)  # [M, 1, 1]: dL/dcode from the L1 term
-    mse_scale = 2.0 / (B * d)
-    W_operand, D_operand, centre_operand = W_enc.to(dtype), D.to(dtype), centre.to(dtype)
-    D_t = D_operand.mT.contiguous()  # [M, d, n]: the decoder's weights K-major
+    mse_scale = 2.0 / (B * o)
+    W_operand, D_operand, bias_operand = W_enc.to(dtype), D.to(dtype), out_bias.to(dtype)
+    skip_operand = params["W_skip"].to(dtype) if layout.skip else None  # [M, o, d]
+    D_t = D_operand.mT.contiguous()  # [M, o, n]: the decoder's weights K-major
     g_D: torch.Tensor | None = None
     g_W_enc: torch.Tensor | None = None
+    g_W_skip: torch.Tensor | None = None
     g_pre_sum, fired, code_total, g_xhat_sum, squared_error = _zero_sums(x, b_dec, n)
     for rows_x in x.split(row_chunk or B):
-        centred = (rows_x.unsqueeze(0) - centre.mT).to(dtype)  # [M, b, d]
+        inputs, target = split(rows_x, layout)
+        centred = (inputs.unsqueeze(0) - centre_in.mT).to(dtype)  # [M, b, d]
         centred_t = centred.mT.contiguous()  # [M, d, b]
         biased = torch.bmm(W_operand, centred.mT).float() + bias  # [M, n, b], float32 as in _encode
         # top-k ranks within each row (over n): on the [M, b, n] view; zeros_like keeps the layout.
@@ -178,10 +200,14 @@ def _transposed_sums(
         fired += (codes > 0).sum(-1, dtype=torch.float32)
         code_total += codes.sum(-1)
         codes = codes.to(dtype)
-        if dtype == torch.float32:  # x rides in the GEMM's addend, so the passes below read err contiguously
-            err = torch.baddbmm(centre - rows_x.T, D_t, codes)  # x_hat - x [M, d, b]
-        else:  # a bf16 addend would round x: subtract it in float32
-            err = torch.baddbmm(centre_operand, D_t, codes).float().sub_(rows_x.T)
+        if dtype == torch.float32:  # the target rides in the GEMM's addend, so the passes below read err contiguously
+            addend = out_bias - target.T
+            if skip_operand is not None:
+                addend = torch.baddbmm(addend, skip_operand, centred_t)
+            err = torch.baddbmm(addend, D_t, codes)  # x_hat - target [M, o, b]
+        else:  # a bf16 addend would round the target: subtract it in float32
+            addend = bias_operand if skip_operand is None else torch.baddbmm(bias_operand, skip_operand, centred_t)
+            err = torch.baddbmm(addend, D_t, codes).float().sub_(target.T)
         squared_error += torch.linalg.vecdot(err.flatten(1), err.flatten(1))
         g_xhat = err.mul_(mse_scale)  # dL/dx_hat, as err
         g_xhat_sum += g_xhat.sum(-1)
@@ -194,8 +220,10 @@ def _transposed_sums(
         g_pre = g_pre.to(dtype)
         g_D = accumulate(g_D, codes, g_cols.mT)
         g_W_enc = accumulate(g_W_enc, g_pre, centred_t.mT)
+        if skip_operand is not None:
+            g_W_skip = accumulate(g_W_skip, g_cols, centred_t.mT)
     assert g_W_enc is not None and g_D is not None  # x has at least one row
-    return Sums(g_D, g_W_enc, g_pre_sum, g_xhat_sum, squared_error, code_total.sum(-1), fired)
+    return Sums(g_D, g_W_enc, g_pre_sum, g_xhat_sum, squared_error, code_total.sum(-1), fired, g_W_skip)
 
 
 def _encode(

@@ -10,7 +10,9 @@ The rest costs O(B·L0·d) per member instead of O(B·n·d):
   member's dictionary on CPU (each measured faster on its device);
 - dL/dcodes at the active entries only: `sampled_addmm` (dL/dx_hat @ D^T at the pattern);
 - decoder and encoder weight gradients: the transposed pattern (built once per chunk
-  by a stable sort of the column indices) times dL/dx_hat and x.
+  by a stable sort of the column indices) times dL/dx_hat and x;
+- transcoders (common.py): the input is centred by zero and the error taken against the target
+  columns; a skip transcoder's x @ W_skip^T and its gradient are dense batched GEMMs at d columns.
 Equal to the dense kernel and to the reference (kernels/dense.py, sae.loss): see tests.
 """
 
@@ -23,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from sae_ensemble.kernels.augmented import augmented_encoder, augmented_rows, augmented_width
-from sae_ensemble.kernels.common import Sums, decoder_rows, finish, topk_codes
-from sae_ensemble.sae import Hparams, Layout, Params
+from sae_ensemble.kernels.common import Sums, accumulate, centres, decoder_rows, finish, topk_codes
+from sae_ensemble.sae import Hparams, Layout, Params, split
 
 # torch warns that sparse CSR support is "beta" on every construction; these products are
 # tested against the dense kernel, so the warning says nothing to our users.
@@ -34,32 +36,36 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 def grads(
     params: Params, hp: Hparams, x: torch.Tensor, layout: Layout, row_chunk: int | None = None
 ) -> tuple[Params, dict[str, torch.Tensor]]:
-    """(gradients, aux) of every member's loss on x [B, d], equal to the dense kernel."""
+    """(gradients, aux) of every member's loss on x [B, d] (transcoders: [x | y]), equal to the dense kernel."""
     W_enc, b_dec = params["W_enc"], params["b_dec"]
     M, n, d = W_enc.shape
-    B = x.shape[0]
+    B, o = x.shape[0], b_dec.shape[-1]
     mask = hp["feature_mask"]
-    centre = b_dec * hp["use_b_dec"].view(-1, 1)  # [M, d]
+    centre_in, out_bias = centres(params, hp, layout)  # [M, d], [M, o]
     d_aug = augmented_width(d)
     W_aug = augmented_encoder(params, mask, d_aug)  # the bias rides in the encoder GEMM
     rows = decoder_rows(params, hp, layout)
     norms = rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    D = rows / norms  # [M, n, d]
-    D_flat = D.reshape(M * n, d)
+    D = rows / norms  # [M, n, o]
+    D_flat = D.reshape(M * n, o)
+    W_skip_t = params["W_skip"].mT if layout.skip else None  # [M, d, o]
 
-    g_D = torch.zeros(M * n, d, dtype=x.dtype, device=x.device)
-    g_W_enc = torch.zeros_like(g_D)
+    g_D = torch.zeros(M * n, o, dtype=x.dtype, device=x.device)
+    g_W_enc = torch.zeros(M * n, d, dtype=x.dtype, device=x.device)
+    g_W_skip: torch.Tensor | None = None
     g_pre_sum = x.new_zeros(M * n)
     fired = x.new_zeros(M * n)
-    g_xhat_sum = x.new_zeros(M, d)
+    g_xhat_sum = x.new_zeros(M, o)
     squared_error = x.new_zeros(M)
     code_sum = x.new_zeros(M)
-    mse_scale = 2.0 / (B * d)
+    mse_scale = 2.0 / (B * o)
     l1_per_row = hp["l1"] / B  # [M]: dL/dcode from the L1 term
 
     for rows_x in x.split(row_chunk or B):
         b = rows_x.shape[0]
-        xc_aug = augmented_rows(rows_x, centre, d_aug)
+        inputs, target = split(rows_x, layout)
+        xc_aug = augmented_rows(inputs, centre_in, d_aug)
+        centred = xc_aug[..., :d]  # [M, b, d]
         pre = torch.bmm(xc_aug, W_aug.transpose(1, 2))  # [M, b, n]
         codes = _active_topk(pre, hp, layout) if layout.all_topk else _active_nonzero(pre, hp, layout)
         pattern = torch.sparse_csr_tensor(
@@ -72,11 +78,16 @@ def grads(
             )
         else:  # and cuSPARSE's CSR product beats embedding_bag on CUDA
             x_hat = torch.sparse.mm(pattern, D_flat)
-        err = x_hat.view(M, b, d) + centre.unsqueeze(1) - rows_x
+        out = x_hat.view(M, b, o) + out_bias.unsqueeze(1)
+        if W_skip_t is not None:
+            out = out.baddbmm_(centred, W_skip_t)
+        err = out - target
         squared_error += err.pow(2).sum((1, 2))
         code_sum.index_add_(0, codes.members, codes.values)
-        g_xhat = (err * mse_scale).view(M * b, d)
-        g_xhat_sum += g_xhat.view(M, b, d).sum(1)
+        g_xhat = (err * mse_scale).view(M * b, o)
+        g_xhat_sum += g_xhat.view(M, b, o).sum(1)
+        if W_skip_t is not None:
+            g_W_skip = accumulate(g_W_skip, g_xhat.view(M, b, o).transpose(1, 2), centred)
 
         g_codes = torch.sparse.sampled_addmm(pattern, g_xhat, D_flat.T, beta=0.0).values() + l1_per_row[codes.members]
         active = codes.values > 0
@@ -85,16 +96,17 @@ def grads(
         g_pre_sum.index_add_(0, codes.columns, g_pre)
         transposed = _transposed(codes.rows, codes.columns, M * b, M * n)
         g_D += torch.sparse.mm(transposed(codes.values), g_xhat)
-        g_W_enc += torch.sparse.mm(transposed(g_pre), xc_aug[..., :d].reshape(M * b, d))
+        g_W_enc += torch.sparse.mm(transposed(g_pre), centred.reshape(M * b, d))
 
     sums = Sums(
-        g_D.view(M, n, d),
+        g_D.view(M, n, o),
         g_W_enc.view(M, n, d),
         g_pre_sum.view(M, n),
         g_xhat_sum,
         squared_error,
         code_sum,
         fired.view(M, n),
+        g_W_skip,
     )
     return finish(params, hp, layout, D, norms, sums, B)
 
