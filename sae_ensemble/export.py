@@ -27,6 +27,18 @@ variant: jumprelu as jumprelu (threshold = exp(log_threshold)), batchtopk and ma
 jumprelu with their running threshold for every feature (as SAELens saves its own BatchTopK
 SAEs; ReLU then the threshold is the jump ReLU for a threshold >= 0), gated as gated.
 dictionary_learning's exports of those are not written yet: refused with one line.
+
+Transcoders (Member.d_out > 0: c = f(W_enc x + b_enc), y_hat = c W_dec + b_dec [+ x W_skip^T]), which
+train unnormalised only (a normalised one is refused):
+
+    variant              SAELens 6.54 (apply_b_dec_to_input false)         sparsify (transcode true)
+    relu                 transcoder / skip_transcoder                       refused (TopK only)
+    jumprelu, batchtopk  jumprelu_transcoder / jumprelu_skip_transcoder     refused (TopK only)
+      and matryoshka     (threshold as for their SAEs)
+    topk                 refused (SAELens has no TopK transcoder)           if d_out == d_in (its one width)
+
+dictionary_learning has no transcoder class: refused. SAELens' metadata.hook_name_out is the run's
+data.hooks_out entry for the member's input hook (else `unknown`).
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from sae_ensemble.atomic import atomic_write, write_json_atomic
@@ -61,6 +74,8 @@ SAELENS_ARCHITECTURE = {
     "jumprelu": "jumprelu",
     "gated": "gated",
 }
+# SAELens 6.54's transcoder classes by the SAE architecture a variant exports as; it has no TopK or gated one
+SAELENS_TRANSCODER = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder"}
 SAELENS_VERSION = "6.54.12"  # the sae-lens release tests/test_interop.py loads these files with
 
 
@@ -72,13 +87,16 @@ def folded_params(
     member: Member, params: dict[str, torch.Tensor], shift: torch.Tensor, scale: float
 ) -> dict[str, torch.Tensor]:
     """Our params rewritten for raw activations (module docstring); W_* [n, d] rows, b_enc [n], b_dec [d];
-    gated: b_gate, r_mag, b_mag [n] instead of b_enc; jumprelu, batchtopk, matryoshka: threshold [n] added."""
+    gated: b_gate, r_mag, b_mag [n] instead of b_enc; jumprelu, batchtopk, matryoshka: threshold [n] added.
+    Transcoders (never normalised): W_dec [n, d_out], b_dec [d_out], and W_skip [d_out, d_in] if they skip."""
     b_dec = params["b_dec"].float() * float(member.use_b_dec)  # the architectures ignore b_dec when use_b_dec is off
     folded = {
         "W_enc": params["W_enc"].float(),
-        "W_dec": params["W_dec"].float(),
-        "b_dec": shift.float() + scale * b_dec,
+        "W_dec": F.normalize(params["W_dec"].float(), dim=-1),  # the dictionary every decoder() uses
+        "b_dec": b_dec if member.d_out else shift.float() + scale * b_dec,
     }
+    if "W_skip" in params:
+        folded["W_skip"] = params["W_skip"].float()
     for name in ("b_enc", "b_gate", "b_mag"):
         if name in params:
             folded[name] = params[name].float() * scale
@@ -92,7 +110,7 @@ def folded_params(
 
 
 def run_context(run_dir: Path) -> dict[str, Any]:
-    """Model name, hook, context length and BOS use of a sweep, from Hydra's saved config when present.
+    """Model name, hooks (in; transcoders: out), context length and BOS use of a sweep, from Hydra's saved config.
 
     Synthetic runs and run directories without `.hydra/config.yaml` get placeholders, since a
     SAELens config needs these fields but only an LM sweep has real values for them.
@@ -103,6 +121,8 @@ def run_context(run_dir: Path) -> dict[str, Any]:
         "context_size": None,
         "prepend_bos": True,
         "source": "unknown",
+        "hooks_out": {},
+        "hook_name_out": "unknown",
     }
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
@@ -135,6 +155,9 @@ def run_context(run_dir: Path) -> dict[str, Any]:
         context["model_name"] = str(select("model.name", "unknown"))
         listed = select("data.hooks", None) or []  # several hooks: each member names its own (member.hook)
         context["hook_name"] = str(listed[0] if len(listed) == 1 else select("hook", "unknown"))
+        outs = select("data.hooks_out", None) or []  # transcoders' output hooks, aligned with data.hooks
+        context["hooks_out"] = {str(h): str(o) for h, o in zip(listed, outs)} if len(outs) == len(listed) else {}
+        context["hook_name_out"] = str(outs[0]) if len(outs) == 1 else "unknown"
         context["context_size"] = select("data.context_length", None)
     return context
 
@@ -172,15 +195,21 @@ def normalization_of(cfg: dict[str, Any], store_dir: str | Path | None) -> tuple
 def write_saelens(out: Path, member: Member, params: dict[str, torch.Tensor], context: dict[str, Any]) -> None:
     """SAELens >= 6: cfg.json + sae_weights.safetensors, read by `SAE.load_from_disk`."""
     # W_enc [d_in, d_sae]: SAELens multiplies x @ W_enc; W_dec [d_sae, d_in]; every other tensor by its own name
+    # transcoders: W_dec [d_sae, d_out], b_dec [d_out], W_skip [d_out, d_in] as ours
     weights = {name: (value.T if name == "W_enc" else value).contiguous() for name, value in params.items()}
     atomic_write(out / "sae_weights.safetensors", lambda tmp: save_file(weights, tmp))
+    architecture = SAELENS_ARCHITECTURE[member.variant]
+    if member.d_out:  # transcoder -> skip_transcoder, jumprelu_transcoder -> jumprelu_skip_transcoder
+        architecture = SAELENS_TRANSCODER[architecture].replace(
+            "transcoder", "skip_" * member.skip_connection + "transcoder"
+        )
     cfg = {
-        "architecture": SAELENS_ARCHITECTURE[member.variant],
+        "architecture": architecture,
         "d_in": member.d_in,
         "d_sae": member.dict_size,
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": True,  # ours subtracts b_dec before encoding
+        "apply_b_dec_to_input": not member.d_out,  # our SAEs subtract b_dec before encoding, transcoders do not
         "normalize_activations": "none",  # folded into the weights (module docstring)
         "reshape_activations": "none",
         "metadata": {
@@ -196,6 +225,10 @@ def write_saelens(out: Path, member: Member, params: dict[str, torch.Tensor], co
             "exported_from": f"sae_ensemble member {member.member_id}",
         },
     }
+    if member.d_out:
+        cfg["d_out"] = member.d_out
+        hook_out = context["hooks_out"].get(member.hook) if member.hook else context["hook_name_out"]
+        cfg["metadata"].update(hook_name_out=hook_out or "unknown", hook_head_index_out=None)
     if member.variant == "topk":
         cfg["k"] = member.k
         cfg["rescale_acts_by_decoder_norm"] = False  # our decoder rows are unit norm already
@@ -252,6 +285,8 @@ def write_sparsify(out: Path, member: Member, params: dict[str, torch.Tensor], c
         "W_dec": params["W_dec"].contiguous(),
         "b_dec": params["b_dec"].contiguous(),
     }
+    if "W_skip" in params:
+        weights["W_skip"] = params["W_skip"].contiguous()  # [d, d]: sparsify's one width, d_out == d_in
     atomic_write(out / "sae.safetensors", lambda tmp: save_file(weights, tmp))
     cfg = {
         "activation": "topk",
@@ -260,8 +295,8 @@ def write_sparsify(out: Path, member: Member, params: dict[str, torch.Tensor], c
         "num_latents": member.dict_size,
         "k": member.k,
         "multi_topk": False,
-        "skip_connection": False,
-        "transcode": False,
+        "skip_connection": member.skip_connection,
+        "transcode": bool(member.d_out),
         "d_in": member.d_in,
     }
     write_json_atomic(out / "cfg.json", cfg)
@@ -272,6 +307,25 @@ WRITERS: dict[str, Callable[[Path, Member, dict[str, torch.Tensor], dict[str, An
     "dictionary_learning": write_dictionary_learning,
     "sparsify": write_sparsify,
 }
+
+
+def refuse_transcoder(fmt: str, cfg: dict[str, Any]) -> None:
+    """ExportError if `fmt` cannot hold this transcoder member (module docstring's table)."""
+    name = f"transcoder {cfg['member_id']}"
+    if cfg.get("normalize", "none") != "none":
+        raise ExportError(f"{name} was trained with normalize={cfg['normalize']!r}; transcoders export from none only")
+    if fmt == "dictionary_learning":
+        raise ExportError(f"dictionary_learning has no transcoder class ({name}); export it to saelens or sparsify")
+    if fmt == "saelens" and SAELENS_ARCHITECTURE[cfg["variant"]] not in SAELENS_TRANSCODER:
+        raise ExportError(
+            f"SAELens has no {cfg['variant']} transcoder ({name}); its transcoders take variants relu, jumprelu, "
+            "batchtopk, matryoshka; export topk transcoders to sparsify"
+        )
+    if fmt == "sparsify" and cfg["d_out"] != cfg["d_in"]:
+        raise ExportError(
+            f"sparsify's transcoders have one width, but {name} has d_in={cfg['d_in']}, d_out={cfg['d_out']}; "
+            "export it to saelens (relu) or train d_out == d_in"
+        )
 
 
 def export_run(
@@ -299,12 +353,9 @@ def export_run(
             f"of {len(refused)} member(s) (e.g. {refused[0]}); it holds {', '.join(EXPRESSIBLE[fmt])}: select those "
             "with --members"
         )
-    transcoders = [c["member_id"] for c in cfgs if c.get("d_out")]
-    if transcoders:
-        raise ExportError(
-            f"{len(transcoders)} selected member(s) are transcoders (e.g. {transcoders[0]}), which no export writes "
-            "yet; select SAEs with --members"
-        )
+    for cfg in cfgs:
+        if cfg.get("d_out"):
+            refuse_transcoder(fmt, cfg)
     normalizations = [normalization_of(c, store_dir) for c in cfgs]
     context = run_context(run_dir)
     out = run_dir / "export" / fmt if out is None else Path(out)

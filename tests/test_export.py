@@ -5,6 +5,7 @@ pin the layout (names, shapes, transposes, the normalisation fold) without them.
 """
 
 import json
+import re
 import runpy
 import sys
 import warnings
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 from sae_ensemble import architectures
 from sae_ensemble.checkpoint import load_member, save_member
+from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.export import ExportError, export_run, main
 from sae_ensemble.member import Member
 
@@ -75,6 +77,10 @@ def reference_outputs(member_dir: Path, x: torch.Tensor, shift: torch.Tensor, sc
     module = architectures.module_of(member.variant)
     hp, layout = architectures.make_hparams(member), module.layout([member])
     codes = module.encode(params, hp, (x - shift) / scale, layout)
+    if member.d_out:  # a transcoder (never normalised): y_hat adds the skip path x W_skip^T; decoded = without it
+        recon = module.decode(params, hp, codes, layout, x)
+        skip = x @ params["W_skip"].T if member.skip_connection else 0.0
+        return {"x": x, "codes": codes, "recon": recon, "decoded": recon - skip}
     return {"x": x, "codes": scale * codes, "recon": scale * module.decode(params, hp, codes, layout) + shift}
 
 
@@ -109,8 +115,10 @@ def dictionary_learning_forward(directory: Path, x: torch.Tensor) -> tuple[torch
 def sparsify_forward(directory: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cfg, w = json.loads((directory / "cfg.json").read_text()), load_file(directory / "sae.safetensors")
     assert cfg["num_latents"] == w["W_dec"].shape[0] and cfg["d_in"] == w["W_dec"].shape[1]
-    codes = topk_dense((x - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"], cfg["k"])
-    return codes, codes @ w["W_dec"] + w["b_dec"]
+    assert cfg["skip_connection"] == ("W_skip" in w) and (not cfg["skip_connection"] or cfg["transcode"])
+    codes = topk_dense((x - w["b_dec"] * (not cfg["transcode"])) @ w["encoder.weight"].T + w["encoder.bias"], cfg["k"])
+    skip = x @ w["W_skip"].T if cfg["skip_connection"] else 0.0  # SparseCoder.forward: x @ W_skip.mT
+    return codes, codes @ w["W_dec"] + w["b_dec"] + skip
 
 
 FORWARD = {"saelens": saelens_forward, "dictionary_learning": dictionary_learning_forward, "sparsify": sparsify_forward}
@@ -282,4 +290,109 @@ def test_dictionary_learning_refuses_the_architectures_it_does_not_take_yet(tmp_
     )
     with pytest.raises(ExportError, match=r"dictionary_learning cannot express variant\(s\) \['jumprelu'\]"):
         export_run(run_dir, "dictionary_learning")
+    assert not (run_dir / "export").exists()
+
+
+D_OUT = 8  # a transcoder's output width (sparsify's transcoders have one width: d_out = d_in)
+
+
+def transcoders(fmt: str) -> list[Member]:
+    """Transcoders `fmt` holds, each with and without the skip path: SAELens relu, jumprelu, batchtopk and
+    matryoshka (d_out 8 of d_in 12), sparsify topk."""
+    if fmt == "sparsify":
+        return [Member("topk", D_IN, N, k=5, lr=1e-2, d_out=D_IN, skip_connection=s, seed=s) for s in (0, 1)]
+    kinds = [{"variant": "relu"}, {"variant": "jumprelu"}, {"variant": "batchtopk", "k": 5}]
+    kinds += [{"variant": "matryoshka", "k": 5, "matryoshka_widths": (8,)}]
+    return [
+        Member(d_in=D_IN, dict_size=N, lr=1e-2, d_out=D_OUT, skip_connection=s, **kind)
+        for kind in kinds
+        for s in (0, 1)
+    ]
+
+
+def build_transcoder_run(run_dir: Path, members: list[Member], normalize: str = "none") -> Path:
+    """A run directory holding `members` trained 20 steps on random [x | y] rows (lr 1e-2: W_skip leaves zero)."""
+    g = torch.Generator().manual_seed(5)
+    for member in members:
+        ensemble = Ensemble([member], 20, execution="reference")
+        for _ in range(20):
+            ensemble.step(torch.randn(64, member.d_in + member.d_out, generator=g))
+        params, _ = ensemble.member_state(0)
+        info = {"steps": 20, "tokens": 1280, "normalize": normalize, "metrics": {}}
+        save_member(run_dir / "members" / member.member_id, member, params, None, info)
+    return run_dir
+
+
+def saelens_transcoder_forward(directory: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAELens' (JumpReLU)Transcoder.encode and (JumpReLU)SkipTranscoder.forward (decode + x @ W_skip.T)."""
+    cfg, w = json.loads((directory / "cfg.json").read_text()), load_file(directory / "sae_weights.safetensors")
+    assert cfg["apply_b_dec_to_input"] is False and w["W_dec"].shape == (cfg["d_sae"], cfg["d_out"])
+    pre = x @ w["W_enc"] + w["b_enc"]
+    codes = F.relu(pre) * (pre > w["threshold"]) if "jumprelu" in cfg["architecture"] else F.relu(pre)
+    skip = x @ w["W_skip"].T if "skip" in cfg["architecture"] else 0.0
+    return codes, codes @ w["W_dec"] + w["b_dec"] + skip
+
+
+@pytest.mark.parametrize("fmt", ["saelens", "sparsify"])
+def test_transcoder_export_reproduces_our_codes_and_outputs(tmp_path, fmt):
+    run_dir = build_transcoder_run(tmp_path / "run", transcoders(fmt))
+    written = export_run(run_dir, fmt)
+    x = inputs()
+    for directory in written:
+        member = load_member(run_dir / "members" / directory.name)[0]
+        cfg = json.loads((directory / "cfg.json").read_text())
+        if fmt == "saelens":
+            name = "transcoder" if member.variant == "relu" else "jumprelu_transcoder"
+            assert cfg["architecture"] == name.replace("transcoder", "skip_" * member.skip_connection + "transcoder")
+            assert cfg["d_out"] == D_OUT and cfg["metadata"]["hook_name_out"] == "unknown"  # a run without .hydra
+        else:
+            assert cfg["transcode"] is True and cfg["skip_connection"] == member.skip_connection
+        expected = reference_outputs(run_dir / "members" / directory.name, x, torch.zeros(D_IN), 1.0)
+        codes, recon = (saelens_transcoder_forward if fmt == "saelens" else sparsify_forward)(directory, x)
+        assert (codes > 0).any() and (codes == 0).any()
+        assert ((expected["recon"] - expected["decoded"]).abs().max() > 1e-2) == member.skip_connection
+        torch.testing.assert_close(codes, expected["codes"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(recon, expected["recon"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "hooks, several, hook_out",  # several: the member names its input hook (Member.hook), one of data.hooks
+    [
+        ("  hooks_out: [blocks.1.hook_mlp_out]\n", False, "blocks.1.hook_mlp_out"),
+        ("  hooks: [blocks.0.ln2.hook_normalized, HOOK]\n  hooks_out: [a, b]\n", True, "b"),
+        ("", False, "unknown"),  # an LM run without data.hooks_out: the placeholder SAEs get
+    ],
+    ids=["one-hook", "several-hooks", "no-hooks-out"],
+)
+def test_saelens_transcoder_names_its_output_hook_from_the_runs_config(tmp_path, hooks, several, hook_out):
+    hook_in = "blocks.1.ln2.hook_normalized"
+    member = Member("relu", D_IN, N, d_out=D_OUT, hook=hook_in if several else None)
+    run_dir = build_transcoder_run(tmp_path / "run", [member])
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text(
+        f"data:\n  dataset: corpus.txt\n{hooks.replace('HOOK', hook_in)}model:\n  name: tiny\nhook: {hook_in}\n"
+    )
+    (directory,) = export_run(run_dir, "saelens")
+    metadata = json.loads((directory / "cfg.json").read_text())["metadata"]
+    assert metadata["hook_name"] == hook_in and metadata["hook_name_out"] == hook_out
+
+
+@pytest.mark.parametrize(
+    "member, fmt, normalize, message",
+    [
+        (Member("topk", D_IN, N, k=5, d_out=D_IN), "saelens", "none", "SAELens has no topk transcoder .*; its"),
+        (Member("relu", D_IN, N, d_out=D_IN), "sparsify", "none", r"sparsify cannot express variant\(s\) \['relu'\]"),
+        (Member("topk", D_IN, N, k=5, d_out=D_OUT), "sparsify", "none", "has d_in=12, d_out=8; export it to saelens"),
+        (Member("topk", D_IN, N, k=5, d_out=D_IN), "dictionary_learning", "none", "dictionary_learning has no transc"),
+        (Member("relu", D_IN, N, d_out=D_OUT), "saelens", "center", "trained with normalize='center'; transcoders"),
+    ],
+    ids=["topk-to-saelens", "relu-to-sparsify", "two-widths-to-sparsify", "to-dictionary_learning", "normalised"],
+)
+def test_an_inexpressible_transcoder_is_refused_with_one_line_and_exit_2(
+    tmp_path, capsys, member, fmt, normalize, message
+):
+    run_dir = build_transcoder_run(tmp_path / "run", [member], normalize)
+    assert main([str(run_dir), "--format", fmt]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and re.search(message, err), err
     assert not (run_dir / "export").exists()

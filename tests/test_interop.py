@@ -1,4 +1,4 @@
-"""Each library's own loader reads our exports, and its encode/decode equals ours (atol 1e-5).
+"""Each library's own loader reads our exports (SAEs and transcoders), and its encode/decode equals ours (atol 1e-5).
 
 SAELens pins transformer-lens < 4, so no library shares .venv: `make interop` builds one venv per
 library under .interop/, and tests/interop/check.py runs inside it on files written here. Without
@@ -11,10 +11,20 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from sae_ensemble.export import export_run
-from tests.test_export import build_architecture_run, build_run, inputs, make_store, reference_outputs
+from tests.test_export import (
+    D_IN,
+    build_architecture_run,
+    build_run,
+    build_transcoder_run,
+    inputs,
+    make_store,
+    reference_outputs,
+    transcoders,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 INTEROP = REPO / ".interop"
@@ -31,17 +41,12 @@ def library_python(lib: str) -> Path:
     return python
 
 
-@pytest.mark.parametrize("normalize", ["none", "center_scale"])
-@pytest.mark.parametrize("lib", ["saelens", "dictionary_learning", "sparsify"])
-def test_library_loads_our_export_and_matches_our_forward(tmp_path, lib, normalize):
-    python = library_python(lib)
-    store = make_store(tmp_path / "store")
-    run_dir = build_run(tmp_path / "run", store, normalize)
-    if lib == "saelens":  # SAELens also takes jumprelu, batchtopk and matryoshka (as jumprelu) and gated members
-        build_architecture_run(run_dir, store, normalize)
-    written = export_run(run_dir, lib, members="topk-*" if lib == "sparsify" else "*", store_dir=store.path)
-    shift, scale = store.normalization(normalize)
-    io_dir = tmp_path / "io"
+def check_in_library(
+    python: Path, lib: str, run_dir: Path, written: list[Path], shift: torch.Tensor, scale: float, label: str
+) -> dict:
+    """Run tests/interop/check.py in `lib`'s venv on our exports `written`, hold its differences to ATOL and
+    return its report."""
+    io_dir = run_dir.parent / "io"
     io_dir.mkdir()
     x = inputs()
     for directory in written:
@@ -60,13 +65,45 @@ def test_library_loads_our_export_and_matches_our_forward(tmp_path, lib, normali
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert sorted(k for k in report if not k.startswith("_")) == sorted(d.name for d in written)
     worst = max(max(diffs.values()) for member_id, diffs in report.items() if not member_id.startswith("_"))
-    print(
-        f"{lib} {report['_versions']} normalize={normalize}: largest |difference| {worst:.2e}"
-    )  # shown with pytest -s
+    print(f"{lib} {report['_versions']} {label}: largest |difference| {worst:.2e}")  # shown with pytest -s
     for member_id, diffs in report.items():
         if member_id.startswith("_"):
             continue
         assert max(diffs.values()) <= ATOL, f"{lib} {report['_versions']} on {member_id}: {diffs}"
+    return report
+
+
+@pytest.mark.parametrize("normalize", ["none", "center_scale"])
+@pytest.mark.parametrize("lib", ["saelens", "dictionary_learning", "sparsify"])
+def test_library_loads_our_export_and_matches_our_forward(tmp_path, lib, normalize):
+    python = library_python(lib)
+    store = make_store(tmp_path / "store")
+    run_dir = build_run(tmp_path / "run", store, normalize)
+    if lib == "saelens":  # SAELens also takes jumprelu, batchtopk and matryoshka (as jumprelu) and gated members
+        build_architecture_run(run_dir, store, normalize)
+    written = export_run(run_dir, lib, members="topk-*" if lib == "sparsify" else "*", store_dir=store.path)
+    check_in_library(python, lib, run_dir, written, *store.normalization(normalize), label=f"normalize={normalize}")
+
+
+SAELENS_TRANSCODERS = {  # cfg.json's architecture -> the class SAELens' own loader must build
+    "transcoder": "Transcoder",
+    "skip_transcoder": "SkipTranscoder",
+    "jumprelu_transcoder": "JumpReLUTranscoder",
+    "jumprelu_skip_transcoder": "JumpReLUSkipTranscoder",
+}
+
+
+@pytest.mark.parametrize("lib", ["saelens", "sparsify"])
+def test_library_loads_our_transcoder_export_and_matches_our_forward(tmp_path, lib):
+    """SAELens: relu, jumprelu, batchtopk, matryoshka transcoders; sparsify: topk (SparseCoder, transcode); each
+    with and without the skip path, which the libraries' forward adds (decode omits it)."""
+    python = library_python(lib)
+    run_dir = build_transcoder_run(tmp_path / "run", transcoders(lib))
+    written = export_run(run_dir, lib)
+    report = check_in_library(python, lib, run_dir, written, torch.zeros(D_IN), 1.0, "transcoders")
+    for directory in written:
+        architecture = json.loads((directory / "cfg.json").read_text()).get("architecture")
+        assert report["_classes"][directory.name] == SAELENS_TRANSCODERS.get(architecture, "SparseCoder")
 
 
 def test_a_missing_library_venv_skips_locally_and_fails_when_required(monkeypatch, tmp_path):
