@@ -259,6 +259,14 @@ def mmcs_truth(decoders: torch.Tensor, feature_mask: torch.Tensor, truth: torch.
     return _max_cos(truth, decoders, feature_mask).mean(-1)
 
 
+def relative_error(learned: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """[M] ||learned_m - truth||_F / ||truth||_F of each member's learned matrix (a skip transcoder's W_skip
+    [M, d_out, d_in]) against the true one [d_out, d_in]."""
+    if learned.shape[1:] != truth.shape:
+        raise ValueError(f"learned {list(learned.shape)} must be [M, *{list(truth.shape)}]")
+    return (learned.float() - truth.float()).flatten(1).norm(dim=1) / truth.float().norm()
+
+
 PAIRINGS = ("next_size", "seed")
 
 

@@ -291,9 +291,12 @@ def _final_metrics(
     truth = store.ground_truth()  # a paired store's: of the target, which transcoders' decoders write
     if truth is not None:
         result["mmcs_truth"] = metrics.mmcs_truth(ensemble.decoders(), mask, truth.to(device))
-    if store.target_at:  # and their encoders read the input's features
+    if truth is not None and store.target_at:  # and their encoders read the input's features
+        paired = store.paired_truth()
         encoders = torch.nn.functional.normalize(ensemble.params["W_enc"], dim=-1)
-        result["mmcs_truth_in"] = metrics.mmcs_truth(encoders, mask, store.paired_truth()["features"].to(device))
+        result["mmcs_truth_in"] = metrics.mmcs_truth(encoders, mask, paired["features"].to(device))
+        if "W_skip" in ensemble.params and paired["skip"].any():  # a learned skip against the true one
+            result["skip_error"] = metrics.relative_error(ensemble.params["W_skip"], paired["skip"].to(device))
     return {name: value.float().cpu() for name, value in result.items()}
 
 
