@@ -191,7 +191,7 @@ def test_a_member_too_large_for_the_budget_exits_2_before_any_work(tmp_path, cap
     )
     error = one_error_line(capsys.readouterr().err)
     assert re.search(
-        r"error: member (relu|tied)-d128-l1_0.001-bd0-lr0.001-s0 needs .* even alone .* more than fits "
+        r"error: member (relu-d128-l1_0.001|topk-d128-k8)-bd0-lr0.001-s0 needs .* even alone .* more than fits "
         r"training.memory_budget=1.00MiB",
         error,
     ), error
