@@ -175,7 +175,7 @@ def _ce_evaluator(
     note: Callable[[str], None],
 ):
     """The CE evaluation of member dirs of one member hook on `device` (the model booted once), or None without
-    held-out text. Members of a run over one store (hook None) splice in at the run's hook, `lm.hook`."""
+    held-out text. Members of a run over one store (hook None) read the run's hook, `lm.hook`."""
     from sae_ensemble.activations.lm import boot_model, free_device_memory, iter_contexts, iter_texts, rows_per_context
     from sae_ensemble.evaluate import evaluate_members
 
@@ -199,16 +199,19 @@ def _ce_evaluator(
 
     # Per group, the clean and zero-ablated passes run again (2 passes beside the group's spliced one,
     # which is MEMBERS_PER_GROUP times as large): the price of never holding more members than a group.
+    # A transcoder's store names its output hook: its members read `hook` and are spliced in at the output.
     def ce(hook: str | None, dirs: list[Path]) -> dict[str, dict[str, float]]:
+        hook_out = (stores[hook].manifest.get("source") or {}).get("hook_out")
         return evaluate_members(
             bridge,
             tokens,
-            hook or lm.hook,
+            hook_out or hook or lm.hook,
             dirs,
-            stores[hook].normalization(training.normalize),
+            None if hook_out else stores[hook].normalization(training.normalize),
             progress=False,
             members_per_pass=MEMBERS_PER_GROUP,
             skip_first_position=skip_first,
+            input_hook=(hook or lm.hook) if hook_out else None,
         )
 
     return ce

@@ -14,6 +14,9 @@ hands each copy to a different member, so one forward pass evaluates many member
 as our name for the same number. When zero-ablation raises CE by less than `min_ce_gap` nats
 (a random model, a hook the model ignores), both scores are NaN with a one-line warning: the
 ratio of two differences near zero is noise. ce_clean, ce_zero_ablation and ce_recon are kept.
+
+Transcoders (`input_hook`): the member reads the activation at `input_hook` of the same forward pass and its
+output replaces the activation at `hook_name`, which runs later; zero-ablation is of `hook_name`'s activation.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from sae_ensemble import architectures
 from sae_ensemble.checkpoint import load_member
 from sae_ensemble.rundir import MemberDir, read_json
 
-Reconstruction = Callable[[torch.Tensor], torch.Tensor]  # x [..., d] -> x_hat [..., d]
+Reconstruction = Callable[[torch.Tensor], torch.Tensor]  # x [..., d] -> x_hat [..., d] (transcoders: [..., d_out])
 MIN_CE_GAP = 0.05
 """Nats by which zero-ablation must raise CE for ce_recovered / kl_div_score to be reported (else NaN).
 CE means over a few thousand held-out tokens differ by noise of order 0.01 nats between runs of
@@ -43,13 +46,17 @@ the same model; a gap of 0.05 keeps that noise under ~20% of the score's denomin
 def reconstruction_from_checkpoint(
     directory: str | Path, normalization: tuple[torch.Tensor, float] | None = None, device: str | torch.device = "cpu"
 ) -> Reconstruction:
-    """x -> x_hat of a saved member (`members/<id>/`).
+    """x -> x_hat of a saved member (`members/<id>/`); a transcoder's: its input -> its predicted output.
 
     `normalization` = (shift [d], scale) when the SAE was trained on a normalised store
     (`ActivationStore.normalization(mode)`): activations are mapped into the SAE's space
-    as (x - shift) / scale and the reconstruction is mapped back.
+    as (x - shift) / scale and the reconstruction is mapped back. Transcoders train unnormalised.
     """
     member, params, _, _ = load_member(directory)
+    if member.d_out:
+        if normalization is not None:
+            raise ValueError(f"{member.member_id} is a transcoder, trained on unnormalised rows; got a normalization")
+        return _transcoder_output(member, params, device)
     params = {name: value.to(device) for name, value in params.items()}
     architecture = architectures.module_of(member.variant)
     hp = {name: value.to(device) for name, value in architectures.make_hparams(member).items()}
@@ -72,6 +79,23 @@ def reconstruction_from_checkpoint(
         return (x_hat * scale + shift).reshape(x.shape).to(x.dtype)
 
     return reconstruct
+
+
+def _transcoder_output(member, params, device) -> Reconstruction:
+    params = {name: value.to(device) for name, value in params.items()}
+    architecture = architectures.module_of(member.variant)
+    hp = {name: value.to(device) for name, value in architectures.make_hparams(member).items()}
+    layout = architecture.layout([member])
+
+    @torch.no_grad()
+    def output(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != member.d_in:
+            raise ValueError(f"inputs have width {x.shape[-1]}; member {member.member_id} expects d_in={member.d_in}")
+        rows = x.reshape(-1, member.d_in).float()
+        y_hat = architecture.decode(params, hp, architecture.encode(params, hp, rows, layout), layout, rows)
+        return y_hat.reshape(*x.shape[:-1], member.d_out).to(x.dtype)
+
+    return output
 
 
 # -- CE loss recovered ---------------------------------------------------------------------------
@@ -103,6 +127,7 @@ def ce_loss_recovered(
     progress: bool = True,
     skip_first_position: bool = False,
     min_ce_gap: float = MIN_CE_GAP,
+    input_hook: str | None = None,
 ) -> list[dict[str, float]]:
     """One dict per reconstruction: ce_clean, ce_zero_ablation, ce_recon, ce_recovered, ce_loss_score,
     kl, kl_zero_ablation, kl_div_score (module docstring; the scores are NaN below `min_ce_gap`).
@@ -110,7 +135,8 @@ def ce_loss_recovered(
     tokens [N, ctx] are run `batch_size` sequences at a time; CE and KL are means over
     every predicted position (all positions but the last of each sequence).
     `skip_first_position` leaves position 0 (BOS) untouched in the spliced and ablated runs,
-    for SAEs trained on stores that dropped it.
+    for SAEs trained on stores that dropped it. `input_hook`: the reconstructions are transcoders reading it
+    (the module doc).
     """
     if callable(reconstructions):
         reconstructions = [reconstructions]
@@ -119,10 +145,9 @@ def ce_loss_recovered(
         raise ValueError(f"tokens has shape {list(tokens.shape)}; expected [batch, ctx] with ctx >= 2")
     if batch_size < 1 or members_per_pass < 1:
         raise ValueError(f"batch_size={batch_size} and members_per_pass={members_per_pass} must both be at least 1")
-    if hook_name not in bridge.hook_dict:
-        raise ValueError(
-            f"hook_name={hook_name!r} is not a hook point of this model; e.g. {sorted(bridge.hook_dict)[:5]}"
-        )
+    for name in (hook_name, input_hook or hook_name):
+        if name not in bridge.hook_dict:
+            raise ValueError(f"hook {name!r} is not a hook point of this model; e.g. {sorted(bridge.hook_dict)[:5]}")
 
     def keep(x: torch.Tensor, replaced: torch.Tensor) -> torch.Tensor:
         """The replacement, but position 0 left as it was when the SAE never trained on it (BOS)."""
@@ -154,12 +179,15 @@ def ce_loss_recovered(
         positions += clean.shape[0] * clean.shape[1]
 
         for group in groups:
+            inputs: list[torch.Tensor] = []  # a transcoder's input, kept from earlier in the same pass
+
             # Copy c of the repeated batch is member group[c]'s: x [copies * b, ctx, d] -> per-copy chunks.
-            def splice(x: torch.Tensor, hook, group=group) -> torch.Tensor:
-                chunks = x.chunk(len(group), dim=0)
+            def splice(x: torch.Tensor, hook, group=group, inputs=inputs) -> torch.Tensor:
+                chunks = (inputs.pop() if input_hook else x).chunk(len(group), dim=0)
                 return keep(x, torch.cat([reconstructions[m](chunk) for m, chunk in zip(group, chunks)], dim=0))
 
-            logits = bridge.run_with_hooks(batch.repeat(len(group), 1), fwd_hooks=[(hook_name, splice)])
+            hooks = [(input_hook, lambda x, hook, inputs=inputs: inputs.append(x))] if input_hook else []
+            logits = bridge.run_with_hooks(batch.repeat(len(group), 1), fwd_hooks=[*hooks, (hook_name, splice)])
             for m, recon in zip(group, _next_token_log_probs(logits).chunk(len(group), dim=0)):
                 ce_recon[m] += _ce_sum(recon, batch)
                 kl[m] += _kl_sum(clean, recon)

@@ -72,16 +72,17 @@ def members(grid: Grid, d_in: int, d_out: int = 0) -> list[Member]:
     return result
 
 
-def checked_members(grid: Grid, widths: Mapping[str | None, int], d_out: int = 0) -> list[Member]:
-    """The run's members: the grid on every hook of `widths` (hook -> its store's d_in), hook by hook.
+def checked_members(grid: Grid, widths: Mapping[str | None, tuple[int, int]]) -> list[Member]:
+    """The run's members: the grid on every hook of `widths` (hook -> its store's (d_in, d_out); d_out > 0 makes
+    transcoders), hook by hook.
 
     With several hooks each member carries its hook (and its id starts with it); with one store the hook
     is the run's, and members and ids are those of the grid alone. A bad axis value is a ConfigError naming
     the grid (exit 2 in a sweep)."""
     try:
         if len(widths) == 1:
-            return members(grid, next(iter(widths.values())), d_out)
-        return [dataclasses.replace(m, hook=hook) for hook, d_in in widths.items() for m in members(grid, d_in)]
+            return members(grid, *next(iter(widths.values())))
+        return [dataclasses.replace(m, hook=hook) for hook, width in widths.items() for m in members(grid, *width)]
     except ValueError as error:
         raise ConfigError(f"grid: {error}") from None
 

@@ -40,7 +40,7 @@ def validate(cfg: SweepConfig) -> list[str]:
     """Every check that needs no store, in one pass: the config's own (config.validate), the grid's members'
     (Member), the execution's and the devices'. Raises ConfigError; returns the worker devices."""
     config.validate(cfg)
-    members = checked_members(cfg.grid, provisional_widths(cfg), config.d_out(cfg))
+    members = checked_members(cfg.grid, provisional_widths(cfg))
     try:
         execution.check(
             cfg.training.execution,
@@ -62,12 +62,22 @@ def validate(cfg: SweepConfig) -> list[str]:
     return devices
 
 
-def provisional_widths(cfg: SweepConfig) -> dict[str | None, int]:
-    """Each member hook's d_in as far as the config knows it before any store exists (see PROVISIONAL_D_IN)."""
+def provisional_widths(cfg: SweepConfig) -> dict[str | None, tuple[int, int]]:
+    """Each member hook's (d_in, d_out) as far as the config knows them before any store exists (see
+    PROVISIONAL_D_IN)."""
     if isinstance(cfg.data, SyntheticData):
-        return {None: cfg.data.d_in}
+        return {None: (cfg.data.d_in, cfg.data.d_out)}
     names = config.hooks(cfg)
-    return {hook: PROVISIONAL_D_IN for hook in (names if len(names) > 1 else [None])}
+    d_out = PROVISIONAL_D_IN if config.transcoders(cfg) else 0
+    return {hook: (PROVISIONAL_D_IN, d_out) for hook in (names if len(names) > 1 else [None])}
+
+
+def store_widths(stores: Stores) -> dict[str | None, tuple[int, int]]:
+    """Each member hook's (d_in, d_out) from its store: a paired store's rows are [input | target]."""
+    return {
+        hook: (store.target_at, store.d_in - store.target_at) if store.target_at else (store.d_in, 0)
+        for hook, store in stores.items()
+    }
 
 
 # -- the plan and the resume check -----------------------------------------------------------------
@@ -80,9 +90,7 @@ def plan_for(cfg: SweepConfig, devices: list[str], stores: Stores, run: RunDir) 
     whatever devices this run has: more devices than ensembles leave some idle, fewer run
     more stages on each.
     """
-    (paired,) = {store.target_at for store in stores.values()}  # a paired store's input width; 0 for SAE stores
-    widths = {hook: paired or store.d_in for hook, store in stores.items()}
-    members = checked_members(cfg.grid, widths, next(iter(stores.values())).d_in - paired if paired else 0)
+    members = checked_members(cfg.grid, store_widths(stores))
     budget = resolve_budget(cfg.training.memory_budget, devices)
     try:
         previous = run.read_run()
@@ -189,7 +197,7 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
     if isinstance(cfg.data, SyntheticData) and not cfg.data.store and not run.plan.exists():
         try:  # refuse a grid that cannot fit before synthesising its data
             make_plan(
-                checked_members(cfg.grid, provisional_widths(cfg), config.d_out(cfg)),
+                checked_members(cfg.grid, provisional_widths(cfg)),
                 devices,
                 training.batch_size,
                 resolve_budget(training.memory_budget, devices),
@@ -224,7 +232,12 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
         "store": ",".join(str(store.path) for store in stores.values()),
         "store_fingerprint": fingerprint(stores),
         **(
-            {"model": cfg.model.name, "hook": ",".join(config.hooks(cfg)), "layer": cfg.layer}
+            {
+                "model": cfg.model.name,
+                "hook": ",".join(config.hooks(cfg)),
+                **({"hook_out": ",".join(cfg.data.hooks_out)} if cfg.data.hooks_out else {}),
+                "layer": cfg.layer,
+            }
             if isinstance(cfg.data, LMData)
             else {}
         ),

@@ -1,5 +1,5 @@
-"""The stores a sweep trains on: the one given (data.store), a synthetic one, or a harvest of one store per hook;
-each reused when present.
+"""The stores a sweep trains on: the one given (data.store), a synthetic one, or a harvest of one store per hook
+(with data.hooks_out, a transcoder's paired store per input hook); each reused when present.
 
 Stores are keyed as members name their hook (member.py): None for a run over one store, the hook name for
 each store of a run over several hooks (data.hooks)."""
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from sae_ensemble.activations.reader import ActivationStore
-from sae_ensemble.config import ConfigError, LMData, SweepConfig, SyntheticData, TinyModel, hooks
+from sae_ensemble.config import ConfigError, LMData, SweepConfig, SyntheticData, TinyModel, hooks, hooks_out
 
 Stores = dict[str | None, ActivationStore]
 
@@ -49,12 +49,13 @@ def get_store(cfg: SweepConfig, devices: list[str]) -> ActivationStore:
                 f"data.d_out={data.d_out}; set those or use another store"
             )
         if isinstance(data, LMData):
-            stored = (store.manifest.get("hook"), store.manifest.get("source", {}).get("model"))
-            if stored != (hooks(cfg)[0], cfg.model.name):
+            source = store.manifest.get("source", {})
+            stored = (store.manifest.get("hook"), source.get("hook_out"), source.get("model"))
+            if stored != (hooks(cfg)[0], hooks_out(cfg)[0], cfg.model.name):
                 raise ConfigError(
-                    f"data.store={data.store} holds hook {stored[0]!r} of model {stored[1]!r}, "
-                    f"not hook={hooks(cfg)[0]!r} of model.name={cfg.model.name!r}; evaluation would splice it into the "
-                    "wrong place"
+                    f"data.store={data.store} holds hook {stored[0]!r} (output hook {stored[1]!r}) of model "
+                    f"{stored[2]!r}, not hook={hooks(cfg)[0]!r} (data.hooks_out: {hooks_out(cfg)[0]!r}) of "
+                    f"model.name={cfg.model.name!r}; evaluation would splice it into the wrong place"
                 )
         return store
     if isinstance(data, SyntheticData):
@@ -86,10 +87,12 @@ def get_store(cfg: SweepConfig, devices: list[str]) -> ActivationStore:
 
 
 def _harvest(cfg: SweepConfig, devices: list[str], hook_names: list[str]) -> dict[str, ActivationStore]:
-    """One store per hook, the missing ones harvested together in one pass of the model."""
+    """One store per hook (a transcoder's paired store per input hook with data.hooks_out), the missing ones
+    harvested together in one pass of the model."""
     from sae_ensemble.activations.harvest import get_or_harvest
 
     data = cfg.data
+    output_of = dict(zip(hooks(cfg), hooks_out(cfg)))
     return get_or_harvest(
         cfg.model.name,
         hook_names,
@@ -108,6 +111,7 @@ def _harvest(cfg: SweepConfig, devices: list[str], hook_names: list[str]) -> dic
         rows_per_chunk=data.rows_per_chunk,
         heldout_rows=data.heldout_rows,
         progress=cfg.progress,
+        hooks_out=[output_of[hook] for hook in hook_names],
     )
 
 

@@ -9,31 +9,10 @@ import torch
 from sae_ensemble.activations import harvest
 from sae_ensemble.activations.format import StoreError
 from sae_ensemble.activations.harvest import HarvestSpec, get_or_harvest, iter_contexts, iter_texts
-from sae_ensemble.activations.tiny_model import SAMPLE_TEXT, build_tiny_gpt2
 from sae_ensemble.activations.writer import ChunkWriter
 
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out", "blocks.0.mlp.hook_post"]
 CONTEXT = 32
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(build_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2")))
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    sentences = [s.strip() + "." for s in SAMPLE_TEXT.split(".") if s.strip()]
-    path.write_text(
-        "\n".join(f"{i} {sentences[i % len(sentences)]} {sentences[(3 * i) % len(sentences)]}" for i in range(400))
-    )
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def bridge(model_dir):
-    return harvest.boot_model(model_dir)
 
 
 def harvest_kwargs(tmp_path, **extra):

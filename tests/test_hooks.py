@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from sae_ensemble import pipeline
-from sae_ensemble.activations import harvest
 from sae_ensemble.checkpoint import load_member
 from tests.sweeps import compose_config
 
@@ -24,20 +23,6 @@ TINY_LM = [
     "training.execution=reference",  # the autotuner's choice may differ between runs; the equality needs one
     "devices=cpu",
 ]
-
-
-@pytest.fixture
-def forward_passes(monkeypatch) -> list[list[str]]:
-    """The hooks captured by each forward pass of the harvest (its probe pass included)."""
-    calls: list[list[str]] = []
-    run = harvest._run
-
-    def counted(bridge, tokens, capture, stop):
-        calls.append(list(capture.hooks))
-        return run(bridge, tokens, capture, stop)
-
-    monkeypatch.setattr(harvest, "_run", counted)
-    return calls
 
 
 def sweep(run_dir: Path, stores: Path, *overrides: str) -> int:

@@ -9,6 +9,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from sae_ensemble import pipeline
 from sae_ensemble.activations.tiny_model import Recipe, ensure_tiny_gpt2, fingerprint, train_tiny_gpt2
 from tests.sweeps import compose_config
@@ -80,10 +82,16 @@ def test_the_random_model_is_cached_beside_the_trained_one(tmp_path):
     assert ensure_tiny_gpt2(tmp_path, trained=False) == directory
 
 
-def test_model_tiny_sweep_scores_ce_recovered_with_the_trained_model(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def tiny_stores(tmp_path_factory):
+    """One store root for this module's sweeps: the trained tiny model is built in it once."""
+    return tmp_path_factory.mktemp("stores")
+
+
+def test_model_tiny_sweep_scores_ce_recovered_with_the_trained_model(tmp_path, tiny_stores, capsys):
     """The acceptance run of model=tiny (the one test that pays for training the real recipe, a few CPU minutes) on both
     layers, as `python sweep.py -m data=lm model=tiny layer=0,1` runs them (that multirun CLI: tests/test_sweep.py)."""
-    stores = tmp_path / "stores"
+    stores = tiny_stores
     for layer in (0, 1):
         cfg = compose_config(
             "data=lm",
@@ -106,3 +114,24 @@ def test_model_tiny_sweep_scores_ce_recovered_with_the_trained_model(tmp_path, c
             clean, zero = float(row["ce_clean"]), float(row["ce_zero_ablation"])
             assert clean <= 4.5 and zero - clean >= 0.5, row  # zero-ablating the hooked layer costs the model
             assert -0.5 <= float(row["ce_recovered"]) <= 1.05, row
+
+
+def test_model_tiny_transcoder_sweep_splices_in_at_the_mlp_output(tmp_path, tiny_stores, capsys):
+    """#34's acceptance run: transcoders from MLP 0's input to its output on the trained tiny model."""
+    cfg = compose_config(
+        "data=lm",
+        "model=tiny",
+        "grid=quick",
+        "data.hooks=[blocks.0.ln2.hook_normalized]",
+        "data.hooks_out=[blocks.0.hook_mlp_out]",
+        "devices=cpu",
+        f"data.store_root={tiny_stores}",
+        "progress=false",
+        "wandb=disabled",
+    )
+    assert pipeline.run(cfg, tmp_path / "run") == pipeline.EXIT_OK, capsys.readouterr().err
+    summary = list(csv.DictReader((tmp_path / "run" / "summary.csv").open()))
+    assert len(summary) == 4 and {row["d_out"] for row in summary} == {"64"}
+    for row in summary:
+        assert float(row["ce_zero_ablation"]) - float(row["ce_clean"]) >= 0.5, row  # the MLP matters to the model
+        assert 0 <= float(row["ce_recovered"]) <= 1.05, row

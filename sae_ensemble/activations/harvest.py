@@ -4,6 +4,10 @@ Content-addressed: each hook's store lives at `cache_root / key`, the key hashin
 determines its rows (model, revision, hook, dataset, context_length, n_tokens, dtype, drop_bos).
 `get_or_harvest` returns complete stores without booting the model, resumes incomplete ones and
 harvests the rest, all hooks that still need rows in one pass over the model.
+
+A transcoder's store is paired: its spec names an output hook too (`hook_out`), and each row is
+[input | output], the two activations of one token side by side (the reader's `target_at` = the input's
+width), so the pair trains and shuffles as one row. The output hook must run after the input hook.
 """
 
 from __future__ import annotations
@@ -47,9 +51,18 @@ class HarvestSpec:
     drop_bos: bool = True
     """Skip the BOS position of every context: its activations are outliers, not text features."""
     revision: str | None = None
+    hook_out: str | None = None
+    """A transcoder's output hook: rows are then [hook's activation | hook_out's]. None: an SAE store."""
+
+    def record(self) -> dict:
+        """The spec as stores record it; an SAE store's has no hook_out, so its key is what it always was."""
+        spec = asdict(self)
+        if self.hook_out is None:
+            del spec["hook_out"]
+        return spec
 
     def key(self) -> str:
-        spec = asdict(self)
+        spec = self.record()
         spec["model_files"] = _local_fingerprint(self.model)
         spec["dataset_files"] = _local_fingerprint(self.dataset)
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
@@ -92,7 +105,10 @@ class _Capture:
 def _run(bridge, tokens: torch.Tensor, capture: _Capture, stop: int | None) -> dict[str, torch.Tensor]:
     capture.acts.clear()
     with torch.inference_mode():
-        bridge.run_with_hooks(tokens, fwd_hooks=capture.fwd_hooks(), stop_at_layer=stop, return_type=None)
+        try:
+            bridge.run_with_hooks(tokens, fwd_hooks=capture.fwd_hooks(), stop_at_layer=stop, return_type=None)
+        except ValueError as error:  # the bridge refuses a hook it lists but has switched off (hook_mlp_in, ...)
+            raise StoreError(f"Hooks {capture.hooks} cannot be hooked: {error}") from None
     missing = [h for h in capture.hooks if h not in capture.acts]
     if missing:
         raise StoreError(f"Hooks {missing} did not fire in the forward pass; choose hooks this model runs.")
@@ -166,23 +182,39 @@ def get_or_harvest(
     rows_per_chunk: int = 65_536,
     heldout_rows: int | None = None,
     progress: bool = True,
+    hooks_out: Sequence[str | None] | None = None,
 ) -> dict[str, ActivationStore]:
     """Return {hook: ActivationStore}: reuse complete stores, resume incomplete ones, harvest the rest.
 
-    batch_size is contexts per forward pass; rows_per_chunk and heldout_rows only shape the files
+    `hooks_out`, aligned with `hooks`, makes each hook with an output hook a transcoder's paired store (the
+    module doc). batch_size is contexts per forward pass; rows_per_chunk and heldout_rows only shape the files
     (they are not part of the key, so change them only for a new cache_root).
     """
     hooks = [hooks] if isinstance(hooks, str) else list(hooks)
     if not hooks or len(set(hooks)) != len(hooks):
         raise StoreError(f"hooks must be a non-empty list of distinct hook names, got {hooks}.")
+    hooks_out = [None] * len(hooks) if hooks_out is None else list(hooks_out)
+    if len(hooks_out) != len(hooks):
+        raise StoreError(f"hooks_out={hooks_out} must name one output hook (or None) for each of hooks={hooks}.")
     check_dtype(dtype)
     if n_tokens <= 0 or context_length < 2:
         raise StoreError(f"n_tokens ({n_tokens}) must be positive and context_length ({context_length}) at least 2.")
     specs = {
         h: HarvestSpec(
-            model, h, dataset, n_tokens, context_length, split, dataset_config, text_field, dtype, drop_bos, revision
+            model,
+            h,
+            dataset,
+            n_tokens,
+            context_length,
+            split,
+            dataset_config,
+            text_field,
+            dtype,
+            drop_bos,
+            revision,
+            out,
         )
-        for h in hooks
+        for h, out in zip(hooks, hooks_out)
     }
     dirs = {h: store_dir(s, cache_root) for h, s in specs.items()}
     with store_lock(list(dirs.values())):
@@ -224,23 +256,39 @@ def harvest(
     from tqdm.auto import tqdm
 
     hooks = list(specs)
-    spec = specs[hooks[0]]  # all specs share everything but the hook
-    check_hooks(bridge, hooks)
+    spec = specs[hooks[0]]  # all specs share everything but the hooks
+    captured = list(dict.fromkeys(h for s in specs.values() for h in (s.hook, s.hook_out) if h))
+    check_hooks(bridge, captured)
     tokenizer = bridge.tokenizer
     drop_first = spec.drop_bos and tokenizer.bos_token_id is not None
     context_rows = rows_per_context(tokenizer, spec.context_length, spec.drop_bos)
-    stop = _stop_layer(hooks, bridge.cfg.n_layers)
-    capture = _Capture(hooks)
+    stop = _stop_layer(captured, bridge.cfg.n_layers)
+    capture = _Capture(captured)
 
-    # one tiny probe forward gives each hook's d_in before any writer exists
+    # one tiny probe forward gives each hook's width (and the order hooks fire in) before any writer exists
     probe_tokens = torch.zeros(1, 2, dtype=torch.long, device=device)
     probe = _run(bridge, probe_tokens, capture, stop)
+    fired = list(probe)  # in the order the hooks ran
+    for h, out in ((h, specs[h].hook_out) for h in hooks):
+        if out is not None and fired.index(out) <= fired.index(h):
+            raise StoreError(
+                f"data.hooks_out: {out!r} runs before its input hook {h!r} (or is it) in the forward pass; a "
+                "transcoder maps an activation to a later one"
+            )
     writers = {}
     for h in hooks:
         d_in = _rows(probe[h], probe_tokens, h, False).shape[1]
-        source = {"kind": "lm", **asdict(specs[h]), "key": specs[h].key()}
+        source = {"kind": "lm", **specs[h].record(), "key": specs[h].key()}
+        if (out := specs[h].hook_out) is not None:
+            source.update(d_in=d_in, d_out=_rows(probe[out], probe_tokens, out, False).shape[1])
         writers[h] = ChunkWriter(
-            dirs[h], d_in, spec.dtype, rows_per_chunk, source=source, hook=h, heldout_rows=heldout_rows
+            dirs[h],
+            d_in + source.get("d_out", 0),
+            spec.dtype,
+            rows_per_chunk,
+            source=source,
+            hook=h,
+            heldout_rows=heldout_rows,
         )
 
     # rows are a deterministic stream: skip whole contexts every hook already has, trim the rest per hook
@@ -272,6 +320,8 @@ def harvest(
             n_new = min(len(batch) * context_rows, spec.n_tokens - row)
             for h in hooks:
                 rows = _rows(acts[h], tokens, h, drop_first)[:n_new]
+                if (out := specs[h].hook_out) is not None:
+                    rows = torch.cat([rows, _rows(acts[out], tokens, out, drop_first)[:n_new]], dim=1)
                 skip = max(0, done[h] - row)
                 if skip < n_new:
                     background.put(h, rows[skip:].to("cpu", DTYPES[spec.dtype][2]))

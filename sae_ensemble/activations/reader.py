@@ -323,9 +323,11 @@ class ActivationStore:
         return None if truth is None else truth["features_out" if self.target_at else "features"]
 
     def paired_truth(self) -> dict[str, torch.Tensor] | None:
-        """A paired store's truth: `features` [F, d_in] of the input, `features_out` [F, d_out] of the target, `skip`
-        [d_out, d_in] (zeros without a true skip)."""
+        """A synthetic paired store's truth: `features` [F, d_in] of the input, `features_out` [F, d_out] of the
+        target, `skip` [d_out, d_in] (zeros without a true skip); None for a harvested pair, which has none."""
         truth = self._truth_file()
+        if truth is None and self.manifest.get("source", {}).get("kind") == "lm":
+            return None
         d_out = self.d_in - self.target_at
         shapes = {"features": (None, self.target_at), "features_out": (None, d_out), "skip": (d_out, self.target_at)}
         if truth is None or not all(

@@ -20,6 +20,7 @@ from sae_ensemble.config.choices import (  # noqa: F401
     KERNEL_VARIANTS,
     L1_VARIANTS,
     STEERABLE,
+    TRANSCODER_VARIANTS,
     ExecutionKind,
     HalvingMetric,
     MatmulPrecision,
@@ -172,14 +173,14 @@ def validate(cfg: SweepConfig) -> None:
         (cfg.eval.n_contexts >= 1, f"eval.n_contexts={cfg.eval.n_contexts} must be at least 1"),
         *_hook_checks(cfg),
         (
-            d_out(cfg) > 0 or grid.skip_connection == [False],
+            transcoders(cfg) or grid.skip_connection == [False],
             f"grid.skip_connection={list(grid.skip_connection)} is for transcoders: a paired store (data=synthetic "
-            "with data.d_out > 0)",
+            "with data.d_out > 0, or data=lm with data.hooks_out)",
         ),
         (
-            d_out(cfg) == 0 or str(training.normalize) == "none",
-            f"training.normalize={training.normalize} is for SAEs; a paired store (data.d_out={d_out(cfg)}) trains "
-            "transcoders, which take training.normalize=none",
+            not transcoders(cfg) or str(training.normalize) == "none",
+            f"training.normalize={training.normalize} is for SAEs; this run trains transcoders (data.d_out or "
+            "data.hooks_out), which take training.normalize=none",
         ),
     ]
     for ok, message in checks:
@@ -192,8 +193,21 @@ def validate(cfg: SweepConfig) -> None:
 
 
 def d_out(cfg: SweepConfig) -> int:
-    """The members' output width: data.d_out of a paired synthetic store (transcoders), else 0 (SAEs)."""
+    """The members' output width as the config gives it: data.d_out of a paired synthetic store (transcoders),
+    else 0 (SAEs, and LM transcoders, whose width only their harvested store knows)."""
     return getattr(cfg.data, "d_out", 0) if isinstance(cfg.data, SyntheticData) else 0
+
+
+def transcoders(cfg: SweepConfig) -> bool:
+    """True when the run trains transcoders: a paired synthetic store, or LM data with data.hooks_out."""
+    return d_out(cfg) > 0 or bool(isinstance(cfg.data, LMData) and cfg.data.hooks_out)
+
+
+def hooks_out(cfg: SweepConfig) -> list[str | None]:
+    """The output hook of each of hooks(cfg), aligned with them: data.hooks_out, else None each (SAEs)."""
+    if isinstance(cfg.data, LMData) and cfg.data.hooks_out:
+        return list(cfg.data.hooks_out)
+    return [None] * len(hooks(cfg))
 
 
 def hooks(cfg: SweepConfig) -> list[str | None]:
@@ -217,6 +231,15 @@ def _hook_checks(cfg: SweepConfig) -> list[tuple[bool, str]]:
             not (given and data.store),
             f"data.hooks={given} harvests one store per hook, and data.store={data.store} names one store: "
             "give one of them",
+        ),
+        (
+            not data.hooks_out or len(data.hooks_out) == len(hooks(cfg)),
+            f"data.hooks_out={list(data.hooks_out)} must name one output hook per input hook "
+            f"({len(hooks(cfg))}: {hooks(cfg)}), in the same order",
+        ),
+        (
+            all(isinstance(h, str) and h for h in data.hooks_out),
+            f"data.hooks_out={list(data.hooks_out)} must be TransformerLens hook names (e.g. blocks.0.hook_mlp_out)",
         ),
     ]
 

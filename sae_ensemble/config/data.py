@@ -67,6 +67,11 @@ class LMData(StoreConfig):
     """Several TransformerLens hook names, harvested in one pass of the model into sibling stores that share the
     token order; the inner grid trains on each (member ids then start with the hook). Empty: the one hook of
     the top-level `hook` (which an outer multirun sweeps)."""
+    hooks_out: list[str] = field(default_factory=list)
+    """Transcoders: one output hook per input hook (data.hooks, or the one `hook`), aligned with them. Each pair
+    is harvested in the same pass into one paired store of rows [input | output], and its members encode the
+    input hook and reconstruct the output hook (e.g. blocks.0.ln2.hook_normalized -> blocks.0.hook_mlp_out, an
+    MLP's input and output). Empty: SAEs, each reconstructing its own hook."""
     dataset: str = "NeelNanda/pile-10k"
     """Hugging Face dataset name (streamed) or a local .txt/.jsonl file or directory."""
     split: str = "train"
