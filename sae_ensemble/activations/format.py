@@ -3,6 +3,8 @@
 A store is a directory:
     manifest.json              written LAST by ChunkWriter.close(); no manifest = incomplete store
     chunk_NNNNN.safetensors    one tensor `activations` [rows, d_in] (float32, float16 or bfloat16)
+    tokens_NNNNN.safetensors   LM stores: one tensor `tokens` int32 [rows, 3], each row's token id, context
+                               and position in it (tokens.py; stores harvested before #35 have none)
     progress.json              only while writing: completed chunks and running sums, for resume
     ground_truth.safetensors   synthetic stores only: `features` [n_features, d_in]
 
@@ -36,6 +38,8 @@ MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 GROUND_TRUTH = "ground_truth.safetensors"
 TENSOR_NAME = "activations"
+TOKENS_NAME = "tokens"
+TOKEN_COLUMNS = ("token", "context", "position")  # of a tokens file's int32 [rows, 3]
 DEFAULT_HELDOUT_FRACTION = 0.1
 DEFAULT_HELDOUT_CAP = 65_536
 DEFAULT_WINDOW_CHUNKS = 4
@@ -60,6 +64,10 @@ class StoreError(ValueError):
 
 def chunk_name(index: int) -> str:
     return f"chunk_{index:05d}.safetensors"
+
+
+def tokens_name(index: int) -> str:
+    return f"tokens_{index:05d}.safetensors"
 
 
 def check_dtype(dtype: str) -> str:
@@ -103,10 +111,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_chunk_file(path: Path, rows: np.ndarray, dtype: str) -> tuple[int, str]:
-    """Write `rows` [r, d_in] as a safetensors file via temp file + os.replace; return (bytes, sha256)."""
-    code = DTYPES[dtype][0]
-    header = {TENSOR_NAME: {"dtype": code, "shape": list(rows.shape), "data_offsets": [0, rows.nbytes]}}
+def write_chunk_file(path: Path, rows: np.ndarray, dtype: str, name: str = TENSOR_NAME) -> tuple[int, str]:
+    """Write `rows` [r, d_in] as a safetensors file of one tensor `name` via temp file + os.replace; return (bytes,
+    sha256). dtype: a store dtype, or int32 (a tokens file)."""
+    code = "I32" if dtype == "int32" else DTYPES[dtype][0]
+    header = {name: {"dtype": code, "shape": list(rows.shape), "data_offsets": [0, rows.nbytes]}}
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # keep the data 8-byte aligned, as safetensors does
     prefix = struct.pack("<Q", len(header_bytes)) + header_bytes

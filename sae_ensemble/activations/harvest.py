@@ -125,6 +125,15 @@ def _rows(act: torch.Tensor, tokens: torch.Tensor, hook: str, drop_first: bool) 
     return act.reshape(-1, act[0, 0].numel())
 
 
+def _row_tokens(tokens: torch.Tensor, first_context: int, drop_first: bool) -> torch.Tensor:
+    """int32 [batch * pos', 3]: each row's (token id, context index, position), rows in _rows' order (tokens.py)."""
+    start = 1 if drop_first else 0
+    ids = tokens[:, start:].cpu()
+    context = torch.arange(first_context, first_context + len(tokens)).unsqueeze(1).expand_as(ids)
+    position = torch.arange(start, tokens.shape[1]).unsqueeze(0).expand_as(ids)
+    return torch.stack([ids, context, position], dim=-1).reshape(-1, 3).to(torch.int32)
+
+
 # ----------------------------------------------------------------------------------------------
 # Harvest
 
@@ -143,14 +152,14 @@ class _BackgroundWriter:
         while (item := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    self.writers[item[0]].write(item[1])
+                    self.writers[item[0]].write(item[1], item[2])
                 except BaseException as e:  # reported to the producer on its next put
                     self.error = e
 
-    def put(self, hook: str, rows: torch.Tensor) -> None:
+    def put(self, hook: str, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put((hook, rows))
+        self.queue.put((hook, rows, tokens))
 
     def finish(self) -> None:
         self.queue.put(None)
@@ -289,6 +298,7 @@ def harvest(
             source=source,
             hook=h,
             heldout_rows=heldout_rows,
+            tokenizer={"name": spec.model, "revision": spec.revision},
         )
 
     # rows are a deterministic stream: skip whole contexts every hook already has, trim the rest per hook
@@ -318,13 +328,14 @@ def harvest(
             tokens = torch.tensor(batch, dtype=torch.long, device=device)  # [batch, context_length]
             acts = _run(bridge, tokens, capture, stop)
             n_new = min(len(batch) * context_rows, spec.n_tokens - row)
+            row_tokens = _row_tokens(tokens, n_seen - len(batch), drop_first)[:n_new]
             for h in hooks:
                 rows = _rows(acts[h], tokens, h, drop_first)[:n_new]
                 if (out := specs[h].hook_out) is not None:
                     rows = torch.cat([rows, _rows(acts[out], tokens, out, drop_first)[:n_new]], dim=1)
                 skip = max(0, done[h] - row)
                 if skip < n_new:
-                    background.put(h, rows[skip:].to("cpu", DTYPES[spec.dtype][2]))
+                    background.put(h, rows[skip:].to("cpu", DTYPES[spec.dtype][2]), row_tokens[skip:])
             row += n_new
             bar.update(n_new)
         background.finish()

@@ -53,6 +53,7 @@ class ActivationStore:
         self.chunk_starts = np.concatenate([[0], np.cumsum(self._chunk_rows)])  # global row of each chunk
         self._data_offsets = data_offsets
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._tokens = None
         # training rows of each chunk: [0, train) within the chunk, the rest held out; chunks wholly held out drop out
         self._heldout_chunk_rows = heldout_per_chunk(self._chunk_rows, self.heldout_rows, manifest["format_version"])
         train_rows = self._chunk_rows - self._heldout_chunk_rows
@@ -149,6 +150,12 @@ class ActivationStore:
                     f"Chunk {chunk_path} has sha256 {sha[:12]}… but the manifest says {c['sha256'][:12]}…; "
                     f"it is corrupt "
                     f"(rebuild the store, or restore that file from a good copy)."
+                )
+            tokens = c.get("tokens")
+            if tokens and sha256_file(self.path / tokens["file"]) != tokens["sha256"]:
+                raise StoreError(
+                    f"Tokens file {self.path / tokens['file']} does not match the sha256 in the manifest; it is "
+                    "corrupt (rebuild the store)."
                 )
             bad = self._first_nonfinite_row(index)
             if bad is not None:
@@ -315,6 +322,20 @@ class ActivationStore:
         n = self.heldout_rows if max_rows is None else min(max_rows, self.heldout_rows)
         x = self.rows(self.heldout_indices()[:n])
         return self.normalizer(normalize, device)(x.to(device))
+
+    @property
+    def has_tokens(self) -> bool:
+        """Whether the store keeps each row's token (tokens.py): LM stores harvested since #35."""
+        return "tokens" in self.manifest
+
+    def tokens(self):
+        """The rows' tokens (tokens.StoreTokens: `.rows(indices)` -> (token id, context, position)); a StoreError
+        saying plainly why when the store has none. Checked and mapped on first use."""
+        if self._tokens is None:
+            from sae_ensemble.activations.tokens import open_tokens
+
+            self._tokens = open_tokens(self.path, self.manifest, self.chunk_starts)
+        return self._tokens
 
     def ground_truth(self) -> torch.Tensor | None:
         """Synthetic stores: the true feature directions float32 [n_features, d_in] (a paired store: those of the

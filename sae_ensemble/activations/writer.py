@@ -19,10 +19,13 @@ from sae_ensemble.activations.format import (
     FORMAT_VERSION,
     MANIFEST,
     PROGRESS,
+    TOKEN_COLUMNS,
+    TOKENS_NAME,
     StoreError,
     check_dtype,
     chunk_name,
     library_versions,
+    tokens_name,
     write_chunk_file,
 )
 from sae_ensemble.activations.reader import ActivationStore
@@ -35,6 +38,9 @@ class ChunkWriter:
     `resume_rows` is the number of rows already stored by an earlier, interrupted writer with the
     same parameters; the producer must skip that many rows before calling `write`.
     `close()` flushes the last partial chunk and writes manifest.json last.
+
+    `tokenizer` (LM stores: {"name", "revision"} of the model whose tokenizer made the tokens): every `write`
+    then also takes each row's (token id, context, position), kept in a tokens file beside each chunk.
     """
 
     def __init__(
@@ -47,8 +53,10 @@ class ChunkWriter:
         source: dict | None = None,
         hook: str | None = None,
         heldout_rows: int | None = None,
+        tokenizer: dict | None = None,
     ) -> None:
         self.path = Path(path)
+        self.tokenizer = tokenizer
         self.d_in = int(d_in)
         self.dtype = check_dtype(dtype)
         self.rows_per_chunk = int(rows_per_chunk)
@@ -79,6 +87,7 @@ class ChunkWriter:
         self.n_rows = self.resume_rows
         np_dtype = DTYPES[self.dtype][1]
         self._buffer = np.empty((self.rows_per_chunk, self.d_in), dtype=np_dtype)  # [rows_per_chunk, d_in]
+        self._tokens = np.empty((self.rows_per_chunk, len(TOKEN_COLUMNS)), dtype=np.int32) if tokenizer else None
         self._filled = 0
         self._closed = False
 
@@ -102,11 +111,11 @@ class ChunkWriter:
             self._sum_sq_norm = float(progress["sum_sq_norm"])
         # Chunk files beyond the recorded ones (a crash between os.replace and the progress
         # update) and temp files are stale: they are rewritten from the producer's rows.
-        recorded = {c["file"] for c in self.chunks}
-        for stale in list(self.path.glob("chunk_*.safetensors*")):
+        recorded = {c["file"] for c in self.chunks} | {c["tokens"]["file"] for c in self.chunks if "tokens" in c}
+        for stale in [*self.path.glob("chunk_*.safetensors*"), *self.path.glob("tokens_*.safetensors*")]:
             if stale.name not in recorded:
                 stale.unlink()
-        for c in self.chunks:
+        for c in [*self.chunks, *(c["tokens"] for c in self.chunks if "tokens" in c)]:
             f = self.path / c["file"]
             if not f.exists() or f.stat().st_size != c["bytes"]:
                 raise StoreError(
@@ -114,10 +123,15 @@ class ChunkWriter:
                     f"delete {self.path} to start over."
                 )
 
-    def write(self, rows: torch.Tensor | np.ndarray) -> None:
-        """Append rows [n, d_in]; full chunks are written to disk as they fill."""
+    def write(self, rows: torch.Tensor | np.ndarray, tokens: torch.Tensor | np.ndarray | None = None) -> None:
+        """Append rows [n, d_in] (and, with a tokenizer, their tokens [n, 3]); full chunks are written as they fill."""
         if self._closed:
             raise StoreError(f"ChunkWriter for {self.path} is closed; it accepts no more rows.")
+        if (tokens is None) != (self._tokens is None) or (tokens is not None and tuple(tokens.shape) != (len(rows), 3)):
+            raise StoreError(
+                f"ChunkWriter for {self.path} takes tokens [n, 3] with each write exactly when it has a tokenizer "
+                f"({self.tokenizer}); got {None if tokens is None else list(tokens.shape)} for {len(rows)} rows."
+            )
         if isinstance(rows, torch.Tensor):
             rows = rows.detach().to("cpu")
             if rows.dtype != DTYPES[self.dtype][2]:
@@ -137,6 +151,8 @@ class ChunkWriter:
         while start < len(rows):
             take = min(self.rows_per_chunk - self._filled, len(rows) - start)
             self._buffer[self._filled : self._filled + take] = rows[start : start + take]
+            if tokens is not None:
+                self._tokens[self._filled : self._filled + take] = np.asarray(tokens[start : start + take])
             self._filled += take
             start += take
             if self._filled == self.rows_per_chunk:
@@ -164,8 +180,13 @@ class ChunkWriter:
         self._sum_norm += float(np.sqrt(sq_norms).sum())
         self._sum_sq_norm += float(sq_norms.sum())
         name = chunk_name(len(self.chunks))
+        record = {}
+        if self._tokens is not None:  # before the chunk: a recorded chunk's tokens are always on disk
+            tokens_file = tokens_name(len(self.chunks))
+            n_bytes, sha = write_chunk_file(self.path / tokens_file, self._tokens[: self._filled], "int32", TOKENS_NAME)
+            record["tokens"] = {"file": tokens_file, "bytes": n_bytes, "sha256": sha}
         n_bytes, sha = self._write_chunk(self.path / name, rows)
-        self.chunks.append({"file": name, "rows": int(self._filled), "bytes": n_bytes, "sha256": sha})
+        self.chunks.append({"file": name, "rows": int(self._filled), "bytes": n_bytes, "sha256": sha, **record})
         self.n_rows += self._filled
         self._filled = 0
         write_json_atomic(
@@ -212,6 +233,8 @@ class ChunkWriter:
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "library_versions": library_versions(),
             }
+            if self.tokenizer and all("tokens" in c for c in self.chunks):  # a resumed pre-tokens store has none
+                manifest["tokens"] = {"tokenizer": self.tokenizer, "columns": list(TOKEN_COLUMNS)}
             write_json_atomic(self.path / MANIFEST, manifest)
             (self.path / PROGRESS).unlink(missing_ok=True)
             self._closed = True
