@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from sae_ensemble.config import Training
 from sae_ensemble.devices import cpu_threads
-from sae_ensemble.eval_worker import LMEvaluation, evaluate_worker
+from sae_ensemble.eval_worker import Evaluation, evaluate_worker
 from sae_ensemble.rundir import Plan, RunDir, Segment
 from sae_ensemble.train import train_worker
 
@@ -74,7 +74,7 @@ def _worker(
     paths: dict[str | None, str],
     run_dir: str,
     training: Training,
-    lm: LMEvaluation | None,
+    evaluation: Evaluation | None,
     threads: int,
     events,
     stop,
@@ -87,7 +87,7 @@ def _worker(
         if job == "train":
             train_worker(index, device, work, paths, Path(run_dir), training, threads, events, stop)
         else:
-            evaluate_worker(index, device, work, paths, Path(run_dir), training, lm, threads, events, stop)
+            evaluate_worker(index, device, work, paths, Path(run_dir), training, evaluation, threads, events, stop)
     except BaseException as error:
         # One line first (what went wrong), then the traceback for whoever debugs it.
         message = str(error).strip().splitlines()
@@ -123,15 +123,16 @@ def evaluate(
     stores: StorePaths,
     run_dir: str | Path,
     training: Training,
-    lm: LMEvaluation | None = None,
+    evaluation: Evaluation | None = None,
     progress: bool = True,
 ) -> int:
     """Evaluate every trained member (eval_worker.py), each on the device of the worker given its ensemble; an exit
     code.
 
-    `lm`: splice members into this language model for CE loss recovered (None: MMCS only)."""
+    `evaluation`: what it computes beside MMCS (CE loss recovered in a language model, feature statistics)."""
     totals = [sum(len(plan.ensembles[i].members) for i in w.ensembles) for w in plan.workers]
-    return _supervise("evaluate", plan, plan, stores, run_dir, training, lm, totals, None, progress)
+    evaluation = evaluation or Evaluation()
+    return _supervise("evaluate", plan, plan, stores, run_dir, training, evaluation, totals, None, progress)
 
 
 def _supervise(
@@ -141,7 +142,7 @@ def _supervise(
     stores: StorePaths,
     run_dir: str | Path,
     training: Training,
-    lm: LMEvaluation | None,
+    evaluation: Evaluation | None,
     totals: list[int],
     on_metrics: Callable[[str, int, dict[str, float]], None] | None,
     progress: bool,
@@ -178,7 +179,7 @@ def _supervise(
                     store_paths(stores),
                     str(run_dir),
                     training,
-                    lm,
+                    evaluation,
                     threads if w.device.startswith("cpu") else 1,
                     events,
                     stop,

@@ -5,6 +5,7 @@ done (the final reconstruction metrics and MMCS against the ground truth were al
 computed by the training worker, with the ensemble still in memory). Here, per member:
     mmcs_next, mmcs_seed   MMCS against its partners' dictionaries (metrics.mmcs_between)
     CE loss recovered, KL  the member spliced into the language model (evaluate.py; LM data only)
+    feature statistics     firing rates and top-activating contexts on held-out rows (features.py)
 Members are loaded from `members/<id>/` a group at a time (`MEMBERS_PER_GROUP`, the members one
 spliced forward pass evaluates): the device never holds every member, and the parent only reads
 the results. Each member's results go to `members/<id>/eval.json`, written last: a stopped
@@ -24,6 +25,7 @@ from sae_ensemble.activations.reader import ActivationStore
 from sae_ensemble.checkpoint import read_evaluation, write_evaluation
 from sae_ensemble.config import Training
 from sae_ensemble.devices import torch_device
+from sae_ensemble.features import FeatureSettings, load_tokenizer, write_group_features
 from sae_ensemble.member import Member
 from sae_ensemble.metrics import mmcs_between
 from sae_ensemble.rundir import Plan, RunDir
@@ -47,6 +49,16 @@ class LMEvaluation:
     """Rows harvested for training: held-out contexts start after the contexts that gave them."""
     drop_bos: bool
     n_contexts: int
+
+
+@dataclass
+class Evaluation:
+    """What the evaluation stage computes beside MMCS (the pipeline fills it from the config)."""
+
+    lm: LMEvaluation | None = None
+    """CE loss recovered in this language model (None: no CE)."""
+    features: FeatureSettings | None = None
+    """Feature statistics and contexts with these settings (None: none)."""
 
 
 # -- what one member's evaluation holds ----------------------------------------------------------
@@ -101,12 +113,14 @@ def evaluate_members_of_run(
     ce: Callable[[str | None, list[Path]], dict[str, dict[str, float]]] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_group: Callable[[int], None] = lambda n: None,
+    features: Callable[[str | None, list[Path]], None] | None = None,
 ) -> bool:
     """Evaluate the members `mine` (ids) of a run whose members are `members`, a group at a time; False if stopped
     first.
 
     Members evaluated before (eval.json, covering CE when `ce` is given) are skipped. `ce(hook, dirs)` gives CE
-    metrics by member id for member dirs of one member hook (None: no CE evaluation).
+    metrics by member id for member dirs of one member hook (None: no CE evaluation); `features(hook, dirs)` writes
+    their feature statistics (None: none).
     """
     todo = pending(run_dir, mine, ce is not None)
     hook_of = {m.member_id: m.hook for m in members}
@@ -119,10 +133,12 @@ def evaluate_members_of_run(
         for column, pairing in (("mmcs_next", "next_size"), ("mmcs_seed", "seed")):
             for member_id, value in mmcs_between(members, decoders, pairing=pairing, of=group).items():
                 results[member_id][column] = value
-        for hook in dict.fromkeys(hook_of[member_id] for member_id in group) if ce is not None else ():
+        for hook in dict.fromkeys(hook_of[member_id] for member_id in group):
             dirs = [member_dir(run_dir, member_id) for member_id in group if hook_of[member_id] == hook]
-            for member_id, values in ce(hook, dirs).items():
+            for member_id, values in ce(hook, dirs).items() if ce is not None else ():
                 results[member_id].update(values)
+            if features is not None:
+                features(hook, dirs)
         for member_id, values in results.items():
             write_evaluation(member_dir(run_dir, member_id), values, ce is not None)
         on_group(len(group))
@@ -136,7 +152,7 @@ def evaluate_worker(
     store_paths: dict[str | None, str],
     run_dir: Path,
     training: Training,
-    lm: LMEvaluation | None,
+    evaluation: Evaluation,
     threads: int,
     events,
     stop,
@@ -147,12 +163,21 @@ def evaluate_worker(
     if device_.type == "cuda":
         torch.cuda.set_device(device_)
     mine = [m.member_id for i in plan.workers[index].ensembles for m in plan.ensemble_members(i)]
+    lm = evaluation.lm
     todo = pending(run_dir, mine, lm is not None)
     events.put(("start", index, {"step": len(mine) - len(todo)}))
-    ce = None
+    needs_stores = todo and (lm is not None or evaluation.features is not None)
+    stores = {hook: ActivationStore.open(path) for hook, path in store_paths.items()} if needs_stores else {}
+    ce = features = None
     if todo and lm is not None:
-        stores = {hook: ActivationStore.open(path) for hook, path in store_paths.items()}
         ce = _ce_evaluator(lm, stores, training, device_, lambda text: events.put(("note", index, text)))
+    if todo and evaluation.features is not None:
+        tokenizers = {hook: load_tokenizer(store) for hook, store in stores.items()}
+
+        def features(hook: str | None, dirs: list[Path]) -> None:
+            settings = evaluation.features
+            write_group_features(dirs, stores[hook], training.normalize, device_, settings, tokenizers[hook])
+
     done = len(mine) - len(todo)
 
     def report(n: int) -> None:
@@ -161,7 +186,7 @@ def evaluate_worker(
         events.put(("progress", index, {"step": done}))
 
     members = list(plan.members.values())
-    if evaluate_members_of_run(run_dir, mine, members, device_, ce, stop.is_set, report):
+    if evaluate_members_of_run(run_dir, mine, members, device_, ce, stop.is_set, report, features):
         events.put(("done", index, None))
     else:
         events.put(("stopped", index, None))

@@ -21,7 +21,8 @@ from sae_ensemble.activations.format import StoreError
 from sae_ensemble.atomic import write_json_atomic
 from sae_ensemble.config import ConfigError, LMData, NativeKernels, SweepConfig, SyntheticData, Training
 from sae_ensemble.devices import resolve_devices
-from sae_ensemble.eval_worker import LMEvaluation
+from sae_ensemble.eval_worker import Evaluation, LMEvaluation
+from sae_ensemble.features import FeatureSettings
 from sae_ensemble.grid import checked_members
 from sae_ensemble.kernels import native
 from sae_ensemble.member import Member
@@ -170,6 +171,20 @@ def _fields(key: str, before, after) -> list[tuple]:
 # -- the sweep -------------------------------------------------------------------------------------
 
 
+def evaluation(cfg: SweepConfig) -> Evaluation:
+    """What the evaluation stage computes beside MMCS: CE (lm_evaluation) and feature statistics (eval.features)."""
+    e = cfg.eval
+    settings = FeatureSettings(
+        contexts=e.feature_contexts,
+        window=e.feature_window,
+        frequent=e.feature_latents // 4,
+        rare=e.feature_latents // 4,
+        sample=e.feature_latents - 2 * (e.feature_latents // 4),
+        rows=e.feature_rows,
+    )
+    return Evaluation(lm_evaluation(cfg), settings if e.features else None)
+
+
 def lm_evaluation(cfg: SweepConfig) -> LMEvaluation | None:
     """What the workers' CE evaluation needs (LM data with eval.ce_loss), else None."""
     if not isinstance(cfg.data, LMData) or not cfg.eval.ce_loss:
@@ -261,7 +276,7 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
         if code != EXIT_OK:
             return code
         # MMCS between dictionaries and CE scores, on the workers' devices; the report below only reads them.
-        code = dispatch.evaluate(record.plan, paths, run_dir, training, lm_evaluation(cfg), progress=cfg.progress)
+        code = dispatch.evaluate(record.plan, paths, run_dir, training, evaluation(cfg), progress=cfg.progress)
         if code != EXIT_OK:
             return code
         rows = report.load_rows(run_dir)

@@ -53,12 +53,23 @@ class ConfigError(ValueError):
 
 @dataclass
 class EvalConfig:
-    """Model-level evaluation (LM data only)."""
+    """The evaluation stage beside MMCS: CE in the language model (LM data only) and feature statistics."""
 
     ce_loss: bool = True
     """Splice each SAE into the model and measure CE loss recovered and KL on held-out text."""
     n_contexts: int = 32
     """Held-out contexts for CE evaluation."""
+    features: bool = True
+    """Each member's latent statistics and top-activating contexts on held-out rows (features.py; the report's
+    member pages show them)."""
+    feature_rows: int = 16_384
+    """Held-out rows the feature statistics scan (at most the store's)."""
+    feature_latents: int = 20
+    """Latents shown per member: a quarter the most frequent, a quarter the rarest alive, the rest a sample."""
+    feature_contexts: int = 10
+    """Top-activating contexts kept per latent."""
+    feature_window: int = 8
+    """Tokens shown on each side of a context's top token (LM stores)."""
 
 
 @dataclass
@@ -171,6 +182,11 @@ def validate(cfg: SweepConfig) -> None:
             "true skip needs a paired store (data.d_out > 0)",
         ),
         (cfg.eval.n_contexts >= 1, f"eval.n_contexts={cfg.eval.n_contexts} must be at least 1"),
+        *(
+            (getattr(cfg.eval, name) >= 1, f"eval.{name}={getattr(cfg.eval, name)} must be at least 1")
+            for name in ("feature_rows", "feature_latents", "feature_contexts")
+        ),
+        (cfg.eval.feature_window >= 0, f"eval.feature_window={cfg.eval.feature_window} must be non-negative"),
         *_hook_checks(cfg),
         (
             transcoders(cfg) or grid.skip_connection == [False],

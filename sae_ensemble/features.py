@@ -1,0 +1,237 @@
+"""What each member learned, from the store alone: latent statistics and top-activating contexts on held-out rows.
+
+The evaluation stage (eval_worker.py) calls `write_group_features` for a group of members of one store: one pass
+over the first `FeatureSettings.rows` held-out rows encodes each block for every member of the group, and keeps
+per latent its firing count, activation sum and its `contexts` largest activations with their rows. Then, per
+member, it chooses latents to show (the most frequent, the rarest alive, and a seeded sample of the alive) and
+rebuilds each one's top contexts: the rows of the same context within `window` tokens of the top row (the store's
+tokens, activations/tokens.py), encoded again so every token of the window shows the latent's activation. No
+language model runs. Synthetic stores have no tokens: each chosen latent shows its best-matching true feature
+and their cosine instead.
+
+Written in the member's directory, so the report is rebuilt without recomputing (docs/report.md has the schema):
+    features.safetensors   firing_rate, mean_activation (over the rows it fires on) [dict_size]; top_values,
+                           top_rows [dict_size, contexts] (-1: fewer firing rows than contexts)
+    features.json          rows scanned, dead and dense counts, the log10 firing-rate histogram, the chosen latents
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from sae_ensemble import architectures
+from sae_ensemble.activations.reader import ActivationStore
+from sae_ensemble.atomic import atomic_write, write_json_atomic
+from sae_ensemble.checkpoint import load_member
+from sae_ensemble.member import Member
+
+FEATURES_JSON, FEATURES_TENSORS = "features.json", "features.safetensors"
+DENSE_RATE = 0.1
+"""A latent firing on more than this share of rows is dense (SAEBench's and SAEDashboard's cut-off)."""
+HISTOGRAM_EDGES = [float(e) for e in np.linspace(-7, 0, 29)]  # log10 firing rate, 0.25 decades a bin
+BLOCK_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """How much the feature statistics show (config: eval.features_*)."""
+
+    contexts: int = 10
+    """Top-activating contexts kept per latent."""
+    window: int = 8
+    """Tokens shown on each side of a context's top token."""
+    frequent: int = 5
+    """Most frequent latents shown per member."""
+    rare: int = 5
+    """Rarest alive latents shown per member."""
+    sample: int = 10
+    """Further alive latents shown, a seeded sample."""
+    rows: int = 16_384
+    """Held-out rows scanned (at most the store's)."""
+    seed: int = 0
+
+
+@dataclass
+class _Encoder:
+    """One saved member's codes of store rows (in its own space: normalised input; a transcoder's input part)."""
+
+    member: Member
+    params: dict[str, torch.Tensor]
+    shift: torch.Tensor
+    scale: float
+
+    def __post_init__(self) -> None:
+        self.architecture = architectures.module_of(self.member.variant)
+        self.hp = {k: v.to(self.shift.device) for k, v in architectures.make_hparams(self.member).items()}
+        self.layout = self.architecture.layout([self.member])
+
+    @torch.no_grad()
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        x = (rows[:, : self.member.d_in] - self.shift) / self.scale
+        return self.architecture.encode(self.params, self.hp, x, self.layout)[:, : self.member.dict_size]
+
+    def dictionary(self) -> torch.Tensor:
+        rows = self.params["W_enc" if self.member.variant == "tied" else "W_dec"][: self.member.dict_size]
+        return torch.nn.functional.normalize(rows.float(), dim=-1)
+
+
+def _encoder(directory: Path, store: ActivationStore, normalize: str, device: torch.device) -> _Encoder:
+    member, params, _, _ = load_member(directory)
+    if member.d_out:
+        shift, scale = torch.zeros(member.d_in), 1.0  # transcoders train unnormalised
+    else:
+        shift, scale = store.normalization(normalize)
+    params = {name: value.to(device) for name, value in params.items()}
+    return _Encoder(member, params, shift.float().to(device), float(scale))
+
+
+@dataclass
+class _Scan:
+    """One member's running statistics over the held-out rows."""
+
+    count: torch.Tensor  # [n] rows fired on
+    total: torch.Tensor  # [n] sum of activations
+    top_values: torch.Tensor  # [n, contexts]
+    top_rows: torch.Tensor  # [n, contexts] global store rows (-1: none yet)
+
+    @classmethod
+    def empty(cls, n: int, contexts: int, device: torch.device) -> _Scan:
+        return cls(
+            torch.zeros(n, device=device),
+            torch.zeros(n, device=device, dtype=torch.float64),
+            torch.zeros(n, contexts, device=device),
+            torch.full((n, contexts), -1, device=device, dtype=torch.int64),
+        )
+
+    def add(self, codes: torch.Tensor, rows: torch.Tensor) -> None:
+        """codes [b, n] of the store rows `rows` [b]."""
+        self.count += (codes > 0).sum(0)
+        self.total += codes.sum(0, dtype=torch.float64)
+        values = torch.cat([self.top_values, codes.T], dim=1)  # [n, contexts + b]
+        candidates = torch.cat([self.top_rows, rows.expand(codes.shape[1], -1)], dim=1)
+        self.top_values, order = torch.topk(values, self.top_values.shape[1], dim=1)  # largest first
+        self.top_rows = candidates.gather(1, order)
+
+
+def write_group_features(
+    directories: Sequence[Path],
+    store: ActivationStore,
+    normalize: str,
+    device: torch.device,
+    settings: FeatureSettings = FeatureSettings(),
+    tokenizer=None,
+) -> None:
+    """Feature statistics of the saved members in `directories` (all of `store`), written beside each (module doc).
+    `tokenizer`: decodes the store's tokens (a store with tokens needs one)."""
+    encoders = [_encoder(Path(d), store, normalize, device) for d in directories]
+    heldout = np.sort(store.heldout_indices()[: min(settings.rows, store.heldout_rows)])
+    scans = [_Scan.empty(e.member.dict_size, settings.contexts, device) for e in encoders]
+    for start in range(0, len(heldout), BLOCK_ROWS):
+        block = heldout[start : start + BLOCK_ROWS]
+        x = store.rows(block).to(device)
+        rows = torch.as_tensor(block, device=device)
+        for encoder, scan in zip(encoders, scans):
+            scan.add(encoder(x), rows)
+    for directory, encoder, scan in zip(directories, encoders, scans):
+        _write(Path(directory), encoder, scan, len(heldout), store, settings, tokenizer)
+
+
+def _write(directory, encoder, scan, n_rows, store, settings, tokenizer) -> None:
+    rate = (scan.count / n_rows).cpu()
+    mean = torch.where(scan.count > 0, scan.total / scan.count.clamp(min=1), 0.0).float().cpu()
+    top_values = torch.where(scan.top_values > 0, scan.top_values, 0.0).cpu()
+    top_rows = torch.where(scan.top_values > 0, scan.top_rows, -1).cpu()
+    tensors = {"firing_rate": rate, "mean_activation": mean, "top_values": top_values, "top_rows": top_rows}
+    atomic_write(directory / FEATURES_TENSORS, lambda tmp: save_file(tensors, tmp))
+
+    alive = torch.nonzero(rate > 0).flatten()
+    log_rate = torch.log10(rate[alive].double()).clamp(HISTOGRAM_EDGES[0], HISTOGRAM_EDGES[-1]).numpy()
+    counts, _ = np.histogram(log_rate, bins=HISTOGRAM_EDGES)
+    latents = [
+        _latent(index, why, rate, mean, top_values, top_rows, encoder, store, settings, tokenizer)
+        for index, why in choose_latents(rate, settings)
+    ]
+    write_json_atomic(
+        directory / FEATURES_JSON,
+        {
+            "member_id": encoder.member.member_id,
+            "rows": n_rows,
+            "dict_size": encoder.member.dict_size,
+            "dead": int((rate == 0).sum()),
+            "dense": int((rate > DENSE_RATE).sum()),
+            "dense_rate": DENSE_RATE,
+            "histogram": {"log10_edges": HISTOGRAM_EDGES, "counts": counts.tolist()},
+            "has_contexts": store.has_tokens,
+            "latents": latents,
+        },
+    )
+
+
+def choose_latents(rate: torch.Tensor, settings: FeatureSettings) -> list[tuple[int, str]]:
+    """(latent, why) to show: the most frequent, the rarest alive, then a seeded sample of the other alive ones."""
+    alive = torch.nonzero(rate > 0).flatten()
+    by_rate = alive[torch.argsort(rate[alive], descending=True, stable=True)].tolist()
+    chosen: dict[int, str] = {}
+    for index in by_rate[: settings.frequent]:
+        chosen.setdefault(index, "frequent")
+    for index in by_rate[::-1][: settings.rare]:
+        chosen.setdefault(index, "rare")
+    rest = [i for i in by_rate if i not in chosen]
+    order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(settings.seed))
+    for position in order[: settings.sample].tolist():
+        chosen[rest[position]] = "sample"
+    return list(chosen.items())
+
+
+def _latent(index, why, rate, mean, top_values, top_rows, encoder, store, settings, tokenizer) -> dict:
+    latent = {
+        "index": index,
+        "why": why,
+        "frequency": float(rate[index]),
+        "mean_activation": float(mean[index]),
+        "max_activation": float(top_values[index, 0]),
+    }
+    rows = [int(r) for r in top_rows[index] if r >= 0]
+    if store.has_tokens:
+        latent["contexts"] = [_context(row, index, encoder, store, settings, tokenizer) for row in rows]
+    truth = store.ground_truth()
+    if truth is not None:
+        cosines = encoder.dictionary()[index].cpu() @ truth.T
+        best = int(cosines.argmax())
+        latent["truth"] = {"feature": best, "cosine": float(cosines[best])}
+    return latent
+
+
+def _context(row: int, index: int, encoder: _Encoder, store: ActivationStore, settings, tokenizer) -> dict:
+    """The tokens of `row`'s context within `window` of it, each with the latent's activation there."""
+    tokens = store.tokens()
+    near = np.arange(max(0, row - settings.window), min(store.n_rows, row + settings.window + 1))
+    table = tokens.rows(near)
+    same = table[:, 1] == tokens.rows(np.array([row]))[0, 1]
+    near, table = near[same], table[same]
+    activations = encoder(store.rows(near).to(encoder.shift.device))[:, index].cpu()
+    return {
+        "row": row,
+        "context": int(table[0, 1]),
+        "positions": table[:, 2].tolist(),
+        "token_ids": table[:, 0].tolist(),
+        "tokens": [tokenizer.decode([int(t)]) for t in table[:, 0]],
+        "activations": [round(float(a), 6) for a in activations],
+        "max_at": int(np.flatnonzero(near == row)[0]),
+    }
+
+
+def load_tokenizer(store: ActivationStore):
+    """The tokenizer that made a store's tokens (its manifest names the model), or None for a store without tokens."""
+    if not store.has_tokens:
+        return None
+    from transformers import AutoTokenizer
+
+    named = store.manifest["tokens"]["tokenizer"]
+    return AutoTokenizer.from_pretrained(named["name"], revision=named.get("revision"))
