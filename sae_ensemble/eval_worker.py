@@ -27,7 +27,7 @@ from sae_ensemble.config import Training
 from sae_ensemble.devices import torch_device
 from sae_ensemble.features import FeatureSettings, load_tokenizer, write_group_features
 from sae_ensemble.member import Member
-from sae_ensemble.metrics import mmcs_between
+from sae_ensemble.metrics import mmcs_between, partners_of
 from sae_ensemble.rundir import Plan, RunDir
 
 MEMBERS_PER_GROUP = 8  # members loaded at once: one spliced forward pass of the CE evaluation evaluates them all
@@ -113,18 +113,19 @@ def evaluate_members_of_run(
     ce: Callable[[str | None, list[Path]], dict[str, dict[str, float]]] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_group: Callable[[int], None] = lambda n: None,
-    features: Callable[[str | None, list[Path]], None] | None = None,
+    features: Callable[[str | None, list[Path], list[Path | None]], None] | None = None,
 ) -> bool:
     """Evaluate the members `mine` (ids) of a run whose members are `members`, a group at a time; False if stopped
     first.
 
     Members evaluated before (eval.json, covering CE when `ce` is given) are skipped. `ce(hook, dirs)` gives CE
-    metrics by member id for member dirs of one member hook (None: no CE evaluation); `features(hook, dirs)` writes
-    their feature statistics (None: none).
+    metrics by member id for member dirs of one member hook (None: no CE evaluation); `features(hook, dirs,
+    partner_dirs)` writes their feature statistics, with splitting into each one's next-size partner (None: none).
     """
     todo = pending(run_dir, mine, ce is not None)
     hook_of = {m.member_id: m.hook for m in members}
     decoders = Decoders(run_dir, [m.member_id for m in members], device)
+    next_size = {member_id: partners[0].member_id for member_id, partners in partners_of(members).items()}
     for start in range(0, len(todo), MEMBERS_PER_GROUP):
         if should_stop():
             return False
@@ -138,7 +139,8 @@ def evaluate_members_of_run(
             for member_id, values in ce(hook, dirs).items() if ce is not None else ():
                 results[member_id].update(values)
             if features is not None:
-                features(hook, dirs)
+                ids = [member_id for member_id in group if hook_of[member_id] == hook]
+                features(hook, dirs, [member_dir(run_dir, next_size[i]) if i in next_size else None for i in ids])
         for member_id, values in results.items():
             write_evaluation(member_dir(run_dir, member_id), values, ce is not None)
         on_group(len(group))
@@ -174,9 +176,9 @@ def evaluate_worker(
     if todo and evaluation.features is not None:
         tokenizers = {hook: load_tokenizer(store) for hook, store in stores.items()}
 
-        def features(hook: str | None, dirs: list[Path]) -> None:
-            settings = evaluation.features
-            write_group_features(dirs, stores[hook], training.normalize, device_, settings, tokenizers[hook])
+        def features(hook: str | None, dirs: list[Path], partners: list[Path | None]) -> None:
+            store, settings = stores[hook], evaluation.features
+            write_group_features(dirs, store, training.normalize, device_, settings, tokenizers[hook], partners)
 
     done = len(mine) - len(todo)
 

@@ -9,6 +9,11 @@ tokens, activations/tokens.py), encoded again so every token of the window shows
 language model runs. Synthetic stores have no tokens: each chosen latent shows its best-matching true feature
 and their cosine instead.
 
+Feature splitting: a member with a partner (the next larger dictionary with every other hyperparameter equal,
+metrics.partners_of) shows, for each chosen latent, the partner's SPLIT_MATCHES latents whose decoder rows are
+closest to it (cosine), each with its firing rate and its top SPLIT_CONTEXTS contexts, found by a second pass
+over the same held-out rows (the partner's codes of only the matched latents are kept).
+
 Written in the member's directory, so the report is rebuilt without recomputing (docs/report.md has the schema):
     features.safetensors   firing_rate, mean_activation (over the rows it fires on) [dict_size]; top_values,
                            top_rows [dict_size, contexts] (-1: fewer firing rows than contexts)
@@ -36,6 +41,7 @@ DENSE_RATE = 0.1
 """A latent firing on more than this share of rows is dense (SAEBench's and SAEDashboard's cut-off)."""
 HISTOGRAM_EDGES = [float(e) for e in np.linspace(-7, 0, 29)]  # log10 firing rate, 0.25 decades a bin
 BLOCK_ROWS = 4096
+SPLIT_MATCHES, SPLIT_CONTEXTS = 3, 3  # a chosen latent's closest latents in the next size, and their contexts
 
 
 @dataclass(frozen=True)
@@ -126,23 +132,76 @@ def write_group_features(
     device: torch.device,
     settings: FeatureSettings = FeatureSettings(),
     tokenizer=None,
+    partners: Sequence[Path | None] | None = None,
 ) -> None:
     """Feature statistics of the saved members in `directories` (all of `store`), written beside each (module doc).
-    `tokenizer`: decodes the store's tokens (a store with tokens needs one)."""
+    `tokenizer`: decodes the store's tokens (a store with tokens needs one); `partners`: each member's next-size
+    partner's directory, or None (feature splitting)."""
     encoders = [_encoder(Path(d), store, normalize, device) for d in directories]
     heldout = np.sort(store.heldout_indices()[: min(settings.rows, store.heldout_rows)])
     scans = [_Scan.empty(e.member.dict_size, settings.contexts, device) for e in encoders]
+    _scan_rows(store, heldout, [(encoder, None, scan) for encoder, scan in zip(encoders, scans)], device)
+    chosen = [choose_latents((scan.count / len(heldout)).cpu(), settings) for scan in scans]
+    splits = _splits(encoders, chosen, partners or [None] * len(encoders), store, normalize, heldout, device)
+    for directory, encoder, scan, latents, split in zip(directories, encoders, scans, chosen, splits):
+        _write(Path(directory), encoder, scan, len(heldout), store, settings, tokenizer, latents, split)
+
+
+def _scan_rows(store: ActivationStore, heldout: np.ndarray, jobs, device: torch.device) -> None:
+    """One pass over the held-out rows: each (encoder, latents or None for all, scan) job adds its codes."""
     for start in range(0, len(heldout), BLOCK_ROWS):
         block = heldout[start : start + BLOCK_ROWS]
         x = store.rows(block).to(device)
         rows = torch.as_tensor(block, device=device)
-        for encoder, scan in zip(encoders, scans):
-            scan.add(encoder(x), rows)
-    for directory, encoder, scan in zip(directories, encoders, scans):
-        _write(Path(directory), encoder, scan, len(heldout), store, settings, tokenizer)
+        for encoder, latents, scan in jobs:
+            codes = encoder(x)
+            scan.add(codes if latents is None else codes[:, latents], rows)
 
 
-def _write(directory, encoder, scan, n_rows, store, settings, tokenizer) -> None:
+@dataclass
+class _Split:
+    """A member's chosen latents matched in its partner: matches, cosines [chosen, SPLIT_MATCHES] (partner latents),
+    and the partner's scan of the matched latents (`latents`, sorted)."""
+
+    partner: _Encoder
+    matches: torch.Tensor
+    cosines: torch.Tensor
+    latents: torch.Tensor
+    scan: _Scan
+
+
+def _splits(encoders, chosen, partners, store, normalize, heldout, device) -> list[_Split | None]:
+    splits: list[_Split | None] = []
+    for encoder, latents, partner_dir in zip(encoders, chosen, partners):
+        if partner_dir is None or not latents:
+            splits.append(None)
+            continue
+        partner = _encoder(Path(partner_dir), store, normalize, device)
+        indices = torch.tensor([index for index, _ in latents], device=device)
+        cosines = encoder.dictionary()[indices] @ partner.dictionary().T  # [chosen, partner's dict_size]
+        cosines, matches = cosines.topk(min(SPLIT_MATCHES, partner.member.dict_size), dim=1)
+        wanted = torch.unique(matches)
+        splits.append(_Split(partner, matches, cosines, wanted, _Scan.empty(len(wanted), SPLIT_CONTEXTS, device)))
+    jobs = [(split.partner, split.latents, split.scan) for split in splits if split is not None]
+    if jobs:
+        _scan_rows(store, heldout, jobs, device)
+    return splits
+
+
+def _split_of(position: int, split: _Split, n_rows: int, store, settings, tokenizer) -> dict:
+    """The partner's matches of a member's `position`-th chosen latent, with their contexts."""
+    matches = []
+    for index, cosine in zip(split.matches[position].tolist(), split.cosines[position].tolist()):
+        at = int(torch.searchsorted(split.latents, index))
+        match = {"index": index, "cosine": cosine, "frequency": float(split.scan.count[at]) / n_rows}
+        if store.has_tokens:
+            rows = [int(r) for r, v in zip(split.scan.top_rows[at], split.scan.top_values[at]) if v > 0]
+            match["contexts"] = [_context(row, index, split.partner, store, settings, tokenizer) for row in rows]
+        matches.append(match)
+    return {"member_id": split.partner.member.member_id, "matches": matches}
+
+
+def _write(directory, encoder, scan, n_rows, store, settings, tokenizer, chosen, split) -> None:
     rate = (scan.count / n_rows).cpu()
     mean = torch.where(scan.count > 0, scan.total / scan.count.clamp(min=1), 0.0).float().cpu()
     top_values = torch.where(scan.top_values > 0, scan.top_values, 0.0).cpu()
@@ -155,8 +214,10 @@ def _write(directory, encoder, scan, n_rows, store, settings, tokenizer) -> None
     counts, _ = np.histogram(log_rate, bins=HISTOGRAM_EDGES)
     latents = [
         _latent(index, why, rate, mean, top_values, top_rows, encoder, store, settings, tokenizer)
-        for index, why in choose_latents(rate, settings)
+        for index, why in chosen
     ]
+    for position, latent in enumerate(latents) if split is not None else ():
+        latent["splits"] = _split_of(position, split, n_rows, store, settings, tokenizer)
     write_json_atomic(
         directory / FEATURES_JSON,
         {

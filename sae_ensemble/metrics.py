@@ -287,28 +287,35 @@ def mmcs_between(
     (read on access) keeps only the pair compared in memory. `of`: the member ids whose values are
     wanted (default all); their partners come from all of `members`.
     """
+    for member in members:
+        if member.member_id not in decoders:
+            raise ValueError(f"no decoder given for member {member.member_id}")
+    wanted = {m.member_id for m in members} if of is None else set(of)
+    result: dict[str, float] = {}
+    for member_id, partners in partners_of(members, pairing).items():
+        if member_id in wanted:
+            own = decoders[member_id]
+            result[member_id] = sum(mmcs(own, decoders[p.member_id]) for p in partners) / len(partners)
+    return result
+
+
+def partners_of(members: Sequence[Member], pairing: str = "next_size") -> dict[str, list[Member]]:
+    """member_id -> its partners (mmcs_between's pairings); members without one are absent."""
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing={pairing!r} is unknown; allowed: {', '.join(PAIRINGS)}")
     varied = "dict_size" if pairing == "next_size" else "seed"
     others = [f.name for f in fields(Member) if f.name != varied]
     groups: dict[tuple, list[Member]] = defaultdict(list)
-    wanted = {m.member_id for m in members} if of is None else set(of)
     for member in members:
-        if member.member_id not in decoders:
-            raise ValueError(f"no decoder given for member {member.member_id}")
         groups[tuple(getattr(member, name) for name in others)].append(member)
-
-    result: dict[str, float] = {}
+    result: dict[str, list[Member]] = {}
     for group in groups.values():
         group = sorted(group, key=lambda m: getattr(m, varied))
         for index, member in enumerate(group):
-            if member.member_id not in wanted:
-                continue
             if pairing == "next_size":
                 partners = [m for m in group[index + 1 :] if m.dict_size > member.dict_size][:1]
             else:
                 partners = [m for m in group if m is not member]
             if partners:
-                own = decoders[member.member_id]
-                result[member.member_id] = sum(mmcs(own, decoders[p.member_id]) for p in partners) / len(partners)
+                result[member.member_id] = partners
     return result
