@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from sae_ensemble.config import Training
 from sae_ensemble.devices import cpu_threads
-from sae_ensemble.eval_worker import Evaluation, evaluate_worker
+from sae_ensemble.eval_worker import Evaluation, evaluate_worker, split_worker
 from sae_ensemble.rundir import Plan, RunDir, Segment
 from sae_ensemble.train import train_worker
 
@@ -87,7 +87,8 @@ def _worker(
         if job == "train":
             train_worker(index, device, work, paths, Path(run_dir), training, threads, events, stop)
         else:
-            evaluate_worker(index, device, work, paths, Path(run_dir), training, evaluation, threads, events, stop)
+            worker = evaluate_worker if job == "evaluate" else split_worker
+            worker(index, device, work, paths, Path(run_dir), training, evaluation, threads, events, stop)
     except BaseException as error:
         # One line first (what went wrong), then the traceback for whoever debugs it.
         message = str(error).strip().splitlines()
@@ -132,7 +133,11 @@ def evaluate(
     `evaluation`: what it computes beside MMCS (CE loss recovered in a language model, feature statistics)."""
     totals = [sum(len(plan.ensembles[i].members) for i in w.ensembles) for w in plan.workers]
     evaluation = evaluation or Evaluation()
-    return _supervise("evaluate", plan, plan, stores, run_dir, training, evaluation, totals, None, progress)
+    code = _supervise("evaluate", plan, plan, stores, run_dir, training, evaluation, totals, None, progress)
+    if code != EXIT_OK or evaluation.features is None:
+        return code
+    # Feature splitting reads every member's statistics, which workers wrote independently: a second job.
+    return _supervise("split", plan, plan, stores, run_dir, training, evaluation, totals, None, progress)
 
 
 def _supervise(
@@ -200,7 +205,7 @@ def _supervise(
     bar = tqdm(
         total=sum(total_steps.values()),
         unit="step" if job == "train" else "member",
-        desc=None if job == "train" else "evaluate",
+        desc=None if job == "train" else job,
         disable=not progress,
         dynamic_ncols=True,
         mininterval=1.0,

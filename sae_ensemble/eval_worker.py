@@ -6,6 +6,8 @@ computed by the training worker, with the ensemble still in memory). Here, per m
     mmcs_next, mmcs_seed   MMCS against its partners' dictionaries (metrics.mmcs_between)
     CE loss recovered, KL  the member spliced into the language model (evaluate.py; LM data only)
     feature statistics     firing rates and top-activating contexts on held-out rows (features.py)
+and then, in a second job once every member's statistics exist (`split_worker`), feature splitting: each
+member's chosen latents matched in its next dictionary size.
 Members are loaded from `members/<id>/` a group at a time (`MEMBERS_PER_GROUP`, the members one
 spliced forward pass evaluates): the device never holds every member, and the parent only reads
 the results. Each member's results go to `members/<id>/eval.json`, written last: a stopped
@@ -25,7 +27,7 @@ from sae_ensemble.activations.reader import ActivationStore
 from sae_ensemble.checkpoint import read_evaluation, write_evaluation
 from sae_ensemble.config import Training
 from sae_ensemble.devices import torch_device
-from sae_ensemble.features import FeatureSettings, load_tokenizer, write_group_features
+from sae_ensemble.features import FeatureSettings, load_tokenizer, splits_written, write_group_features, write_splits
 from sae_ensemble.member import Member
 from sae_ensemble.metrics import mmcs_between, partners_of
 from sae_ensemble.rundir import Plan, RunDir
@@ -113,19 +115,18 @@ def evaluate_members_of_run(
     ce: Callable[[str | None, list[Path]], dict[str, dict[str, float]]] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_group: Callable[[int], None] = lambda n: None,
-    features: Callable[[str | None, list[Path], list[Path | None]], None] | None = None,
+    features: Callable[[str | None, list[Path]], None] | None = None,
 ) -> bool:
     """Evaluate the members `mine` (ids) of a run whose members are `members`, a group at a time; False if stopped
     first.
 
     Members evaluated before (eval.json, covering CE when `ce` is given) are skipped. `ce(hook, dirs)` gives CE
-    metrics by member id for member dirs of one member hook (None: no CE evaluation); `features(hook, dirs,
-    partner_dirs)` writes their feature statistics, with splitting into each one's next-size partner (None: none).
+    metrics by member id for member dirs of one member hook (None: no CE evaluation); `features(hook, dirs)`
+    writes their feature statistics (None: none).
     """
     todo = pending(run_dir, mine, ce is not None)
     hook_of = {m.member_id: m.hook for m in members}
     decoders = Decoders(run_dir, [m.member_id for m in members], device)
-    next_size = {member_id: partners[0].member_id for member_id, partners in partners_of(members).items()}
     for start in range(0, len(todo), MEMBERS_PER_GROUP):
         if should_stop():
             return False
@@ -139,8 +140,7 @@ def evaluate_members_of_run(
             for member_id, values in ce(hook, dirs).items() if ce is not None else ():
                 results[member_id].update(values)
             if features is not None:
-                ids = [member_id for member_id in group if hook_of[member_id] == hook]
-                features(hook, dirs, [member_dir(run_dir, next_size[i]) if i in next_size else None for i in ids])
+                features(hook, dirs)
         for member_id, values in results.items():
             write_evaluation(member_dir(run_dir, member_id), values, ce is not None)
         on_group(len(group))
@@ -176,9 +176,9 @@ def evaluate_worker(
     if todo and evaluation.features is not None:
         tokenizers = {hook: load_tokenizer(store) for hook, store in stores.items()}
 
-        def features(hook: str | None, dirs: list[Path], partners: list[Path | None]) -> None:
-            store, settings = stores[hook], evaluation.features
-            write_group_features(dirs, store, training.normalize, device_, settings, tokenizers[hook], partners)
+        def features(hook: str | None, dirs: list[Path]) -> None:
+            settings = evaluation.features
+            write_group_features(dirs, stores[hook], training.normalize, device_, settings, tokenizers[hook])
 
     done = len(mine) - len(todo)
 
@@ -192,6 +192,47 @@ def evaluate_worker(
         events.put(("done", index, None))
     else:
         events.put(("stopped", index, None))
+
+
+def split_worker(
+    index: int,
+    device: str,
+    plan: Plan,
+    store_paths: dict[str | None, str],
+    run_dir: Path,
+    training: Training,
+    evaluation: Evaluation,
+    threads: int,
+    events,
+    stop,
+) -> None:
+    """Worker `index`'s feature splitting, the evaluation's second job (every member's statistics exist by then):
+    each of its members with a next-size partner gets its chosen latents' matches there (features.write_splits)."""
+    torch.set_num_threads(threads)
+    device_ = torch_device(device)
+    mine = [m for i in plan.workers[index].ensembles for m in plan.ensemble_members(i)]
+    next_size = {member_id: partners[0] for member_id, partners in partners_of(list(plan.members.values())).items()}
+    todo = [m for m in mine if m.member_id in next_size and not splits_written(member_dir(run_dir, m.member_id))]
+    events.put(("start", index, {"step": len(mine) - len(todo)}))
+    stores = {hook: ActivationStore.open(store_paths[hook]) for hook in {m.hook for m in todo}}
+    tokenizers = {hook: load_tokenizer(store) for hook, store in stores.items()}
+    for done, member in enumerate(todo, start=len(mine) - len(todo) + 1):
+        if stop.is_set():
+            events.put(("stopped", index, None))
+            return
+        partner = member_dir(run_dir, next_size[member.member_id].member_id)
+        store = stores[member.hook]
+        write_splits(
+            member_dir(run_dir, member.member_id),
+            partner,
+            store,
+            training.normalize,
+            device_,
+            evaluation.features,
+            tokenizers[member.hook],
+        )
+        events.put(("progress", index, {"step": done}))
+    events.put(("done", index, None))
 
 
 def _ce_evaluator(

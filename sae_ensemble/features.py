@@ -9,10 +9,11 @@ tokens, activations/tokens.py), encoded again so every token of the window shows
 language model runs. Synthetic stores have no tokens: each chosen latent shows its best-matching true feature
 and their cosine instead.
 
-Feature splitting: a member with a partner (the next larger dictionary with every other hyperparameter equal,
-metrics.partners_of) shows, for each chosen latent, the partner's SPLIT_MATCHES latents whose decoder rows are
-closest to it (cosine), each with its firing rate and its top SPLIT_CONTEXTS contexts, found by a second pass
-over the same held-out rows (the partner's codes of only the matched latents are kept).
+Feature splitting (`write_splits`, the evaluation's second job, once every member's statistics exist): a member
+with a partner (the next larger dictionary with every other hyperparameter equal, metrics.partners_of) shows, for
+each chosen latent, the partner's SPLIT_MATCHES latents whose decoder rows are closest to it (cosine), each with
+its firing rate and its top SPLIT_CONTEXTS contexts, from the partner's own scan (its top rows of every latent):
+no further pass over the held-out rows.
 
 Written in the member's directory, so the report is rebuilt without recomputing (docs/report.md has the schema):
     features.safetensors   firing_rate, mean_activation (over the rows it fires on) [dict_size]; top_values,
@@ -22,13 +23,14 @@ Written in the member's directory, so the report is rebuilt without recomputing 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sae_ensemble import architectures
 from sae_ensemble.activations.reader import ActivationStore
@@ -132,76 +134,61 @@ def write_group_features(
     device: torch.device,
     settings: FeatureSettings = FeatureSettings(),
     tokenizer=None,
-    partners: Sequence[Path | None] | None = None,
 ) -> None:
     """Feature statistics of the saved members in `directories` (all of `store`), written beside each (module doc).
-    `tokenizer`: decodes the store's tokens (a store with tokens needs one); `partners`: each member's next-size
-    partner's directory, or None (feature splitting)."""
+    `tokenizer`: decodes the store's tokens (a store with tokens needs one)."""
     encoders = [_encoder(Path(d), store, normalize, device) for d in directories]
     heldout = np.sort(store.heldout_indices()[: min(settings.rows, store.heldout_rows)])
     scans = [_Scan.empty(e.member.dict_size, settings.contexts, device) for e in encoders]
-    _scan_rows(store, heldout, [(encoder, None, scan) for encoder, scan in zip(encoders, scans)], device)
-    chosen = [choose_latents((scan.count / len(heldout)).cpu(), settings) for scan in scans]
-    splits = _splits(encoders, chosen, partners or [None] * len(encoders), store, normalize, heldout, device)
-    for directory, encoder, scan, latents, split in zip(directories, encoders, scans, chosen, splits):
-        _write(Path(directory), encoder, scan, len(heldout), store, settings, tokenizer, latents, split)
-
-
-def _scan_rows(store: ActivationStore, heldout: np.ndarray, jobs, device: torch.device) -> None:
-    """One pass over the held-out rows: each (encoder, latents or None for all, scan) job adds its codes."""
-    for start in range(0, len(heldout), BLOCK_ROWS):
+    for start in range(0, len(heldout), BLOCK_ROWS):  # the one pass: each block encoded once by every member
         block = heldout[start : start + BLOCK_ROWS]
         x = store.rows(block).to(device)
         rows = torch.as_tensor(block, device=device)
-        for encoder, latents, scan in jobs:
-            codes = encoder(x)
-            scan.add(codes if latents is None else codes[:, latents], rows)
+        for encoder, scan in zip(encoders, scans):
+            scan.add(encoder(x), rows)
+    for directory, encoder, scan in zip(directories, encoders, scans):
+        _write(Path(directory), encoder, scan, len(heldout), store, settings, tokenizer)
 
 
-@dataclass
-class _Split:
-    """A member's chosen latents matched in its partner: matches, cosines [chosen, SPLIT_MATCHES] (partner latents),
-    and the partner's scan of the matched latents (`latents`, sorted)."""
-
-    partner: _Encoder
-    matches: torch.Tensor
-    cosines: torch.Tensor
-    latents: torch.Tensor
-    scan: _Scan
+def splits_written(directory: Path) -> bool:
+    """Whether `write_splits` has run for this member (or there is nothing to split: no features.json)."""
+    path = Path(directory) / FEATURES_JSON
+    return not path.exists() or "splits_into" in json.loads(path.read_text())
 
 
-def _splits(encoders, chosen, partners, store, normalize, heldout, device) -> list[_Split | None]:
-    splits: list[_Split | None] = []
-    for encoder, latents, partner_dir in zip(encoders, chosen, partners):
-        if partner_dir is None or not latents:
-            splits.append(None)
-            continue
-        partner = _encoder(Path(partner_dir), store, normalize, device)
-        indices = torch.tensor([index for index, _ in latents], device=device)
-        cosines = encoder.dictionary()[indices] @ partner.dictionary().T  # [chosen, partner's dict_size]
-        cosines, matches = cosines.topk(min(SPLIT_MATCHES, partner.member.dict_size), dim=1)
-        wanted = torch.unique(matches)
-        splits.append(_Split(partner, matches, cosines, wanted, _Scan.empty(len(wanted), SPLIT_CONTEXTS, device)))
-    jobs = [(split.partner, split.latents, split.scan) for split in splits if split is not None]
-    if jobs:
-        _scan_rows(store, heldout, jobs, device)
-    return splits
+def write_splits(
+    directory: Path,
+    partner_dir: Path,
+    store: ActivationStore,
+    normalize: str,
+    device: torch.device,
+    settings: FeatureSettings = FeatureSettings(),
+    tokenizer=None,
+) -> None:
+    """Add to a member's features.json, for each chosen latent, its closest latents in its partner's dictionary with
+    their firing rates and contexts (module doc); the partner's features.safetensors must exist."""
+    directory, partner_dir = Path(directory), Path(partner_dir)
+    features = json.loads((directory / FEATURES_JSON).read_text())
+    own, partner = _encoder(directory, store, normalize, device), _encoder(partner_dir, store, normalize, device)
+    scan = load_file(partner_dir / FEATURES_TENSORS)
+    dictionary = partner.dictionary()
+    for latent in features["latents"]:
+        cosines = (own.dictionary()[latent["index"]] @ dictionary.T).cpu()
+        values, indices = cosines.topk(min(SPLIT_MATCHES, len(cosines)))
+        matches = []
+        for index, cosine in zip(indices.tolist(), values.tolist()):
+            match = {"index": index, "cosine": cosine, "frequency": float(scan["firing_rate"][index])}
+            if store.has_tokens:
+                top = [int(r) for r, v in zip(scan["top_rows"][index], scan["top_values"][index]) if v > 0]
+                top = top[:SPLIT_CONTEXTS]
+                match["contexts"] = [_context(r, index, partner, store, settings, tokenizer) for r in top]
+            matches.append(match)
+        latent["splits"] = {"member_id": partner.member.member_id, "matches": matches}
+    features["splits_into"] = partner.member.member_id
+    write_json_atomic(directory / FEATURES_JSON, features)
 
 
-def _split_of(position: int, split: _Split, n_rows: int, store, settings, tokenizer) -> dict:
-    """The partner's matches of a member's `position`-th chosen latent, with their contexts."""
-    matches = []
-    for index, cosine in zip(split.matches[position].tolist(), split.cosines[position].tolist()):
-        at = int(torch.searchsorted(split.latents, index))
-        match = {"index": index, "cosine": cosine, "frequency": float(split.scan.count[at]) / n_rows}
-        if store.has_tokens:
-            rows = [int(r) for r, v in zip(split.scan.top_rows[at], split.scan.top_values[at]) if v > 0]
-            match["contexts"] = [_context(row, index, split.partner, store, settings, tokenizer) for row in rows]
-        matches.append(match)
-    return {"member_id": split.partner.member.member_id, "matches": matches}
-
-
-def _write(directory, encoder, scan, n_rows, store, settings, tokenizer, chosen, split) -> None:
+def _write(directory, encoder, scan, n_rows, store, settings, tokenizer) -> None:
     rate = (scan.count / n_rows).cpu()
     mean = torch.where(scan.count > 0, scan.total / scan.count.clamp(min=1), 0.0).float().cpu()
     top_values = torch.where(scan.top_values > 0, scan.top_values, 0.0).cpu()
@@ -214,10 +201,8 @@ def _write(directory, encoder, scan, n_rows, store, settings, tokenizer, chosen,
     counts, _ = np.histogram(log_rate, bins=HISTOGRAM_EDGES)
     latents = [
         _latent(index, why, rate, mean, top_values, top_rows, encoder, store, settings, tokenizer)
-        for index, why in chosen
+        for index, why in choose_latents(rate, settings)
     ]
-    for position, latent in enumerate(latents) if split is not None else ():
-        latent["splits"] = _split_of(position, split, n_rows, store, settings, tokenizer)
     write_json_atomic(
         directory / FEATURES_JSON,
         {
