@@ -37,8 +37,9 @@ from sae_ensemble.activations.reader import ActivationStore
 from sae_ensemble.atomic import atomic_write, write_json_atomic
 from sae_ensemble.checkpoint import load_member
 from sae_ensemble.member import Member
+from sae_ensemble.rundir import MemberDir
 
-FEATURES_JSON, FEATURES_TENSORS = "features.json", "features.safetensors"
+FEATURES_JSON, FEATURES_TENSORS = MemberDir.FEATURES, MemberDir.FEATURE_STATS
 DENSE_RATE = 0.1
 """A latent firing on more than this share of rows is dense (SAEBench's and SAEDashboard's cut-off)."""
 HISTOGRAM_EDGES = [float(e) for e in np.linspace(-7, 0, 29)]  # log10 firing rate, 0.25 decades a bin
@@ -89,7 +90,8 @@ class _Encoder:
         return torch.nn.functional.normalize(rows.float(), dim=-1)
 
 
-def _encoder(directory: Path, store: ActivationStore, normalize: str, device: torch.device) -> _Encoder:
+def member_encoder(directory: Path, store: ActivationStore, normalize: str, device: torch.device) -> _Encoder:
+    """A saved member's codes of `store`'s rows, in its own space (normalised as it trained)."""
     member, params, _, _ = load_member(directory)
     if member.d_out:
         shift, scale = torch.zeros(member.d_in), 1.0  # transcoders train unnormalised
@@ -118,13 +120,19 @@ class _Scan:
         )
 
     def add(self, codes: torch.Tensor, rows: torch.Tensor) -> None:
-        """codes [b, n] of the store rows `rows` [b]."""
-        self.count += (codes > 0).sum(0)
-        self.total += codes.sum(0, dtype=torch.float64)
-        values = torch.cat([self.top_values, codes.T], dim=1)  # [n, contexts + b]
-        candidates = torch.cat([self.top_rows, rows.expand(codes.shape[1], -1)], dim=1)
-        self.top_values, order = torch.topk(values, self.top_values.shape[1], dim=1)  # largest first
-        self.top_rows = candidates.gather(1, order)
+        """codes [b, n] (>= 0) of the store rows `rows` [b]."""
+        self.count += torch.sign(codes).sum(0)  # a float sum of signs: several times a bool count's speed
+        self.total += codes.sum(0).double()
+        # Only latents whose block maximum beats their kept k-th value can change their top k: after the first
+        # blocks, few. Their block top k (along the rows), then merged with the kept ones.
+        k = self.top_values.shape[1]
+        better = torch.nonzero(codes.amax(0) > self.top_values[:, -1]).flatten()
+        if len(better):
+            values, at = codes[:, better].topk(min(k, len(rows)), dim=0)  # [k', m]
+            merged = torch.cat([self.top_values[better], values.T], dim=1)  # [m, k + k']
+            candidates = torch.cat([self.top_rows[better], rows[at].T], dim=1)
+            merged, order = merged.topk(k, dim=1)  # largest first
+            self.top_values[better], self.top_rows[better] = merged, candidates.gather(1, order)
 
 
 def write_group_features(
@@ -137,7 +145,7 @@ def write_group_features(
 ) -> None:
     """Feature statistics of the saved members in `directories` (all of `store`), written beside each (module doc).
     `tokenizer`: decodes the store's tokens (a store with tokens needs one)."""
-    encoders = [_encoder(Path(d), store, normalize, device) for d in directories]
+    encoders = [member_encoder(Path(d), store, normalize, device) for d in directories]
     heldout = np.sort(store.heldout_indices()[: min(settings.rows, store.heldout_rows)])
     scans = [_Scan.empty(e.member.dict_size, settings.contexts, device) for e in encoders]
     for start in range(0, len(heldout), BLOCK_ROWS):  # the one pass: each block encoded once by every member
@@ -169,7 +177,8 @@ def write_splits(
     their firing rates and contexts (module doc); the partner's features.safetensors must exist."""
     directory, partner_dir = Path(directory), Path(partner_dir)
     features = json.loads((directory / FEATURES_JSON).read_text())
-    own, partner = _encoder(directory, store, normalize, device), _encoder(partner_dir, store, normalize, device)
+    own = member_encoder(directory, store, normalize, device)
+    partner = member_encoder(partner_dir, store, normalize, device)
     scan = load_file(partner_dir / FEATURES_TENSORS)
     dictionary = partner.dictionary()
     for latent in features["latents"]:
@@ -181,7 +190,7 @@ def write_splits(
             if store.has_tokens:
                 top = [int(r) for r, v in zip(scan["top_rows"][index], scan["top_values"][index]) if v > 0]
                 top = top[:SPLIT_CONTEXTS]
-                match["contexts"] = [_context(r, index, partner, store, settings, tokenizer) for r in top]
+                match["contexts"] = contexts(partner, index, top, store, settings, tokenizer)
             matches.append(match)
         latent["splits"] = {"member_id": partner.member.member_id, "matches": matches}
     features["splits_into"] = partner.member.member_id
@@ -199,8 +208,11 @@ def _write(directory, encoder, scan, n_rows, store, settings, tokenizer) -> None
     alive = torch.nonzero(rate > 0).flatten()
     log_rate = torch.log10(rate[alive].double()).clamp(HISTOGRAM_EDGES[0], HISTOGRAM_EDGES[-1]).numpy()
     counts, _ = np.histogram(log_rate, bins=HISTOGRAM_EDGES)
+    truth = store.ground_truth()  # synthetic stores: cosines of the chosen latents' decoder rows with it
+    if truth is not None:
+        truth = (encoder.dictionary().cpu() @ truth.T).max(dim=1)
     latents = [
-        _latent(index, why, rate, mean, top_values, top_rows, encoder, store, settings, tokenizer)
+        _latent(index, why, rate, mean, top_values, top_rows, encoder, store, settings, tokenizer, truth)
         for index, why in choose_latents(rate, settings)
     ]
     write_json_atomic(
@@ -214,6 +226,7 @@ def _write(directory, encoder, scan, n_rows, store, settings, tokenizer) -> None
             "dense_rate": DENSE_RATE,
             "histogram": {"log10_edges": HISTOGRAM_EDGES, "counts": counts.tolist()},
             "has_contexts": store.has_tokens,
+            **({} if store.has_tokens else {"no_contexts": no_tokens_reason(store)}),
             "latents": latents,
         },
     )
@@ -235,7 +248,7 @@ def choose_latents(rate: torch.Tensor, settings: FeatureSettings) -> list[tuple[
     return list(chosen.items())
 
 
-def _latent(index, why, rate, mean, top_values, top_rows, encoder, store, settings, tokenizer) -> dict:
+def _latent(index, why, rate, mean, top_values, top_rows, encoder, store, settings, tokenizer, truth) -> dict:
     latent = {
         "index": index,
         "why": why,
@@ -243,34 +256,59 @@ def _latent(index, why, rate, mean, top_values, top_rows, encoder, store, settin
         "mean_activation": float(mean[index]),
         "max_activation": float(top_values[index, 0]),
     }
-    rows = [int(r) for r in top_rows[index] if r >= 0]
     if store.has_tokens:
-        latent["contexts"] = [_context(row, index, encoder, store, settings, tokenizer) for row in rows]
-    truth = store.ground_truth()
+        latent["contexts"] = contexts(
+            encoder, index, [int(r) for r in top_rows[index] if r >= 0], store, settings, tokenizer
+        )
     if truth is not None:
-        cosines = encoder.dictionary()[index].cpu() @ truth.T
-        best = int(cosines.argmax())
-        latent["truth"] = {"feature": best, "cosine": float(cosines[best])}
+        latent["truth"] = {"feature": int(truth.indices[index]), "cosine": float(truth.values[index])}
     return latent
 
 
-def _context(row: int, index: int, encoder: _Encoder, store: ActivationStore, settings, tokenizer) -> dict:
-    """The tokens of `row`'s context within `window` of it, each with the latent's activation there."""
+def contexts(encoder: _Encoder, index: int, rows: list[int], store: ActivationStore, settings, tokenizer) -> list[dict]:
+    """The tokens of each row's context within `window` of it, each with latent `index`'s activation there: every
+    window's rows read and encoded at once."""
+    if not rows:
+        return []
     tokens = store.tokens()
-    near = np.arange(max(0, row - settings.window), min(store.n_rows, row + settings.window + 1))
-    table = tokens.rows(near)
-    same = table[:, 1] == tokens.rows(np.array([row]))[0, 1]
-    near, table = near[same], table[same]
-    activations = encoder(store.rows(near).to(encoder.shift.device))[:, index].cpu()
-    return {
-        "row": row,
-        "context": int(table[0, 1]),
-        "positions": table[:, 2].tolist(),
-        "token_ids": table[:, 0].tolist(),
-        "tokens": [tokenizer.decode([int(t)]) for t in table[:, 0]],
-        "activations": [round(float(a), 6) for a in activations],
-        "max_at": int(np.flatnonzero(near == row)[0]),
-    }
+    offsets = np.arange(-settings.window, settings.window + 1)
+    near = np.clip(np.asarray(rows)[:, None] + offsets, 0, store.n_rows - 1)  # [contexts, 2 window + 1]
+    table = tokens.rows(near.ravel()).reshape(*near.shape, 3)
+    same = table[:, :, 1] == table[:, settings.window : settings.window + 1, 1]  # the top row's context
+    same &= (np.asarray(rows)[:, None] + offsets >= 0) & (np.asarray(rows)[:, None] + offsets < store.n_rows)
+    unique, inverse = np.unique(near[same], return_inverse=True)
+    codes = encoder(store.rows(unique).to(encoder.shift.device))[:, index].cpu()[torch.as_tensor(inverse)]
+    result, start = [], 0
+    for row, keep, window in zip(rows, same, table):
+        shown = window[keep]
+        result.append(
+            {
+                "row": row,
+                "context": int(shown[0, 1]),
+                "positions": shown[:, 2].tolist(),
+                "token_ids": shown[:, 0].tolist(),
+                "tokens": [_decoded(tokenizer, int(t)) for t in shown[:, 0]],
+                "activations": [round(float(a), 6) for a in codes[start : start + len(shown)]],
+                "max_at": int(keep[: settings.window].sum()),  # the top row: the window's centre
+            }
+        )
+        start += len(shown)
+    return result
+
+
+def _decoded(tokenizer, token: int) -> str:
+    """One token's text, remembered per tokenizer (a page shows thousands of tokens of a small vocabulary)."""
+    cache = tokenizer.__dict__.setdefault("_sae_ensemble_decoded", {})
+    if token not in cache:
+        cache[token] = tokenizer.decode([token])
+    return cache[token]
+
+
+def no_tokens_reason(store: ActivationStore) -> str:
+    """Why a store has no tokens, as a member page says it: synthetic rows, or a store older than tokens."""
+    if (store.manifest.get("source") or {}).get("kind") == "lm":
+        return "this store was harvested before stores kept their tokens (harvest again into a new store_root)"
+    return "the store's rows are synthetic, with no text; each latent shows its best true feature instead"
 
 
 def load_tokenizer(store: ActivationStore):

@@ -16,7 +16,7 @@ import sys
 from enum import StrEnum
 from pathlib import Path
 
-from sae_ensemble import config, dispatch, execution, halving, report, segments
+from sae_ensemble import config, dispatch, execution, halving, html_report, report, segments
 from sae_ensemble.activations.format import StoreError
 from sae_ensemble.atomic import write_json_atomic
 from sae_ensemble.config import ConfigError, LMData, NativeKernels, SweepConfig, SyntheticData, Training
@@ -275,13 +275,14 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
         )
         if code != EXIT_OK:
             return code
-        # MMCS between dictionaries and CE scores, on the workers' devices; the report below only reads them.
+        # MMCS, CE scores and feature statistics, on the workers' devices; the report below only reads them.
         code = dispatch.evaluate(record.plan, paths, run_dir, training, evaluation(cfg), progress=cfg.progress)
         if code != EXIT_OK:
             return code
         rows = report.load_rows(run_dir)
         summary = report.write_summary(run_dir, rows)
         plots = report.write_plots(run_dir, rows)
+        index = html_report.write_html_report(run_dir, report.by_hook(rows), report.pareto_front)
         for row in rows:
             tracker.finish(row["member_id"], {k: v for k, v in row.items() if isinstance(v, (int, float))})
         tracker.log_sweep_plots(plots)
@@ -290,7 +291,7 @@ def sweep(cfg: SweepConfig, run_dir: Path) -> int:
         print(report.format_table(report.pareto_front(group)))
     if training.halving.rungs:
         print("\n" + halving.format_summary(halving.member_steps(rows, training.steps)))
-    print(f"\nwrote {summary} and {len(plots)} plots in {run.plots}")
+    print(f"\nwrote {summary} and {len(plots)} plots in {run.plots}; open {index} in a browser")
     return report_frozen(rows, training)
 
 

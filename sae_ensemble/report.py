@@ -31,6 +31,7 @@ from safetensors import safe_open
 
 from sae_ensemble.checkpoint import member_of, read_evaluation
 from sae_ensemble.config import K_VARIANTS, L1_VARIANTS
+from sae_ensemble.html_report import write_html_report
 from sae_ensemble.rundir import CheckpointError, RunDir, read_json
 
 COLUMNS = (
@@ -348,10 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     summary = write_summary(argv[0], rows)
     plots = write_plots(argv[0], rows)
+    html = write_html_report(argv[0], by_hook(rows), pareto_front)
     print(format_table(rows))
     print(f"wrote {summary}")
     for path in plots:
         print(f"wrote {path}")
+    print(f"wrote {html} (open it in a browser) and a page per member in {html.parent / 'members'}")
     return 0
 
 

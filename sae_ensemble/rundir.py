@@ -232,18 +232,21 @@ class Ranking:
 class MemberDir:
     """members/<member_id>/, or a member inside a checkpoint's step dir."""
 
-    SAE, OPTIM, CFG, EVAL, FREQUENCY = (
+    SAE, OPTIM, CFG, EVAL, FREQUENCY, FEATURES, FEATURE_STATS = (
         "sae.safetensors",
         "optim.safetensors",
         "cfg.json",
         "eval.json",
         "feature_freq.safetensors",
+        "features.json",  # features.py: chosen latents, their contexts and splits (docs/features.md)
+        "features.safetensors",  # features.py: every latent's held-out firing rate, mean, top values and rows
     )
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.sae, self.optim, self.cfg = self.path / self.SAE, self.path / self.OPTIM, self.path / self.CFG
         self.eval, self.frequency = self.path / self.EVAL, self.path / self.FREQUENCY
+        self.features, self.feature_stats = self.path / self.FEATURES, self.path / self.FEATURE_STATS
 
     def complete(self) -> bool:
         """cfg.json is written last: a directory with it is complete."""
@@ -305,13 +308,14 @@ class RunDir:
     """Every path of a run (the module doc draws them)."""
 
     PLAN, SUMMARY, RANKING = "plan.json", "summary.csv", "ranking.json"
-    CHECKPOINTS, MEMBERS, HALVING, PLOTS = "checkpoints", "members", "halving", "plots"
+    CHECKPOINTS, MEMBERS, HALVING, PLOTS, REPORT = "checkpoints", "members", "halving", "plots", "report"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.plan = self.path / self.PLAN
         self.summary = self.path / self.SUMMARY
         self.plots = self.path / self.PLOTS
+        self.report = self.path / self.REPORT  # html_report: index.html, members/<id>.html
         self.members = self.path / self.MEMBERS
         self.halving = self.path / self.HALVING
 

@@ -143,3 +143,36 @@ def test_each_chosen_latent_shows_its_closest_latents_in_the_next_dictionary_siz
                 assert len(match["contexts"]) == min(3, int((codes > 0).sum()))
     largest = json.loads((run_dir / "members" / large / FEATURES_JSON).read_text())["latents"]
     assert all("splits" not in latent for latent in largest)
+
+
+def test_an_lm_store_harvested_before_tokens_were_kept_gives_statistics_and_says_why(lm_run, tmp_path):
+    import shutil
+
+    from sae_ensemble.activations.format import MANIFEST, StoreError
+    from sae_ensemble.features import load_tokenizer
+    from sae_ensemble.html_report import write_html_report
+    from sae_ensemble.report import by_hook, load_rows, pareto_front
+
+    run_dir, store = lm_run
+    old = tmp_path / "store"
+    shutil.copytree(store.path, old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    del manifest["tokens"]
+    for chunk in manifest["chunks"]:
+        (old / chunk.pop("tokens")["file"]).unlink()
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    old_store = ActivationStore.open(old)
+    with pytest.raises(StoreError, match="harvested before stores kept their tokens"):
+        old_store.tokens()
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    member_dir = next((run / "members").iterdir())
+    tokenizer = load_tokenizer(old_store)
+    write_group_features([member_dir], old_store, "none", torch.device("cpu"), FeatureSettings(rows=500), tokenizer)
+    features = json.loads((member_dir / FEATURES_JSON).read_text())
+    assert not features["has_contexts"] and "harvested before stores kept their tokens" in features["no_contexts"]
+    assert features["latents"] and all("contexts" not in latent for latent in features["latents"])
+    index = write_html_report(run, by_hook(load_rows(run)), pareto_front)
+    page_data = (index.parent / "members" / f"{member_dir.name}.features.js").read_text()
+    assert "harvested before stores kept their tokens" in page_data
