@@ -73,3 +73,16 @@ def test_ensemble_benchmark_pins_passes_only_for_the_fused_execution():
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
     assert done.returncode == 2
     assert "--passes c needs --execution fused; got --execution sparse" in done.stderr
+
+
+def test_the_feature_statistics_benchmark_prints_each_grids_cost_in_forward_passes():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.features", "--device", "cpu"], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    for grid in ("default", "tiny_lm"):
+        assert printed[f"{grid}_forward_s"] > 0 and printed[f"{grid}_features_s"] > 0, printed
+        ratio = printed[f"{grid}_features_s"] / printed[f"{grid}_forward_s"]
+        assert printed[f"{grid}_ratio"] == pytest.approx(ratio, rel=1e-2)
+        assert printed[f"{grid}_splits_s"] > 0  # both grids have members with a next size
