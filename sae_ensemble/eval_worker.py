@@ -115,14 +115,12 @@ def evaluate_members_of_run(
     ce: Callable[[str | None, list[Path]], dict[str, dict[str, float]]] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_group: Callable[[int], None] = lambda n: None,
-    features: Callable[[str | None, list[Path]], None] | None = None,
 ) -> bool:
     """Evaluate the members `mine` (ids) of a run whose members are `members`, a group at a time; False if stopped
     first.
 
     Members evaluated before (eval.json, covering CE when `ce` is given) are skipped. `ce(hook, dirs)` gives CE
-    metrics by member id for member dirs of one member hook (None: no CE evaluation); `features(hook, dirs)`
-    writes their feature statistics (None: none).
+    metrics by member id for member dirs of one member hook (None: no CE evaluation).
     """
     todo = pending(run_dir, mine, ce is not None)
     hook_of = {m.member_id: m.hook for m in members}
@@ -139,8 +137,6 @@ def evaluate_members_of_run(
             dirs = [member_dir(run_dir, member_id) for member_id in group if hook_of[member_id] == hook]
             for member_id, values in ce(hook, dirs).items() if ce is not None else ():
                 results[member_id].update(values)
-            if features is not None:
-                features(hook, dirs)
         for member_id, values in results.items():
             write_evaluation(member_dir(run_dir, member_id), values, ce is not None)
         on_group(len(group))
@@ -170,16 +166,13 @@ def evaluate_worker(
     events.put(("start", index, {"step": len(mine) - len(todo)}))
     needs_stores = todo and (lm is not None or evaluation.features is not None)
     stores = {hook: ActivationStore.open(path) for hook, path in store_paths.items()} if needs_stores else {}
-    ce = features = None
+    ce = None
     if todo and lm is not None:
         ce = _ce_evaluator(lm, stores, training, device_, lambda text: events.put(("note", index, text)))
     if todo and evaluation.features is not None:
-        tokenizers = {hook: load_tokenizer(store) for hook, store in stores.items()}
-
-        def features(hook: str | None, dirs: list[Path]) -> None:
-            settings = evaluation.features
-            write_group_features(dirs, stores[hook], training.normalize, device_, settings, tokenizers[hook])
-
+        if not _write_features(plan, index, set(todo), stores, run_dir, training, evaluation.features, device_, stop):
+            events.put(("stopped", index, None))
+            return
     done = len(mine) - len(todo)
 
     def report(n: int) -> None:
@@ -188,10 +181,28 @@ def evaluate_worker(
         events.put(("progress", index, {"step": done}))
 
     members = list(plan.members.values())
-    if evaluate_members_of_run(run_dir, mine, members, device_, ce, stop.is_set, report, features):
+    if evaluate_members_of_run(run_dir, mine, members, device_, ce, stop.is_set, report):
         events.put(("done", index, None))
     else:
         events.put(("stopped", index, None))
+
+
+def _write_features(
+    plan: Plan, index: int, todo: set[str], stores, run_dir: Path, training: Training, settings, device, stop
+) -> bool:
+    """Feature statistics of worker `index`'s members to evaluate, an ensemble at a time: one pass over the held-out
+    rows for all of an ensemble's members (its training step held them all on this device). False if stopped."""
+    tokenizers = {hook: load_tokenizer(store) for hook, store in stores.items()}
+    for i in plan.workers[index].ensembles:
+        if stop.is_set():
+            return False
+        members = [m for m in plan.ensemble_members(i) if m.member_id in todo]
+        dirs = [RunDir(run_dir).member(m.member_id) for m in members]
+        dirs = [d.path for d in dirs if not d.features.exists()]  # written by an earlier, stopped evaluation
+        if dirs:
+            hook = members[0].hook  # an ensemble holds one hook's members
+            write_group_features(dirs, stores[hook], training.normalize, device, settings, tokenizers[hook])
+    return True
 
 
 def split_worker(

@@ -1,7 +1,7 @@
 """What each member learned, from the store alone: latent statistics and top-activating contexts on held-out rows.
 
-The evaluation stage (eval_worker.py) calls `write_group_features` for a group of members of one store: one pass
-over the first `FeatureSettings.rows` held-out rows encodes each block for every member of the group, and keeps
+The evaluation stage (eval_worker.py) calls `write_group_features` for an ensemble's members (one store): one pass
+over the first `FeatureSettings.rows` held-out rows encodes each block for every member of the ensemble, and keeps
 per latent its firing count, activation sum and its `contexts` largest activations with their rows. Then, per
 member, it chooses latents to show (the most frequent, the rarest alive, and a seeded sample of the alive) and
 rebuilds each one's top contexts: the rows of the same context within `window` tokens of the top row (the store's

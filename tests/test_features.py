@@ -176,3 +176,26 @@ def test_an_lm_store_harvested_before_tokens_were_kept_gives_statistics_and_says
     index = write_html_report(run, by_hook(load_rows(run)), pareto_front)
     page_data = (index.parent / "members" / f"{member_dir.name}.features.js").read_text()
     assert "harvested before stores kept their tokens" in page_data
+
+
+def test_one_pass_every_held_out_block_is_read_once_and_encoded_once_by_each_member(tmp_path, monkeypatch):
+    """#35's "one pass": for an ensemble's members together, each held-out block is read from the store once and each
+    member encodes each held-out row once (a store without tokens: no context windows beside)."""
+    from sae_ensemble import features
+
+    run(tmp_path / "run", tmp_path / "stores", "grid=quick", *SYNTHETIC, "training.steps=20", "eval.features=false")
+    store = ActivationStore.open(next((tmp_path / "stores").glob("*/manifest.json")).parent)
+    dirs = sorted((tmp_path / "run" / "members").iterdir())
+    encoded, reads = {}, []
+    call, rows = features._Encoder.__call__, ActivationStore.rows
+
+    def counting_call(self, x):
+        encoded[self.member.member_id] = encoded.get(self.member.member_id, 0) + len(x)
+        return call(self, x)
+
+    monkeypatch.setattr(features._Encoder, "__call__", counting_call)
+    monkeypatch.setattr(ActivationStore, "rows", lambda self, r, *a: reads.append(len(r)) or rows(self, r, *a))
+    settings = FeatureSettings(rows=3000)
+    write_group_features(dirs, store, "none", torch.device("cpu"), settings)
+    assert encoded == {d.name: 3000 for d in dirs}
+    assert reads == [3000]  # one block (BLOCK_ROWS is 4096): read once for all four members
