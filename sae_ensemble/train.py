@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sae_ensemble import metrics
+from sae_ensemble import metrics, truth_metrics
 from sae_ensemble.activations.format import StoreError
 from sae_ensemble.activations.reader import ActivationStore
 from sae_ensemble.activations.stream import Position, train_batches
@@ -291,6 +291,7 @@ def _final_metrics(
     truth = store.ground_truth()  # a paired store's: of the target, which transcoders' decoders write
     if truth is not None:
         result["mmcs_truth"] = metrics.mmcs_truth(ensemble.decoders(), mask, truth.to(device))
+        result.update(truth_metrics.dictionary_scores(ensemble.decoders(), mask, truth.to(device)))
     if truth is not None and store.target_at:  # and their encoders read the input's features
         paired = store.paired_truth()
         encoders = torch.nn.functional.normalize(ensemble.params["W_enc"], dim=-1)
