@@ -109,6 +109,11 @@ def test_model_tiny_sweep_scores_ce_recovered_with_the_trained_model(tmp_path, t
     assert training["heldout_ce"] <= 4.5 < training["ln_vocab"], training
     summaries = sorted(tmp_path.glob("layer_*/summary.csv"))
     assert len(summaries) == 2
+    for run in tmp_path.glob("layer_*"):  # #35: the report, and each member's contexts from the store's tokens
+        assert (run / "report" / "index.html").is_file() and len(list((run / "report" / "members").glob("*.html"))) == 4
+        latents = json.loads(next(run.glob("members/relu-d128*/features.json")).read_text())["latents"]
+        frequent = [latent for latent in latents if latent["why"] == "frequent"]
+        assert len(latents) >= 10 and frequent and all(len(latent["contexts"]) == 10 for latent in frequent)
     for summary in summaries:
         for row in csv.DictReader(summary.open()):
             clean, zero = float(row["ce_clean"]), float(row["ce_zero_ablation"])

@@ -1,9 +1,9 @@
 """Runs inside the SAELens venv (tests/test_interop_synthetic.py): its synthetic world and its scores.
 
-    python synthetic_check.py world OUT.safetensors    a small SynthSAEBench-style world (sae_lens.synthetic): rows,
-                                                       their feature activations and the feature directions
-    python synthetic_check.py score IN.safetensors     SAELens' MCC, uniqueness and classification metrics of the
-                                                       decoder and codes in IN; one JSON line
+python synthetic_check.py world OUT.safetensors    a small SynthSAEBench-style world (sae_lens.synthetic): rows,
+                                                   their feature activations and the feature directions
+python synthetic_check.py score IN.safetensors     SAELens' MCC, uniqueness and classification metrics of the
+                                                   decoder and codes in IN; one JSON line
 """
 
 import json
