@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.store
 	$(PY) -m benchmarks.scale
 	$(PY) -m benchmarks.features
+	$(PY) -m benchmarks.synthetic
 
 # The same grids trained by our ensemble and by SAELens, dictionary_learning and sparsify, each in its own
 # venv (built here if needed), on the same rows in the same order (benchmarks/peers.py, docs/benchmarks.md).

@@ -6,6 +6,7 @@ each store of a run over several hooks (data.hooks)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -72,6 +73,7 @@ def get_store(cfg: SweepConfig, devices: list[str]) -> ActivationStore:
             noise_std=data.noise_std,
             dtype=str(data.dtype),
             **({"d_out": data.d_out, "skip_std": data.skip_std} if data.d_out else {}),  # other stores keep their key
+            **({"world": world_params(data)} if data.world is not None else {}),  # the toy keeps its key
         )
         key = hashlib.sha256(
             json.dumps([params, data.rows_per_chunk, data.heldout_rows], sort_keys=True).encode()
@@ -84,6 +86,11 @@ def get_store(cfg: SweepConfig, devices: list[str]) -> ActivationStore:
         )
     (hook,) = hooks(cfg)
     return _harvest(cfg, devices, [hook])[hook]
+
+
+def world_params(data: SyntheticData) -> dict:
+    """data.world as the store records it: the parts that are on, each with all its settings."""
+    return {part: value for part, value in dataclasses.asdict(data.world).items() if value is not None}
 
 
 def _harvest(cfg: SweepConfig, devices: list[str], hook_names: list[str]) -> dict[str, ActivationStore]:

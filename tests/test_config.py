@@ -226,3 +226,61 @@ def test_every_training_field_is_fixed_on_resume_or_known_not_to_change_results(
         "memory_budget",
     }
     assert free == expected, free
+
+
+# -- synthetic worlds: a bad description stops before any work --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["data=synthetic_hier", "data.n_features=1000"],
+            "data.world.hierarchy: roots=32, branching=4 and depth=3 need 2720 features but data.n_features=1000",
+        ),
+        (
+            ["data=synthetic_hier", "data.world.zipf.p_min=0.5"],
+            "data.world.zipf.p_min=0.5 and p_max=0.4 must satisfy 0 < p_min < p_max <= 1",
+        ),
+        (
+            ["data=synthetic_hier", "data.world.geometry.target_mean_max_cos=0.05"],
+            "data.world.geometry.target_mean_max_cos=0.05 cannot be met by 4096 features in d_in=256 dimensions: it "
+            "must lie in (the Welch bound 0.0605, 1)",
+        ),
+        (["data=synthetic_hier", "data.world.hierarchy.branching=0"], "branching=0 at least 2"),
+        (["data=synthetic_hier", "data.world.correlation.scale=0.3"], "rank * scale^2 = 2.25 must stay below 0.99"),
+        (["data=synthetic_hier", "data.world.magnitudes.mean_first=0"], "data.world.magnitudes.mean_first=0.0"),
+        (["data=synthetic_hier", "data.d_out=8"], "data.world describes SAEs' ground truth"),
+    ],
+    ids=[
+        "forest-too-big",
+        "p-min-above-p-max",
+        "overlap-below-welch",
+        "branching",
+        "correlation",
+        "magnitude",
+        "paired",
+    ],
+)
+def test_a_bad_world_is_one_sentence_naming_its_field(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        pipeline.validate(compose_config(*overrides))
+    assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("preset", ["synthetic_hier", "synthsaebench16k"])
+def test_the_world_presets_are_valid(preset):
+    cfg = compose_config(f"data={preset}", "devices=cpu")
+    pipeline.validate(cfg)
+    assert cfg.data.world.hierarchy.exclusive and cfg.data.world.zipf.exponent == 0.5
+
+
+def test_a_bad_world_exits_2_before_any_work(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "sweep.py", "data=synthetic_hier", "data.world.zipf.p_min=0.5", f"data.store_root={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "data.world.zipf.p_min=0.5" in result.stderr + result.stdout
+    assert not list(tmp_path.iterdir())  # no store written

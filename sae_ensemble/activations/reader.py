@@ -343,6 +343,13 @@ class ActivationStore:
         truth = self.paired_truth() if self.target_at else self._truth_file()
         return None if truth is None else truth["features_out" if self.target_at else "features"]
 
+    def true_codes(self, rows: np.ndarray, dense: bool = False) -> torch.Tensor:
+        """Synthetic stores: the true codes of held-out `rows` (global indices; see heldout_indices) as float32
+        [len(rows), n_features], sparse COO or dense; a one-line StoreError when the store keeps none (truth.py)."""
+        from sae_ensemble.activations.truth import true_codes
+
+        return true_codes(self.path, rows, dense)
+
     def paired_truth(self) -> dict[str, torch.Tensor] | None:
         """A synthetic paired store's truth: `features` [F, d_in] of the input, `features_out` [F, d_out] of the
         target, `skip` [d_out, d_in] (zeros without a true skip); None for a harvested pair, which has none."""

@@ -32,7 +32,18 @@ from sae_ensemble.config.choices import (  # noqa: F401
     Verify,
     WandbMode,
 )
-from sae_ensemble.config.data import LMData, ModelConfig, StoreConfig, SyntheticData
+from sae_ensemble.config.data import (  # noqa: F401
+    Correlation,
+    Geometry,
+    Hierarchy,
+    LMData,
+    Magnitudes,
+    ModelConfig,
+    StoreConfig,
+    SyntheticData,
+    World,
+    Zipf,
+)
 from sae_ensemble.config.grid import Grid
 from sae_ensemble.config.training import (  # noqa: F401
     RESULT_CHANGING,
@@ -188,6 +199,7 @@ def validate(cfg: SweepConfig) -> None:
         ),
         (cfg.eval.feature_window >= 0, f"eval.feature_window={cfg.eval.feature_window} must be non-negative"),
         *_hook_checks(cfg),
+        *_world_checks(cfg),
         (
             transcoders(cfg) or grid.skip_connection == [False],
             f"grid.skip_connection={list(grid.skip_connection)} is for transcoders: a paired store (data=synthetic "
@@ -258,6 +270,95 @@ def _hook_checks(cfg: SweepConfig) -> list[tuple[bool, str]]:
             f"data.hooks_out={list(data.hooks_out)} must be TransformerLens hook names (e.g. blocks.0.hook_mlp_out)",
         ),
     ]
+
+
+def hierarchy_size(roots: int, branching: int, depth: int) -> int:
+    """Features a forest of `roots` full trees of `branching` children per node and `depth` levels below uses."""
+    return roots * sum(branching**level for level in range(depth + 1))
+
+
+def welch_bound(n_features: int, d: int) -> float:
+    """sqrt((N - D) / (D (N - 1))): no N unit vectors in D dimensions have a root-mean-square of each one's max
+    |cos| below it (0 when N <= D: they can be orthogonal)."""
+    return ((n_features - d) / (d * (n_features - 1))) ** 0.5 if n_features > d else 0.0
+
+
+def _world_checks(cfg: SweepConfig) -> list[tuple[bool, str]]:
+    data = cfg.data
+    world = getattr(data, "world", None) if isinstance(data, SyntheticData) else None
+    if world is None:
+        return []
+    n = data.n_features
+    checks = [
+        (
+            data.d_out == 0,
+            f"data.world describes SAEs' ground truth; data.d_out={data.d_out} (paired mode) uses the toy",
+        ),
+        (
+            not (data.correlated and world.correlation),
+            "data.correlated=true and data.world.correlation are two correlations; keep one",
+        ),
+    ]
+    if (z := world.zipf) is not None:
+        checks += [
+            (z.exponent > 0, f"data.world.zipf.exponent={z.exponent} must be positive"),
+            (
+                0 < z.p_min < z.p_max <= 1,
+                f"data.world.zipf.p_min={z.p_min} and p_max={z.p_max} must satisfy 0 < p_min < p_max <= 1",
+            ),
+        ]
+    if (m := world.magnitudes) is not None:
+        checks += [
+            (
+                m.mean_first > 0 and m.mean_last > 0,
+                f"data.world.magnitudes.mean_first={m.mean_first} and mean_last={m.mean_last} must be positive",
+            ),
+            (
+                m.std_mean >= 0 and m.std_spread >= 0,
+                f"data.world.magnitudes.std_mean={m.std_mean} and std_spread={m.std_spread} must be non-negative",
+            ),
+        ]
+    if (h := world.hierarchy) is not None:
+        sizes_ok = h.roots >= 1 and h.branching >= 2 and h.depth >= 1
+        checks += [
+            (
+                sizes_ok,
+                f"data.world.hierarchy: roots={h.roots} must be at least 1, branching={h.branching} at least 2 "
+                f"and depth={h.depth} at least 1",
+            ),
+            (
+                not sizes_ok or hierarchy_size(h.roots, h.branching, h.depth) <= n,
+                f"data.world.hierarchy: roots={h.roots}, branching={h.branching} and depth={h.depth} need "
+                f"{hierarchy_size(h.roots, h.branching, h.depth) if sizes_ok else 0} features but "
+                f"data.n_features={n}",
+            ),
+        ]
+    if (c := world.correlation) is not None:
+        checks += [
+            (
+                c.rank >= 1 and c.scale > 0,
+                f"data.world.correlation.rank={c.rank} must be at least 1 and scale={c.scale} positive",
+            ),
+            (
+                c.rank * c.scale**2 < 0.99,
+                f"data.world.correlation: rank * scale^2 = {c.rank * c.scale**2:.3g} must stay below 0.99 (each "
+                "feature keeps at least 1% independent variance); lower rank or scale",
+            ),
+        ]
+    if (g := world.geometry) is not None:
+        bound = welch_bound(n, data.d_in)
+        checks += [
+            (
+                bound < g.target_mean_max_cos < 1,
+                f"data.world.geometry.target_mean_max_cos={g.target_mean_max_cos} cannot be met by {n} features in "
+                f"d_in={data.d_in} dimensions: it must lie in (the Welch bound {bound:.4f}, 1)",
+            ),
+            (
+                g.max_steps >= 1 and g.lr > 0,
+                f"data.world.geometry.max_steps={g.max_steps} must be at least 1 and lr={g.lr} positive",
+            ),
+        ]
+    return checks
 
 
 def register() -> None:

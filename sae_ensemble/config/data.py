@@ -29,6 +29,95 @@ class StoreConfig:
 
 
 @dataclass
+class Zipf:
+    """Zipfian firing (sae_lens' zipfian_firing_probabilities): p_i ∝ (i+1)^-exponent, rescaled to [p_min, p_max]."""
+
+    exponent: float = 1.0
+    """Power-law exponent: higher = steeper fall from the most to the least frequent feature."""
+    p_max: float = 0.3
+    """Firing probability of feature 0, the most frequent."""
+    p_min: float = 0.01
+    """Firing probability of the last feature, the rarest."""
+
+
+@dataclass
+class Magnitudes:
+    """Per-feature firing magnitudes (sae_lens' firing_magnitudes): an active feature i takes
+    relu(mean_i + std_i * N(0, 1)), mean_i linear from mean_first to mean_last, std_i ~ |N(std_mean, std_spread^2)|."""
+
+    mean_first: float = 1.0
+    """Mean magnitude of feature 0 (the most frequent)."""
+    mean_last: float = 1.0
+    """Mean magnitude of the last feature (the rarest); linear in between."""
+    std_mean: float = 0.0
+    """Centre of the folded normal each feature's magnitude spread is drawn from (0 with std_spread 0: no spread)."""
+    std_spread: float = 0.0
+    """Spread of that folded normal (0: every feature's std is |std_mean|)."""
+
+
+@dataclass
+class Hierarchy:
+    """A forest of features (sae_lens' generate_hierarchy): features 0..roots-1 are roots, their children follow
+    breadth first; a child fires only when its parent fires. Features beyond the forest stay independent."""
+
+    roots: int = 32
+    """Trees in the forest."""
+    branching: int = 4
+    """Children of every non-leaf node."""
+    depth: int = 3
+    """Levels below the roots (1 = roots with leaf children)."""
+    exclusive: bool = True
+    """Siblings are mutually exclusive: when several would fire, one chosen uniformly at random keeps firing."""
+    compensate: bool = False
+    """Raise each child's own probability (sae_lens' compensate_probabilities: / its parent's, x the exclusion's
+    loss) so that its rate after gating is about its Zipf or decay probability."""
+
+
+@dataclass
+class Correlation:
+    """Low-rank Gaussian-copula correlation of firing (sae_lens' generate_random_low_rank_correlation_matrix):
+    z = eps @ F.T + sqrt(1 - |F_i|^2) eta with F ~ N(0, scale^2) [n_features, rank]; feature i fires when
+    z_i > Φ⁻¹(1 - p_i), so its rate stays p_i."""
+
+    rank: int = 25
+    """Rank of the correlation's factor (shared latent causes)."""
+    scale: float = 0.1
+    """Entries of the factor ~ N(0, scale^2): larger = stronger correlations; rank * scale^2 must stay below 0.99."""
+
+
+@dataclass
+class Geometry:
+    """Feature directions orthogonalised until their mean max |cosine| reaches a target (Adam on the overlaps above
+    0.9 x target, rows kept unit norm: sae_lens' loss on every overlap barely moves the max; structured.py)."""
+
+    target_mean_max_cos: float = 0.15
+    """Stop once the mean over features of the max |cos| to any other feature is at most this (above the
+    Welch bound sqrt((N - D) / (D (N - 1))) for N features in D = d_in dimensions)."""
+    max_steps: int = 1000
+    """Give up (the store is not written, the error says the overlap reached) after this many steps."""
+    lr: float = 0.003
+    """Adam learning rate of the orthogonalisation."""
+
+
+@dataclass
+class World:
+    """A structured synthetic world (activations/structured.py, docs/synthetic.md); every part is off (None) unless
+    set, and the toy's own setting stands in for it: decay firing, U[0, 1) magnitudes, independent features,
+    random unit directions."""
+
+    zipf: Zipf | None = None
+    """Zipfian firing; null: the toy's decay^i scaled to n_active."""
+    magnitudes: Magnitudes | None = None
+    """Per-feature magnitude mean and spread; null: U[0, 1) as the toy."""
+    hierarchy: Hierarchy | None = None
+    """Parent-gated, optionally mutually exclusive feature trees; null: independent features."""
+    correlation: Correlation | None = None
+    """Low-rank correlated firing; null: independent firing."""
+    geometry: Geometry | None = None
+    """Directions orthogonalised to a target overlap; null: random unit directions."""
+
+
+@dataclass
 class SyntheticData(StoreConfig):
     """Ground-truth toy data (the seeds' setup): unit-norm features, a few active per row."""
 
@@ -55,6 +144,9 @@ class SyntheticData(StoreConfig):
     identifiable through the noise (noise_std > 0)."""
     seed: int = 0
     """Seed of the features and rows."""
+    world: World | None = None
+    """A structured world (hierarchy, Zipfian firing, correlations, geometry; data=synthetic_hier or
+    data=synthsaebench16k); null: the toy above, unchanged. Part of the store's key only when set."""
 
 
 @dataclass
