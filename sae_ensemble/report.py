@@ -37,7 +37,8 @@ from sae_ensemble.rundir import CheckpointError, RunDir, read_json
 COLUMNS = (
     "member_id", "hook", "variant", "l1", "target_l0", "l1_final", "dict_size", "bias_decay", "lr", "seed", "k",
     "steps", "tokens", "alive", "stopped_early",
-    "mse", "fvu", "l0", "dead_frac", "mmcs_truth", "mcc", "uniqueness", "mmcs_truth_in", "skip_error", "ce_recovered",
+    "mse", "fvu", "l0", "dead_frac", "mmcs_truth", "mcc", "uniqueness", "f1", "precision", "recall", "absorption",
+    "mmcs_truth_in", "skip_error", "ce_recovered",
     "mmcs_next", "mmcs_seed", "l1_norm", "kl", "ce_clean", "ce_zero_ablation", "ce_recon",
     # SAELens / SAEBench names (docs/metrics.md): their `l1` is our l1_norm, their `mse` is d_in x ours
     "explained_variance", "cossim", "l2_ratio", "relative_reconstruction_bias", "ce_loss_score", "kl_div_score",

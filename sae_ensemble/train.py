@@ -20,6 +20,7 @@ from sae_ensemble import metrics, truth_metrics
 from sae_ensemble.activations.format import StoreError
 from sae_ensemble.activations.reader import ActivationStore
 from sae_ensemble.activations.stream import Position, train_batches
+from sae_ensemble.activations.truth import load_truth
 from sae_ensemble.checkpoint import result_info, resume, save_checkpoint, save_member, write_done
 from sae_ensemble.config import Training
 from sae_ensemble.devices import torch_device
@@ -292,6 +293,8 @@ def _final_metrics(
     if truth is not None:
         result["mmcs_truth"] = metrics.mmcs_truth(ensemble.decoders(), mask, truth.to(device))
         result.update(truth_metrics.dictionary_scores(ensemble.decoders(), mask, truth.to(device)))
+        if not store.target_at:  # detection and absorption need the held-out rows' true codes
+            result.update(_detection(ensemble, store, x, truth.to(device), rows_per_part))
     if truth is not None and store.target_at:  # and their encoders read the input's features
         paired = store.paired_truth()
         encoders = torch.nn.functional.normalize(ensemble.params["W_enc"], dim=-1)
@@ -299,6 +302,19 @@ def _final_metrics(
         if "W_skip" in ensemble.params and paired["skip"].any():  # a learned skip against the true one
             result["skip_error"] = metrics.relative_error(ensemble.params["W_skip"], paired["skip"].to(device))
     return {name: value.float().cpu() for name, value in result.items()}
+
+
+def _detection(ensemble: Ensemble, store: ActivationStore, x, truth, rows_per_part: int) -> dict[str, torch.Tensor]:
+    """Each member's precision, recall, F1 (and absorption on a hierarchical world) on the held-out rows `x` (the
+    first of store.heldout_indices()), or nothing for a store that keeps no true codes (truth_metrics)."""
+    try:
+        codes = store.true_codes(store.heldout_indices()[: len(x)])
+    except StoreError:
+        return {}
+    parents = load_truth(store.path).get("parents")
+    return truth_metrics.detection_scores(
+        ensemble.forward, x, codes, ensemble.decoders(), ensemble.hparams["feature_mask"], truth, parents, rows_per_part
+    )
 
 
 def _skip_batch(

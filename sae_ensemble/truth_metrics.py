@@ -118,3 +118,38 @@ class Absorption:
         """The mean absorption rate over parents that fired (0 without any)."""
         fired = self.fired > 0
         return float((self.absorbed[fired] / self.fired[fired]).mean()) if fired.any() else 0.0
+
+
+def detection_scores(
+    forward,
+    x: torch.Tensor,
+    true_codes: torch.Tensor,
+    decoders: torch.Tensor,
+    feature_mask: torch.Tensor,
+    truth: torch.Tensor,
+    parents: torch.Tensor | None = None,
+    rows_per_part: int = 4096,
+) -> dict[str, torch.Tensor]:
+    """{"precision", "recall", "f1"[, "absorption" on hierarchical worlds]}: [M] of every member's real latents on
+    rows x [R, d] whose true codes are `true_codes` [R, F] (sparse or dense). `forward(x_part)` -> (codes [M, b, n],
+    _) is the ensemble's; decoders [M, n, d] and feature_mask [M, n] as Ensemble holds them."""
+    real = [mask > 0 for mask in feature_mask]
+    detections = [Detection(decoder[keep], truth) for decoder, keep in zip(decoders, real)]
+    hierarchical = parents is not None and bool((parents >= 0).any())
+    absorptions = [Absorption(d[keep], truth, parents) for d, keep in zip(decoders, real)] if hierarchical else []
+    for start in range(0, len(x), rows_per_part):
+        end = min(start + rows_per_part, len(x))
+        codes, _ = forward(x[start:end])
+        if true_codes.is_sparse:
+            part = true_codes.index_select(0, torch.arange(start, end)).to_dense().to(codes.device)
+        else:
+            part = true_codes[start:end].to(codes.device)
+        for m, keep in enumerate(real):
+            detections[m].add(codes[m][:, keep], part)
+            if absorptions:
+                absorptions[m].add(codes[m][:, keep], part)
+    scores = [d.scores() for d in detections]
+    result = {name: torch.tensor([s[name] for s in scores]) for name in ("precision", "recall", "f1")}
+    if absorptions:
+        result["absorption"] = torch.tensor([a.score() for a in absorptions])
+    return result

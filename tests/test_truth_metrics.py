@@ -75,3 +75,51 @@ def test_a_dictionary_whose_child_latents_absorb_the_parent_shows_exactly_that_a
     parent_on = true_codes[:, 0] > 0
     expected = float(((true_codes[:, 1] + true_codes[:, 2]) > 0)[parent_on].float().mean())  # about 2/3
     assert absorbing.score() == pytest.approx(expected) and 0.6 < expected < 0.73
+
+
+def test_a_sweep_on_a_hierarchical_world_reports_every_ground_truth_score_as_the_metrics_compute_them(tmp_path):
+    """summary.csv of a small hierarchical world has mcc, uniqueness, precision, recall, f1 and absorption for every
+    member, each equal to truth_metrics on the saved member and the store's held-out rows and true codes."""
+    import csv
+
+    from sae_ensemble import architectures, pipeline
+    from sae_ensemble.activations.reader import ActivationStore
+    from sae_ensemble.activations.truth import load_truth
+    from sae_ensemble.checkpoint import load_member
+    from tests.sweeps import compose_config
+
+    overrides = [
+        "data=synthetic_hier",
+        "data.d_in=64",
+        "data.n_features=256",
+        "data.n_rows=20000",
+        "data.rows_per_chunk=5000",
+        "data.heldout_rows=2000",
+        "data.world.hierarchy.roots=8",
+        "data.world.hierarchy.depth=2",
+        "data.world.geometry=null",
+        "grid=quick",
+        "training.steps=100",
+        "eval.features=false",
+        f"data.store_root={tmp_path / 'stores'}",
+        "progress=false",
+        "wandb=disabled",
+    ]
+    assert pipeline.run(compose_config(*overrides), tmp_path / "run") == 0
+    store = ActivationStore.open(next((tmp_path / "stores").glob("*/manifest.json")).parent)
+    truth, parents = store.ground_truth(), load_truth(store.path)["parents"]
+    rows = store.heldout_indices()
+    true_codes = store.true_codes(rows, dense=True)
+    for row in csv.DictReader(open(tmp_path / "run" / "summary.csv")):
+        member, params, _, _ = load_member(tmp_path / "run" / "members" / row["member_id"])
+        architecture = architectures.module_of(member.variant)
+        hp = architectures.make_hparams(member)
+        codes = architecture.encode(params, hp, store.rows(rows), architecture.layout([member]))
+        decoder = torch.nn.functional.normalize(params["W_dec"], dim=-1)
+        detection, absorption = Detection(decoder, truth), Absorption(decoder, truth, parents)
+        detection.add(codes, true_codes)
+        absorption.add(codes, true_codes)
+        expected = {"mcc": mcc(decoder, truth), "uniqueness": uniqueness(decoder, truth), **detection.scores()}
+        expected["absorption"] = absorption.score()
+        for name, value in expected.items():
+            assert float(row[name]) == pytest.approx(value, abs=1e-5), (row["member_id"], name)
