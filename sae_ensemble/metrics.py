@@ -52,17 +52,21 @@ def heldout_metrics(
     feature_mask: torch.Tensor,
     rows_per_part: int,
     target_at: int = 0,
+    observe: Callable[[torch.Tensor, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """`reconstruction_metrics` over all of x [R, d], `rows_per_part` rows at a time; transcoders' rows are
     [input | target] and their outputs are scored against the target, from column `target_at` on.
 
     `forward(rows)` gives (codes [M, b, n], x_hat [M, b, d]). Sums are added over parts and the
     ratios (fvu, relative_reconstruction_bias) formed once at the end, so the result equals one
-    call on all rows while only a part's codes are in memory.
+    call on all rows while only a part's codes are in memory. `observe(codes, first_row)` sees each part's codes
+    too (the ground-truth detection scores, in the same pass).
     """
     total: dict[str, torch.Tensor] = {}
-    for rows in x.split(rows_per_part):
+    for start, rows in zip(range(0, len(x), rows_per_part), x.split(rows_per_part)):
         codes, x_hat = forward(rows)
+        if observe is not None:
+            observe(codes, start)
         target = rows[:, target_at:] if target_at else rows
         for name, value in _reconstruction_sums(target, x_hat, codes, feature_mask).items():
             total[name] = total[name] + value if name in total else value

@@ -287,14 +287,15 @@ def _final_metrics(
     # Pieces as large as a step's micro-batch: its step held several [M, b, n] tensors at once, and
     # the plan counted those; a forward pass holds fewer. Larger pieces could break the budget.
     rows_per_part = -(-training.batch_size // ensemble.micro_batches)
-    result = metrics.heldout_metrics(x, ensemble.forward, mask, rows_per_part, getattr(ensemble.layout, "target_at", 0))
-    result["dead_frac"] = counter.dead_fraction(mask)
     truth = store.ground_truth()  # a paired store's: of the target, which transcoders' decoders write
+    scan = _detection(ensemble, store, len(x), truth.to(device)) if truth is not None and not store.target_at else None
+    target_at = getattr(ensemble.layout, "target_at", 0)
+    result = metrics.heldout_metrics(x, ensemble.forward, mask, rows_per_part, target_at, scan and scan.observe)
+    result["dead_frac"] = counter.dead_fraction(mask)
     if truth is not None:
         result["mmcs_truth"] = metrics.mmcs_truth(ensemble.decoders(), mask, truth.to(device))
         result.update(truth_metrics.dictionary_scores(ensemble.decoders(), mask, truth.to(device)))
-        if not store.target_at:  # detection and absorption need the held-out rows' true codes
-            result.update(_detection(ensemble, store, x, truth.to(device), rows_per_part))
+        result.update(scan.scores() if scan is not None else {})
     if truth is not None and store.target_at:  # and their encoders read the input's features
         paired = store.paired_truth()
         encoders = torch.nn.functional.normalize(ensemble.params["W_enc"], dim=-1)
@@ -304,17 +305,15 @@ def _final_metrics(
     return {name: value.float().cpu() for name, value in result.items()}
 
 
-def _detection(ensemble: Ensemble, store: ActivationStore, x, truth, rows_per_part: int) -> dict[str, torch.Tensor]:
-    """Each member's precision, recall, F1 (and absorption on a hierarchical world) on the held-out rows `x` (the
-    first of store.heldout_indices()), or nothing for a store that keeps no true codes (truth_metrics)."""
+def _detection(ensemble: Ensemble, store: ActivationStore, n_rows: int, truth) -> truth_metrics.DetectionScan | None:
+    """The detection and absorption scan of the first `n_rows` held-out rows (those of store.heldout), or None for a
+    store that keeps no true codes."""
     try:
-        codes = store.true_codes(store.heldout_indices()[: len(x)])
+        codes = store.true_codes(store.heldout_indices()[:n_rows])
     except StoreError:
-        return {}
+        return None
     parents = load_truth(store.path).get("parents")
-    return truth_metrics.detection_scores(
-        ensemble.forward, x, codes, ensemble.decoders(), ensemble.hparams["feature_mask"], truth, parents, rows_per_part
-    )
+    return truth_metrics.DetectionScan(codes, ensemble.decoders(), ensemble.hparams["feature_mask"], truth, parents)
 
 
 def _skip_batch(

@@ -120,36 +120,45 @@ class Absorption:
         return float((self.absorbed[fired] / self.fired[fired]).mean()) if fired.any() else 0.0
 
 
-def detection_scores(
-    forward,
-    x: torch.Tensor,
-    true_codes: torch.Tensor,
-    decoders: torch.Tensor,
-    feature_mask: torch.Tensor,
-    truth: torch.Tensor,
-    parents: torch.Tensor | None = None,
-    rows_per_part: int = 4096,
-) -> dict[str, torch.Tensor]:
-    """{"precision", "recall", "f1"[, "absorption" on hierarchical worlds]}: [M] of every member's real latents on
-    rows x [R, d] whose true codes are `true_codes` [R, F] (sparse or dense). `forward(x_part)` -> (codes [M, b, n],
-    _) is the ensemble's; decoders [M, n, d] and feature_mask [M, n] as Ensemble holds them."""
-    real = [mask > 0 for mask in feature_mask]
-    detections = [Detection(decoder[keep], truth) for decoder, keep in zip(decoders, real)]
-    hierarchical = parents is not None and bool((parents >= 0).any())
-    absorptions = [Absorption(d[keep], truth, parents) for d, keep in zip(decoders, real)] if hierarchical else []
-    for start in range(0, len(x), rows_per_part):
-        end = min(start + rows_per_part, len(x))
-        codes, _ = forward(x[start:end])
-        if true_codes.is_sparse:
-            part = true_codes.index_select(0, torch.arange(start, end)).to_dense().to(codes.device)
+class DetectionScan:
+    """precision, recall, F1 (and absorption on a hierarchical world) of every member of an ensemble, fed the
+    ensemble's codes part by part (metrics.heldout_metrics' `observe`) of rows whose true codes are `true_codes`
+    [R, F] (sparse or dense). decoders [M, n, d] and feature_mask [M, n] as Ensemble holds them; parents [F]."""
+
+    def __init__(
+        self,
+        true_codes: torch.Tensor,
+        decoders: torch.Tensor,
+        feature_mask: torch.Tensor,
+        truth: torch.Tensor,
+        parents: torch.Tensor | None = None,
+    ) -> None:
+        self.true_codes = true_codes
+        self.real = [mask > 0 for mask in feature_mask]
+        self.detections = [Detection(decoder[keep], truth) for decoder, keep in zip(decoders, self.real)]
+        hierarchical = parents is not None and bool((parents >= 0).any())
+        self.absorptions = (
+            [Absorption(decoder[keep], truth, parents) for decoder, keep in zip(decoders, self.real)]
+            if hierarchical
+            else []
+        )
+
+    def observe(self, codes: torch.Tensor, start: int) -> None:
+        """codes [M, b, n] of rows start .. start + b."""
+        end = start + codes.shape[1]
+        if self.true_codes.is_sparse:
+            part = self.true_codes.index_select(0, torch.arange(start, end)).to_dense().to(codes.device)
         else:
-            part = true_codes[start:end].to(codes.device)
-        for m, keep in enumerate(real):
-            detections[m].add(codes[m][:, keep], part)
-            if absorptions:
-                absorptions[m].add(codes[m][:, keep], part)
-    scores = [d.scores() for d in detections]
-    result = {name: torch.tensor([s[name] for s in scores]) for name in ("precision", "recall", "f1")}
-    if absorptions:
-        result["absorption"] = torch.tensor([a.score() for a in absorptions])
-    return result
+            part = self.true_codes[start:end].to(codes.device)
+        for m, keep in enumerate(self.real):
+            self.detections[m].add(codes[m][:, keep], part)
+            if self.absorptions:
+                self.absorptions[m].add(codes[m][:, keep], part)
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """{"precision", "recall", "f1"[, "absorption"]}: [M]."""
+        scores = [d.scores() for d in self.detections]
+        result = {name: torch.tensor([s[name] for s in scores]) for name in ("precision", "recall", "f1")}
+        if self.absorptions:
+            result["absorption"] = torch.tensor([a.score() for a in self.absorptions])
+        return result
