@@ -143,6 +143,15 @@ def evaluate_members_of_run(
     return True
 
 
+def _worker_device(device: str, threads: int) -> torch.device:
+    """An evaluation worker's device, made current (CUDA), with its share of the CPU threads."""
+    torch.set_num_threads(threads)
+    device_ = torch_device(device)
+    if device_.type == "cuda":
+        torch.cuda.set_device(device_)
+    return device_
+
+
 def evaluate_worker(
     index: int,
     device: str,
@@ -156,10 +165,7 @@ def evaluate_worker(
     stop,
 ) -> None:
     """Worker `index`'s share of the evaluation: the members of its ensembles (see the module doc)."""
-    torch.set_num_threads(threads)
-    device_ = torch_device(device)
-    if device_.type == "cuda":
-        torch.cuda.set_device(device_)
+    device_ = _worker_device(device, threads)
     mine = [m.member_id for i in plan.workers[index].ensembles for m in plan.ensemble_members(i)]
     lm = evaluation.lm
     todo = pending(run_dir, mine, lm is not None)
@@ -219,8 +225,7 @@ def split_worker(
 ) -> None:
     """Worker `index`'s feature splitting, the evaluation's second job (every member's statistics exist by then):
     each of its members with a next-size partner gets its chosen latents' matches there (features.write_splits)."""
-    torch.set_num_threads(threads)
-    device_ = torch_device(device)
+    device_ = _worker_device(device, threads)
     mine = [m for i in plan.workers[index].ensembles for m in plan.ensemble_members(i)]
     next_size = {member_id: partners[0] for member_id, partners in partners_of(list(plan.members.values())).items()}
     todo = [m for m in mine if m.member_id in next_size and not splits_written(member_dir(run_dir, m.member_id))]

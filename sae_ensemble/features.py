@@ -180,9 +180,9 @@ def write_splits(
     own = member_encoder(directory, store, normalize, device)
     partner = member_encoder(partner_dir, store, normalize, device)
     scan = load_file(partner_dir / FEATURES_TENSORS)
-    dictionary = partner.dictionary()
+    own_rows, dictionary = own.dictionary(), partner.dictionary()
     for latent in features["latents"]:
-        cosines = (own.dictionary()[latent["index"]] @ dictionary.T).cpu()
+        cosines = (own_rows[latent["index"]] @ dictionary.T).cpu()
         values, indices = cosines.topk(min(SPLIT_MATCHES, len(cosines)))
         matches = []
         for index, cosine in zip(indices.tolist(), values.tolist()):
