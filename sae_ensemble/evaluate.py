@@ -53,10 +53,8 @@ def reconstruction_from_checkpoint(
     as (x - shift) / scale and the reconstruction is mapped back. Transcoders train unnormalised.
     """
     member, params, _, _ = load_member(directory)
-    if member.d_out:
-        if normalization is not None:
-            raise ValueError(f"{member.member_id} is a transcoder, trained on unnormalised rows; got a normalization")
-        return _transcoder_output(member, params, device)
+    if member.d_out and normalization is not None:
+        raise ValueError(f"{member.member_id} is a transcoder, trained on unnormalised rows; got a normalization")
     params = {name: value.to(device) for name, value in params.items()}
     architecture = architectures.module_of(member.variant)
     hp = {name: value.to(device) for name, value in architectures.make_hparams(member).items()}
@@ -75,27 +73,13 @@ def reconstruction_from_checkpoint(
                 f"activations have width {x.shape[-1]}; member {member.member_id} expects d_in={member.d_in}"
             )
         rows = (x.reshape(-1, member.d_in).float() - shift) / scale  # [rows, d] in the SAE's space
-        x_hat = architecture.decode(params, hp, architecture.encode(params, hp, rows, layout), layout)
+        codes = architecture.encode(params, hp, rows, layout)
+        if member.d_out:  # a transcoder's prediction of its output activation (skip transcoders read rows too)
+            return architecture.decode(params, hp, codes, layout, rows).reshape(*x.shape[:-1], -1).to(x.dtype)
+        x_hat = architecture.decode(params, hp, codes, layout)
         return (x_hat * scale + shift).reshape(x.shape).to(x.dtype)
 
     return reconstruct
-
-
-def _transcoder_output(member, params, device) -> Reconstruction:
-    params = {name: value.to(device) for name, value in params.items()}
-    architecture = architectures.module_of(member.variant)
-    hp = {name: value.to(device) for name, value in architectures.make_hparams(member).items()}
-    layout = architecture.layout([member])
-
-    @torch.no_grad()
-    def output(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != member.d_in:
-            raise ValueError(f"inputs have width {x.shape[-1]}; member {member.member_id} expects d_in={member.d_in}")
-        rows = x.reshape(-1, member.d_in).float()
-        y_hat = architecture.decode(params, hp, architecture.encode(params, hp, rows, layout), layout, rows)
-        return y_hat.reshape(*x.shape[:-1], member.d_out).to(x.dtype)
-
-    return output
 
 
 # -- CE loss recovered ---------------------------------------------------------------------------
