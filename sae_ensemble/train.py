@@ -20,7 +20,6 @@ from sae_ensemble import metrics, truth_metrics
 from sae_ensemble.activations.format import StoreError
 from sae_ensemble.activations.reader import ActivationStore
 from sae_ensemble.activations.stream import Position, train_batches
-from sae_ensemble.activations.truth import load_truth
 from sae_ensemble.checkpoint import result_info, resume, save_checkpoint, save_member, write_done
 from sae_ensemble.config import Training
 from sae_ensemble.devices import torch_device
@@ -312,7 +311,7 @@ def _detection(ensemble: Ensemble, store: ActivationStore, n_rows: int, truth) -
         codes = store.true_codes(store.heldout_indices()[:n_rows])
     except StoreError:
         return None
-    parents = load_truth(store.path).get("parents")
+    parents = store.truth_tensors().get("parents")
     return truth_metrics.DetectionScan(codes, ensemble.decoders(), ensemble.hparams["feature_mask"], truth, parents)
 
 

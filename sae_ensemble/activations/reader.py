@@ -32,6 +32,7 @@ from sae_ensemble.activations.format import (
     read_chunk_header,
     sha256_file,
 )
+from sae_ensemble.activations.truth import load_truth, true_codes
 from sae_ensemble.atomic import write_json_atomic
 
 
@@ -54,6 +55,7 @@ class ActivationStore:
         self._data_offsets = data_offsets
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self._tokens = None
+        self._truth: dict[str, torch.Tensor] | None = None
         # training rows of each chunk: [0, train) within the chunk, the rest held out; chunks wholly held out drop out
         self._heldout_chunk_rows = heldout_per_chunk(self._chunk_rows, self.heldout_rows, manifest["format_version"])
         train_rows = self._chunk_rows - self._heldout_chunk_rows
@@ -346,9 +348,13 @@ class ActivationStore:
     def true_codes(self, rows: np.ndarray, dense: bool = False) -> torch.Tensor:
         """Synthetic stores: the true codes of held-out `rows` (global indices; see heldout_indices) as float32
         [len(rows), n_features], sparse COO or dense; a one-line StoreError when the store keeps none (truth.py)."""
-        from sae_ensemble.activations.truth import true_codes
+        return true_codes(self.truth_tensors(), self.path, rows, dense)
 
-        return true_codes(self.path, rows, dense)
+    def truth_tensors(self) -> dict[str, torch.Tensor]:
+        """ground_truth.safetensors' tensors as stored ({} without one), read once per open store."""
+        if self._truth is None:
+            self._truth = load_truth(self.path)
+        return self._truth
 
     def paired_truth(self) -> dict[str, torch.Tensor] | None:
         """A synthetic paired store's truth: `features` [F, d_in] of the input, `features_out` [F, d_out] of the
@@ -367,11 +373,9 @@ class ActivationStore:
 
     def _truth_file(self) -> dict[str, torch.Tensor] | None:
         path = self.path / GROUND_TRUTH
-        if not path.exists():
+        if not self.truth_tensors():
             return None
-        from safetensors.torch import load_file  # small file: a copy is fine here
-
-        tensors = {name: value.float() for name, value in load_file(path).items()}
+        tensors = {name: value.float() for name, value in self.truth_tensors().items()}
         width = self.target_at or self.d_in
         if "features" not in tensors or tensors["features"].ndim != 2 or tensors["features"].shape[1] != width:
             raise StoreError(f"{path} must hold one tensor 'features' of shape [n_features, {width}].")

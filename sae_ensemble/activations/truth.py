@@ -75,9 +75,9 @@ def load_truth(path: Path) -> dict[str, torch.Tensor]:
     return load_file(file) if file.exists() else {}
 
 
-def true_codes(path: Path, rows: np.ndarray, dense: bool = False) -> torch.Tensor:
-    """The true codes of held-out `rows` (global indices) [len(rows), n_features]: sparse COO, or dense."""
-    truth = load_truth(path)
+def true_codes(truth: dict[str, torch.Tensor], path: Path, rows: np.ndarray, dense: bool = False) -> torch.Tensor:
+    """The true codes of held-out `rows` (global indices) [len(rows), n_features], sparse COO or dense, from the
+    store at `path`'s loaded `truth`."""
     if not all(name in truth for name in CODES):
         raise StoreError(
             f"Store {path} keeps no true codes of its held-out rows (not synthetic, or written before they were "
