@@ -103,7 +103,7 @@ def _measure_child(spec: dict) -> None:
     torch.set_num_threads(1)
     reuse_freed_memory()
     members = [Member.from_dict(m) for m in spec["members"]]
-    batch = torch.randn(spec["batch_size"], members[0].d_in)
+    batch = torch.randn(spec["batch_size"], members[0].row_width)  # transcoders: [x | y]
     baseline = resident_bytes()
     ensemble = Ensemble(members, spec["steps"], micro_batches=spec["micro_batches"], execution=spec["execution"])
     for _ in range(spec["steps"]):

@@ -124,9 +124,10 @@ def ensemble_memory(
     """state_bytes (held all run) and step_bytes (transient) of one ensemble stepped by `execution` on `device`; see the
     module doc."""
     m, n, d = len(members), max(x.dict_size for x in members), members[0].d_in
-    params = BYTES * m * (2 * n * d + n + d)
+    o = members[0].d_out or d  # transcoders decode to d_out (and a skip adds [d_out, d_in])
+    params = BYTES * m * (n * (d + o) + n + o + (o * d if members[0].skip_connection else 0))
     activations = BYTES * m * (batch_size // micro_batches) * n
-    wide = BYTES * m * (batch_size // micro_batches) * d
+    wide = BYTES * m * (batch_size // micro_batches) * max(d, o)
     state = 3 * params + BYTES * m * (n + 8) + 8 * FIRING_BLOCKS * m * n
     c_params, c_activations, c_wide, c_micro = (
         max(c) for c in zip(*(step_costs(execution, x.variant, device, native) for x in members))

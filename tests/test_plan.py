@@ -99,6 +99,16 @@ def test_memory_model_holds_within_25_percent(variant, d, n, m, batch, micro, ex
     assert 0.75 <= measured / planned <= 1.25, (measured, planned)
 
 
+
+@pytest.mark.memory
+@pytest.mark.parametrize("execution", ["reference", "fused"])
+def test_memory_model_holds_for_a_skip_transcoder_with_a_wider_output(execution):
+    members = [Member("topk", 256, 4096, k=32, seed=i, d_out=1024, skip_connection=True) for i in range(2)]
+    model = ensemble_memory(members, 1024, 1, execution)
+    planned = model["state_bytes"] + model["step_bytes"] + runtime_bytes("cpu")
+    measured = measure_step_peak(members, 1024, 1, execution=execution)
+    assert 0.75 <= measured / planned <= 1.25, (measured, planned)
+
 BIG = grid_members(Grid(dict_sizes=[6144, 12288], l1=[1e-4, 2e-4, 4e-4, 8e-4]), 768)
 
 
