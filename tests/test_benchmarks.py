@@ -86,3 +86,16 @@ def test_the_feature_statistics_benchmark_prints_each_grids_cost_in_forward_pass
         ratio = printed[f"{grid}_features_s"] / printed[f"{grid}_forward_s"]
         assert printed[f"{grid}_ratio"] == pytest.approx(ratio, rel=1e-2)
         assert printed[f"{grid}_splits_s"] > 0  # both grids have members with a next size
+
+
+def test_the_synthetic_benchmark_reads_the_presets_as_the_sweep_composes_them():
+    from benchmarks.synthetic import preset
+    from tests.sweeps import compose_config
+
+    for name in ("synthetic_hier", "synthsaebench16k"):
+        assert preset(name) == compose_config(f"data={name}").data
+    command = [sys.executable, "-m", "benchmarks.synthetic", "--rows", "16384", "--presets", "synthetic_hier"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["toy_rows_per_s"] > 0 and result["hier_rows_per_s"] > 0 and result["hier_build_s"] > 0
