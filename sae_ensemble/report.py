@@ -30,8 +30,9 @@ import torch
 from safetensors import safe_open
 
 from sae_ensemble.checkpoint import member_of, read_evaluation
-from sae_ensemble.config import K_VARIANTS, L1_VARIANTS
+from sae_ensemble.config import L1_VARIANTS
 from sae_ensemble.html_report import write_html_report
+from sae_ensemble.html_report.figures import mmcs_cells
 from sae_ensemble.rundir import CheckpointError, RunDir, read_json
 
 COLUMNS = (
@@ -217,35 +218,18 @@ def plot_pareto(rows: Sequence[Row], path: Path) -> Path | None:
 def plot_mmcs_heatmap(rows: Sequence[Row], path: Path) -> Path | None:
     """Mean MMCS per (sparsity, dict size), one panel per variant: vs truth when available, else vs next size."""
     metric = "mmcs_truth" if any(_number(r, "mmcs_truth") is not None for r in rows) else "mmcs_next"
-    rows = [r for r in rows if _number(r, metric) is not None]
-    if not rows:
+    grids = mmcs_cells(rows, metric)  # the HTML report's heatmaps average the same way
+    if not grids:
         return None
     plt = _pyplot()
-    variants = sorted({r["variant"] for r in rows})
-    fig, axes = plt.subplots(1, len(variants), figsize=(1 + 4 * len(variants), 4), squeeze=False, layout="constrained")
-    for ax, variant in zip(axes[0], variants):
-        sparsity = (
-            "k" if variant in K_VARIANTS else "l0_coefficient" if variant == "jumprelu" else "l1"
-        )  # each variant's sparsity knob
-        group = [r for r in rows if r["variant"] == variant]
-        ys, xs = sorted({r[sparsity] for r in group}), sorted({r["dict_size"] for r in group})
-        cells: dict[tuple, list[float]] = defaultdict(list)
-        for r in group:  # other hyperparameters (seed, lr, bias decay) are averaged
-            cells[(ys.index(r[sparsity]), xs.index(r["dict_size"]))].append(r[metric])
-        grid = torch.full((len(ys), len(xs)), float("nan"))
-        for (i, j), values in cells.items():
-            grid[i, j] = sum(values) / len(values)
+    fig, axes = plt.subplots(1, len(grids), figsize=(1 + 4 * len(grids), 4), squeeze=False, layout="constrained")
+    for ax, (variant, (sparsity, ys, xs, means)) in zip(axes[0], grids.items()):
+        grid = torch.tensor([[math.nan if mean is None else mean for mean in line] for line in means])
         image = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="magma", origin="lower", aspect="auto")
-        for (i, j), _ in cells.items():
-            ax.text(
-                j,
-                i,
-                f"{grid[i, j]:.2f}",
-                ha="center",
-                va="center",
-                fontsize=8,
-                color="white" if grid[i, j] < 0.6 else "black",
-            )
+        for i, line in enumerate(means):
+            for j in (j for j, mean in enumerate(line) if mean is not None):  # a cell some member has
+                color = "white" if grid[i, j] < 0.6 else "black"
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8, color=color)
         ax.set_xticks(range(len(xs)), [str(x) for x in xs])
         ax.set_yticks(range(len(ys)), [_cell(y) for y in ys])
         ax.set(xlabel="dict size", ylabel=sparsity, title=f"{variant}: {metric}")

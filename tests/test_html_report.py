@@ -6,8 +6,11 @@ SAE_REQUIRE_BROWSER=1 (CI) to fail instead. SAE_REPORT_SCREENSHOTS=DIR saves the
 README (docs/img/report_index.png, report_member.png) into DIR.
 """
 
+import csv
 import json
+import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -17,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from sae_ensemble import pipeline
-from sae_ensemble.html_report import write_html_report
+from sae_ensemble.html_report import figures, write_html_report
 from sae_ensemble.report import by_hook, load_rows, main, pareto_front
 from sae_ensemble.rundir import RunDir
 from tests.sweeps import compose_config
@@ -121,6 +124,9 @@ def test_index_shows_the_pareto_chart_and_one_table_row_per_member_with_no_conso
     assert "js-plotly-plot" in pareto.get_attribute("class") and pareto.find_elements(By.CSS_SELECTOR, "svg.main-svg")
     assert len(pareto.find_elements(By.CSS_SELECTOR, ".scatterlayer .point")) >= len(load_rows(run_dir))
     assert browser.find_elements(By.CSS_SELECTOR, "#run-mmcs_truth.js-plotly-plot")  # synthetic: MMCS vs truth
+    for score in ("mcc", "f1", "uniqueness"):  # the toy world's ground-truth scores, drawn
+        chart = browser.find_element(By.ID, f"run-truth-{score}")
+        assert len(chart.find_elements(By.CSS_SELECTOR, ".scatterlayer .point")) == len(load_rows(run_dir))
     assert sorted(table_ids(browser)) == sorted(r["member_id"] for r in load_rows(run_dir))
     screenshot(browser, "report_index.png")
 
@@ -232,6 +238,75 @@ def test_a_rebuilt_report_is_byte_identical(run_dir):
     rows = load_rows(run_dir)
     write_html_report(run_dir, by_hook(rows), pareto_front)
     assert {p: p.read_bytes() for p in report.rglob("*") if p.is_file()} == before
+
+
+def index_figures(index: Path) -> dict[str, dict]:
+    """The figures an index page carries, by chart id: the JSON report.js hands to plotly."""
+    scripts = re.findall(r'<script type="application/json" id="([^"]+)-figure">(.*?)</script>', index.read_text())
+    return {chart: json.loads(data) for chart, data in scripts}
+
+
+def test_a_synthetic_run_charts_its_ground_truth_scores_against_l0_as_summary_csv_has_them(run_dir):
+    with open(run_dir / "summary.csv", newline="") as f:
+        summary = {row["member_id"]: row for row in csv.DictReader(f)}
+    charts = index_figures(run_dir / "report" / "index.html")
+    assert "Ground truth against L0" in (run_dir / "report" / "index.html").read_text()
+    assert {c for c in charts if "-truth-" in c} == {"run-truth-mcc", "run-truth-f1", "run-truth-uniqueness"}
+    assert {row["absorption"] for row in summary.values()} == {""}  # the toy world has no hierarchy: no chart
+    for score in ("mcc", "f1", "uniqueness"):
+        traces = charts[f"run-truth-{score}"]["data"]
+        assert [t["name"] for t in traces] == sorted({row["variant"] for row in summary.values()})  # one per variant
+        shown = {}
+        for trace in traces:
+            for x, y, data in zip(trace["x"], trace["y"], trace["customdata"]):
+                shown[data[0]] = (format(x, ".6g"), format(y, ".6g"), *(format(v, ".6g") for v in data[1:]))
+                assert summary[data[0]]["variant"] == trace["name"]
+        detail = ("precision", "recall") if score == "f1" else ()  # F1's hover: precision and recall
+        assert shown == {m: (row["l0"], row[score], *(row[k] for k in detail)) for m, row in summary.items()}
+
+
+def with_truth_scores(rows: list[dict]) -> list[dict]:
+    """fake_rows with a hierarchical world's scores; the first member's are NaN (a score it could not compute)."""
+    for i, row in enumerate(rows):
+        row.update(mcc=0.4 + i / 50, uniqueness=0.9 - i / 100, precision=0.7, recall=0.5 + i / 100)
+        row.update(f1=2 * 0.7 * row["recall"] / (0.7 + row["recall"]), absorption=0.2 - i / 100)
+    rows[0].update(mcc=math.nan, f1=math.nan, uniqueness=math.nan, absorption=math.nan)
+    return rows
+
+
+def test_ground_truth_charts_have_one_trace_per_variant_with_the_finite_scores_only(tmp_path, browser):
+    from selenium.webdriver.common.by import By
+
+    rows = with_truth_scores(fake_rows([None], 8))
+    index = write_html_report(tmp_path, by_hook(rows), pareto_front)
+    charts = index_figures(index)
+    for score in figures.TRUTH_SCORES:
+        traces = charts[f"run-truth-{score}"]["data"]
+        assert [t["name"] for t in traces] == ["relu", "topk"]
+        for trace in traces:
+            group = [r for r in rows[1:] if r["variant"] == trace["name"]]  # the NaN member left out
+            assert trace["x"] == [r["l0"] for r in group] and trace["y"] == [r[score] for r in group]
+            assert [d[0] for d in trace["customdata"]] == [r["member_id"] for r in group]
+    assert open_page(browser, index) == []
+    for score in figures.TRUTH_SCORES:
+        assert len(browser.find_elements(By.CSS_SELECTOR, f"#run-truth-{score} .scatterlayer .point")) == 7
+
+
+def test_a_run_without_ground_truth_scores_has_no_ground_truth_section(tmp_path):
+    lm = write_html_report(tmp_path / "lm", by_hook(fake_rows([None], 6)), pareto_front)  # an LM store: no columns
+    nan = [{**row, "mcc": math.nan, "absorption": None} for row in fake_rows([None], 6)]  # columns, no values
+    world = write_html_report(tmp_path / "nan", by_hook(nan), pareto_front)
+    for index in (lm, world):
+        assert "Ground truth against L0" not in index.read_text()
+        assert not [chart for chart in index_figures(index) if "-truth-" in chart]
+        assert "run-pareto-fvu" in index_figures(index)
+
+
+def test_the_html_mmcs_heatmaps_show_mmcs_cells_means(tmp_path):
+    rows = fake_rows([None], 12)
+    charts = index_figures(write_html_report(tmp_path, by_hook(rows), pareto_front))
+    grids = figures.mmcs_cells(rows, "mmcs_next")
+    assert [trace["z"] for trace in charts["run-mmcs_next"]["data"]] == [grid.means for grid in grids.values()]
 
 
 def fake_rows(hooks: list[str | None], per_hook: int) -> list[dict]:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from sae_ensemble.checkpoint import save_member
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.eval_worker import evaluate_members_of_run
+from sae_ensemble.html_report.figures import mmcs_cells
 from sae_ensemble.member import Member
 from sae_ensemble.metrics import FiringCounter, mmcs, mmcs_truth, reconstruction_metrics
 from sae_ensemble.report import COLUMNS, format_table, load_rows, pareto_front, write_plots, write_summary
@@ -106,6 +107,20 @@ def test_plots_are_written_and_non_empty(run_dir):
     }
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_mmcs_cells_average_each_sparsity_and_size_over_the_other_hyperparameters(run_dir):
+    rows = load_rows(run_dir)
+    grids = mmcs_cells(rows, "mmcs_truth")  # what plots/mmcs_heatmap.png and the HTML report's heatmap show
+    assert list(grids) == ["relu", "tied", "topk"]
+    relu = grids["relu"]
+    assert (relu.knob, relu.knob_values, relu.dict_sizes) == ("l1", [1e-3, 1e-1], [8, 16])
+    for i, l1 in enumerate(relu.knob_values):
+        for j, size in enumerate(relu.dict_sizes):
+            seeds = [r["mmcs_truth"] for r in rows if (r["variant"], r["l1"], r["dict_size"]) == ("relu", l1, size)]
+            assert len(seeds) == 2 and relu.means[i][j] == pytest.approx(sum(seeds) / 2, rel=1e-12)
+    assert (grids["topk"].knob, grids["topk"].knob_values, grids["topk"].means[0][0] is not None) == ("k", [2], True)
+    assert mmcs_cells(rows, "no_such_metric") == {}
 
 
 def test_frequency_plot_is_skipped_cleanly_without_frequency_files(tmp_path):

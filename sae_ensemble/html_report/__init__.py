@@ -1,7 +1,8 @@
 """The sweep report in a browser, RUN_DIR/report/ (docs/report.md), rebuilt by `python -m sae_ensemble.report RUN_DIR`
 and at the end of every sweep:
 
-    report/index.html                          members' table (sortable), Pareto charts, MMCS heatmaps; per hook
+    report/index.html                          members' table (sortable), Pareto charts, ground truth against L0
+                                               (synthetic worlds), MMCS heatmaps; per hook
     report/members/<member_id>.html            settings, metrics, latent density histogram, top-activating contexts
     report/members/<member_id>.features.js     that member's members/<id>/features.json, when the run has one
     report/plotly.min.js, report.js, report.css   shared by every page, so each page carries only its own data
@@ -85,13 +86,19 @@ def index_page(name: str, rows_by_hook: dict[str | None, list[Row]], pareto_fron
 
 
 def hook_section(hook: str | None, rows: list[Row], pareto_front: figures.Front, titled: bool) -> str:
-    """One hook's members: table, Pareto charts (L0-FVU; L0-CE recovered on LM runs), MMCS heatmaps."""
+    """One hook's members: table, Pareto charts (L0-FVU; L0-CE recovered on LM runs), ground-truth scores against
+    L0 (synthetic worlds), MMCS heatmaps."""
     key = slug(hook)
     on_front = {r["member_id"] for r in pareto_front(rows, "l0", "fvu")}
     charts = [
         pages.figure(fig, f"{key}-pareto-{y}", open_members=True)
         for y in ("fvu", "ce_recovered")
         if (fig := figures.pareto_figure(rows, pareto_front, y)) is not None
+    ]
+    truth = [
+        pages.figure(fig, f"{key}-truth-{score}", open_members=True)
+        for score in figures.TRUTH_SCORES
+        if (fig := figures.truth_figure(rows, score)) is not None
     ]
     heatmaps = [
         pages.figure(fig, f"{key}-{metric}")
@@ -107,6 +114,7 @@ def hook_section(hook: str | None, rows: list[Row], pareto_front: figures.Front,
 {pages.members_table(rows, on_front, f"members-{key}")}
 <h3>Pareto fronts</h3>
 <div class="charts">{"".join(f"<div>{chart}</div>" for chart in charts) or no_chart}</div>
+{pages.truth_section(truth)}
 <h3>MMCS</h3>
 {"".join(heatmaps) or no_heatmap}
 </section>"""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import plotly.graph_objects as go
 import torch
@@ -24,6 +24,12 @@ MMCS_METRICS = {
     "mmcs_truth": "vs the ground-truth features",
     "mmcs_next": "vs the next larger dictionary",
     "mmcs_seed": "vs the same member with another seed",
+}
+TRUTH_SCORES = {  # summary.csv's ground-truth columns on synthetic worlds (truth_metrics.py), as chart titles
+    "mcc": "MCC: matched mean |cos| to the true features (higher is better)",
+    "f1": "F1 of each latent as a detector of its true feature (higher is better)",
+    "uniqueness": "Uniqueness: distinct true features / latents (higher is better)",
+    "absorption": "Absorption: parents' latents silenced by their children's (lower is better)",
 }
 FREQUENCY_FLOOR = -10.0  # log10 firing frequency of the leftmost bin, as report.plot_feature_frequencies
 FREQUENCY_BINS = 40
@@ -96,32 +102,91 @@ def pareto_figure(rows: Sequence[Row], pareto_front: Front, y: str = "fvu") -> g
     return fig
 
 
+def truth_figure(rows: Sequence[Row], score: str) -> go.Figure | None:
+    """L0 against a ground-truth `score` of TRUTH_SCORES, one colour per variant; None when no row has both
+    finite. Hover shows the member id (F1's also its precision and recall); `customdata` starts with the id for
+    the click that opens the member's page."""
+    rows = [r for r in rows if finite(r, "l0") is not None and finite(r, score) is not None]
+    if not rows:
+        return None
+    fig = go.Figure()
+    detail = "<br>precision %{customdata[1]:.4g}<br>recall %{customdata[2]:.4g}" if score == "f1" else ""
+    hover = "%{customdata[0]}<br>L0 %{x:.4g}<br>" + score + " %{y:.4g}" + detail + "<extra>%{fullData.name}</extra>"
+    for variant in sorted({r["variant"] for r in rows}):
+        group = [r for r in rows if r["variant"] == variant]
+        fig.add_trace(
+            go.Scatter(
+                x=[r["l0"] for r in group],
+                y=[r[score] for r in group],
+                customdata=[
+                    [r["member_id"], finite(r, "precision"), finite(r, "recall")] if detail else [r["member_id"]]
+                    for r in group
+                ],
+                mode="markers",
+                name=variant,
+                marker={"size": 9, "opacity": 0.85},
+                hovertemplate=hover,
+            )
+        )
+    log_x = all(r["l0"] > 0 for r in rows)
+    fig.update_layout(
+        template=TEMPLATE,
+        title=TRUTH_SCORES[score],
+        xaxis={"title": {"text": "L0 (active latents per row)"}, "type": "log" if log_x else "linear"},
+        yaxis={"title": {"text": score}, "range": [0, 1.02]},  # every score is in [0, 1]
+        legend={"title": {"text": "variant"}},
+        height=400,
+        margin={"t": 50, "b": 50, "l": 60, "r": 20},
+    )
+    return fig
+
+
 def sparsity_knob(variant: str) -> str:
-    """The hyperparameter that sets a variant's sparsity (the heatmaps' y axis), as report.plot_mmcs_heatmap."""
+    """The hyperparameter that sets a variant's sparsity (the heatmaps' y axis)."""
     return "k" if variant in K_VARIANTS else "l0_coefficient" if variant == "jumprelu" else "l1"
 
 
-def mmcs_figure(rows: Sequence[Row], metric: str) -> go.Figure | None:
-    """Mean `metric` per (sparsity, dict size), one panel per variant, averaged over the other hyperparameters
-    (seed, lr, bias decay) as report.plot_mmcs_heatmap draws it; None when no row has the metric."""
+class MeanGrid(NamedTuple):
+    """One variant's heatmap: the mean of a metric per (sparsity, dict size) over the other hyperparameters."""
+
+    knob: str  # the variant's sparsity hyperparameter (sparsity_knob): the y axis
+    knob_values: list  # ascending: the rows
+    dict_sizes: list[int]  # ascending: the columns
+    means: list[list[float | None]]  # [knob value, dict size]; None where no member has both
+
+
+def mmcs_cells(rows: Sequence[Row], metric: str) -> dict[str, MeanGrid]:
+    """Each variant's mean `metric` per (sparsity, dict size), over the rows where it is finite, by variant in
+    sorted order; the other hyperparameters (seed, lr, bias decay) are averaged. The MMCS heatmaps of both
+    reports: report.plot_mmcs_heatmap and mmcs_figure."""
     rows = [r for r in rows if finite(r, metric) is not None]
-    if not rows:
-        return None
-    variants = sorted({r["variant"] for r in rows})
-    fig = make_subplots(rows=1, cols=len(variants), subplot_titles=variants, horizontal_spacing=0.08)
-    for column, variant in enumerate(variants, start=1):
+    grids = {}
+    for variant in sorted({r["variant"] for r in rows}):
         knob = sparsity_knob(variant)
         group = [r for r in rows if r["variant"] == variant]
         ys, xs = sorted({r[knob] for r in group}), sorted({r["dict_size"] for r in group})
         cells: dict[tuple[int, int], list[float]] = defaultdict(list)
         for r in group:
             cells[(ys.index(r[knob]), xs.index(r["dict_size"]))].append(r[metric])
-        z = [[None] * len(xs) for _ in ys]
+        means: list[list[float | None]] = [[None] * len(xs) for _ in ys]
         for (i, j), values in cells.items():
-            z[i][j] = sum(values) / len(values)
+            means[i][j] = sum(values) / len(values)
+        grids[variant] = MeanGrid(knob, ys, xs, means)
+    return grids
+
+
+def mmcs_figure(rows: Sequence[Row], metric: str) -> go.Figure | None:
+    """Mean `metric` per (sparsity, dict size), one panel per variant (mmcs_cells, as report.plot_mmcs_heatmap
+    draws it); None when no row has the metric."""
+    grids = mmcs_cells(rows, metric)
+    if not grids:
+        return None
+    variants = list(grids)
+    fig = make_subplots(rows=1, cols=len(variants), subplot_titles=variants, horizontal_spacing=0.08)
+    for column, (variant, (knob, ys, xs, means)) in enumerate(grids.items(), start=1):
         fig.add_trace(
             go.Heatmap(
-                z=z,
+                z=means,
                 x=[str(x) for x in xs],
                 y=[_cell(v) for v in ys],
                 coloraxis="coloraxis",

@@ -18,8 +18,8 @@ Row = dict[str, Any]
 # page lists them all).
 TABLE_COLUMNS = (
     "member_id", "variant", "dict_size", "l1", "k", "target_l0", "l0_coefficient", "lr", "seed", "bias_decay",
-    "steps", "l0", "fvu", "mse", "dead_frac", "mmcs_truth", "mmcs_next", "mmcs_seed", "ce_recovered",
-    "explained_variance", "alive", "stopped_early",
+    "steps", "l0", "fvu", "mse", "dead_frac", "mmcs_truth", "mcc", "uniqueness", "f1", "precision", "recall",
+    "absorption", "mmcs_next", "mmcs_seed", "ce_recovered", "explained_variance", "alive", "stopped_early",
 )  # fmt: skip
 METRICS_FROM = TABLE_COLUMNS.index("l0")  # columns from here on are results, shown even when constant
 
@@ -90,6 +90,18 @@ def members_table(rows: Sequence[Row], on_front: set[str], table_id: str) -> str
         + "\n".join(body)
         + "\n</tbody>\n</table>"
     )
+
+
+def truth_section(charts: Sequence[str]) -> str:
+    """The ground-truth scores against L0 (figures.truth_figure), or nothing when no member has one: a run on an
+    LM store or on a world without true codes has no such section."""
+    if not charts:
+        return ""
+    boxes = "".join(f"<div>{chart}</div>" for chart in charts)
+    return f"""<h3>Ground truth against L0</h3>
+<p class="note">Each member scored against the synthetic world's true features (docs/synthetic.md); a point opens
+its member.</p>
+<div class="charts truth">{boxes}</div>"""
 
 
 def key_values(title: str, values: dict[str, Any], column_count: int = 1) -> str:
@@ -184,7 +196,8 @@ function drawChart(div) {  // a figure pages.py wrote with plotly's fig.to_json(
   Plotly.newPlot(div, figure.data, figure.layout, {displaylogo: false, responsive: true}).then(() => {
     if (!div.dataset.openMembers) return;
     div.on("plotly_click", (event) => {  // a point opens its member's page
-      const id = event.points[0].customdata;
+      const data = event.points[0].customdata;  // the member id, or a list starting with it
+      const id = Array.isArray(data) ? data[0] : data;
       if (id) window.location.href = "members/" + encodeURIComponent(id) + ".html";
     });
   });
