@@ -11,7 +11,8 @@ candidate won where"):
 - the fused kernel (kernels/dense.py) over the whole micro-batch and, on CPU, over row chunks whose
   [M, chunk, n] tiles fit in cache; when compiled, also its passes on feature-major tiles (`transposed`);
 - the sparse kernel (kernels/sparse.py) for all-topk ensembles, and for others once the measured L0
-  is at most SPARSE_DENSITY of the features (the density decides whether sparse products can win).
+  is at most SPARSE_DENSITY of the features (the density decides whether sparse products can win);
+  with AuxK it alone implements top-k members, so the fused kernel is not timed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Shape:
     kernel_dtype: torch.dtype
     compiled: bool
     all_topk: bool
+    kernels: tuple[str, ...] = ("fused", "sparse")  # those that implement the members (execution.kernels_for)
 
 
 def tune(
@@ -72,11 +74,11 @@ def tune(
         if shape.compiled and "transposed" in dense.applicable_passes(shape.device, shape.kernel_dtype)
         else []
     )
-    for chunk in chunks:
+    for chunk in chunks if "fused" in shape.kernels else []:
         aux = measure(Execution("fused", chunk)) or aux
         for passes in others:
             measure(Execution("fused", chunk, passes))
-    if shape.kernel_dtype == torch.float32:  # the sparse kernel runs in float32
+    if "sparse" in shape.kernels and shape.kernel_dtype == torch.float32:  # the sparse kernel runs in float32
         density = float((aux["l0"] / features).max()) if aux else 1.0
         if shape.all_topk or density <= SPARSE_DENSITY:
             for chunk in chunks:

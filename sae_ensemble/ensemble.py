@@ -102,7 +102,8 @@ class Ensemble:
         self.architecture = architectures.module_for(members)  # raises if members' parameter sets differ
         self.layout = self.architecture.layout(members)
         # `auto` tunes only where a kernel applies: other architectures have the reference alone.
-        self.auto = kind == ExecutionKind.auto and executions.kernels_apply([m.variant for m in members], auxk)
+        self.kernels = executions.kernels_for([m.variant for m in members], auxk)
+        self.auto = kind == ExecutionKind.auto and bool(self.kernels)
         fixed = (
             execution
             if isinstance(execution, Execution)
@@ -251,6 +252,7 @@ class Ensemble:
             self.kernel_dtype,
             self.compiled,
             self.layout.all_topk,
+            self.kernels,
         )
         self.execution, self.autotune_report = autotune.tune(
             lambda candidate: self.grads(batch, hparams, candidate)[1], shape, self.hparams["feature_mask"].sum(-1)

@@ -36,21 +36,29 @@ class Execution:
 REFERENCE = Execution("reference")
 
 
-def kernels_apply(variants: Sequence[str], auxk: bool) -> bool:
-    """Whether the hand-written kernels implement these members: sae.py's variants without AuxK (SAEs and, for
-    relu and topk, transcoders with or without the skip path)."""
-    return set(variants) <= set(KERNEL_VARIANTS) and not (auxk and set(variants) & set(K_VARIANTS))
+def kernels_for(variants: Sequence[str], auxk: bool) -> tuple[str, ...]:
+    """The hand-written kernels that implement these members: fused and sparse for sae.py's variants (SAEs and,
+    for relu and topk, transcoders with or without the skip path); with AuxK on top-k members, sparse alone."""
+    if not set(variants) <= set(KERNEL_VARIANTS):
+        return ()
+    return (
+        (ExecutionKind.sparse,)
+        if auxk and set(variants) & set(K_VARIANTS)
+        else (ExecutionKind.fused, ExecutionKind.sparse)
+    )
 
 
 def check(kind: str, variants: Sequence[str], auxk: bool, autocast_bf16: bool) -> None:
     """Raise ValueError, one sentence naming the settings, if execution `kind` cannot train these members."""
     if kind not in ExecutionKind.__members__:
         raise ValueError(f"training.execution={kind!r} is unknown; allowed: {', '.join(ExecutionKind)}")
-    if kind in (ExecutionKind.fused, ExecutionKind.sparse) and not kernels_apply(variants, auxk):
+    if kind in (ExecutionKind.fused, ExecutionKind.sparse) and kind not in kernels_for(variants, auxk):
+        instead = ["auto", *kernels_for(variants, auxk), "reference"]
         raise ValueError(
-            f"training.execution={kind} implements {', '.join(KERNEL_VARIANTS)} without AuxK only; variants "
-            f"{sorted(set(map(str, variants)))} (AuxK {'on' if auxk else 'off'}) need training.execution=auto or "
-            "reference"
+            f"training.execution={kind} implements {', '.join(KERNEL_VARIANTS)}"
+            f"{' without AuxK' if kind == ExecutionKind.fused else ''} only; variants "
+            f"{sorted(set(map(str, variants)))} (AuxK {'on' if auxk else 'off'}) need training.execution="
+            f"{', '.join(instead[:-1])} or {instead[-1]}"
         )
     if kind == ExecutionKind.sparse and autocast_bf16:
         raise ValueError(

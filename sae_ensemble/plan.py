@@ -73,14 +73,16 @@ AUTO_CANDIDATES = {
     "topk": ("reference", "fused", "sparse"),
 }
 """What `auto` may run per variant; the architectures/ variants beyond sae.py's have only the reference."""
+# AuxK (sae.auxk_loss) beyond a top-k step, in units of A: the reference's masked pre-activations, their scatter
+# and their gradients; the sparse kernel's masked copy (fitted as STEP_COST on d=512, n=8192, docs/benchmarks.md).
+AUXK_COST = {"reference": 11.5, "sparse": 1.5}
 # Micro-batches of the reference add more than their gradient accumulator (P): each part's gradients
 # land in new blocks of the untrimmed heap, so on CPU they pay off only when A dominates P. The kernels
 # accumulate over row chunks in place: fused needs no such term, sparse 1 P (docs/benchmarks.md).
 MICRO_BATCH_COST = {"reference": 5.0, "fused": 0.0, "sparse": 1.0}
 MIN_MICRO_ROWS = 256  # below this a micro-batch's GEMMs lose efficiency: split members first
-CPU_RUNTIME_BYTES = (
-    86 * 2**20
-)  # a CPU worker's own peak beyond the model (thread pools, store buffers), fitted with STEP_COST
+# A CPU worker's own peak beyond the model (thread pools, store buffers), fitted with STEP_COST.
+CPU_RUNTIME_BYTES = 86 * 2**20
 # A CPU worker's heap is never trimmed (memory.reuse_freed_memory), so its peak also depends on
 # fragmentation, which varies between identical runs (docs/benchmarks.md). CPU plans keep the modelled
 # peak this far under the budget; CUDA's caching allocator reports live bytes, which the model counts.
@@ -95,20 +97,21 @@ class PlanError(ValueError):
 
 
 def step_costs(
-    execution: str, variant: str, device: str = "cpu", native: str = "auto"
+    execution: str, variant: str, device: str = "cpu", native: str = "auto", auxk: bool = False
 ) -> tuple[float, float, float, float]:
     """(c_P, c_A, c_X, c_M) of one member's step by `execution` on `device`, with the C kernels per `native`
-    (training.native_kernels): auto takes the largest over what it may run."""
+    (training.native_kernels), with AuxK or not: auto takes the largest over what it may run."""
     if execution != "auto" and execution not in STEP_COST:
         raise ValueError(f"execution={execution!r} has no memory model; known: auto, {', '.join(STEP_COST)}")
     paths = AUTO_CANDIDATES.get(variant, ("reference",)) if execution == "auto" else (execution,)
-    c_passes = device.startswith("cpu") and kernels_native.expected(
-        native
-    )  # never builds them: a plan compiles nothing
+    paths = [path for path in paths if not (auxk and path not in AUXK_COST)]  # the fused kernel runs no AuxK
+    # never builds them: a plan compiles nothing
+    c_passes = device.startswith("cpu") and kernels_native.expected(native)
 
     def costs(path: str) -> tuple[float, ...]:
         table = TORCH_OPS_FUSED_COST if path == "fused" and not c_passes else STEP_COST[path]
-        return (*table[variant], MICRO_BATCH_COST[path])
+        c_params, c_activations, c_wide = table[variant]
+        return c_params, c_activations + (AUXK_COST[path] if auxk else 0.0), c_wide, MICRO_BATCH_COST[path]
 
     return tuple(max(values) for values in zip(*(costs(path) for path in paths)))
 
@@ -130,7 +133,8 @@ def ensemble_memory(
     wide = BYTES * m * (batch_size // micro_batches) * max(d, o)
     state = 3 * params + BYTES * m * (n + 8) + 8 * FIRING_BLOCKS * m * n
     c_params, c_activations, c_wide, c_micro = (
-        max(c) for c in zip(*(step_costs(execution, x.variant, device, native) for x in members))
+        max(c)
+        for c in zip(*(step_costs(execution, x.variant, device, native, x.auxk_dead_tokens > 0) for x in members))
     )
     step = (
         c_params * params + c_activations * activations + c_wide * wide + (c_micro * params if micro_batches > 1 else 0)
@@ -163,12 +167,8 @@ def stage_bytes(ensembles: Sequence[EnsembleSpec | dict], batch_size: int, d_in:
     if not ensembles:
         return 0
     memory = [e if isinstance(e, dict) else dataclasses.asdict(e) for e in ensembles]
-    return (
-        sum(e["state_bytes"] for e in memory)
-        + max(e["step_bytes"] for e in memory)
-        + batch_bytes(batch_size, d_in)
-        + runtime_bytes(device)
-    )
+    steps = max(e["step_bytes"] for e in memory) + batch_bytes(batch_size, d_in) + runtime_bytes(device)
+    return sum(e["state_bytes"] for e in memory) + steps
 
 
 # -- packing -------------------------------------------------------------------------------------

@@ -63,6 +63,43 @@ def test_topk_kernels_equal_reference_training(execution):
     assert_same_members(train(TOPK, execution, row_chunk=20), train(TOPK, "reference"))
 
 
+AUXK = [
+    Member("topk", D_IN, 64, k=4, seed=5, auxk_dead_tokens=64, k_aux=8),
+    Member("topk", D_IN, 48, k=3, seed=1, auxk_dead_tokens=128, auxk_coefficient=0.5),  # k_aux: d_in // 2
+    Member("topk", D_IN, 32, k=8, lr=2e-3, seed=6),  # AuxK off
+]
+
+
+@pytest.mark.parametrize(
+    "members", [AUXK, AUXK + [Member("relu", D_IN, 48, l1=1e-3, seed=0)]], ids=["topk", "mixed-with-relu"]
+)
+def test_sparse_kernel_with_auxk_equals_reference_training(members):
+    reference = train(members, "reference")
+    dead = reference.with_sparsity(reference.schedules(STEPS)[1])["dead"].sum(-1)
+    assert dead[0] > 8 and dead[1] > 0 and dead[2] == 0  # AuxK had dead latents to revive: its loss ran
+    assert_same_members(train(members, "sparse", row_chunk=20), reference)
+
+
+def test_sparse_kernel_with_auxk_gives_the_reference_loss_and_gradients_in_a_step():
+    reference = train(AUXK, "reference", steps=30)
+    hparams = reference.with_sparsity(reference.schedules(30)[1])
+    batch = sparse_batches(1, seed=7)[0]
+    expected, expected_aux = reference.grads(batch, hparams)
+    got, aux = reference.grads(batch, hparams, Execution("sparse", 24))
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+    torch.testing.assert_close(aux["loss"], expected_aux["loss"], atol=1e-7, rtol=1e-6)
+    assert (aux["loss"] > aux["mse"])[:2].all()  # the AuxK term is in the loss
+
+
+def test_auto_times_the_sparse_kernel_and_not_the_fused_one_for_auxk_members():
+    tuned = Ensemble(AUXK, total_steps=1, execution="auto")
+    tuned.autotune(sparse_batches(1)[0])
+    assert any(c.startswith("sparse") for c in tuned.autotune_report)
+    assert not any(c.startswith("fused") for c in tuned.autotune_report)
+    with pytest.raises(ValueError, match=r"AuxK on\) need training.execution=auto, sparse or reference"):
+        Ensemble(AUXK, total_steps=1, execution="fused")
+
 def test_sparse_kernel_equals_reference_for_every_variant(reference_mixed):
     # relu and tied members take the nonzeros of their dense codes; topk members mixed in too.
     assert_same_members(train(MIXED, "sparse", row_chunk=24), reference_mixed)

@@ -1,6 +1,8 @@
 """The hand-written kernels train transcoders (Member.d_out) and skip transcoders equal to the reference
 vmap(grad(sae.loss)): every kernel path, relu and topk, mixed in one ensemble and alone, after STEPS steps."""
 
+import dataclasses
+
 import pytest
 import torch
 from test_kernels import assert_same_members, cuda, relative_error
@@ -93,6 +95,21 @@ def test_kernel_training_of_transcoders_equals_reference(reference, native_mode,
     if skip:  # W_skip starts at zero: equal params mean the kernel trained it as the reference did
         assert want.params["W_skip"].abs().amax((1, 2)).min() > 1e-2
     assert_same_members(trained, want)
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["transcoder", "skip-transcoder"])
+def test_sparse_training_of_topk_transcoders_with_auxk_equals_reference(skip):
+    # AuxK's residual is the target's: the dead latents' decoder rows learn to write the output's error.
+    fields = [
+        {"variant": "topk", "dict_size": 64, "k": 2, "seed": 1, "lr": 3e-3},
+        {"variant": "topk", "dict_size": 40, "k": 3, "seed": 3, "bias_decay": 0.1, "use_b_dec": False},
+    ]
+    members = [Member(d_in=D_IN, d_out=D_OUT, skip_connection=skip, **f) for f in fields]
+    with_auxk = [dataclasses.replace(m, auxk_dead_tokens=128, k_aux=6) for m in members]
+    want = train(with_auxk, REFERENCE, skip)
+    without = train(members, REFERENCE, skip)
+    assert (want.params["W_dec"] - without.params["W_dec"]).abs().amax() > 1e-3  # AuxK revived latents
+    assert_same_members(train(with_auxk, Execution("sparse", ROWS), skip), want)
 
 
 @pytest.mark.parametrize("reference_fits", [True, False], ids=["timed", "reference-out-of-memory"])

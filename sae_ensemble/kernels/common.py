@@ -66,6 +66,7 @@ class Sums(NamedTuple):
     code_sum: torch.Tensor  # [M] sum of all codes (the L1 norm times B)
     fired: torch.Tensor  # [M, n] rows in which each feature fired
     g_W_skip: torch.Tensor | None = None  # [M, o, d] dL/dW_skip (skip transcoders only)
+    auxk_loss: torch.Tensor | None = None  # [M] AuxK's term of the loss, coefficient included (kernels/sparse.py)
 
 
 def finish(
@@ -109,6 +110,8 @@ def finish(
     mse = sums.squared_error / (B * o)
     l1_norm = sums.code_sum / B
     loss = mse + hp["l1"] * l1_norm + hp["bias_decay"] * bias_norm
+    if sums.auxk_loss is not None:
+        loss = loss + sums.auxk_loss
     aux = {"loss": loss, "mse": mse, "l1_norm": l1_norm, "l0": sums.fired.sum(-1) / B, "fired": sums.fired}
     grads = {"W_enc": g_W_enc, "b_enc": g_b_enc, "W_dec": g_W_dec, "b_dec": g_b_dec}
     if layout.skip:
