@@ -100,6 +100,7 @@ def test_auto_times_the_sparse_kernel_and_not_the_fused_one_for_auxk_members():
     with pytest.raises(ValueError, match=r"AuxK on\) need training.execution=auto, sparse or reference"):
         Ensemble(AUXK, total_steps=1, execution="fused")
 
+
 def test_sparse_kernel_equals_reference_for_every_variant(reference_mixed):
     # relu and tied members take the nonzeros of their dense codes; topk members mixed in too.
     assert_same_members(train(MIXED, "sparse", row_chunk=24), reference_mixed)

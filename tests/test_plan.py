@@ -99,7 +99,6 @@ def test_memory_model_holds_within_25_percent(variant, d, n, m, batch, micro, ex
     assert 0.75 <= measured / planned <= 1.25, (measured, planned)
 
 
-
 @pytest.mark.memory
 @pytest.mark.parametrize("execution", ["reference", "fused"])
 def test_memory_model_holds_for_a_skip_transcoder_with_a_wider_output(execution):
@@ -119,6 +118,7 @@ def test_memory_model_holds_for_topk_members_with_auxk(execution):
     planned = model["state_bytes"] + model["step_bytes"] + runtime_bytes("cpu")
     measured = measure_step_peak(members, 1024, 1, steps=3, execution=execution)
     assert 0.75 <= measured / planned <= 1.25, (measured, planned)
+
 
 BIG = grid_members(Grid(dict_sizes=[6144, 12288], l1=[1e-4, 2e-4, 4e-4, 8e-4]), 768)
 
