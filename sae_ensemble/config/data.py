@@ -69,8 +69,9 @@ class Hierarchy:
     exclusive: bool = True
     """Siblings are mutually exclusive: when several would fire, one chosen uniformly at random keeps firing."""
     compensate: bool = False
-    """Raise each child's own probability (sae_lens' compensate_probabilities: / its parent's, x the exclusion's
-    loss) so that its rate after gating is about its Zipf or decay probability."""
+    """Raise each child's own probability as sae_lens' compensate_probabilities does (/ its parent's base probability,
+    x the exclusion's loss at the siblings' base probabilities); exclusive children's rates after gating still fall
+    short of their Zipf or decay probability (docs/synthetic.md measures by how much)."""
 
 
 @dataclass
