@@ -7,7 +7,7 @@ from test_ensemble import D_IN, MIXED, STEPS, sparse_batches
 
 from sae_ensemble.ensemble import Ensemble
 from sae_ensemble.execution import Execution
-from sae_ensemble.kernels import adam, dense, native, sparse
+from sae_ensemble.kernels import adam, auxk, dense, native, sparse
 from sae_ensemble.member import Member
 
 TOPK = [
@@ -73,23 +73,32 @@ AUXK = [
 @pytest.mark.parametrize(
     "members", [AUXK, AUXK + [Member("relu", D_IN, 48, l1=1e-3, seed=0)]], ids=["topk", "mixed-with-relu"]
 )
-def test_sparse_kernel_with_auxk_equals_reference_training(members):
+@pytest.mark.parametrize("way", [auxk.DeadColumns, auxk.AllColumns], ids=["dead-columns (CPU)", "all-columns (CUDA)"])
+def test_sparse_kernel_with_auxk_equals_reference_training(members, way, monkeypatch):
     reference = train(members, "reference")
     dead = reference.with_sparsity(reference.schedules(STEPS)[1])["dead"].sum(-1)
     assert dead[0] > 8 and dead[1] > 0 and dead[2] == 0  # AuxK had dead latents to revive: its loss ran
+    ran = []
+    # both ways on CPU, the first also when every member keeps all its dead latents (no top-k)
+    monkeypatch.setattr(sparse, "auxk_for_step", lambda hp, *shape: ran.append(way) or way(hp, *shape[:-1]))
     assert_same_members(train(members, "sparse", row_chunk=20), reference)
+    assert ran
 
 
 def test_sparse_kernel_with_auxk_gives_the_reference_loss_and_gradients_in_a_step():
     reference = train(AUXK, "reference", steps=30)
-    hparams = reference.with_sparsity(reference.schedules(30)[1])
+    trained = reference.with_sparsity(reference.schedules(30)[1])
+    few = torch.zeros_like(trained["dead"])
+    few[:, [3, 17, 30]] = 1.0  # fewer dead latents than any member's k_aux: each keeps them all, no top-k
     batch = sparse_batches(1, seed=7)[0]
-    expected, expected_aux = reference.grads(batch, hparams)
-    got, aux = reference.grads(batch, hparams, Execution("sparse", 24))
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
-    torch.testing.assert_close(aux["loss"], expected_aux["loss"], atol=1e-7, rtol=1e-6)
-    assert (aux["loss"] > aux["mse"])[:2].all()  # the AuxK term is in the loss
+    for dead in (trained["dead"], few):
+        hparams = {**trained, "dead": dead}
+        expected, expected_aux = reference.grads(batch, hparams)
+        got, aux = reference.grads(batch, hparams, Execution("sparse", 24))
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(aux["loss"], expected_aux["loss"], atol=1e-7, rtol=1e-6)
+        assert (aux["loss"] > aux["mse"])[:2].all()  # the AuxK term is in the loss
 
 
 def test_auto_times_the_sparse_kernel_and_not_the_fused_one_for_auxk_members():
@@ -113,6 +122,27 @@ def three_threads():
     torch.set_num_threads(3)
     yield
     torch.set_num_threads(previous)
+
+
+def test_the_c_topk_gives_torch_topks_values_and_indices(three_threads):
+    """kernels/native.py's row top-k against torch.topk: shapes where its group-maxima bound applies and where it
+    does not (k above n / 8), NaN (largest, as torch's), -inf rows, and ties (values equal; indices distinct)."""
+    assert native.available(), "the C kernels did not build (a compiler is on every machine we test on)"
+    generator = torch.Generator().manual_seed(0)
+    for shape, k in [((8, 64, 1024), 16), ((3, 7, 100), 5), ((4, 33), 33), ((2, 5, 1000), 64), ((5, 300), 1)]:
+        x = torch.randn(*shape, generator=generator)
+        values, indices = native.topk_rows(x, k)
+        expected = torch.topk(x, k)
+        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices), shape
+    x = torch.randn(4, 512, generator=generator)
+    x[0, [5, 400]] = torch.nan
+    x[1] = -torch.inf
+    x[2, :] = 1.0
+    values, indices = native.topk_rows(x, 8)
+    expected = torch.topk(x, 8)
+    assert torch.equal(values.isnan(), expected.values.isnan()) and set(indices[0, :2].tolist()) == {5, 400}
+    assert torch.equal(values.nan_to_num(), expected.values.nan_to_num())
+    assert torch.equal(indices[3], expected.indices[3]) and all(len(set(row.tolist())) == 8 for row in indices)
 
 
 def test_one_pass_adam_gives_the_torch_ops_numbers_bit_for_bit(three_threads):

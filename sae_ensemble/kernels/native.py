@@ -10,6 +10,9 @@
   the L1 term in instead run ~7% slower at d + 1 columns (docs/benchmarks.md).
 - `normalise_backward_` (relu_cpu.c): the gradient through the decoder's row normalisation, a
   row at a time, where the torch ops made three passes over [M, n, d].
+- `topk_rows` (topk_cpu.c): each row's k largest, sorted, for the sparse kernel's small k: torch.topk
+  was the largest op of its CPU step. Its values are torch.topk's; of tied values it may pick other
+  indices (torch's own order among ties is unspecified).
 
 Each gives bit for bit the elementwise numbers of the torch ops it replaces (tests/test_kernels.py
 compares them on random data), so it needs no tolerance of its own; its sums (over rows, and the
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("adam_cpu.c", "relu_cpu.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("adam_cpu.c", "relu_cpu.c", "topk_cpu.c")]
 # -fopenmp: the kernels' threads are torch's own OpenMP pool. The library needs libgomp.so.1, which
 # resolves to the copy torch has loaded already; threads of its own (pthreads) ran against torch's
 # still-spinning OpenMP workers on the same cores and were slower than the torch ops they replace.
@@ -127,8 +130,9 @@ def _kernel():
     library.relu_count.argtypes = library.relu_backward.argtypes = (
         [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     )
-    library.normalise_backward.restype = None
+    library.normalise_backward.restype = library.topk_rows.restype = None
     library.normalise_backward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    library.topk_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return library, vsqrt
 
 
@@ -242,6 +246,18 @@ def normalise_backward_(g: torch.Tensor, D: torch.Tensor, norms: torch.Tensor) -
         g.shape[-1],
         torch.get_num_threads(),
     )
+
+
+def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [..., k] of the k largest along x's last dimension, largest first, as torch.topk's."""
+    assert fits(x) and 0 < k <= x.shape[-1], "topk_rows needs a contiguous float32 CPU tensor and 0 < k <= its width"
+    values = x.new_empty(*x.shape[:-1], k)
+    indices = torch.empty(values.shape, dtype=torch.int64)
+    n = x.shape[-1]
+    _run(
+        "topk_rows", x.data_ptr(), values.data_ptr(), indices.data_ptr(), x.numel() // n, n, k, torch.get_num_threads()
+    )
+    return values, indices
 
 
 def _run(name: str, *args) -> None:
