@@ -74,8 +74,9 @@ AUTO_CANDIDATES = {
 }
 """What `auto` may run per variant; the architectures/ variants beyond sae.py's have only the reference."""
 # AuxK (sae.auxk_loss) beyond a top-k step, in units of A: the reference's masked pre-activations, their scatter
-# and their gradients; the sparse kernel's masked copy (fitted as STEP_COST on d=512, n=8192, docs/benchmarks.md).
-AUXK_COST = {"reference": 11.5, "sparse": 1.5}
+# and their gradients; the sparse kernel's [M, b, dead columns] tensors, freed before its peak (measured on d=512,
+# n=8192 with most latents dead: 0.2 A; docs/benchmarks.md).
+AUXK_COST = {"reference": 11.5, "sparse": 0.25}
 # Micro-batches of the reference add more than their gradient accumulator (P): each part's gradients
 # land in new blocks of the untrimmed heap, so on CPU they pay off only when A dominates P. The kernels
 # accumulate over row chunks in place: fused needs no such term, sparse 1 P (docs/benchmarks.md).
