@@ -53,8 +53,8 @@ def grads(
     D_flat = D.reshape(M * n, o)
     W_skip_t = params["W_skip"].mT if layout.skip else None  # [M, d, o]
 
-    g_D = torch.zeros(M * n, o, dtype=x.dtype, device=x.device)
-    g_W_enc = torch.zeros(M * n, d, dtype=x.dtype, device=x.device)
+    g_D: torch.Tensor | None = None  # [M·n, o]: the first chunk's product is the sum (no zero-fill pass)
+    g_W_enc: torch.Tensor | None = None  # [M·n, d]
     g_W_skip: torch.Tensor | None = None
     g_pre_sum = x.new_zeros(M * n)
     fired = x.new_zeros(M * n)
@@ -101,8 +101,8 @@ def grads(
         fired.index_add_(0, codes.columns, active.to(x.dtype))
         g_pre_sum.index_add_(0, codes.columns, g_pre)
         by_column = transposed(codes.rows, codes.columns, M * b, M * n)
-        g_D += torch.sparse.mm(by_column(codes.values), g_xhat)
-        g_W_enc += torch.sparse.mm(by_column(g_pre), centred.reshape(M * b, d))
+        g_D = _added(g_D, torch.sparse.mm(by_column(codes.values), g_xhat))
+        g_W_enc = _added(g_W_enc, torch.sparse.mm(by_column(g_pre), centred.reshape(M * b, d)))
         if dead is not None:
             auxk.backward(dead, err, D_flat, g_D, g_W_enc, g_pre_sum, centred)
 
@@ -118,3 +118,8 @@ def grads(
         auxk.loss if auxk else None,
     )
     return finish(params, hp, layout, D, norms, sums, B)
+
+
+def _added(total: torch.Tensor | None, product: torch.Tensor) -> torch.Tensor:
+    """total + product in place, or the product itself for the first chunk."""
+    return product if total is None else total.add_(product)
