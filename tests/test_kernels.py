@@ -375,7 +375,11 @@ def cuda(test):
 
 
 @cuda
-@pytest.mark.parametrize("execution,members", [("fused", MIXED), ("sparse", TOPK)], ids=["fused", "sparse"])
+@pytest.mark.parametrize(
+    "execution,members",
+    [("fused", MIXED), ("sparse", TOPK), ("sparse", AUXK)],
+    ids=["fused", "sparse", "sparse-auxk (all columns)"],
+)
 def test_cuda_kernels_equal_the_cpu_reference(execution, members):
     """On CUDA in full fp32 (TF32 off): the kernels' members equal the CPU reference's to 1e-4 after 50 steps."""
     previous = torch.backends.cuda.matmul.allow_tf32
