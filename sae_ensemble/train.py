@@ -287,13 +287,15 @@ def _final_metrics(
     # the plan counted those; a forward pass holds fewer. Larger pieces could break the budget.
     rows_per_part = -(-training.batch_size // ensemble.micro_batches)
     truth = store.ground_truth()  # a paired store's: of the target, which transcoders' decoders write
-    scan = _detection(ensemble, store, len(x), truth.to(device)) if truth is not None and not store.target_at else None
+    truth = None if truth is None else truth.to(device)
+    scan = _detection(ensemble, store, len(x), truth) if truth is not None and not store.target_at else None
     target_at = getattr(ensemble.layout, "target_at", 0)
     result = metrics.heldout_metrics(x, ensemble.forward, mask, rows_per_part, target_at, scan and scan.observe)
     result["dead_frac"] = counter.dead_fraction(mask)
     if truth is not None:
-        result["mmcs_truth"] = metrics.mmcs_truth(ensemble.decoders(), mask, truth.to(device))
-        result.update(truth_metrics.dictionary_scores(ensemble.decoders(), mask, truth.to(device)))
+        decoders = ensemble.decoders()
+        result["mmcs_truth"] = metrics.mmcs_truth(decoders, mask, truth)
+        result.update(truth_metrics.dictionary_scores(decoders, mask, truth))
         result.update(scan.scores() if scan is not None else {})
     if truth is not None and store.target_at:  # and their encoders read the input's features
         paired = store.paired_truth()

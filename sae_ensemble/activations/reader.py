@@ -375,7 +375,8 @@ class ActivationStore:
         path = self.path / GROUND_TRUTH
         if not self.truth_tensors():
             return None
-        tensors = {name: value.float() for name, value in self.truth_tensors().items()}
+        # the directions only: the held-out codes and the world's other records stay as stored
+        tensors = {k: v.float() for k, v in self.truth_tensors().items() if k in ("features", "features_out", "skip")}
         width = self.target_at or self.d_in
         if "features" not in tensors or tensors["features"].ndim != 2 or tensors["features"].shape[1] != width:
             raise StoreError(f"{path} must hold one tensor 'features' of shape [n_features, {width}].")

@@ -35,7 +35,7 @@ class _Loss:
 
     def __init__(self, hp: Hparams, layout: Layout, B: int, o: int) -> None:
         self.hp, self.k = hp, layout.k_aux
-        n_dead = hp["dead"].sum(-1)  # [M]
+        self.n_dead = n_dead = hp["dead"].sum(-1)  # [M]
         self.kept_ranks = torch.minimum(hp["k_aux"], n_dead)  # [M]
         # d(loss)/d(recon - residual) = 2 * coefficient * min(n_dead / k_aux, 1) / (B o) * (recon - residual)
         self.scale = hp["auxk_coefficient"] * torch.clamp(n_dead / hp["k_aux"], max=1.0)  # [M]
@@ -59,11 +59,10 @@ class DeadColumns(_Loss):
 
     def __init__(self, hp: Hparams, layout: Layout, B: int, o: int) -> None:
         super().__init__(hp, layout, B, o)
-        n_dead = hp["dead"].sum(-1)
-        width = int(n_dead.max())
+        width = int(self.n_dead.max())
         self.live, self.ids = torch.topk(hp["dead"], width, dim=-1)  # [M, w]: the dead first (1.0), then padding
         # every member keeps all its dead latents: the selection is the mask, no top-k
-        self.keeps_all = bool((n_dead <= hp["k_aux"]).all())
+        self.keeps_all = bool((self.n_dead <= hp["k_aux"]).all())
         self.k = min(self.k, width)
 
     def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
