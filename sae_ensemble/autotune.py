@@ -7,7 +7,10 @@ keeps its faster time: on a shared machine a burst of load then slows one timing
 
 The candidates, each of which has won a measurement on some device (docs/benchmarks.md, "Which
 candidate won where"):
-- the reference, vmap(grad(loss));
+- the reference, vmap(grad(loss)), only where no kernel candidate could be timed (each ran out of memory), or
+  where the sparse kernel's density test needs the members' L0 and no fused candidate measured it: against
+  a kernel that implements the members it never won, and its first call alone (vmap's tracing) took most
+  of a short run's tuning;
 - the fused kernel (kernels/dense.py) over the whole micro-batch and, on CPU, over row chunks whose
   [M, chunk, n] tiles fit in cache; when compiled, also its passes on feature-major tiles (`transposed`);
 - the sparse kernel (kernels/sparse.py) for all-topk ensembles, and for others once the measured L0
@@ -67,7 +70,7 @@ def tune(
             pass
         return aux
 
-    aux = measure(REFERENCE)
+    aux: dict[str, torch.Tensor] = {}
     # Eagerly `default_passes` knows the fastest; compiled, the tile layouts fuse alike and only timing can say.
     others = (
         ["transposed"]
@@ -79,10 +82,14 @@ def tune(
         for passes in others:
             measure(Execution("fused", chunk, passes))
     if "sparse" in shape.kernels and shape.kernel_dtype == torch.float32:  # the sparse kernel runs in float32
+        if not (shape.all_topk or aux):
+            aux = measure(REFERENCE)  # the density test needs the members' L0, and no fused candidate measured it
         density = float((aux["l0"] / features).max()) if aux else 1.0
         if shape.all_topk or density <= SPARSE_DENSITY:
             for chunk in chunks:
                 measure(Execution("sparse", chunk))
+    if not timings:  # every kernel candidate ran out of memory: the reference is what is left
+        measure(REFERENCE)
     for execution in reversed(list(timings)):  # the second round, in reverse order
         measure(execution, warmup=0)
     best = min(timings, key=timings.__getitem__)

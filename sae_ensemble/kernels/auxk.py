@@ -5,7 +5,8 @@ hold 0) reconstruct the detached residual through the unit-norm dictionary, scal
 min(n_dead / k_aux, 1). Two ways to run it, equal to the reference and to each other (tests/test_kernels.py):
 - `DeadColumns` (CPU): the dead latents' ids are read on the host once per step, and the loss runs densely
   on the [M, b, w] pre-activations of those w columns (w = the most dead latents of any member). Dead latents
-  are few, so its batched GEMMs are small, and it needs no sort and no sparse product;
+  are few, so its batched GEMMs are small, and it needs no sparse product; its selection (k_aux of w, k_aux
+  near w) is a mask from native.keep_largest where the C kernels run, else torch.topk;
 - `AllColumns` (CUDA: no host read, static shapes): the selection runs over every column with the live ones
   at -inf, and its k_aux entries per row form a second sparse pattern through the sparse kernel's products.
 """
@@ -15,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sae_ensemble.kernels.common import row_topk
+from sae_ensemble.kernels import native
+from sae_ensemble.kernels.common import native_path, row_topk
 from sae_ensemble.kernels.patterns import fixed_k, transposed
 from sae_ensemble.sae import Hparams, Layout
 
@@ -73,6 +75,8 @@ class DeadColumns(_Loss):
         live = self.live.unsqueeze(1) > 0
         if self.keeps_all:
             return torch.where(live, candidates, 0.0), live.expand_as(candidates).to(pre.dtype)
+        if native_path(pre.device.type, pre.dtype):
+            return native.keep_largest(candidates, self.live, self.kept_ranks)
         values, at = row_topk(torch.where(live, candidates, -torch.inf), self.k)
         kept = self.kept(values)
         codes = torch.zeros_like(candidates).scatter_(-1, at, torch.where(kept, values, 0.0))  # never -inf * 0

@@ -13,6 +13,10 @@
 - `topk_rows` (topk_cpu.c): each row's k largest, sorted, for the sparse kernel's small k: torch.topk
   was the largest op of its CPU step. Its values are torch.topk's; of tied values it may pick other
   indices (torch's own order among ties is unspecified).
+- `keep_largest` (topk_cpu.c): AuxK's selection as a mask, k near the width (64 of ~110 dead latents),
+  by selection of the k-th rather than torch.topk's sort: the same set, ties aside.
+- `column_order` (topk_cpu.c): the sparse kernel's transpose, a stable counting sort of the entries'
+  columns where torch.sort's comparison sort took 5% of a top-k step: the same permutation.
 
 Each gives bit for bit the elementwise numbers of the torch ops it replaces (tests/test_kernels.py
 compares them on random data), so it needs no tolerance of its own; its sums (over rows, and the
@@ -133,6 +137,9 @@ def _kernel():
     library.normalise_backward.restype = library.topk_rows.restype = None
     library.normalise_backward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     library.topk_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    library.keep_largest.restype = library.column_order.restype = None
+    library.column_order.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    library.keep_largest.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return library, vsqrt
 
 
@@ -258,6 +265,40 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         "topk_rows", x.data_ptr(), values.data_ptr(), indices.data_ptr(), x.numel() // n, n, k, torch.get_num_threads()
     )
     return values, indices
+
+
+def keep_largest(x: torch.Tensor, live: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, mask) [M, b, n]: of each row of member m's x [M, b, n], among the columns where live [M, n] is
+    nonzero, the k[m] largest: mask 1.0 there, codes x there, both 0.0 elsewhere. A row keeps min(k[m], its live
+    entries, not counting -inf); NaN ranks above every number (torch.topk's order); of values equal to the k-th,
+    the earlier columns are kept."""
+    k, live = k.to(torch.int64).contiguous(), live.to(x.dtype).contiguous()
+    assert fits(x) and x.dim() == 3 and k.shape == x.shape[:1] and live.shape == (x.shape[0], x.shape[2]), (
+        "keep_largest needs a contiguous float32 CPU x [M, b, n], live [M, n] and k [M]"
+    )
+    codes, mask = torch.empty_like(x), torch.empty_like(x)
+    _run(
+        "keep_largest",
+        x.data_ptr(),
+        live.data_ptr(),
+        k.data_ptr(),
+        codes.data_ptr(),
+        mask.data_ptr(),
+        *x.shape,
+        torch.get_num_threads(),
+    )
+    return codes, mask
+
+
+def column_order(columns: torch.Tensor, n_columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order [nnz], crow [n_columns + 1]): a stable sort of `columns` (int64, each in [0, n_columns)) by counting,
+    as torch.sort(columns, stable=True)'s indices, and the CSR pointers of the sorted columns."""
+    assert columns.dtype == torch.int64 and columns.device.type == "cpu" and columns.dim() == 1
+    columns = columns.contiguous()
+    order = torch.empty_like(columns)
+    crow = torch.empty(n_columns + 1, dtype=torch.int64)
+    _run("column_order", columns.data_ptr(), columns.numel(), n_columns, order.data_ptr(), crow.data_ptr())
+    return order, crow
 
 
 def _run(name: str, *args) -> None:

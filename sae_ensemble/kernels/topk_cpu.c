@@ -1,13 +1,15 @@
-/* Row-wise top-k of a float32 [rows, n] matrix for small k, called through kernels/native.py: the
- * sparse kernel's selection (kernels/patterns.py), which torch.topk made the largest op of a top-k
- * step on CPU (docs/benchmarks.md).
+/* Row-wise selections of the k largest, called through kernels/native.py: `topk_rows`, for small k, is
+ * the sparse kernel's selection (kernels/patterns.py), which torch.topk made the largest op of a top-k
+ * step on CPU; `keep_largest`, for k near the width, is AuxK's over the dead latents (docs/benchmarks.md).
  *
+ * topk_rows:
  * Each row keeps its k largest so far in descending order; of each block of 8 values only those above
  * the current k-th (one AVX compare gives their bits) are looked at one by one, so most of a row costs
  * a compare per 8 values. NaN counts as larger than any number, as torch.topk's does. Of equal
  * values the earlier column ranks first; torch.topk breaks ties in no fixed order, so the two agree
  * on values always and on indices wherever the values differ. Rows are split over torch's OpenMP pool. */
 #include <stdint.h>
+#include <stdlib.h>
 #ifdef __AVX__
 #include <immintrin.h>
 #endif
@@ -102,4 +104,106 @@ void topk_rows(const float *x, float *values, int64_t *indices, int64_t rows, in
     for (; j < n; ++j)
       if (beats(row[j], vals[k - 1])) insert(vals, idx, &count, k, row[j], j);
   }
+}
+
+/* Order-preserving integer key of a float: larger float, larger key; every NaN above +inf (torch.topk's order). */
+static inline uint32_t order_key(float v) {
+  union { float f; uint32_t u; } bits = {v};
+  if (v != v) return UINT32_MAX;
+  return (bits.u & 0x80000000u) ? ~bits.u : bits.u | 0x80000000u;
+}
+
+/* The k-th largest of keys[0..n) (1 <= k <= n), reordering them: quickselect with branch-free partitions
+ * (a branch per element mispredicts about half the time on these unordered rows and cost most of the time). */
+static uint32_t kth_largest(uint32_t *restrict keys, int64_t n, int64_t k) {
+  int64_t lo = 0, hi = n, want = k - 1; /* keys[lo..hi) hold the want-th largest (0-based) */
+  while (hi - lo > 1) {
+    uint32_t a = keys[lo], b = keys[lo + (hi - lo) / 2], c = keys[hi - 1];
+    uint32_t low = a < b ? a : b, high = a < b ? b : a;
+    uint32_t pivot = c < low ? low : c > high ? high : c; /* median of three */
+    int64_t p = lo;
+    for (int64_t j = lo; j < hi; ++j) { /* the larger ones first: [lo, p) > pivot */
+      uint32_t v = keys[j];
+      keys[j] = keys[p];
+      keys[p] = v;
+      p += v > pivot;
+    }
+    if (want < p) {
+      hi = p;
+      continue;
+    }
+    int64_t q = p;
+    for (int64_t j = p; j < hi; ++j) { /* then the pivot's equals: [p, q) == pivot (at least the pivot itself) */
+      uint32_t v = keys[j];
+      keys[j] = keys[q];
+      keys[q] = v;
+      q += v == pivot;
+    }
+    if (want < q) return pivot;
+    lo = q;
+  }
+  return keys[want];
+}
+
+/* AuxK's selection (kernels/auxk.py): of each row of member m's x [M, b, n], among the columns where
+ * live [M, n] is nonzero, the k[m] largest: mask [M, b, n] = 1.0 there, else 0.0, and codes = x there, else
+ * 0.0. The k-th is found by selection, not a sort (torch.topk with k near n sorted most of each row). A row
+ * keeps min(k[m], its live entries); of values equal to the k-th, the earlier columns are kept. */
+void keep_largest(const float *x, const float *live, const int64_t *k, float *codes, float *mask, int64_t M, int64_t b,
+                  int64_t n, int threads) {
+#pragma omp parallel num_threads(M * b * n < 65536 ? 1 : threads)
+  {
+    uint32_t *keys = malloc(sizeof(uint32_t) * 2 * (size_t)(n > 0 ? n : 1)), *work = keys + n;
+    const uint32_t floor_key = order_key(-__builtin_inff());
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < M * b; ++r) {
+      const float *restrict row = x + r * n, *restrict alive = live + (r / b) * n;
+      float *restrict out = mask + r * n, *restrict code = codes + r * n;
+      int64_t finite = 0;
+      for (int64_t j = 0; j < n; ++j) { /* dead columns and -inf share the lowest key: never kept */
+        keys[j] = alive[j] != 0.0f ? order_key(row[j]) : floor_key;
+        finite += keys[j] > floor_key;
+      }
+      int64_t want = k[r / b] < finite ? k[r / b] : finite;
+      uint32_t kth = floor_key + 1; /* keeps every entry above -inf */
+      if (want < finite) {
+        if (want <= 0) {
+          for (int64_t j = 0; j < n; ++j) out[j] = code[j] = 0.0f;
+          continue;
+        }
+        for (int64_t j = 0; j < n; ++j) work[j] = keys[j];
+        kth = kth_largest(work, n, want);
+      }
+      int64_t kept = 0;
+      for (int64_t j = 0; j < n; ++j) kept += keys[j] >= kth;
+      if (kept == want) {
+        for (int64_t j = 0; j < n; ++j) {
+          out[j] = keys[j] >= kth ? 1.0f : 0.0f;
+          code[j] = keys[j] >= kth ? row[j] : 0.0f;
+        }
+        continue;
+      }
+      int64_t ties = want; /* more values equal the k-th than are kept: the earliest columns of them */
+      for (int64_t j = 0; j < n; ++j) ties -= keys[j] > kth;
+      for (int64_t j = 0; j < n; ++j) {
+        int keep = keys[j] > kth || (keys[j] == kth && ties-- > 0);
+        out[j] = keep ? 1.0f : 0.0f;
+        code[j] = keep ? row[j] : 0.0f;
+      }
+    }
+    free(keys);
+  }
+}
+
+/* The sparse kernel's transpose (kernels/patterns.py): a stable counting sort of the entries' columns
+ * [nnz] (each in [0, n_columns)): order [nnz] lists the entries column by column, and crow [n_columns + 1]
+ * points at each column's first. torch.sort's comparison sort of the same keys was 5% of a top-k step. */
+void column_order(const int64_t *columns, int64_t nnz, int64_t n_columns, int64_t *order, int64_t *crow) {
+  for (int64_t c = 0; c <= n_columns; ++c) crow[c] = 0;
+  for (int64_t e = 0; e < nnz; ++e) ++crow[columns[e] + 1];
+  for (int64_t c = 0; c < n_columns; ++c) crow[c + 1] += crow[c];
+  int64_t *next = malloc(sizeof(int64_t) * (size_t)(n_columns > 0 ? n_columns : 1));
+  for (int64_t c = 0; c < n_columns; ++c) next[c] = crow[c];
+  for (int64_t e = 0; e < nnz; ++e) order[next[columns[e]]++] = e;
+  free(next);
 }
