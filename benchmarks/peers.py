@@ -113,20 +113,29 @@ TINY = {  # --tiny: 20 steps at toy sizes, for the tests (does every side train 
 }
 
 
-def peer_fixed(peer: str, architecture: str, d_in: int) -> dict[str, float]:
+def peer_fixed(peer: str, architecture: str, d_in: int) -> dict[str, float | bool]:
     """What each peer fixes and lets no user set, as our members' settings, so both sides train the same SAEs (a
-    300-step training depends on both: docs/benchmarks.md, "Peers").
+    300-step training depends on them: docs/benchmarks.md, "Peers").
 
     encoder_init_norm: SAELens is given ours (decoder_init_norm=1.0, encoder = the decoder's transpose);
     dictionary_learning's ReLU AutoEncoder starts both at 0.1 (its top-k SAEs at unit rows); sparsify's encoder is
     nn.Linear's default init, U(-1/sqrt(d), 1/sqrt(d)), rows of norm 1/sqrt(3) in expectation.
     max_grad_norm: SAELens and dictionary_learning clip every step at 1.0 of their loss, which is d_in times ours
-    (1 / d_in here); sparsify does not clip."""
+    (1 / d_in here); sparsify does not clip.
+    learned_decoder_norm: SAELens' TopK trains an unconstrained W_dec whose row norms scale the pre-activations
+    (rescale_acts_by_decoder_norm; with it off the rows are still free, and no setting keeps them unit norm);
+    dictionary_learning and sparsify keep unit rows, as ours do by default."""
     init = 0.1 if (peer, architecture) == ("dictionary_learning", "relu") else 3**-0.5 if peer == "sparsify" else 1.0
-    return {"encoder_init_norm": init, "max_grad_norm": 0.0 if peer == "sparsify" else 1.0 / d_in}
+    fixed: dict[str, float | bool] = {
+        "encoder_init_norm": init,
+        "max_grad_norm": 0.0 if peer == "sparsify" else 1 / d_in,
+    }
+    if (peer, architecture) == ("saelens", "topk"):
+        fixed["learned_decoder_norm"] = True
+    return fixed
 
 
-def our_member(case: Case, spec: dict, fixed: dict[str, float] | None = None) -> Member:
+def our_member(case: Case, spec: dict, fixed: dict[str, float | bool] | None = None) -> Member:
     """The peer spec's member as our Member (the same hyperparameters; the runners convert them for each library)."""
     extra = {"l1": spec["l1"]} if case.architecture == "relu" else {"k": spec["k"]}
     if spec.get("auxk"):
@@ -164,7 +173,12 @@ def write_rows(case: Case, directory: Path) -> tuple[Path, Path]:
 
 
 def train_ours(
-    case: Case, train_path: Path, heldout_path: Path, device: str, threads: int, fixed: dict[str, float] | None = None
+    case: Case,
+    train_path: Path,
+    heldout_path: Path,
+    device: str,
+    threads: int,
+    fixed: dict[str, float | bool] | None = None,
 ) -> dict:
     """The grid as a sweep worker trains it: planned ensembles, autotuned, stepped in turn on every batch."""
     from safetensors.torch import load_file
@@ -205,7 +219,7 @@ def train_ours(
             quality[member.member_id] = {"fvu": float(result["fvu"][i]), "l0": float(result["l0"][i])}
     by_spec = {our_member(case, m, fixed).member_id: m["member_id"] for m in case.members}
     return {
-        "settings": {k: round(v, 6) for k, v in (fixed or {}).items()},
+        "settings": {k: v if isinstance(v, bool) else round(v, 6) for k, v in (fixed or {}).items()},
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "execution": [e.choice for e in ensembles],

@@ -14,8 +14,8 @@ One step:
   3. Adam on the stacked tensors directly, no vmap (Adam is elementwise), the per-member lr broadcast
      over the member axis: kernels/adam.py, one Adam per device whatever computed the gradients (equal
      to torchopt's `scale_by_adam`, the definition the tests hold it to);
-  4. decoder rows are rescaled to unit norm, and an architecture's untrained state (BatchTopK's
-     running threshold) takes its new value from the step's aux outputs;
+  4. decoder rows are rescaled to unit norm (not learned-norm members': sae.effective), and an
+     architecture's untrained state (BatchTopK's running threshold) takes its value from the step's aux;
   5. members due to resample (relu, tied with resample_every; resample.py) re-initialise their dead
      features from this batch;
   6. a member whose loss or gradient is not finite skips the step (params and moments
@@ -104,13 +104,8 @@ class Ensemble:
         # `auto` tunes only where a kernel applies: other architectures have the reference alone.
         self.kernels = executions.kernels_for([m.variant for m in members], auxk)
         self.auto = kind == ExecutionKind.auto and bool(self.kernels)
-        fixed = (
-            execution
-            if isinstance(execution, Execution)
-            else executions.REFERENCE
-            if kind == ExecutionKind.auto
-            else Execution(kind)
-        )
+        default = "reference" if kind == ExecutionKind.auto else kind
+        fixed = execution if isinstance(execution, Execution) else Execution(default)
         self.execution: Execution | None = None if self.auto else fixed  # None until the first tuning
         self.autotune_report: dict[str, float] = {}  # {candidate: ms per gradient} of the latest tuning
 
@@ -131,10 +126,10 @@ class Ensemble:
         self.last_resampled: dict[int, int] = {}  # {member index: features} of the latest resample
 
         self.opt_state = AdamState.zeros_like(self.params)
+        unit = [not getattr(m, "learned_decoder_norm", False) for m in members]  # whose rows Adam renormalises
+        self._unit = torch.tensor(unit, device=self.device) if any(unit) and not all(unit) else all(unit)
         self.alive = torch.ones(len(members), dtype=torch.bool, device=self.device)
-        self.nonfinite_streak = torch.zeros(
-            len(members), dtype=torch.int64, device=self.device
-        )  # [M] non-finite steps in a row
+        self.nonfinite_streak = torch.zeros(len(members), dtype=torch.int64, device=self.device)  # [M] in a row
         self.step_count = 0
         self._device_step = torch.zeros((), device=self.device)  # step_count on the device, read by the step itself
         self._graphs = GraphedStep(self.device) if cuda_graphs and self.device.type == "cuda" else None
@@ -205,23 +200,11 @@ class Ensemble:
         the weights sum to 1).
         """
         execution = execution or self.execution or executions.REFERENCE
-        chunk = execution.row_chunk or -(-batch.shape[0] // self.micro_batches)
-        if execution.kind == "sparse":
-            return kernels.sparse.grads(self.params, hparams, batch, self.layout, row_chunk=chunk)
-        if execution.kind == "fused":
-            return self._dense_grads(
-                self.params,
-                hparams,
-                batch,
-                self.layout,
-                row_chunk=chunk,
-                dtype=self.kernel_dtype,
-                passes=execution.passes,
-            )
+        if execution.kind != "reference":
+            return self._kernel_grads(batch, hparams, execution)
         if self.micro_batches == 1:
             return self._reference(batch, hparams)
-        total: dict[str, torch.Tensor] = {}
-        total_aux: dict[str, torch.Tensor] = {}
+        total, total_aux = {}, {}  # the parts' sums
         for part in batch.tensor_split(self.micro_batches):
             weight = part.shape[0] / batch.shape[0]
             grads, aux = self._reference(part, hparams)
@@ -233,6 +216,21 @@ class Ensemble:
                     value = value if name == "fired" else value * weight  # firing counts add up
                     out[name] = out[name] + value if name in out else value
         return total, total_aux
+
+    def _kernel_grads(self, batch: torch.Tensor, hparams: dict[str, torch.Tensor], execution: Execution):
+        """A kernel's gradients; learned-norm members' through sae.effective (the kernels assume unit rows)."""
+        params, scales = self.params, None
+        if getattr(self.layout, "learned_norm", False):
+            scales = sae.decoder_scales(params, hparams)
+            params = sae.effective(params, hparams, self.layout, scales)
+        chunk = execution.row_chunk or -(-batch.shape[0] // self.micro_batches)
+        if execution.kind == "sparse":
+            grads, aux = kernels.sparse.grads(params, hparams, batch, self.layout, row_chunk=chunk)
+        else:
+            grads, aux = self._dense_grads(
+                params, hparams, batch, self.layout, row_chunk=chunk, dtype=self.kernel_dtype, passes=execution.passes
+            )
+        return grads if scales is None else sae.effective_backward(self.params, hparams, grads, scales), aux
 
     def _reference(self, batch: torch.Tensor, hparams: dict[str, torch.Tensor]):
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast_bf16 else contextlib.nullcontext()
@@ -303,7 +301,9 @@ class Ensemble:
             grads = kernels.adam.clip_by_global_norm(grads, self.max_grad_norm)
         ok = self.alive & torch.isfinite(aux["loss"])
         step = self._device_step
-        taken = self._adam_step(self.params, grads, self.opt_state, step + 1, lr, ok, check_on_host=self._check_on_host)
+        taken = self._adam_step(
+            self.params, grads, self.opt_state, step + 1, lr, ok, check_on_host=self._check_on_host, unit=self._unit
+        )
         with torch.no_grad():  # a member that skipped the step keeps its counts, as its params
             fired = torch.nan_to_num(aux["fired"]) > 0
             since = torch.where(fired, 0.0, self.tokens_since_fired + batch.shape[0])
@@ -333,17 +333,19 @@ class Ensemble:
 
     # -- plain-data views ------------------------------------------------------
 
-    def member_state(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def member_state(self, index: int, folded: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(params, optimizer moments) of one member, unpadded, on CPU.
 
-        W_dec is the member's unit-norm dictionary (for tied members, the
-        normalised encoder), so every saved SAE decodes the same way.
+        W_dec is the member's unit-norm dictionary (for tied members, the normalised encoder), so every saved SAE
+        decodes the same way; `folded`: a learned-norm member's norms too (sae.folded; checkpoints keep them).
         """
         member = self.members[index]
         params = {name: p[index].detach().cpu().clone() for name, p in self.params.items()}
         hp = {name: h[index].cpu() for name, h in self.hparams.items()}
         if member.variant == "tied":  # stored W_dec rows are already unit norm; renormalising would perturb a resume
             params["W_dec"] = sae.decoder(params, hp, sae.layout([member]))
+        if folded and getattr(member, "learned_decoder_norm", False):
+            params = sae.folded(params, hp, sae.layout([member]))
         params = architectures.unpad(self.architecture, params, member.dict_size)
         moments = {}
         for prefix, tree in (("mu", self.opt_state.mu), ("nu", self.opt_state.nu)):

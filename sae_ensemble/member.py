@@ -64,6 +64,11 @@ class Member:
     SAELens and dictionary_learning always clip at 1.0 of their loss, which is d_in times ours: 1 / d_in here."""
     encoder_init_norm: float = 1.0
     """Norm of each encoder row at init (the encoder starts as this times the decoder's unit rows)."""
+    learned_decoder_norm: bool = False
+    """topk SAEs: the decoder rows keep a learned norm (no renormalisation), which scales each feature's
+    pre-activation before the top-k, and the decoder uses the rows' directions: SAELens' TopK training (an
+    unconstrained W_dec with rescale_acts_by_decoder_norm, its default). The same SAEs as unit rows, reached by
+    another optimisation path; the SAE saved at the end has the norms folded into its encoder (unit rows)."""
     d_out: int = 0
     """A transcoder's output width: it encodes an input of width d_in and reconstructs another activation of width
     d_out (its batches are [input | target], the target from column d_in); 0 = an SAE, reconstructing its input."""
@@ -137,6 +142,10 @@ class Member:
             raise ValueError(f"resample_every={self.resample_every} re-initialises SAE features; transcoders have none")
         if self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} must be non-negative (0 = no clipping)")
+        if self.learned_decoder_norm and (self.variant != "topk" or self.d_out):
+            raise ValueError(
+                f"learned_decoder_norm=True is for topk SAEs only (variant={self.variant}, d_out={self.d_out})"
+            )
         if not self.encoder_init_norm > 0:
             raise ValueError(f"encoder_init_norm={self.encoder_init_norm} must be positive")
         if self.bias_decay < 0:
@@ -191,6 +200,8 @@ class Member:
             sparsity.append(f"gc{self.max_grad_norm:g}")
         if self.encoder_init_norm != 1.0:  # only when set: ids of members at the default do not change
             sparsity.append(f"ein{self.encoder_init_norm:g}")
+        if self.learned_decoder_norm:
+            sparsity.append("ldn")
         transcoder = [f"{'skip' if self.skip_connection else ''}tc{self.d_out}"] if self.d_out else []
         parts = [
             self.variant,

@@ -44,7 +44,7 @@ COLUMNS = (
     # SAELens / SAEBench names (docs/metrics.md): their `l1` is our l1_norm, their `mse` is d_in x ours
     "explained_variance", "cossim", "l2_ratio", "relative_reconstruction_bias", "ce_loss_score", "kl_div_score",
     "kl_zero_ablation",
-    "d_in", "use_b_dec", "encoder_init_norm", "max_grad_norm", "d_out", "skip_connection",
+    "d_in", "use_b_dec", "encoder_init_norm", "learned_decoder_norm", "max_grad_norm", "d_out", "skip_connection",
     "lr_warmup_steps", "lr_decay_steps", "l1_warmup_steps",
     # the architectures' own hyperparameters (docs/architectures.md)
     "l0_coefficient", "threshold", "bandwidth", "topk_threshold_lr", "matryoshka_widths", "auxk_dead_tokens",

@@ -38,7 +38,9 @@ by min(n_dead / k_aux, 1) as SAELens' TopKTrainingSAE.calculate_topk_aux_loss do
 Decoder rows are unit norm by construction: `decoder()` divides each row by its
 norm in the forward pass (so the loss cannot shrink the dictionary to cheat the
 L1 term), and the ensemble rescales stored rows to unit norm after every step,
-so a saved W_dec is exactly the dictionary the SAE used.
+so a saved W_dec is exactly the dictionary the SAE used. A learned-norm topk member
+(hparam `learned_norm`, SAELens' TopK training) keeps its rows' norms as a per-feature
+scale of its encoder (`effective`); it is saved folded, with unit rows (`folded`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ HYPERPARAMETERS = (
     "k_aux",
     "auxk_dead_tokens",
     "d_in",
+    "learned_decoder_norm",
 )  # the member fields make_hparams reads
 
 Params = dict[str, torch.Tensor]
@@ -116,6 +119,7 @@ def make_hparams(
     k_aux: int = 0,
     auxk_dead_tokens: int = 0,
     d_in: int = 0,
+    learned_decoder_norm: bool = False,
 ) -> Hparams:
     """Hyperparameter tensors of one member (see the module docstring); `layout` is unused here (other
     architectures size some hparams by their ensemble's layout)."""
@@ -131,6 +135,7 @@ def make_hparams(
         "tied": torch.tensor(float(variant == "tied")),
         "topk": torch.tensor(float(variant == "topk")),
         "use_b_dec": torch.tensor(float(use_b_dec)),
+        "learned_norm": torch.tensor(float(learned_decoder_norm)),
         "feature_mask": mask,
     }
 
@@ -155,9 +160,19 @@ class Layout(NamedTuple):
     """Transcoders: the column of a batch where the target starts (= d_in); 0: SAEs, whose target is the input."""
     skip: bool = False
     """Skip transcoders: add the linear path x @ W_skip.T to the output."""
+    learned_norm: bool = False
+    """Some member's decoder rows keep a learned norm that scales its encoder (`effective`)."""
 
     @classmethod
-    def of(cls, variants: list[str], ks: list[int], k_aux: int = 0, target_at: int = 0, skip: bool = False) -> Layout:
+    def of(
+        cls,
+        variants: list[str],
+        ks: list[int],
+        k_aux: int = 0,
+        target_at: int = 0,
+        skip: bool = False,
+        learned_norm: bool = False,
+    ) -> Layout:
         k_max = max((k for v, k in zip(variants, ks) if v == "topk"), default=0)
         tied = [v == "tied" for v in variants]
         return cls(
@@ -168,6 +183,7 @@ class Layout(NamedTuple):
             k_aux=k_aux,
             target_at=target_at,
             skip=skip,
+            learned_norm=learned_norm,
         )
 
 
@@ -177,7 +193,8 @@ def layout(members) -> Layout:
         (auxk_size(m.k_aux, m.d_in, m.dict_size) for m in members if m.variant == "topk" and m.auxk_dead_tokens > 0),
         default=0,
     )
-    return Layout.of([m.variant for m in members], [m.k for m in members], k_aux, *transcoding(members))
+    learned = any(getattr(m, "learned_decoder_norm", False) for m in members)
+    return Layout.of([m.variant for m in members], [m.k for m in members], k_aux, *transcoding(members), learned)
 
 
 def transcoding(members) -> tuple[int, bool]:
@@ -236,6 +253,48 @@ def auxk_loss(
     return torch.clamp(n_dead / hp["k_aux"], max=1.0) * (recon - residual.detach()).pow(2).mean()
 
 
+def decoder_scales(params: Params, hp: Hparams) -> torch.Tensor:
+    """[..., n]: each feature's decoder-row norm where its member learns it (real features), else 1.0."""
+    learned = hp["learned_norm"].unsqueeze(-1) * hp["feature_mask"] > 0
+    return torch.where(learned, params["W_dec"].norm(dim=-1), 1.0)
+
+
+def effective(params: Params, hp: Hparams, layout: Layout = Layout(), scales: torch.Tensor | None = None) -> Params:
+    """The unit-row SAE a learned-norm member is (Member.learned_decoder_norm): its encoder rows and bias
+    scaled by its decoder rows' norms s (`scales`, computed when not given). Pre-activations s (W_enc x + b_enc)
+    choose the top k, and the codes decode through the rows' directions W_dec / s, as SAELens'
+    rescale_acts_by_decoder_norm; every loss and kernel is written for unit rows, so they run on these params.
+    Works on one member or a stack [M, ...]."""
+    if not layout.learned_norm:
+        return params
+    scales = decoder_scales(params, hp) if scales is None else scales
+    return {**params, "W_enc": params["W_enc"] * scales.unsqueeze(-1), "b_enc": params["b_enc"] * scales}
+
+
+def effective_backward(params: Params, hp: Hparams, grads: Params, scales: torch.Tensor) -> Params:
+    """dL/dparams from dL/d`effective`(params) (the kernels' gradients; updated in place): the encoder's scaled
+    by s, and W_dec's gains the path through s = ||W_dec row||, dL/ds W_dec / s. Equal to autograd through
+    `effective` (tests/test_sae.py), in fewer passes over [M, n, d]."""
+    learned = hp["learned_norm"].unsqueeze(-1) * hp["feature_mask"] > 0
+    g_scale = torch.linalg.vecdot(grads["W_enc"], params["W_enc"]) + grads["b_enc"] * params["b_enc"]
+    along = torch.where(learned, g_scale / scales, 0.0).unsqueeze(-1)
+    return {
+        **grads,
+        "W_enc": grads["W_enc"].mul_(scales.unsqueeze(-1)),
+        "b_enc": grads["b_enc"].mul_(scales),
+        "W_dec": torch.addcmul(grads["W_dec"], along, params["W_dec"]),
+    }
+
+
+def folded(params: Params, hp: Hparams, layout: Layout = Layout()) -> Params:
+    """`effective` with unit decoder rows: the same SAE as plain params, which `effective` leaves alone (the
+    norms are 1). A learned-norm member is saved so."""
+    if not layout.learned_norm:
+        return params
+    scales = decoder_scales(params, hp)
+    return {**effective(params, hp, layout), "W_dec": params["W_dec"] / scales.unsqueeze(-1)}
+
+
 def decoder(params: Params, hp: Hparams, layout: Layout = Layout()) -> torch.Tensor:
     """The unit-norm dictionary [n, d]: W_enc's rows for tied members, W_dec's otherwise."""
     if layout.all_tied:
@@ -255,6 +314,7 @@ def encode(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout
     Top-k runs with the static size `layout.k_max`; each member then keeps only
     pre-activations at or above its own k-th largest value.
     """
+    params = effective(params, hp, layout)
     return codes_of(pre_activations(params, hp, x, layout), hp, layout)
 
 
@@ -299,6 +359,7 @@ def loss(
     params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Training loss of one member on a batch [B, d] (transcoders: [x | y]), with its parts as aux outputs."""
+    params = effective(params, hp, layout)
     x, target = split(x, layout)
     pre = pre_activations(params, hp, x, layout)
     codes = codes_of(pre, hp, layout)

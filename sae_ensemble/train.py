@@ -260,7 +260,7 @@ def _end_segment(
         info = {"steps": ensemble.step_count, "tokens": ensemble.rows_seen, **result_info(store.fingerprint, training)}
         frequencies = counter.frequencies().cpu()
         for i, member in enumerate(slot.members):
-            params, _ = ensemble.member_state(i)
+            params, _ = ensemble.member_state(i, folded=True)
             end = ends[member.member_id]
             save_member(
                 run.member(member.member_id).path,

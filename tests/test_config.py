@@ -152,6 +152,14 @@ def test_the_grid_expands_into_every_combination_with_stable_readable_ids():
     assert "relu-d512-l1_0.001-bd0.05-lr0.001-s0" in ids and "topk-d1024-k16-bd0-lr0.001-s1" in ids
 
 
+def test_learned_decoder_norm_applies_to_the_grids_topk_saes_only():
+    grid = Grid(variants=["relu", "topk"], dict_sizes=[64], dict_ratios=[], l1=[1e-3], k=[4], learned_decoder_norm=True)
+    expanded = {m.variant: m for m in members(grid, d_in=16)}
+    assert expanded["topk"].learned_decoder_norm and expanded["topk"].member_id == "topk-d64-k4-ldn-bd0-lr0.001-s0"
+    assert not expanded["relu"].learned_decoder_norm
+    assert not any(m.learned_decoder_norm for m in members(grid, d_in=16, d_out=8))  # transcoders keep unit rows
+
+
 # -- the config module itself -----------------------------------------------------------------------
 
 

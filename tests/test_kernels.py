@@ -101,6 +101,27 @@ def test_sparse_kernel_with_auxk_gives_the_reference_loss_and_gradients_in_a_ste
         assert (aux["loss"] > aux["mse"])[:2].all()  # the AuxK term is in the loss
 
 
+@pytest.mark.parametrize("auxk_dead_tokens", [0, 64], ids=["plain", "auxk"])
+def test_learned_norm_members_train_as_the_reference_in_every_kernel(auxk_dead_tokens):
+    """Member.learned_decoder_norm beside unit-row members: the kernels run on sae.effective's unit-row SAE and
+    take the gradients back by sae.effective_backward; the reference differentiates the loss itself. The learned
+    rows leave unit norm (Adam renormalises only the others'); the saved form folds them (member_state)."""
+    members = [
+        Member("topk", D_IN, 64, k=4, seed=5, learned_decoder_norm=True, auxk_dead_tokens=auxk_dead_tokens, k_aux=8),
+        Member("topk", D_IN, 48, k=3, bias_decay=0.1, seed=1, learned_decoder_norm=True),
+        Member("topk", D_IN, 32, k=8, lr=2e-3, seed=6),
+    ]
+    reference = train(members, "reference")
+    for execution in ["sparse"] + ([] if auxk_dead_tokens else ["fused"]):
+        assert_same_members(train(members, execution, row_chunk=24), reference)
+    norms = reference.params["W_dec"].norm(dim=-1)
+    assert (norms[:2, :48] - 1).abs().max() > 1e-2 and torch.allclose(norms[2, :32], torch.ones(32))
+    params, _ = reference.member_state(0, folded=True)
+    torch.testing.assert_close(params["W_dec"].norm(dim=-1), torch.ones(64))
+    with pytest.raises(ValueError, match="learned_decoder_norm=True is for topk SAEs only"):
+        Member("relu", D_IN, 32, learned_decoder_norm=True)
+
+
 def test_auto_times_the_sparse_kernel_and_not_the_fused_one_for_auxk_members():
     """All top-k: the sparse kernel alone is timed. Mixed with relu, the sparse kernel's density test needs the
     members' L0, which only the reference can measure here (no fused kernel for AuxK): it is timed too."""

@@ -45,6 +45,9 @@ class Grid:
     encoder_init_norm: float = 1.0
     """Norm of each encoder row at init, along its unit decoder row (SAELens' decoder_init_norm; sparsify's
     nn.Linear init gives about 0.58, dictionary_learning's ReLU SAE 0.1). Short trainings depend on it."""
+    learned_decoder_norm: bool = False
+    """topk members: decoder rows keep a learned norm that scales each feature's pre-activation (SAELens' TopK
+    training: rescale_acts_by_decoder_norm over an unconstrained W_dec); saved SAEs fold it into the encoder."""
     lr_warmup_steps: int = 0
     """Linear learning-rate warmup steps."""
     lr_decay_steps: int = 0
@@ -61,7 +64,7 @@ class Grid:
     """matryoshka: nested prefix sizes as fractions of each dict size (rounded; the whole dict is the last level)."""
     auxk_dead_tokens: int = 0
     """topk, batchtopk, matryoshka: AuxK (Gao et al. 2024) on features that fired in none of this many most recent
-    training rows (Gao et al.: 10M tokens); 0 = no AuxK. AuxK members train on the reference execution."""
+    training rows (Gao et al.: 10M tokens); 0 = no AuxK."""
     auxk_coefficient: float = 1 / 32
     """Coefficient of the AuxK loss (Gao et al.'s 1/32)."""
     k_aux: int = 0

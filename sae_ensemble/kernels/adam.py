@@ -61,6 +61,7 @@ def step_(
     ok: torch.Tensor,
     check_on_host: bool,
     one_pass: bool = True,
+    unit: torch.Tensor | bool = True,
 ) -> torch.Tensor:
     """Update params and moments in place for step number `count` (1-based, a 0-d tensor, so a
     captured CUDA graph reads it afresh each replay); return taken [M].
@@ -71,7 +72,9 @@ def step_(
     alone, and its learning rate by 0. `check_on_host`: decide per chunk on the host whether
     anyone is held back (CPU, where reading a flag is free; the usual all-taken case then skips
     the selections) instead of selecting on the device every step (CUDA). `one_pass`: let a chunk
-    whose members all step run kernels/native.py's C kernel (CPU; the same numbers in one pass).
+    whose members all step run kernels/native.py's C kernel (CPU; the same numbers in one pass). `unit` [M]:
+    the members whose W_dec rows are rescaled to unit norm after the step (True: all, False: none; learned-norm
+    members, sae.effective, keep theirs).
     """
     (b1, b2), eps, mu, nu = BETAS, EPS, state.mu, state.nu
     correction1, correction2 = 1 - torch.pow(b1, count), 1 - torch.pow(b2, count)
@@ -109,9 +112,12 @@ def step_(
                 direction = torch.div(v, correction2).sqrt_().add_(eps)
                 direction = torch.div(m, correction1).div_(direction)
                 p.addcmul_(scale, direction, value=-1)
-            if name == "W_dec" and hold:
-                p.copy_(torch.where(broadcast(steps, p), F.normalize(p, dim=-1), p))
-            elif name == "W_dec":  # F.normalize's arithmetic, in place
+            if name != "W_dec" or unit is False:
+                continue
+            if hold or unit is not True:
+                rescaled = steps if unit is True else steps & unit[chunk]
+                p.copy_(torch.where(broadcast(rescaled, p), F.normalize(p, dim=-1), p))
+            else:  # F.normalize's arithmetic, in place
                 p.div_(p.norm(2, -1, keepdim=True).clamp_min(1e-12))
     return taken
 
