@@ -122,6 +122,24 @@ def test_learned_norm_members_train_as_the_reference_in_every_kernel(auxk_dead_t
         Member("relu", D_IN, 32, learned_decoder_norm=True)
 
 
+def test_a_learned_norm_member_resumes_from_its_checkpointed_state_exactly():
+    """Checkpoints keep the learned norms (member_state unfolded), so a resume continues the same optimisation."""
+    members = [Member("topk", D_IN, 64, k=4, seed=5, learned_decoder_norm=True), Member("topk", D_IN, 32, k=8)]
+    batches = sparse_batches(STEPS)
+    whole, first = Ensemble(members, STEPS, execution="sparse"), Ensemble(members, STEPS, execution="sparse")
+    for step, batch in enumerate(batches):
+        whole.step(batch)
+        if step < STEPS // 2:
+            first.step(batch)
+    resumed = Ensemble(members, STEPS, execution="sparse", init=False)
+    for index in range(len(members)):
+        resumed.load_member_state(index, *first.member_state(index))
+    resumed.set_step(first.step_count, first.rows_seen)
+    for batch in batches[STEPS // 2 :]:
+        resumed.step(batch)
+    assert_same_members(resumed, whole, atol=0)
+
+
 def test_auto_times_the_sparse_kernel_and_not_the_fused_one_for_auxk_members():
     """All top-k: the sparse kernel alone is timed. Mixed with relu, the sparse kernel's density test needs the
     members' L0, which only the reference can measure here (no fused kernel for AuxK): it is timed too."""
