@@ -21,7 +21,8 @@ the same (`encoder_init_norm`, `max_grad_norm`: `peer_fixed`), so both sides tra
 One JSON line per (case, peer): the seconds of training the whole grid for each side, `speedup` = peer_s /
 ours_s, and the quality each side reached on the same held-out rows (mean FVU and L0; `fvu_ratio` = ours /
 peer, so speed bought with worse SAEs shows). The timed spans are training only: neither side's process
-start, imports, data loading or held-out evaluation is in them.
+start, imports, data loading or held-out evaluation is in them. `--repeats N` trains each side N times,
+alternately, and takes each side's median seconds (every run's are in `seconds_each`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -304,6 +306,8 @@ def compare(case_name: str, case: Case, device: str, threads: int, ours: dict, p
         "supported": True,
         "ours_s": round(ours["seconds"], 3),
         "peer_s": round(peer["train_seconds"], 3),
+        "repeats": len(ours.get("seconds_each", [0])),
+        "seconds_each": {"ours": ours.get("seconds_each"), "peer": peer.get("seconds_each")},
         "speedup": round(peer["train_seconds"] / ours["seconds"], 2),
         "cpu_seconds": {"ours": round(ours["cpu_seconds"], 2), "peer": round(peer.get("train_cpu_seconds") or 0, 2)},
         "ours_execution": ours["execution"],
@@ -318,19 +322,42 @@ def compare(case_name: str, case: Case, device: str, threads: int, ours: dict, p
     }
 
 
-def run_case(case_name: str, case: Case, peers: list[str], device: str, threads: int, directory: Path) -> list[dict]:
-    """Every peer's line for the case; our side trains once per set of settings the peers fix (peer_fixed)."""
+def run_case(
+    case_name: str, case: Case, peers: list[str], device: str, threads: int, directory: Path, repeats: int = 1
+) -> list[dict]:
+    """Every peer's line for the case: the peer's loop and ours (with the settings that peer fixes, peer_fixed)
+    each train the grid `repeats` times, alternately, and the line takes each side's median seconds (on this
+    2-core VM a side's seconds moved by up to 1.5x between runs of the same work: docs/benchmarks.md)."""
     train_path, heldout_path = write_rows(case, directory)
-    ours: dict[tuple, dict] = {}
     lines = []
     for peer in peers:
         fixed = peer_fixed(peer, case.architecture, case.d_in)
-        key = tuple(sorted(fixed.items()))
-        result = train_peer(peer, case_name, case, train_path, heldout_path, device, threads, directory)
-        if result.get("supported", False) and key not in ours:
-            ours[key] = train_ours(case, train_path, heldout_path, device, threads, fixed)
-        lines.append(compare(case_name, case, device, threads, ours.get(key, {}), result))
+        peer_runs, our_runs = [], []
+        for _ in range(repeats):
+            peer_runs.append(train_peer(peer, case_name, case, train_path, heldout_path, device, threads, directory))
+            if not peer_runs[-1].get("supported", False):
+                break
+            our_runs.append(train_ours(case, train_path, heldout_path, device, threads, fixed))
+        lines.append(
+            compare(
+                case_name,
+                case,
+                device,
+                threads,
+                median_run(our_runs, "seconds"),
+                median_run(peer_runs, "train_seconds"),
+            )
+        )
     return lines
+
+
+def median_run(runs: list[dict], key: str) -> dict:
+    """The first run (training is deterministic: the same SAEs each time) with its `key` seconds replaced by the
+    median over the runs, and each run's in `seconds_each`."""
+    if not runs or runs[0].get(key) is None:
+        return runs[0] if runs else {}
+    each = [run[key] for run in runs]
+    return {**runs[0], key: statistics.median(each), "seconds_each": [round(x, 3) for x in each]}
 
 
 def main() -> None:
@@ -344,6 +371,9 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch threads for both sides (default: this process's CPUs)"
     )
     parser.add_argument("--tiny", action="store_true", help="20 steps at toy sizes (the tests)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="times each side trains each case, alternately; lines take medians"
+    )
     args = parser.parse_args()
     table = TINY if args.tiny else CASES
     names = (
@@ -357,12 +387,14 @@ def main() -> None:
         parser.error(f"unknown {unknown}; cases: {', '.join(table)}; peers: {', '.join(PEERS)}")
     if args.device == "cpu" and any(table[n].gpu_only for n in names):
         parser.error(f"cases {[n for n in names if table[n].gpu_only]} run on a GPU only (--device cuda)")
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
     threads = args.threads or cpu_threads(1)
     for name in names:
         with tempfile.TemporaryDirectory() as tmp:
-            for line in run_case(name, table[name], peers, args.device, threads, Path(tmp)):
+            for line in run_case(name, table[name], peers, args.device, threads, Path(tmp), args.repeats):
                 print(json.dumps(line), flush=True)
 
 

@@ -60,3 +60,11 @@ def test_our_side_trains_the_same_members_on_the_same_rows_and_the_line_compares
     line = peers.compare("topk", case, "cpu", 1, ours, fake_peer)
     assert line["speedup"] == 2.0 and line["quality"]["fvu_ratio"] == 1.0 and line["peer_trained"]
     assert line["threads"] == {"ours": 1, "peer": 1} and "same order" in line["rows"]
+
+
+def test_repeated_runs_give_each_sides_median_seconds_and_keep_every_runs():
+    runs = [{"seconds": 3.0, "members": {"a": 1}}, {"seconds": 1.0, "members": {"a": 2}}, {"seconds": 2.0}]
+    median = peers.median_run(runs, "seconds")
+    assert median["seconds"] == 2.0 and median["seconds_each"] == [3.0, 1.0, 2.0] and median["members"] == {"a": 1}
+    unsupported = {"supported": False, "train_seconds": None, "reason": "no"}
+    assert peers.median_run([unsupported], "train_seconds") == unsupported and peers.median_run([], "seconds") == {}
