@@ -42,24 +42,35 @@ static inline void insert(float *vals, int64_t *idx, int64_t *count, int64_t k, 
   idx[at] = j;
 }
 
-/* The k-th largest is at least the smallest of k group maxima (k values are at least that large): only values
- * at or above it (or NaN) are candidates, found 8 at a time. NaN is ignored by the maxima (AVX's max returns
- * its second operand when either is NaN) and kept by the filter. */
+#define MAX_LEVELS 8 /* k up to 64 */
+
+/* A lower bound on the k-th largest. Each of the 8 lanes (columns j = t mod 8) keeps its L = ceil(k / 8)
+ * largest values in L vectors, updated per block by a cascade of max / min (no branches); then every lane
+ * has L values at or above its L-th largest, so at least 8L >= k values are at or above the smallest of
+ * those: the bound. Only values at or above it (or NaN) are candidates, found 8 at a time. NaN enters the
+ * cascade as -inf (ignored by the bound) and is kept by the filter. One pass, about 2L + 1 vector ops per
+ * 8 values: choosing the k-th of 4k group maxima, or even k group maxima' horizontal reductions, cost
+ * more than the filter they saved (docs/kernels.md). */
 static int64_t candidates_bound(const float *row, int64_t n, int64_t k, float *bound) {
 #ifdef __AVX__
-  int64_t width = n / k / BLOCK * BLOCK; /* each group's columns, whole blocks */
-  if (width == 0) return 0;
-  float lowest = __builtin_inff();
-  for (int64_t q = 0; q < k; ++q) {
-    __m256 m = _mm256_set1_ps(-__builtin_inff());
-    for (int64_t j = q * width; j < (q + 1) * width; j += BLOCK) m = _mm256_max_ps(_mm256_loadu_ps(row + j), m);
-    float lanes[BLOCK];
-    _mm256_storeu_ps(lanes, m);
-    float top = lanes[0];
-    for (int t = 1; t < BLOCK; ++t) top = lanes[t] > top ? lanes[t] : top;
-    lowest = top < lowest ? top : lowest;
+  int64_t levels = (k + BLOCK - 1) / BLOCK;
+  if (levels > MAX_LEVELS || n / BLOCK < levels) return 0;
+  const __m256 lowest = _mm256_set1_ps(-__builtin_inff());
+  __m256 top[MAX_LEVELS];
+  for (int64_t l = 0; l < levels; ++l) top[l] = lowest;
+  for (int64_t j = 0; j + BLOCK <= n; j += BLOCK) {
+    __m256 v = _mm256_max_ps(_mm256_loadu_ps(row + j), lowest); /* NaN -> -inf (max returns its 2nd operand) */
+    for (int64_t l = 0; l < levels; ++l) { /* insert v into the lane's descending top[0..levels) */
+      __m256 larger = _mm256_max_ps(top[l], v);
+      v = _mm256_min_ps(top[l], v);
+      top[l] = larger;
+    }
   }
-  *bound = lowest;
+  float lanes[BLOCK];
+  _mm256_storeu_ps(lanes, top[levels - 1]);
+  float least = lanes[0];
+  for (int t = 1; t < BLOCK; ++t) least = lanes[t] < least ? lanes[t] : least;
+  *bound = least;
   return 1;
 #else
   (void)row, (void)n, (void)k, (void)bound;
