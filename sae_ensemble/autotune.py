@@ -13,9 +13,10 @@ candidate won where"):
   of a short run's tuning;
 - the fused kernel (kernels/dense.py) over the whole micro-batch and, on CPU, over row chunks whose
   [M, chunk, n] tiles fit in cache; when compiled, also its passes on feature-major tiles (`transposed`);
-- the sparse kernel (kernels/sparse.py) for all-topk ensembles, and for others once the measured L0
-  is at most SPARSE_DENSITY of the features (the density decides whether sparse products can win);
-  with AuxK it alone implements top-k members, so the fused kernel is not timed.
+- the sparse kernel (kernels/sparse.py) over the whole micro-batch (its row tiles, timed until #36, never
+  won) for all-topk ensembles, and for others once the measured L0 is at most SPARSE_DENSITY of the
+  features (the density decides whether sparse products can win); with AuxK it alone implements top-k
+  members, so the fused kernel is not timed.
 """
 
 from __future__ import annotations
@@ -86,8 +87,7 @@ def tune(
             aux = measure(REFERENCE)  # the density test needs the members' L0, and no fused candidate measured it
         density = float((aux["l0"] / features).max()) if aux else 1.0
         if shape.all_topk or density <= SPARSE_DENSITY:
-            for chunk in chunks:
-                measure(Execution("sparse", chunk))
+            measure(Execution("sparse", shape.micro_rows))  # its row tiles never won (docs/benchmarks.md)
     if not timings:  # every kernel candidate ran out of memory: the reference is what is left
         measure(REFERENCE)
     for execution in reversed(list(timings)):  # the second round, in reverse order

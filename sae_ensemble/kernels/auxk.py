@@ -71,12 +71,12 @@ class DeadColumns(_Loss):
         """(codes, kept) [M, b, w]: the selected pre-activations at the dead columns (0 elsewhere) and where the
         gradient passes (1.0)."""
         M, b, _ = pre.shape
+        if native_path(pre.device.type, pre.dtype) and not self.keeps_all:
+            return native.keep_largest(pre.contiguous(), self.ids, self.live, self.kept_ranks)  # gathers too
         candidates = pre.gather(-1, self.ids.unsqueeze(1).expand(M, b, -1))  # [M, b, w]
         live = self.live.unsqueeze(1) > 0
         if self.keeps_all:
             return torch.where(live, candidates, 0.0), live.expand_as(candidates).to(pre.dtype)
-        if native_path(pre.device.type, pre.dtype):
-            return native.keep_largest(candidates, self.live, self.kept_ranks)
         values, at = row_topk(torch.where(live, candidates, -torch.inf), self.k)
         kept = self.kept(values)
         codes = torch.zeros_like(candidates).scatter_(-1, at, torch.where(kept, values, 0.0))  # never -inf * 0
