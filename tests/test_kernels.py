@@ -189,33 +189,30 @@ def test_the_c_topk_gives_torch_topks_values_and_indices(three_threads):
 
 
 def test_the_c_selection_keeps_the_k_largest_live_entries_of_each_row_as_torch_topk_finds_them(three_threads):
-    """native.keep_largest (AuxK's selection) against gather + torch.topk over the live candidates: per-member k
-    and columns, k above a row's live entries, -inf entries, k = 0, NaN (largest, as torch's) and ties (the
-    earliest candidates kept)."""
+    """native.keep_largest (AuxK's selection) against torch.topk over the live columns: per-member k, k above a
+    row's live entries, -inf entries, k = 0, NaN (largest, as torch's) and ties (the earliest columns kept)."""
     assert native.available(), "the C kernels did not build (a compiler is on every machine we test on)"
     generator = torch.Generator().manual_seed(0)
-    for M, b, n, w in [(8, 512, 1024, 110), (3, 7, 5, 5), (2, 40, 1000, 1000)]:
+    for M, b, n in [(8, 512, 110), (3, 7, 5), (2, 40, 1000)]:
         x = torch.randn(M, b, n, generator=generator)
-        columns = torch.stack([torch.randperm(n, generator=generator)[:w] for _ in range(M)])
-        live = (torch.rand(M, w, generator=generator) < 0.8).float()
-        live[0, w // 2 :] = 0.0  # member 0: half its candidates are padding
-        x[1, :, columns[1, 0]] = -torch.inf
-        k = torch.randint(0, w + 2, (M,), generator=generator)
-        k[0] = w  # more than member 0's live candidates: it keeps them all
-        codes, mask = native.keep_largest(x, columns, live, k)
+        live = (torch.rand(M, n, generator=generator) < 0.8).float()
+        live[0, n // 2 :] = 0.0  # member 0: half its columns are padding
+        x[1, :, 0] = -torch.inf
+        k = torch.randint(0, n + 2, (M,), generator=generator)
+        k[0] = n  # more than member 0's live entries: it keeps them all
+        codes, mask = native.keep_largest(x, live, k)
         for m in range(M):
-            gathered = x[m][:, columns[m]]
-            candidates = torch.where(live[m] > 0, gathered, -torch.inf)
+            candidates = torch.where(live[m] > 0, x[m], -torch.inf)
             want = min(int(k[m]), int((candidates[0] > -torch.inf).sum()))
-            expected = torch.zeros(b, w)
+            expected = torch.zeros(b, n)
             if want:
                 expected.scatter_(-1, torch.topk(candidates, want).indices, 1.0)
             assert torch.equal(mask[m], expected), (M, b, n, m)
-            assert torch.equal(codes[m], torch.where(expected > 0, gathered, 0.0)), (M, b, n, m)
+            assert torch.equal(codes[m], torch.where(expected > 0, x[m], 0.0)), (M, b, n, m)
     x = torch.tensor([[[1.0, torch.nan, 3.0, 2.0, 2.0, 2.0, -1.0]]])
-    every = torch.arange(7).view(1, 7)
-    assert native.keep_largest(x, every, torch.ones(1, 7), torch.tensor([4]))[1].tolist() == [[[0, 1, 1, 1, 1, 0, 0]]]
-    assert native.keep_largest(x, every, torch.ones(1, 7), torch.tensor([0]))[1].sum() == 0
+    everywhere = torch.ones(1, 7)
+    assert native.keep_largest(x, everywhere, torch.tensor([4]))[1].tolist() == [[[0, 1, 1, 1, 1, 0, 0]]]
+    assert native.keep_largest(x, everywhere, torch.tensor([0]))[1].sum() == 0
 
 
 def test_the_c_counting_sort_orders_entries_as_a_stable_torch_sort():

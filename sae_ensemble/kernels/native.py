@@ -139,7 +139,7 @@ def _kernel():
     library.topk_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     library.keep_largest.restype = library.column_order.restype = None
     library.column_order.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    library.keep_largest.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    library.keep_largest.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return library, vsqrt
 
 
@@ -267,33 +267,24 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, indices
 
 
-def keep_largest(
-    x: torch.Tensor, columns: torch.Tensor, live: torch.Tensor, k: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, mask) [M, b, w]: of each row of member m's x [M, b, n], the candidates at `columns` [M, w] and among
-    those where live [M, w] is nonzero, the k[m] largest: mask 1.0 there, codes the candidate there, both 0.0
-    elsewhere. A row keeps min(k[m], its live candidates, not counting -inf); NaN ranks above every number
-    (torch.topk's order); of values equal to the k-th, the earlier candidates are kept."""
-    k, live, columns = k.to(torch.int64).contiguous(), live.to(x.dtype).contiguous(), columns.contiguous()
-    M, b, n = x.shape
-    assert fits(x) and columns.dtype == torch.int64 and columns.shape == live.shape and k.shape == (M,), (
-        "keep_largest needs a contiguous float32 CPU x [M, b, n], columns (int64) and live [M, w], and k [M]"
+def keep_largest(x: torch.Tensor, live: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, mask) [M, b, n]: of each row of member m's x [M, b, n], among the columns where live [M, n] is
+    nonzero, the k[m] largest: mask 1.0 there, codes x there, both 0.0 elsewhere. A row keeps min(k[m], its live
+    entries, not counting -inf); NaN ranks above every number (torch.topk's order); of values equal to the k-th,
+    the earlier columns are kept."""
+    k, live = k.to(torch.int64).contiguous(), live.to(x.dtype).contiguous()
+    assert fits(x) and x.dim() == 3 and k.shape == x.shape[:1] and live.shape == (x.shape[0], x.shape[2]), (
+        "keep_largest needs a contiguous float32 CPU x [M, b, n], live [M, n] and k [M]"
     )
-    assert columns.numel() == 0 or 0 <= int(columns.min()) and int(columns.max()) < n, "columns outside [0, n)"
-    codes = x.new_empty(M, b, columns.shape[1])
-    mask = torch.empty_like(codes)
+    codes, mask = torch.empty_like(x), torch.empty_like(x)
     _run(
         "keep_largest",
         x.data_ptr(),
-        columns.data_ptr(),
         live.data_ptr(),
         k.data_ptr(),
         codes.data_ptr(),
         mask.data_ptr(),
-        M,
-        b,
-        n,
-        columns.shape[1],
+        *x.shape,
         torch.get_num_threads(),
     )
     return codes, mask

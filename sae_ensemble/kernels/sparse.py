@@ -72,7 +72,7 @@ def grads(
         xc_aug = augmented_rows(inputs, centre_in, d_aug)
         centred = xc_aug[..., :d]  # [M, b, d]
         pre = torch.bmm(xc_aug, W_aug.transpose(1, 2))  # [M, b, n]
-        dead = auxk.select(pre) if auxk else None  # before the codes: the nonzero path rectifies pre in place
+        dead = auxk.select(pre, xc_aug, W_aug) if auxk else None  # before the codes rectify pre in place
         codes = active_topk(pre, hp, layout) if layout.all_topk else active_nonzero(pre, hp, layout)
         pattern = torch.sparse_csr_tensor(
             codes.crow, codes.columns, codes.values, size=(M * b, M * n), check_invariants=False

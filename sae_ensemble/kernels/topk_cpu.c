@@ -156,58 +156,52 @@ static uint32_t kth_largest(uint32_t *restrict keys, int64_t n, int64_t k) {
   return keys[want];
 }
 
-/* AuxK's selection (kernels/auxk.py): for each row of member m's x [M, b, n], the w candidates x[.., columns[m]]
- * (columns [M, w], the dead latents' ids; gathered here, which torch's gather took 1.4 ms a step for), and among
- * those where live [M, w] is nonzero, the k[m] largest: mask [M, b, w] = 1.0 there, else 0.0, and codes = the
- * candidate there, else 0.0. The k-th is found by selection, not a sort (torch.topk with k near w sorted most of
- * each row). A row keeps min(k[m], its live entries); of values equal to the k-th, the earlier ones are kept. */
-void keep_largest(const float *x, const int64_t *columns, const float *live, const int64_t *k, float *codes,
-                  float *mask, int64_t M, int64_t b, int64_t n, int64_t w, int threads) {
-#pragma omp parallel num_threads(M * b * w < 65536 ? 1 : threads)
+/* AuxK's selection (kernels/auxk.py): of each row of member m's x [M, b, n], among the columns where
+ * live [M, n] is nonzero, the k[m] largest: mask [M, b, n] = 1.0 there, else 0.0, and codes = x there, else
+ * 0.0. The k-th is found by selection, not a sort (torch.topk with k near n sorted most of each row). A row
+ * keeps min(k[m], its live entries); of values equal to the k-th, the earlier columns are kept. */
+void keep_largest(const float *x, const float *live, const int64_t *k, float *codes, float *mask, int64_t M, int64_t b,
+                  int64_t n, int threads) {
+#pragma omp parallel num_threads(M * b * n < 65536 ? 1 : threads)
   {
-    size_t width = (size_t)(w > 0 ? w : 1);
-    uint32_t *keys = malloc(sizeof(uint32_t) * 2 * width), *work = keys + width;
-    float *values = malloc(sizeof(float) * width);
+    uint32_t *keys = malloc(sizeof(uint32_t) * 2 * (size_t)(n > 0 ? n : 1)), *work = keys + n;
     const uint32_t floor_key = order_key(-__builtin_inff());
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < M * b; ++r) {
-      const float *restrict row = x + r * n, *restrict alive = live + (r / b) * w;
-      const int64_t *restrict column = columns + (r / b) * w;
-      float *restrict out = mask + r * w, *restrict code = codes + r * w;
+      const float *restrict row = x + r * n, *restrict alive = live + (r / b) * n;
+      float *restrict out = mask + r * n, *restrict code = codes + r * n;
       int64_t finite = 0;
-      for (int64_t j = 0; j < w; ++j) { /* dead columns and -inf share the lowest key: never kept */
-        values[j] = row[column[j]];
-        keys[j] = alive[j] != 0.0f ? order_key(values[j]) : floor_key;
+      for (int64_t j = 0; j < n; ++j) { /* dead columns and -inf share the lowest key: never kept */
+        keys[j] = alive[j] != 0.0f ? order_key(row[j]) : floor_key;
         finite += keys[j] > floor_key;
       }
       int64_t want = k[r / b] < finite ? k[r / b] : finite;
       uint32_t kth = floor_key + 1; /* keeps every entry above -inf */
       if (want < finite) {
         if (want <= 0) {
-          for (int64_t j = 0; j < w; ++j) out[j] = code[j] = 0.0f;
+          for (int64_t j = 0; j < n; ++j) out[j] = code[j] = 0.0f;
           continue;
         }
-        for (int64_t j = 0; j < w; ++j) work[j] = keys[j];
-        kth = kth_largest(work, w, want);
+        for (int64_t j = 0; j < n; ++j) work[j] = keys[j];
+        kth = kth_largest(work, n, want);
       }
       int64_t kept = 0;
-      for (int64_t j = 0; j < w; ++j) kept += keys[j] >= kth;
+      for (int64_t j = 0; j < n; ++j) kept += keys[j] >= kth;
       if (kept == want) {
-        for (int64_t j = 0; j < w; ++j) {
+        for (int64_t j = 0; j < n; ++j) {
           out[j] = keys[j] >= kth ? 1.0f : 0.0f;
-          code[j] = keys[j] >= kth ? values[j] : 0.0f;
+          code[j] = keys[j] >= kth ? row[j] : 0.0f;
         }
         continue;
       }
-      int64_t ties = want; /* more values equal the k-th than are kept: the earliest of them */
-      for (int64_t j = 0; j < w; ++j) ties -= keys[j] > kth;
-      for (int64_t j = 0; j < w; ++j) {
+      int64_t ties = want; /* more values equal the k-th than are kept: the earliest columns of them */
+      for (int64_t j = 0; j < n; ++j) ties -= keys[j] > kth;
+      for (int64_t j = 0; j < n; ++j) {
         int keep = keys[j] > kth || (keys[j] == kth && ties-- > 0);
         out[j] = keep ? 1.0f : 0.0f;
-        code[j] = keep ? values[j] : 0.0f;
+        code[j] = keep ? row[j] : 0.0f;
       }
     }
-    free(values);
     free(keys);
   }
 }
