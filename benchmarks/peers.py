@@ -15,8 +15,9 @@ block i is batch i for every side, and nobody shuffles. Then the grid trains
   (tests/interop/peers/: the runners, what each library is given and the hyperparameter conversions).
 A peer that cannot train a case (sparsify has no ReLU/L1 SAE) says so; it gets no row of numbers.
 Where a peer fixes a setting no user can change (the encoder's initial norm: dictionary_learning's ReLU SAE 0.1,
-sparsify about 0.58; gradient clipping: SAELens and dictionary_learning at 1.0 of their loss), our members take
-the same (`encoder_init_norm`, `max_grad_norm`: `peer_fixed`), so both sides train the same SAEs.
+sparsify about 0.58; gradient clipping: SAELens and dictionary_learning at 1.0 of their loss; SAELens' TopK
+decoder rows, free, their norms scaling the pre-activations), our members take the same (`encoder_init_norm`,
+`max_grad_norm`, `learned_decoder_norm`: `peer_fixed`), so both sides train the same SAEs.
 
 One JSON line per (case, peer): the seconds of training the whole grid for each side, `speedup` = peer_s /
 ours_s, and the quality each side reached on the same held-out rows (mean FVU and L0; `fvu_ratio` = ours /
