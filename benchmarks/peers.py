@@ -353,8 +353,9 @@ def run_case(
 
 
 def median_run(runs: list[dict], key: str) -> dict:
-    """The first run (training is deterministic: the same SAEs each time) with its `key` seconds replaced by the
-    median over the runs, and each run's in `seconds_each`."""
+    """The first run (its SAEs stand for every run's: the same up to the autotuner's choice, ~1e-4 in FVU,
+    docs/kernels.md; its cpu_seconds too) with its `key` seconds replaced by the median over the runs, and each
+    run's in `seconds_each`."""
     if not runs or runs[0].get(key) is None:
         return runs[0] if runs else {}
     each = [run[key] for run in runs]

@@ -126,7 +126,7 @@ class Ensemble:
         self.last_resampled: dict[int, int] = {}  # {member index: features} of the latest resample
 
         self.opt_state = AdamState.zeros_like(self.params)
-        unit = [not getattr(m, "learned_decoder_norm", False) for m in members]  # whose rows Adam renormalises
+        unit = [not m.learned_decoder_norm for m in members]  # whose rows Adam renormalises
         self._unit = torch.tensor(unit, device=self.device) if any(unit) and not all(unit) else all(unit)
         self.alive = torch.ones(len(members), dtype=torch.bool, device=self.device)
         self.nonfinite_streak = torch.zeros(len(members), dtype=torch.int64, device=self.device)  # [M] in a row
@@ -344,7 +344,7 @@ class Ensemble:
         hp = {name: h[index].cpu() for name, h in self.hparams.items()}
         if member.variant == "tied":  # stored W_dec rows are already unit norm; renormalising would perturb a resume
             params["W_dec"] = sae.decoder(params, hp, sae.layout([member]))
-        if folded and getattr(member, "learned_decoder_norm", False):
+        if folded and member.learned_decoder_norm:
             params = sae.folded(params, hp, sae.layout([member]))
         params = architectures.unpad(self.architecture, params, member.dict_size)
         moments = {}

@@ -253,10 +253,14 @@ def auxk_loss(
     return torch.clamp(n_dead / hp["k_aux"], max=1.0) * (recon - residual.detach()).pow(2).mean()
 
 
+def _learned(hp: Hparams) -> torch.Tensor:
+    """[..., n] bool: the real features of learned-norm members."""
+    return hp["learned_norm"].unsqueeze(-1) * hp["feature_mask"] > 0
+
+
 def decoder_scales(params: Params, hp: Hparams) -> torch.Tensor:
     """[..., n]: each feature's decoder-row norm where its member learns it (real features), else 1.0."""
-    learned = hp["learned_norm"].unsqueeze(-1) * hp["feature_mask"] > 0
-    return torch.where(learned, params["W_dec"].norm(dim=-1), 1.0)
+    return torch.where(_learned(hp), params["W_dec"].norm(dim=-1), 1.0)
 
 
 def effective(params: Params, hp: Hparams, layout: Layout = Layout(), scales: torch.Tensor | None = None) -> Params:
@@ -275,9 +279,8 @@ def effective_backward(params: Params, hp: Hparams, grads: Params, scales: torch
     """dL/dparams from dL/d`effective`(params) (the kernels' gradients; updated in place): the encoder's scaled
     by s, and W_dec's gains the path through s = ||W_dec row||, dL/ds W_dec / s. Equal to autograd through
     `effective` (tests/test_sae.py), in fewer passes over [M, n, d]."""
-    learned = hp["learned_norm"].unsqueeze(-1) * hp["feature_mask"] > 0
     g_scale = torch.linalg.vecdot(grads["W_enc"], params["W_enc"]) + grads["b_enc"] * params["b_enc"]
-    along = torch.where(learned, g_scale / scales, 0.0).unsqueeze(-1)
+    along = torch.where(_learned(hp), g_scale / scales, 0.0).unsqueeze(-1)
     return {
         **grads,
         "W_enc": grads["W_enc"].mul_(scales.unsqueeze(-1)),
@@ -292,7 +295,7 @@ def folded(params: Params, hp: Hparams, layout: Layout = Layout()) -> Params:
     if not layout.learned_norm:
         return params
     scales = decoder_scales(params, hp)
-    return {**effective(params, hp, layout), "W_dec": params["W_dec"] / scales.unsqueeze(-1)}
+    return {**effective(params, hp, layout, scales), "W_dec": params["W_dec"] / scales.unsqueeze(-1)}
 
 
 def decoder(params: Params, hp: Hparams, layout: Layout = Layout()) -> torch.Tensor:
