@@ -186,6 +186,15 @@ def test_the_c_topk_gives_torch_topks_values_and_indices(three_threads):
     assert torch.equal(values.isnan(), expected.values.isnan()) and set(indices[0, :2].tolist()) == {5, 400}
     assert torch.equal(values.nan_to_num(), expected.values.nan_to_num())
     assert torch.equal(indices[3], expected.indices[3]) and all(len(set(row.tolist())) == 8 for row in indices)
+    # Few distinct values (ties at the k-th, -0.0 and 0.0 equal): the largest first, equal values by column.
+    x = torch.randint(-3, 40, (64, 1024), generator=generator).float()
+    x[:8] = -1.0
+    for row in range(8):  # 48 zeros, every other one -0.0: all of the top 16 ties
+        zeros = torch.randperm(1024, generator=generator)[:48]
+        x[row, zeros] = torch.tensor([0.0, -0.0]).repeat(24)
+    values, indices = native.topk_rows(x, 16)
+    stable = torch.sort(x, descending=True, stable=True)
+    assert torch.equal(values, stable.values[:, :16]) and torch.equal(indices, stable.indices[:, :16])
 
 
 def test_the_c_selection_keeps_the_k_largest_live_entries_of_each_row_as_torch_topk_finds_them(three_threads):
@@ -215,16 +224,45 @@ def test_the_c_selection_keeps_the_k_largest_live_entries_of_each_row_as_torch_t
     assert native.keep_largest(x, everywhere, torch.tensor([0]))[1].sum() == 0
 
 
-def test_the_c_counting_sort_orders_entries_as_a_stable_torch_sort():
-    """native.column_order (the sparse kernel's transpose) against torch.sort(stable=True) and bincount."""
+def test_the_c_sparse_backward_equals_the_torch_sparse_products(three_threads):
+    """native.sparse_backward against the torch ops of kernels/sparse.py (sampled_addmm, the transposed pattern's
+    CSR products, index_add): rows with no entries and entries at codes <= 0 (no gradient through them), augmented
+    (strided) inputs, sizes that split members and column blocks unevenly over the threads, set and added to."""
+    from sae_ensemble.kernels.patterns import transposed
+
     generator = torch.Generator().manual_seed(0)
-    for nnz, n_columns in [(65536, 8192), (7, 3), (0, 4), (100, 1)]:
-        columns = torch.randint(0, n_columns, (nnz,), generator=generator)
-        order, crow = native.column_order(columns, n_columns)
-        assert torch.equal(order, torch.sort(columns, stable=True).indices), (nnz, n_columns)
-        expected = torch.zeros(n_columns + 1, dtype=torch.long)
-        expected[1:] = torch.cumsum(torch.bincount(columns, minlength=n_columns), 0)
-        assert torch.equal(crow, expected)
+    for M, b, n, o, d in [(5, 300, 97, 24, 24), (1, 7, 5, 3, 2), (3, 64, 200, 40, 17)]:
+        counts = torch.randint(0, 6, (M * b,), generator=generator)
+        counts[0] = 0
+        crow = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        rows = torch.arange(M * b).repeat_interleave(counts)
+        members = torch.div(rows, b, rounding_mode="floor")
+        columns = members * n + torch.cat([torch.randperm(n, generator=generator)[:c] for c in counts.tolist()])
+        values = torch.randn(rows.numel(), generator=generator).clamp(min=-0.2)  # some 0, some < 0
+        g_xhat = torch.randn(M * b, o, generator=generator)
+        D = torch.randn(M * n, o, generator=generator)
+        x = torch.randn(M, b, d + 5, generator=generator)[..., :d]  # an augmented operand's first d columns
+        l1 = torch.rand(M, generator=generator)
+
+        pattern = torch.sparse_csr_tensor(crow, columns, values, size=(M * b, M * n))
+        active = values > 0
+        g_pre = (torch.sparse.sampled_addmm(pattern, g_xhat, D.T, beta=0.0).values() + l1[members]) * active
+        by_column = transposed(rows, columns, M * b, M * n)
+        want_D = torch.sparse.mm(by_column(values), g_xhat)
+        want_W = torch.sparse.mm(by_column(g_pre), x.reshape(M * b, d))
+        want_sum = torch.zeros(M * n).index_add_(0, columns, g_pre)
+        want_fired = torch.zeros(M * n).index_add_(0, columns, active.float())
+
+        g_pre_sum, fired = torch.zeros(M * n), torch.zeros(M * n)
+        args = (crow, columns, values, g_xhat, D, x, l1, g_pre_sum, fired)
+        g_D, g_W = native.sparse_backward(*args)
+        for got, want in [(g_D, want_D), (g_W, want_W), (g_pre_sum, want_sum)]:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=str((M, b, n, o, d)))
+        assert torch.equal(fired, want_fired)
+        added = native.sparse_backward(*args, totals=(g_D.clone(), g_W.clone()))  # a second chunk adds
+        torch.testing.assert_close(added[0], 2 * want_D, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(added[1], 2 * want_W, rtol=1e-5, atol=1e-5)
+        assert torch.equal(fired, 2 * want_fired)
 
 
 def test_one_pass_adam_gives_the_torch_ops_numbers_bit_for_bit(three_threads):

@@ -15,8 +15,9 @@
   indices (torch's own order among ties is unspecified).
 - `keep_largest` (topk_cpu.c): AuxK's selection as a mask, k near the width (64 of ~110 dead latents),
   by selection of the k-th rather than torch.topk's sort: the same set, ties aside.
-- `column_order` (topk_cpu.c): the sparse kernel's transpose, a stable counting sort of the entries'
-  columns where torch.sort's comparison sort took 5% of a top-k step: the same permutation.
+- `sparse_backward` (sparse_cpu.c): the sparse kernel's backward at its active entries in one pass over
+  them, per member, where the torch ops took four sparse products (sampled_addmm, a transpose sorted by
+  column, two CSR products that zero-fill and copy their outputs) and two index_adds: 17% of a top-k step.
 
 Each gives bit for bit the elementwise numbers of the torch ops it replaces (tests/test_kernels.py
 compares them on random data), so it needs no tolerance of its own; its sums (over rows, and the
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("adam_cpu.c", "relu_cpu.c", "topk_cpu.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("adam_cpu.c", "relu_cpu.c", "topk_cpu.c", "sparse_cpu.c")]
 # -fopenmp: the kernels' threads are torch's own OpenMP pool. The library needs libgomp.so.1, which
 # resolves to the copy torch has loaded already; threads of its own (pthreads) ran against torch's
 # still-spinning OpenMP workers on the same cores and were slower than the torch ops they replace.
@@ -137,8 +138,10 @@ def _kernel():
     library.normalise_backward.restype = library.topk_rows.restype = None
     library.normalise_backward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     library.topk_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    library.keep_largest.restype = library.column_order.restype = None
-    library.column_order.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    library.keep_largest.restype = library.sparse_backward.restype = None
+    library.sparse_backward.argtypes = (
+        [ctypes.c_void_p] * 6 + [ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_int] * 2
+    )
     library.keep_largest.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return library, vsqrt
 
@@ -290,15 +293,62 @@ def keep_largest(x: torch.Tensor, live: torch.Tensor, k: torch.Tensor) -> tuple[
     return codes, mask
 
 
-def column_order(columns: torch.Tensor, n_columns: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order [nnz], crow [n_columns + 1]): a stable sort of `columns` (int64, each in [0, n_columns)) by counting,
-    as torch.sort(columns, stable=True)'s indices, and the CSR pointers of the sorted columns."""
-    assert columns.dtype == torch.int64 and columns.device.type == "cpu" and columns.dim() == 1
-    columns = columns.contiguous()
-    order = torch.empty_like(columns)
-    crow = torch.empty(n_columns + 1, dtype=torch.int64)
-    _run("column_order", columns.data_ptr(), columns.numel(), n_columns, order.data_ptr(), crow.data_ptr())
-    return order, crow
+def sparse_backward(
+    crow: torch.Tensor,
+    columns: torch.Tensor,
+    values: torch.Tensor,
+    g_xhat: torch.Tensor,
+    D: torch.Tensor,
+    x: torch.Tensor,
+    l1: torch.Tensor,
+    g_pre_sum: torch.Tensor,
+    fired: torch.Tensor,
+    totals: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g_D [M·n, o], g_W [M·n, d]): the codes' CSR matrix [M·b, M·n] (crow, columns, values; member m's rows and
+    columns in its own block) times dL/dx_hat [M·b, o] and, through dL/dpre = (dL/dx_hat . D[column] + l1[m]) where
+    the code fired (else 0), times the centred input x [M, b, d] (rows may be strided: an augmented operand's
+    first d columns). Adds each column's firings and dL/dpre to fired and g_pre_sum [M·n]; given `totals`
+    (g_D, g_W), adds to them and returns them."""
+    M, b, d = x.shape
+    n, o = D.shape[0] // M, D.shape[1]
+    assert (
+        crow.dtype == columns.dtype == torch.int64
+        and crow.is_contiguous()
+        and columns.is_contiguous()
+        and fits(values, g_xhat, D, l1, g_pre_sum, fired)
+        and x.stride(-1) == 1
+        and x.stride(0) == b * x.stride(1)
+        and g_xhat.shape == (M * b, o)
+        and crow.numel() == M * b + 1
+        and l1.shape == (M,)
+        and g_pre_sum.numel() == fired.numel() == M * n
+    ), "sparse_backward needs contiguous float32 CPU tensors of the shapes its doc gives"
+    g_D, g_W = totals if totals is not None else (D.new_empty(M * n, o), D.new_empty(M * n, d))
+    assert fits(g_D, g_W) and g_D.shape == (M * n, o) and g_W.shape == (M * n, d)
+    _run(
+        "sparse_backward",
+        crow.data_ptr(),
+        columns.data_ptr(),
+        values.data_ptr(),
+        g_xhat.data_ptr(),
+        D.data_ptr(),
+        x.data_ptr(),
+        x.stride(1),
+        l1.data_ptr(),
+        g_D.data_ptr(),
+        g_W.data_ptr(),
+        g_pre_sum.data_ptr(),
+        fired.data_ptr(),
+        M,
+        b,
+        n,
+        o,
+        d,
+        int(totals is None),
+        torch.get_num_threads(),
+    )
+    return g_D, g_W
 
 
 def _run(name: str, *args) -> None:

@@ -7,8 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from sae_ensemble.kernels import native
-from sae_ensemble.kernels.common import native_path, row_topk, topk_codes
+from sae_ensemble.kernels.common import row_topk, topk_codes
 from sae_ensemble.sae import Hparams, Layout
 
 
@@ -62,14 +61,11 @@ def transposed(entry_rows: torch.Tensor, columns: torch.Tensor, n_rows: int, n_c
     """A function from entry values (in CSR order) to the transposed CSR [n_columns, n_rows].
 
     A stable sort by column lists the transpose's entries row by row; values follow
-    through the same permutation (a counting sort in C where the C kernels run, else torch.sort).
+    through the same permutation. (The C path needs no transpose: native.sparse_backward.)
     """
-    if native_path(columns.device.type):
-        order, crow = native.column_order(columns, n_columns)
-    else:
-        sorted_columns, order = torch.sort(columns, stable=True)
-        crow = torch.zeros(n_columns + 1, dtype=torch.long, device=columns.device)
-        crow[1:] = torch.cumsum(torch.bincount(sorted_columns, minlength=n_columns), 0)
+    sorted_columns, order = torch.sort(columns, stable=True)
+    crow = torch.zeros(n_columns + 1, dtype=torch.long, device=columns.device)
+    crow[1:] = torch.cumsum(torch.bincount(sorted_columns, minlength=n_columns), 0)
     rows_t = entry_rows[order]
     return lambda values: torch.sparse_csr_tensor(
         crow, rows_t, values[order], size=(n_columns, n_rows), check_invariants=False

@@ -11,6 +11,7 @@ The rest costs O(B·L0·d) per member instead of O(B·n·d):
 - dL/dcodes at the active entries only: `sampled_addmm` (dL/dx_hat @ D^T at the pattern);
 - decoder and encoder weight gradients: the transposed pattern (built once per chunk
   by a stable sort of the column indices) times dL/dx_hat and x;
+- on CPU where the C kernels run, those last two in one pass over the entries (native.sparse_backward);
 - transcoders (common.py): the input is centred by zero and the error taken against the target
   columns; a skip transcoder's x @ W_skip^T and its gradient are dense batched GEMMs at d columns;
 - AuxK (sae.auxk_loss; kernels/auxk.py): selected from the pre-activations before any ReLU, then densely
@@ -25,9 +26,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from sae_ensemble.kernels import native
 from sae_ensemble.kernels.augmented import augmented_encoder, augmented_rows, augmented_width
 from sae_ensemble.kernels.auxk import for_step as auxk_for_step
-from sae_ensemble.kernels.common import Sums, accumulate, centres, decoder_rows, finish
+from sae_ensemble.kernels.common import Sums, accumulate, centres, decoder_rows, finish, native_path
 from sae_ensemble.kernels.patterns import active_nonzero, active_topk, transposed
 from sae_ensemble.sae import Hparams, Layout, Params, split
 
@@ -89,20 +91,29 @@ def grads(
             out = out.baddbmm_(centred, W_skip_t)
         err = out - target
         squared_error += err.pow(2).sum((1, 2))
-        code_sum.index_add_(0, codes.members, codes.values)
+        if codes.k_per_row:
+            code_sum += codes.values.view(M, -1).sum(1)
+        else:
+            code_sum.index_add_(0, codes.members, codes.values)
         g_xhat = (err * mse_scale).view(M * b, o)
         g_xhat_sum += g_xhat.view(M, b, o).sum(1)
         if W_skip_t is not None:
             g_W_skip = accumulate(g_W_skip, g_xhat.view(M, b, o).transpose(1, 2), centred)
 
-        g_codes = torch.sparse.sampled_addmm(pattern, g_xhat, D_flat.T, beta=0.0).values() + l1_per_row[codes.members]
-        active = codes.values > 0
-        g_pre = g_codes * active  # ReLU and top-k mask
-        fired.index_add_(0, codes.columns, active.to(x.dtype))
-        g_pre_sum.index_add_(0, codes.columns, g_pre)
-        by_column = transposed(codes.rows, codes.columns, M * b, M * n)
-        g_D = _added(g_D, torch.sparse.mm(by_column(codes.values), g_xhat))
-        g_W_enc = _added(g_W_enc, torch.sparse.mm(by_column(g_pre), centred.reshape(M * b, d)))
+        if native_path(x.device.type) and native.fits(D_flat, g_xhat):  # the four products in one C pass
+            totals = None if g_D is None else (g_D, g_W_enc)
+            g_D, g_W_enc = native.sparse_backward(
+                codes.crow, codes.columns, codes.values, g_xhat, D_flat, centred, l1_per_row, g_pre_sum, fired, totals
+            )
+        else:
+            g_codes = torch.sparse.sampled_addmm(pattern, g_xhat, D_flat.T, beta=0.0).values()
+            active = codes.values > 0
+            g_pre = (g_codes + l1_per_row[codes.members]) * active  # ReLU and top-k mask
+            fired.index_add_(0, codes.columns, active.to(x.dtype))
+            g_pre_sum.index_add_(0, codes.columns, g_pre)
+            by_column = transposed(codes.rows, codes.columns, M * b, M * n)
+            g_D = _added(g_D, torch.sparse.mm(by_column(codes.values), g_xhat))
+            g_W_enc = _added(g_W_enc, torch.sparse.mm(by_column(g_pre), centred.reshape(M * b, d)))
         if dead is not None:
             auxk.backward(dead, err, D_flat, g_D, g_W_enc, g_pre_sum, centred)
 

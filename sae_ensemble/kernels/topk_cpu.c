@@ -10,11 +10,13 @@
  * on values always and on indices wherever the values differ. Rows are split over torch's OpenMP pool. */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef __AVX__
 #include <immintrin.h>
 #endif
 
 #define BLOCK 8
+#define WIDE 16 /* AVX-512 floats */
 
 /* Bit t set where block[t] > kth or is NaN: one AVX compare (not-less-or-equal, unordered), else scalar. */
 static inline unsigned above_mask(const float *block, float kth) {
@@ -51,10 +53,73 @@ static inline void insert(float *vals, int64_t *idx, int64_t *count, int64_t k, 
  * cascade as -inf (ignored by the bound) and is kept by the filter. One pass, about 2L + 1 vector ops per
  * 8 values: choosing the k-th of 4k group maxima, or even k group maxima' horizontal reductions, cost
  * more than the filter they saved (docs/kernels.md). */
+#ifdef __AVX512F__
+#define INSERT(top, v, levels, max, min)                                                                               \
+  for (int l = 0; l < (levels); ++l) { /* v into the lane's descending top[0..levels) */                          \
+    __typeof__(v) larger = max(top[l], v);                                                                             \
+    v = min(top[l], v);                                                                                                \
+    top[l] = larger;                                                                                                   \
+  }
+
+/* The same bound by AVX-512, for a constant `levels` (the cascade stays in registers): 16 lanes in two independent
+ * cascades over 32 columns a step, merged, then lanes t and t + 8 (the same columns mod 8) merged into the 8 lanes
+ * above. Merging by inserting one cascade's values into the other keeps each lane's `levels` largest of both, so
+ * the bound is the AVX one's exactly; the AVX loop waited on its one cascade's max latency each 8 values. */
+static inline __attribute__((always_inline)) void bound_wide(const float *row, int64_t n, const int levels,
+                                                             float *bound) {
+  const __m512 lowest = _mm512_set1_ps(-__builtin_inff());
+  __m512 a[MAX_LEVELS], b[MAX_LEVELS];
+  for (int l = 0; l < levels; ++l) a[l] = b[l] = lowest;
+  int64_t j = 0;
+  for (; j + 2 * WIDE <= n; j += 2 * WIDE) {
+    __m512 u = _mm512_max_ps(_mm512_loadu_ps(row + j), lowest); /* NaN -> -inf, as below */
+    __m512 w = _mm512_max_ps(_mm512_loadu_ps(row + j + WIDE), lowest);
+    INSERT(a, u, levels, _mm512_max_ps, _mm512_min_ps)
+    INSERT(b, w, levels, _mm512_max_ps, _mm512_min_ps)
+  }
+  if (j + WIDE <= n) {
+    __m512 u = _mm512_max_ps(_mm512_loadu_ps(row + j), lowest);
+    INSERT(a, u, levels, _mm512_max_ps, _mm512_min_ps)
+    j += WIDE;
+  }
+  for (int m = 0; m < levels; ++m) {
+    __m512 u = b[m];
+    INSERT(a, u, levels, _mm512_max_ps, _mm512_min_ps)
+  }
+  __m256 top[MAX_LEVELS];
+  for (int l = 0; l < levels; ++l) top[l] = _mm512_castps512_ps256(a[l]);
+  for (int m = 0; m < levels; ++m) {
+    __m256 u = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[m]), 1));
+    INSERT(top, u, levels, _mm256_max_ps, _mm256_min_ps)
+  }
+  if (j + BLOCK <= n) {
+    __m256 u = _mm256_max_ps(_mm256_loadu_ps(row + j), _mm512_castps512_ps256(lowest));
+    INSERT(top, u, levels, _mm256_max_ps, _mm256_min_ps)
+  }
+  float lanes[BLOCK];
+  _mm256_storeu_ps(lanes, top[levels - 1]);
+  float least = lanes[0];
+  for (int t = 1; t < BLOCK; ++t) least = lanes[t] < least ? lanes[t] : least;
+  *bound = least;
+}
+#endif
+
 static int64_t candidates_bound(const float *row, int64_t n, int64_t k, float *bound) {
 #ifdef __AVX__
   int64_t levels = (k + BLOCK - 1) / BLOCK;
   if (levels > MAX_LEVELS || n / BLOCK < levels) return 0;
+#ifdef __AVX512F__
+  switch (levels) { /* a constant each: the cascades in registers */
+    case 1: bound_wide(row, n, 1, bound); return 1;
+    case 2: bound_wide(row, n, 2, bound); return 1;
+    case 3: bound_wide(row, n, 3, bound); return 1;
+    case 4: bound_wide(row, n, 4, bound); return 1;
+    case 5: bound_wide(row, n, 5, bound); return 1;
+    case 6: bound_wide(row, n, 6, bound); return 1;
+    case 7: bound_wide(row, n, 7, bound); return 1;
+    default: bound_wide(row, n, 8, bound); return 1;
+  }
+#endif
   const __m256 lowest = _mm256_set1_ps(-__builtin_inff());
   __m256 top[MAX_LEVELS];
   for (int64_t l = 0; l < levels; ++l) top[l] = lowest;
@@ -78,6 +143,63 @@ static int64_t candidates_bound(const float *row, int64_t n, int64_t k, float *b
 #endif
 }
 
+#ifdef __AVX512F__
+#define MAX_CANDIDATES 512 /* more (rows of many equal values): the insertion below, whose cost grows with k */
+
+/* A candidate's rank key: larger value, larger key; NaN above +inf; -0.0 as 0.0 (beats()'s order). */
+static inline uint32_t rank_key(float v) {
+  uint32_t u;
+  memcpy(&u, &v, sizeof u);
+  uint32_t key = (u & 0x80000000u) ? ~u : u | 0x80000000u;
+  key = v == 0.0f ? 0x80000000u : key;
+  return v != v ? UINT32_MAX : key;
+}
+
+/* The k largest of a row by AVX-512, with no branch per candidate: the values at or above `bound` (or NaN) are
+ * compressed into a buffer in column order, then each one's rank (how many beat it, plus the equal ones before
+ * it) is counted 16 at a time and it is written to its rank's slot. The order is topk_rows's own (largest first,
+ * ties by column). Inserting the candidates one by one into the sorted k cost ~100 cycles each in mispredicted
+ * branches, most of the row's time (docs/kernels.md). Returns 0 (nothing written) past MAX_CANDIDATES. */
+static int select_candidates(const float *row, int64_t n, int64_t k, float bound, float *vals, int64_t *idx) {
+  float value[MAX_CANDIDATES + WIDE];
+  int32_t column[MAX_CANDIDATES + WIDE];
+  uint32_t key[MAX_CANDIDATES + WIDE];
+  const __m512 floor = _mm512_set1_ps(bound);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t m = 0;
+  for (int64_t j = 0; j < n; j += WIDE) {
+    __mmask16 in = n - j >= WIDE ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(in, row + j);
+    __mmask16 keep = _mm512_mask_cmp_ps_mask(in, v, floor, _CMP_NLT_UQ);
+    if (m > MAX_CANDIDATES - WIDE) return 0;
+    _mm512_mask_compressstoreu_ps(value + m, keep, v);
+    _mm512_mask_compressstoreu_epi32(column + m, keep, _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)j)));
+    m += __builtin_popcount(keep);
+  }
+  int64_t padded = (m + WIDE - 1) / WIDE * WIDE;
+  for (int64_t i = 0; i < m; ++i) key[i] = rank_key(value[i]);
+  for (int64_t i = m; i < padded; ++i) key[i] = 0; /* below every value's key: never beats, never equal */
+  float slot_value[k + 1];
+  int64_t slot_column[k + 1]; /* slot k takes the ranks past k */
+  for (int64_t i = 0; i < m; ++i) {
+    __m512i mine = _mm512_set1_epi32((int32_t)key[i]);
+    int64_t rank = 0;
+    for (int64_t j = 0; j < padded; j += WIDE) {
+      __m512i keys = _mm512_loadu_si512(key + j);
+      __mmask16 before = i - j >= WIDE ? 0xFFFF : i <= j ? 0 : (__mmask16)((1u << (i - j)) - 1);
+      rank += __builtin_popcount(_mm512_cmpgt_epu32_mask(keys, mine));
+      rank += __builtin_popcount(_mm512_mask_cmpeq_epu32_mask(before, keys, mine));
+    }
+    rank = rank < k ? rank : k;
+    slot_value[rank] = value[i];
+    slot_column[rank] = column[i];
+  }
+  memcpy(vals, slot_value, sizeof(float) * (size_t)k);
+  memcpy(idx, slot_column, sizeof(int64_t) * (size_t)k);
+  return 1;
+}
+#endif
+
 void topk_rows(const float *x, float *values, int64_t *indices, int64_t rows, int64_t n, int64_t k, int threads) {
 #pragma omp parallel for num_threads(rows * n < 65536 ? 1 : threads) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
@@ -87,6 +209,9 @@ void topk_rows(const float *x, float *values, int64_t *indices, int64_t rows, in
     int64_t count = 0, j = 0;
     float bound;
     if (candidates_bound(row, n, k, &bound)) {
+#ifdef __AVX512F__
+      if (select_candidates(row, n, k, bound, vals, idx)) continue;
+#endif
 #ifdef __AVX__
       for (; j + BLOCK <= n; j += BLOCK) {
         __m256 v = _mm256_loadu_ps(row + j);
@@ -119,9 +244,10 @@ void topk_rows(const float *x, float *values, int64_t *indices, int64_t rows, in
 
 /* Order-preserving integer key of a float: larger float, larger key; every NaN above +inf (torch.topk's order). */
 static inline uint32_t order_key(float v) {
-  union { float f; uint32_t u; } bits = {v};
-  if (v != v) return UINT32_MAX;
-  return (bits.u & 0x80000000u) ? ~bits.u : bits.u | 0x80000000u;
+  uint32_t u;
+  memcpy(&u, &v, sizeof u);
+  uint32_t key = (u & 0x80000000u) ? ~u : u | 0x80000000u;
+  return v != v ? UINT32_MAX : key; /* selects, no branches: the loops over a row vectorise (10x on a row's keys) */
 }
 
 /* The k-th largest of keys[0..n) (1 <= k <= n), reordering them: quickselect with branch-free partitions
@@ -172,8 +298,9 @@ void keep_largest(const float *x, const float *live, const int64_t *k, float *co
       float *restrict out = mask + r * n, *restrict code = codes + r * n;
       int64_t finite = 0;
       for (int64_t j = 0; j < n; ++j) { /* dead columns and -inf share the lowest key: never kept */
-        keys[j] = alive[j] != 0.0f ? order_key(row[j]) : floor_key;
-        finite += keys[j] > floor_key;
+        uint32_t key = alive[j] != 0.0f ? order_key(row[j]) : floor_key;
+        keys[j] = key;
+        finite += key > floor_key;
       }
       int64_t want = k[r / b] < finite ? k[r / b] : finite;
       uint32_t kth = floor_key + 1; /* keeps every entry above -inf */
@@ -204,17 +331,4 @@ void keep_largest(const float *x, const float *live, const int64_t *k, float *co
     }
     free(keys);
   }
-}
-
-/* The sparse kernel's transpose (kernels/patterns.py): a stable counting sort of the entries' columns
- * [nnz] (each in [0, n_columns)): order [nnz] lists the entries column by column, and crow [n_columns + 1]
- * points at each column's first. torch.sort's comparison sort of the same keys was 5% of a top-k step. */
-void column_order(const int64_t *columns, int64_t nnz, int64_t n_columns, int64_t *order, int64_t *crow) {
-  for (int64_t c = 0; c <= n_columns; ++c) crow[c] = 0;
-  for (int64_t e = 0; e < nnz; ++e) ++crow[columns[e] + 1];
-  for (int64_t c = 0; c < n_columns; ++c) crow[c + 1] += crow[c];
-  int64_t *next = malloc(sizeof(int64_t) * (size_t)(n_columns > 0 ? n_columns : 1));
-  for (int64_t c = 0; c < n_columns; ++c) next[c] = crow[c];
-  for (int64_t e = 0; e < nnz; ++e) order[next[columns[e]]++] = e;
-  free(next);
 }
