@@ -17,8 +17,8 @@ Memory model, per ensemble of M members, padded dict size n, width d, micro-batc
     A = 4 M b n               bytes of one [M, b, n] activation tensor
     X = 4 M b d               bytes of one [M, b, d] tensor (centred input, reconstruction, their grads)
     state = 3 P + hparams + firing counts                           held for the whole run
-    step  = c_P P + c_A A + c_X X (+ c_M P with micro-batches)   transient, one ensemble at a time;
-            the c's are the execution's (training.execution; auto: the largest of its candidates)
+    step  = c_P P + c_A A + c_X X (+ c_M P with micro-batches)   transient, one ensemble at a time; the c's
+            are the execution's (training.execution; auto: the largest of its candidates)
 A worker's peak in a stage = sum of its ensembles' states + the largest step + its batch
 + the runtime's own memory (CPU workers: allocator arenas, thread pools, store buffers).
 """
@@ -59,20 +59,22 @@ STEP_COST = {
         "matryoshka": (6.6, 16.1, 14.4),
     },
     "fused": {"relu": (1.7, 2.8, 3.5), "tied": (1.8, 2.8, 4.0), "topk": (1.4, 3.6, 3.6)},
+    "sparse": {"relu": (2.3, 8.2, 6.0), "tied": (3.2, 8.1, 7.4), "topk": (2.0, 1.1, 6.5)},
+}
+# Without kernels/native.py's C passes (CUDA; a CPU without a C compiler): the fused step's augmented operands and
+# gradient copy (kernels/augmented.py), ~2 P; the sparse backward's four products, two with param-sized outputs.
+TORCH_OPS_COST = {
+    "fused": {"relu": (3.5, 2.0, 4.5), "tied": (4.3, 2.8, 5.0), "topk": (3.6, 3.8, 4.5)},
     "sparse": {"relu": (3.0, 14.5, 6.3), "tied": (4.2, 13.1, 5.7), "topk": (3.5, 1.2, 5.3)},
 }
-# The fused step without kernels/native.py's C passes (CUDA workers; a CPU without a C compiler) builds
-# augmented operands and copies the weight gradient out of one (kernels/augmented.py): about 2 P more.
-TORCH_OPS_FUSED_COST = {"relu": (3.5, 2.0, 4.5), "tied": (4.3, 2.8, 5.0), "topk": (3.6, 3.8, 4.5)}
 # What `auto` may run: every candidate its autotuner times (ensemble.autotune), so the plan takes the
 # largest cost of them. The sparse kernel is timed for relu and tied members only once at most
-# autotune.SPARSE_DENSITY (5%) of their latents fire, where its CSR codes are small: it adds nothing then.
+# autotune.SPARSE_DENSITY (5%) of their latents fire, where its CSR codes are small (architectures/: reference only).
 AUTO_CANDIDATES = {
     "relu": ("reference", "fused"),
     "tied": ("reference", "fused"),
     "topk": ("reference", "fused", "sparse"),
 }
-"""What `auto` may run per variant; the architectures/ variants beyond sae.py's have only the reference."""
 # AuxK (sae.auxk_loss) beyond a top-k step, in units of A: the reference's masked pre-activations, their scatter
 # and their gradients; the sparse kernel's [M, b, dead columns] tensors, freed before its peak (measured on d=512,
 # n=8192 with most latents dead: 0.2 A; docs/benchmarks.md).
@@ -110,7 +112,7 @@ def step_costs(
     c_passes = device.startswith("cpu") and kernels_native.expected(native)
 
     def costs(path: str) -> tuple[float, ...]:
-        table = TORCH_OPS_FUSED_COST if path == "fused" and not c_passes else STEP_COST[path]
+        table = TORCH_OPS_COST[path] if path in TORCH_OPS_COST and not c_passes else STEP_COST[path]
         c_params, c_activations, c_wide = table[variant]
         return c_params, c_activations + (AUXK_COST[path] if auxk else 0.0), c_wide, MICRO_BATCH_COST[path]
 

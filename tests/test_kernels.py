@@ -1,5 +1,7 @@
 """The hand-written kernels equal the reference vmap(grad(sae.loss)): per step and after training."""
 
+import ctypes
+
 import pytest
 import torch
 import torchopt
@@ -171,6 +173,10 @@ def test_the_c_topk_gives_torch_topks_values_and_indices(three_threads):
     """kernels/native.py's row top-k against torch.topk: shapes where its group-maxima bound applies and where it
     does not (k above n / 8), NaN (largest, as torch's), -inf rows, and ties (values equal; indices distinct)."""
     assert native.available(), "the C kernels did not build (a compiler is on every machine we test on)"
+    check_topk_rows()
+
+
+def check_topk_rows():
     generator = torch.Generator().manual_seed(0)
     for shape, k in [((8, 64, 1024), 16), ((3, 7, 100), 5), ((4, 33), 33), ((2, 5, 1000), 64), ((5, 300), 1)]:
         x = torch.randn(*shape, generator=generator)
@@ -201,6 +207,10 @@ def test_the_c_selection_keeps_the_k_largest_live_entries_of_each_row_as_torch_t
     """native.keep_largest (AuxK's selection) against torch.topk over the live columns: per-member k, k above a
     row's live entries, -inf entries, k = 0, NaN (largest, as torch's) and ties (the earliest columns kept)."""
     assert native.available(), "the C kernels did not build (a compiler is on every machine we test on)"
+    check_keep_largest()
+
+
+def check_keep_largest():
     generator = torch.Generator().manual_seed(0)
     for M, b, n in [(8, 512, 110), (3, 7, 5), (2, 40, 1000)]:
         x = torch.randn(M, b, n, generator=generator)
@@ -222,6 +232,16 @@ def test_the_c_selection_keeps_the_k_largest_live_entries_of_each_row_as_torch_t
     everywhere = torch.ones(1, 7)
     assert native.keep_largest(x, everywhere, torch.tensor([4]))[1].tolist() == [[[0, 1, 1, 1, 1, 0, 0]]]
     assert native.keep_largest(x, everywhere, torch.tensor([0]))[1].sum() == 0
+
+
+def test_the_c_selections_built_without_avx512_are_the_same(three_threads, monkeypatch):
+    """The AVX (and scalar) paths that a CPU without AVX-512 takes, built here with -mno-avx512f: the same checks."""
+    assert native.available(), "the C kernels did not build (a compiler is on every machine we test on)"
+    library = native.declared(ctypes.CDLL(str(native._build(native._compiler(), ("-mno-avx512f",)))))
+    vsqrt = native._kernel()[1]
+    monkeypatch.setattr(native, "_kernel", lambda: (library, vsqrt))
+    check_topk_rows()
+    check_keep_largest()
 
 
 def test_the_c_sparse_backward_equals_the_torch_sparse_products(three_threads):

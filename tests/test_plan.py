@@ -160,7 +160,13 @@ def test_the_plan_models_the_execution_that_will_run():
 
 def test_the_fused_step_is_modelled_for_the_path_that_runs_on_its_device(monkeypatch):
     """CPU workers run the fused step's C passes; CUDA workers, and CPUs without a C compiler, its
-    torch-ops path, which builds augmented operands: more memory per step."""
+    torch-ops path, which builds augmented operands: more memory per step. The sparse step likewise (its
+    backward's sparse products)."""
+    topk = [Member("topk", 512, 8192, k=32, seed=seed) for seed in range(2)]
+    sparse_cpu, sparse_cuda = (
+        ensemble_memory(topk, 1024, 1, "sparse", device)["step_bytes"] for device in ("cpu", "cuda")
+    )
+    assert sparse_cpu < sparse_cuda == ensemble_memory(topk, 1024, 1, "sparse", "cpu", native="off")["step_bytes"]
     members = BIG[:4]
     cpu, cuda = (ensemble_memory(members, 2048, 1, "fused", device)["step_bytes"] for device in ("cpu:0", "cuda:0"))
     assert cpu < cuda

@@ -27,18 +27,17 @@ def augmented_encoder(params: Params, mask: torch.Tensor, d_aug: int) -> torch.T
     the GEMM and the weight-gradient GEMM's column d is the bias gradient (no pass over [M, B, n])."""
     W_enc = params["W_enc"]
     M, n, d = W_enc.shape
-    W_aug = W_enc.new_zeros(M, n, d_aug)
-    W_aug[..., :d] = W_enc
-    W_aug[..., d] = params["b_enc"] - (1.0 - mask) * PAD_BIAS
-    return W_aug
+    bias = (params["b_enc"] - (1.0 - mask) * PAD_BIAS).unsqueeze(-1)
+    return torch.cat([W_enc, bias, W_enc.new_zeros(M, n, d_aug - d - 1)], dim=-1)  # one pass (no zero-fill first)
 
 
 def augmented_rows(x: torch.Tensor, centre: torch.Tensor, d_aug: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """[x - b_dec, 1, 0...] [M, b, d_aug] of rows x [b, d] for every member's centre [M, d]."""
     M, d = centre.shape
-    rows = x.new_zeros(M, x.shape[0], d_aug, dtype=dtype)
+    rows = x.new_empty(M, x.shape[0], d_aug, dtype=dtype)
     torch.sub(x.unsqueeze(0), centre.unsqueeze(1), out=rows[..., :d])
     rows[..., d] = 1.0
+    rows[..., d + 1 :] = 0.0
     return rows
 
 

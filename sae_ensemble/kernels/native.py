@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("adam_cpu.c", "relu_cpu.c", "topk_cpu.c", "sparse_cpu.c")]
+HEADERS = [Path(__file__).with_name("dot_cpu.h")]  # in the build's key: a change rebuilds
 # -fopenmp: the kernels' threads are torch's own OpenMP pool. The library needs libgomp.so.1, which
 # resolves to the copy torch has loaded already; threads of its own (pthreads) ran against torch's
 # still-spinning OpenMP workers on the same cores and were slower than the torch ops they replace.
@@ -66,9 +67,12 @@ def _cpu_key() -> str:
     return platform.machine() + flags
 
 
-def _build(compiler: str) -> Path:
-    sources = b"".join(source.read_bytes() for source in SOURCES)
-    key = hashlib.sha256(sources + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
+def _build(compiler: str, extra_flags: tuple[str, ...] = ()) -> Path:
+    """The library's path, compiled into the cache unless there already (extra_flags: tests build the paths this
+    CPU does not take, e.g. -mno-avx512f)."""
+    flags = [*FLAGS, *extra_flags]
+    sources = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
+    key = hashlib.sha256(sources + " ".join(flags).encode() + _cpu_key().encode()).hexdigest()[:16]
     library = cache_dir() / f"native_cpu-{key}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +81,7 @@ def _build(compiler: str) -> Path:
         os.close(fd)
         try:
             subprocess.run(
-                [compiler, *FLAGS, *map(str, SOURCES), "-o", partial, "-lm"],
+                [compiler, *flags, *map(str, SOURCES), "-o", partial, "-lm"],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -125,6 +129,11 @@ def _kernel():
             stacklevel=3,
         )
         return None
+    return declared(library), vsqrt
+
+
+def declared(library: ctypes.CDLL) -> ctypes.CDLL:
+    """The library with its functions' argument types set (ctypes passes nothing right without them)."""
     library.adam_step.restype = library.relu_count.restype = library.relu_backward.restype = None
     library.adam_step.argtypes = (
         [ctypes.c_void_p] * 5
@@ -143,7 +152,7 @@ def _kernel():
         [ctypes.c_void_p] * 6 + [ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_int] * 2
     )
     library.keep_largest.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    return library, vsqrt
+    return library
 
 
 MODES = ("auto", "on", "off")  # config.NativeKernels: training.native_kernels

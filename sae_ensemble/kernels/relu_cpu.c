@@ -14,6 +14,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "dot_cpu.h"
+
 #define COLUMNS 512
 
 static int threads_for(int64_t elements, int threads) {
@@ -74,15 +76,14 @@ void relu_backward(float *g, const float *codes, const float *add, float *g_sum,
 
 /* The gradient through the decoder's row normalisation D = rows / |rows|, in place on g [R, d]
  * (dL/dD, R = members * n rows): g = (g - D (g . D)) / |rows|, a row at a time in L1. The torch
- * ops (vecdot, addcmul, div) make three passes over [M, n, d]; the dot product is added in
- * element order, so the result differs from theirs by rounding only. */
+ * ops (vecdot, addcmul, div) make three passes over [M, n, d]; the dot product's order is dot_cpu.h's,
+ * so the result differs from theirs by rounding only. */
 void normalise_backward(float *g, const float *D, const float *norms, int64_t R, int64_t d, int threads) {
 #pragma omp parallel for num_threads(threads_for(R * d, threads)) schedule(static)
   for (int64_t r = 0; r < R; ++r) {
     float *restrict gr = g + r * d;
     const float *restrict Dr = D + r * d;
-    float radial = 0.0f;
-    for (int64_t i = 0; i < d; ++i) radial += gr[i] * Dr[i];
+    float radial = dot(gr, Dr, d);
     float norm = norms[r];
     for (int64_t i = 0; i < d; ++i) gr[i] = (gr[i] - Dr[i] * radial) / norm;
   }

@@ -11,21 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define LANES 16
-
-/* a . b, in LANES running sums added pairwise at the end: a fixed order that the compiler can vectorise (one
- * running sum would be a chain of dependent adds). */
-static inline float dot(const float *restrict a, const float *restrict b, int64_t len) {
-  float acc[LANES] = {0.0f};
-  int64_t i = 0;
-  for (; i + LANES <= len; i += LANES)
-    for (int l = 0; l < LANES; ++l) acc[l] += a[i + l] * b[i + l];
-  float tail = 0.0f;
-  for (; i < len; ++i) tail += a[i] * b[i];
-  for (int width = LANES / 2; width > 0; width /= 2)
-    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
-  return acc[0] + tail;
-}
+#include "dot_cpu.h"
 
 /* Inputs: crow [M*b + 1], columns [nnz] (m*n + feature), values [nnz]; g_xhat [M*b, o] (dL/dx_hat); D [M*n, o]
  * (unit decoder rows); x [M*b, d] at row stride x_stride (the centred input); l1 [M] (dL/dcode of the L1 term).
