@@ -158,6 +158,7 @@ def test_gradient_clipping_equals_torchs_clip_grad_norm_member_by_member():
 
     g = torch.Generator().manual_seed(0)
     grads = {"W_enc": torch.randn(3, 8, 4, generator=g), "b_enc": torch.randn(3, 8, generator=g)}
+    grads["threshold"] = torch.randn(3, generator=g)  # a scalar per member (batchtopk's), stacked: [M]
     max_norm = torch.tensor([0.5, float("inf"), 100.0])
     clipped = clip_by_global_norm(grads, max_norm)
     for i in range(3):

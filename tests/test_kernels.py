@@ -60,6 +60,14 @@ def test_fused_training_without_the_c_kernels_equals_reference(reference_mixed, 
     assert_same_members(ensemble, reference_mixed)
 
 
+@pytest.mark.parametrize("members", ["topk", "mixed"])
+def test_sparse_training_without_the_c_kernels_equals_reference(members, reference_mixed, monkeypatch):
+    # Without a C compiler (and on CUDA) the sparse backward is torch's sparse products over the transposed pattern.
+    monkeypatch.setattr(native, "available", lambda: False)
+    grid, reference = (TOPK, train(TOPK, "reference")) if members == "topk" else (MIXED, reference_mixed)
+    assert_same_members(train(grid, "sparse", row_chunk=24), reference)
+
+
 @pytest.mark.parametrize("execution", ["fused", "sparse"])
 def test_topk_kernels_equal_reference_training(execution):
     assert_same_members(train(TOPK, execution, row_chunk=20), train(TOPK, "reference"))

@@ -62,6 +62,19 @@ def test_our_side_trains_the_same_members_on_the_same_rows_and_the_line_compares
     assert line["threads"] == {"ours": 1, "peer": 1} and "same order" in line["rows"]
 
 
+OUR_RUNS = RUNS + [("saelens", "batchtopk"), ("dictionary_learning", "batchtopk")]
+
+
+@pytest.mark.parametrize("peer,case", OUR_RUNS, ids=[f"{p}-{c}" for p, c in OUR_RUNS])
+def test_our_side_trains_each_case_with_the_settings_each_peer_fixes(rows, peer, case):
+    """Every case the benchmark runs, with what `peer_fixed` gives our members against that peer (clipping, the
+    encoder's initial norm, learned decoder norms): each trains (no peer venv needed)."""
+    spec = peers.TINY[case]
+    ours = peers.train_ours(spec, *rows[case], "cpu", 1, peers.peer_fixed(peer, spec.architecture, spec.d_in))
+    assert sorted(ours["members"]) == sorted(m["member_id"] for m in spec.members)
+    assert all(0 < member["fvu"] < 1.5 for member in ours["members"].values()), ours["members"]
+
+
 def test_repeated_runs_give_each_sides_median_seconds_and_keep_every_runs():
     runs = [{"seconds": 3.0, "members": {"a": 1}}, {"seconds": 1.0, "members": {"a": 2}}, {"seconds": 2.0}]
     median = peers.median_run(runs, "seconds")

@@ -46,7 +46,7 @@ def clip_by_global_norm(grads: dict[str, torch.Tensor], max_norm: torch.Tensor) 
     """Each member's gradient scaled to at most `max_norm` [M] in L2 norm over all its params, as
     torch.nn.utils.clip_grad_norm_ scales one model's (factor max_norm / (norm + 1e-6), capped at 1); a max_norm
     of inf leaves a member's gradient as it is. No host read: the step stays capturable as a CUDA graph."""
-    squares = sum(g.float().pow(2).flatten(1).sum(1) for g in grads.values())  # [M]
+    squares = sum(g.float().pow(2).reshape(g.shape[0], -1).sum(1) for g in grads.values())  # [M]; a param may be [M]
     factor = torch.clamp(max_norm / (squares.sqrt() + 1e-6), max=1.0)
     return {name: g * broadcast(factor, g).to(g.dtype) for name, g in grads.items()}
 

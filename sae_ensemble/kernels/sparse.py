@@ -100,7 +100,7 @@ def grads(
         if W_skip_t is not None:
             g_W_skip = accumulate(g_W_skip, g_xhat.view(M, b, o).transpose(1, 2), centred)
 
-        if native_path(x.device.type) and native.fits(D_flat, g_xhat):  # the four products in one C pass
+        if native_path(x.device.type) and native.fits(D_flat, g_xhat):  # dL/dcodes and both weight gradients in C
             totals = None if g_D is None else (g_D, g_W_enc)
             g_D, g_W_enc = native.sparse_backward(
                 codes.crow, codes.columns, codes.values, g_xhat, D_flat, centred, l1_per_row, g_pre_sum, fired, totals
