@@ -125,15 +125,15 @@ def peer_fixed(peer: str, architecture: str, d_in: int) -> dict[str, float | boo
     nn.Linear's default init, U(-1/sqrt(d), 1/sqrt(d)), rows of norm 1/sqrt(3) in expectation.
     max_grad_norm: SAELens and dictionary_learning clip every step at 1.0 of their loss, which is d_in times ours
     (1 / d_in here); sparsify does not clip.
-    learned_decoder_norm: SAELens' TopK trains an unconstrained W_dec whose row norms scale the pre-activations
-    (rescale_acts_by_decoder_norm; with it off the rows are still free, and no setting keeps them unit norm);
+    learned_decoder_norm: SAELens' TopK and BatchTopK train an unconstrained W_dec whose row norms scale the
+    pre-activations (rescale_acts_by_decoder_norm; with it off the rows are still free, no setting keeps them unit);
     dictionary_learning and sparsify keep unit rows, as ours do by default."""
     init = 0.1 if (peer, architecture) == ("dictionary_learning", "relu") else 3**-0.5 if peer == "sparsify" else 1.0
     fixed: dict[str, float | bool] = {
         "encoder_init_norm": init,
         "max_grad_norm": 0.0 if peer == "sparsify" else 1 / d_in,
     }
-    if (peer, architecture) == ("saelens", "topk"):
+    if peer == "saelens" and architecture in ("topk", "batchtopk"):
         fixed["learned_decoder_norm"] = True
     return fixed
 

@@ -56,7 +56,7 @@ def members(grid: Grid, d_in: int, d_out: int = 0) -> list[Member]:
                     seed=seed,
                     use_b_dec=grid.use_b_dec,
                     encoder_init_norm=grid.encoder_init_norm,
-                    learned_decoder_norm=grid.learned_decoder_norm and variant == Variant.topk and not d_out,
+                    learned_decoder_norm=grid.learned_decoder_norm and variant in K_VARIANTS and not d_out,
                     max_grad_norm=grid.max_grad_norm,
                     d_out=d_out,
                     skip_connection=skip,

@@ -65,10 +65,10 @@ class Member:
     encoder_init_norm: float = 1.0
     """Norm of each encoder row at init (the encoder starts as this times the decoder's unit rows)."""
     learned_decoder_norm: bool = False
-    """topk SAEs: the decoder rows keep a learned norm (no renormalisation), which scales each feature's
-    pre-activation before the top-k, and the decoder uses the rows' directions: SAELens' TopK training (an
-    unconstrained W_dec with rescale_acts_by_decoder_norm, its default). The same SAEs as unit rows, reached by
-    another optimisation path; the SAE saved at the end has the norms folded into its encoder (unit rows)."""
+    """topk, batchtopk and matryoshka SAEs: the decoder rows keep a learned norm (no renormalisation), which scales
+    each feature's pre-activation before the selection, and the decoder uses the rows' directions: SAELens' TopK and
+    BatchTopK training (an unconstrained W_dec with rescale_acts_by_decoder_norm, its default). The same SAEs as unit
+    rows, reached by another optimisation path; the SAE saved at the end has the norms folded into its encoder."""
     d_out: int = 0
     """A transcoder's output width: it encodes an input of width d_in and reconstructs another activation of width
     d_out (its batches are [input | target], the target from column d_in); 0 = an SAE, reconstructing its input."""
@@ -142,9 +142,10 @@ class Member:
             raise ValueError(f"resample_every={self.resample_every} re-initialises SAE features; transcoders have none")
         if self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} must be non-negative (0 = no clipping)")
-        if self.learned_decoder_norm and (self.variant != "topk" or self.d_out):
+        if self.learned_decoder_norm and (self.variant not in K_VARIANTS or self.d_out):
             raise ValueError(
-                f"learned_decoder_norm=True is for topk SAEs only (variant={self.variant}, d_out={self.d_out})"
+                f"learned_decoder_norm=True is for {', '.join(K_VARIANTS)} SAEs only "
+                f"(variant={self.variant}, d_out={self.d_out})"
             )
         if not self.encoder_init_norm > 0:
             raise ValueError(f"encoder_init_norm={self.encoder_init_norm} must be positive")

@@ -210,6 +210,8 @@ MIXED = {
         Member("batchtopk", D_IN, 32, k=6, seed=2, topk_threshold_lr=0.05, use_b_dec=False),
         Member("matryoshka", D_IN, 48, k=5, seed=3, matryoshka_widths=(12,), lr=2e-3),
         Member("batchtopk", D_IN, 64, k=2, seed=4, auxk_dead_tokens=128, k_aux=10),
+        Member("batchtopk", D_IN, 48, k=4, seed=5, learned_decoder_norm=True, auxk_dead_tokens=128, k_aux=10),
+        Member("matryoshka", D_IN, 48, k=3, seed=6, matryoshka_widths=(12,), learned_decoder_norm=True),
     ],
     "sae": [  # AuxK members mix with the others of sae.py (on the reference execution)
         Member("topk", D_IN, 64, k=2, seed=0, auxk_dead_tokens=128),
@@ -270,6 +272,49 @@ def test_member_in_mixed_ensemble_matches_solo_training(mixed_runs, family, inde
         assert solo_params["threshold"] > 0  # the running threshold was estimated
     if member.variant == "jumprelu":
         assert (solo_params["log_threshold"] - init["log_threshold"]).abs().max() > 1e-4  # the thresholds learned
+
+
+def test_a_learned_norm_batchtopk_member_is_saelens_batchtopk():
+    """Member.learned_decoder_norm on BatchTopK (SAELens' default, rescale_acts_by_decoder_norm): activations scaled by
+    the decoder rows' norms s, the batch's k * B largest kept, decoded by the rows' directions W_dec / s; the loss and
+    its gradients (W_dec's through s too) equal that formula written out."""
+    from sae_ensemble.architectures import batchtopk
+
+    member = Member("batchtopk", 16, 24, k=3, seed=0, learned_decoder_norm=True)
+    generator = torch.Generator().manual_seed(1)
+    params = architectures.init_params(member)
+    params["W_dec"] = params["W_dec"] * (0.5 + torch.rand(24, 1, generator=generator))
+    params["b_enc"], params["b_dec"] = (
+        0.1 * torch.randn(24, generator=generator),
+        0.1 * torch.randn(16, generator=generator),
+    )
+    hp, layout = architectures.make_hparams(member), architectures.layout([member])
+    x = torch.randn(32, 16, generator=generator)
+
+    def saelens(p):
+        norms = p["W_dec"].norm(dim=-1)
+        acts = F.relu((x - p["b_dec"]) @ p["W_enc"].T + p["b_enc"]) * norms
+        kept = torch.zeros(acts.numel()).scatter(0, acts.flatten().topk(3 * 32).indices, 1.0).view_as(acts)
+        return ((acts * kept) @ (p["W_dec"] / norms.unsqueeze(-1)) + p["b_dec"] - x).pow(2).mean()
+
+    want = torch.func.grad_and_value(saelens)(params)
+    got = torch.func.grad_and_value(lambda p: batchtopk.loss(p, hp, x, layout)[0])(params)
+    torch.testing.assert_close(got[1], want[1])
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(got[0][name], want[0][name], msg=name)
+    assert (want[0]["W_dec"] * params["W_dec"]).sum(-1).abs().max() > 1e-6  # the norms' own gradient is in play
+
+
+def test_learned_norm_batchtopk_members_save_unit_rows_that_encode_as_they_trained(mixed_runs):
+    ensemble = mixed_runs["batchtopk"]
+    index = next(i for i, m in enumerate(MIXED["batchtopk"]) if m.learned_decoder_norm)
+    member, x = MIXED["batchtopk"][index], sparse_batches(1, seed=9)[0]
+    raw, saved = ensemble.member_state(index)[0], ensemble.member_state(index, folded=True)[0]
+    assert (raw["W_dec"].norm(dim=-1) - 1).abs().max() > 1e-3  # the norms were learned
+    torch.testing.assert_close(saved["W_dec"].norm(dim=-1), torch.ones(member.dict_size))
+    hp, layout = architectures.make_hparams(member), architectures.layout([member])
+    module = architectures.module_of(member.variant)
+    torch.testing.assert_close(module.encode(saved, hp, x, layout), module.encode(raw, hp, x, layout))
 
 
 def test_batchtopk_threshold_encodes_one_row_as_in_a_batch(mixed_runs):

@@ -128,7 +128,7 @@ def test_learned_norm_members_train_as_the_reference_in_every_kernel(auxk_dead_t
     assert (norms[:2, :48] - 1).abs().max() > 1e-2 and torch.allclose(norms[2, :32], torch.ones(32))
     params, _ = reference.member_state(0, folded=True)
     torch.testing.assert_close(params["W_dec"].norm(dim=-1), torch.ones(64))
-    with pytest.raises(ValueError, match="learned_decoder_norm=True is for topk SAEs only"):
+    with pytest.raises(ValueError, match="learned_decoder_norm=True is for topk, batchtopk, matryoshka SAEs only"):
         Member("relu", D_IN, 32, learned_decoder_norm=True)
 
 

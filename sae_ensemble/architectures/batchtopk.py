@@ -17,6 +17,8 @@ dictionary_learning's BatchTopKSAE (trainers/batch_top_k.py) keeps the same esti
 Matryoshka (Bussmann et al. 2025; SAELens' MatryoshkaBatchTopKTrainingSAE): the same codes, and one
 reconstruction loss per nested prefix of the dictionary, `matryoshka_widths` (w_1 < w_2 < ... < n):
     loss = sum_levels mean((c[:, :w] @ D[:w] + b_dec - x)^2) + bias_decay * ||b_enc||
+Learned decoder norms (Member.learned_decoder_norm; SAELens' BatchTopK trains so by default): the loss and encode
+run on sae.effective's unit-row SAE, as topk members'.
 AuxK (Gao et al. 2024) as for topk members (sae.auxk_loss) when auxk_dead_tokens > 0, on the whole
 dictionary's residual (SAELens' default for Matryoshka too: use_matryoshka_aux_loss=False).
 A BatchTopK member is the one-level case, so both variants share this module and one ensemble: levels
@@ -59,6 +61,7 @@ HYPERPARAMETERS = (
     "k_aux",
     "auxk_dead_tokens",
     "d_in",
+    "learned_decoder_norm",
 )
 PAD_BIAS = 1e30
 
@@ -102,6 +105,7 @@ def make_hparams(
     k_aux: int = 0,
     auxk_dead_tokens: int = 0,
     d_in: int = 0,
+    learned_decoder_norm: bool = False,
 ) -> Hparams:
     """Hyperparameter tensors of one member; `layout.levels` pads its level list (on the left) to an ensemble's
     count."""
@@ -118,6 +122,7 @@ def make_hparams(
         "bias_decay": torch.tensor(float(bias_decay)),
         "use_b_dec": torch.tensor(float(use_b_dec)),
         "topk_threshold_lr": torch.tensor(float(topk_threshold_lr)),
+        "learned_norm": torch.tensor(float(learned_decoder_norm)),
         "feature_mask": mask,
         "level_ends": torch.tensor([0.0] * pad + [float(e) for e in ends]),
         "level_weights": torch.tensor([0.0] * pad + [1.0] * len(ends)),
@@ -137,6 +142,8 @@ class Layout(NamedTuple):
     """Transcoders: the column of a batch where the target starts (= d_in); 0: SAEs (sae.Layout's)."""
     skip: bool = False
     """Skip transcoders: add the linear path x @ W_skip.T to the output."""
+    learned_norm: bool = False
+    """Some member's decoder rows keep a learned norm (sae.Layout's; sae.effective reads it)."""
 
 
 def layout(members) -> Layout:
@@ -147,6 +154,7 @@ def layout(members) -> Layout:
         k_aux=max((auxk_size(m.k_aux, m.d_in, m.dict_size) for m in members if m.auxk_dead_tokens > 0), default=0),
         target_at=target_at,
         skip=skip,
+        learned_norm=any(m.learned_decoder_norm for m in members),
     )
 
 
@@ -179,7 +187,7 @@ def batch_topk(acts: torch.Tensor, hp: Hparams, k_max: float) -> torch.Tensor:
 
 def encode(params: Params, hp: Hparams, x: torch.Tensor, layout: Layout = Layout()) -> torch.Tensor:
     """Inference codes [B, n]: activations above the member's running threshold (independent of the batch)."""
-    acts = activations(params, hp, x, layout)
+    acts = activations(sae.effective(params, hp, layout), hp, x, layout)
     return acts * (acts > params["threshold"]).to(acts.dtype)
 
 
@@ -201,6 +209,7 @@ def loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Training loss of one member on x [B, d] (transcoders: [x | y]; batch top-k codes; nested levels for
     matryoshka), with aux outputs."""
+    params = sae.effective(params, hp, layout)
     x, target = sae.split(x, layout)
     pre = pre_activations(params, hp, x, layout)
     codes = batch_topk(F.relu(pre), hp, layout.k_max)

@@ -46,8 +46,9 @@ class Grid:
     """Norm of each encoder row at init, along its unit decoder row (SAELens' decoder_init_norm; sparsify's
     nn.Linear init gives about 0.58, dictionary_learning's ReLU SAE 0.1). Short trainings depend on it."""
     learned_decoder_norm: bool = False
-    """topk members: decoder rows keep a learned norm that scales each feature's pre-activation (SAELens' TopK
-    training: rescale_acts_by_decoder_norm over an unconstrained W_dec); saved SAEs fold it into the encoder."""
+    """topk, batchtopk and matryoshka SAEs: decoder rows keep a learned norm that scales each feature's pre-activation
+    (SAELens' TopK and BatchTopK training: rescale_acts_by_decoder_norm over an unconstrained W_dec); saved SAEs fold
+    it into the encoder."""
     lr_warmup_steps: int = 0
     """Linear learning-rate warmup steps."""
     lr_decay_steps: int = 0
