@@ -246,8 +246,8 @@ def test_the_c_selections_built_without_avx512_are_the_same(three_threads, monke
     """The AVX (and scalar) paths that a CPU without AVX-512 takes, built here with -mno-avx512f: the same checks."""
     assert native.available(), "the C kernels did not build (a compiler is on every machine we test on)"
     library = native.declared(ctypes.CDLL(str(native._build(native._compiler(), ("-mno-avx512f",)))))
-    vsqrt = native._kernel()[1]
-    monkeypatch.setattr(native, "_kernel", lambda: (library, vsqrt))
+    mkl = native._kernel()[1]
+    monkeypatch.setattr(native, "_kernel", lambda: (library, mkl))
     check_topk_rows()
     check_keep_largest()
 

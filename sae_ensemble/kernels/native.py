@@ -48,6 +48,8 @@ HEADERS = [Path(__file__).with_name("dot_cpu.h")]  # in the build's key: a chang
 # resolves to the copy torch has loaded already; threads of its own (pthreads) ran against torch's
 # still-spinning OpenMP workers on the same cores and were slower than the torch ops they replace.
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+# What adam_cpu.c calls in torch's MKL: the square root torch's sqrt calls, and the per-thread MKL thread count.
+MKL_FUNCTIONS = ("vmsSqrt", "MKL_Set_Num_Threads_Local")  # the C (by value) symbol; the lowercase one is Fortran's
 # torch's sqrt calls MKL's vmsSqrt with this mode (ATen/cpu/vml.h): VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE.
 VML_MODE = 0x00000002 | 0x00140000 | 0x00000100
 
@@ -109,7 +111,7 @@ def _prerequisites() -> bool:
 
 @functools.cache
 def _kernel():
-    """(the library, MKL's vmsSqrt) or None where either is missing."""
+    """(the library, its MKL functions: MKL_FUNCTIONS) or None where either is missing."""
     torch_lib, compiler = _torch_lib(), _compiler()
     if not _prerequisites():
         warnings.warn(
@@ -119,7 +121,8 @@ def _kernel():
         )
         return None
     try:
-        vsqrt = ctypes.cast(ctypes.CDLL(str(torch_lib)).vmsSqrt, ctypes.c_void_p)
+        torch_cpu = ctypes.CDLL(str(torch_lib))
+        mkl = tuple(ctypes.cast(getattr(torch_cpu, name), ctypes.c_void_p) for name in MKL_FUNCTIONS)
         library = ctypes.CDLL(str(_build(compiler)))
     except (OSError, AttributeError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or error
@@ -129,7 +132,7 @@ def _kernel():
             stacklevel=3,
         )
         return None
-    return declared(library), vsqrt
+    return declared(library), mkl
 
 
 def declared(library: ctypes.CDLL) -> ctypes.CDLL:
@@ -139,7 +142,7 @@ def declared(library: ctypes.CDLL) -> ctypes.CDLL:
         [ctypes.c_void_p] * 5
         + [ctypes.c_int64] * 2
         + [ctypes.c_float] * 7
-        + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+        + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     )
     library.relu_count.argtypes = library.relu_backward.argtypes = (
         [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
@@ -217,8 +220,9 @@ def adam_(p, g, m, v, lr, betas: tuple[float, float], corrections: tuple[float, 
         c1,
         c2,
         eps,
-        _kernel()[1],
+        _kernel()[1][0],
         VML_MODE,
+        _kernel()[1][1],
         torch.get_num_threads(),
     )
 
