@@ -91,10 +91,7 @@ def grads(
             out = out.baddbmm_(centred, W_skip_t)
         err = out - target
         squared_error += err.pow(2).sum((1, 2))
-        if codes.k_per_row:
-            code_sum += codes.values.view(M, -1).sum(1)
-        else:
-            code_sum.index_add_(0, codes.members, codes.values)
+        code_sum.index_add_(0, codes.members, codes.values)
         g_xhat = (err * mse_scale).view(M * b, o)
         g_xhat_sum += g_xhat.view(M, b, o).sum(1)
         if W_skip_t is not None:
