@@ -34,6 +34,7 @@ class Schedules:
         self.l1_warmup = per_member([m.l1_warmup_steps for m in members], device)
         self.target_l0 = per_member([m.target_l0 if m.variant in STEERABLE else 0.0 for m in members], device)
         self.steered = self.target_l0 > 0  # [M] members whose coefficient the controller sets
+        self.any_steered = bool(self.steered.any())  # none: the step runs none of the controller's ops
         self.controller = steering.init_state(coefficient)  # [M] tensors, updated in place by the step
 
     def at(self, step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,14 +44,16 @@ class Schedules:
         decay = torch.clamp((self.total_steps - s) / self.lr_decay.clamp(min=1), max=1.0)
         decay_factor = torch.where(self.lr_decay > 0, decay, 1.0)
         l1_factor = torch.clamp((s + 1) / self.l1_warmup.clamp(min=1), max=1.0)
-        coefficient = torch.where(
-            self.steered, steering.coefficients(self.controller, self.target_l0), self.coefficient
-        )
+        coefficient = self.coefficient
+        if self.any_steered:
+            coefficient = torch.where(self.steered, steering.coefficients(self.controller, self.target_l0), coefficient)
         return self.lr * lr_factor * decay_factor, coefficient * l1_factor
 
     def learn(self, l0: torch.Tensor, taken: torch.Tensor, step: torch.Tensor) -> None:
         """After step `step` (0-based, on the device): steered members that took it fold its L0 [M] in, if they
         stepped at the full coefficient (after any l1 warmup)."""
+        if not self.any_steered:
+            return
         steering.update_(self.controller, l0, self.target_l0, self.steered & taken & (step + 1 >= self.l1_warmup))
 
     def controller_state(self, index: int) -> dict[str, float]:
