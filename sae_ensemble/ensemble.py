@@ -297,13 +297,10 @@ class Ensemble:
         captured as a CUDA graph (cuda_graph.py): the step number is the device tensor `_device_step`."""
         lr, coefficient = self.schedules(self._device_step)
         grads, aux = self.grads(batch, self.with_sparsity(coefficient))
-        if self.max_grad_norm is not None:
-            grads = kernels.adam.clip_by_global_norm(grads, self.max_grad_norm)
         ok = self.alive & torch.isfinite(aux["loss"])
         step = self._device_step
-        taken = self._adam_step(
-            self.params, grads, self.opt_state, step + 1, lr, ok, check_on_host=self._check_on_host, unit=self._unit
-        )
+        options = {"check_on_host": self._check_on_host, "unit": self._unit, "max_grad_norm": self.max_grad_norm}
+        taken = self._adam_step(self.params, grads, self.opt_state, step + 1, lr, ok, **options)
         with torch.no_grad():  # a member that skipped the step keeps its counts, as its params
             fired = torch.nan_to_num(aux["fired"]) > 0
             since = torch.where(fired, 0.0, self.tokens_since_fired + batch.shape[0])

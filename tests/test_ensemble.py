@@ -154,13 +154,14 @@ def test_invalid_members_are_rejected_with_the_field_named():
 
 
 def test_gradient_clipping_equals_torchs_clip_grad_norm_member_by_member():
-    from sae_ensemble.kernels.adam import clip_by_global_norm
+    from sae_ensemble.kernels.adam import broadcast, clip_factors, gradient_norms
 
     g = torch.Generator().manual_seed(0)
     grads = {"W_enc": torch.randn(3, 8, 4, generator=g), "b_enc": torch.randn(3, 8, generator=g)}
     grads["threshold"] = torch.randn(3, generator=g)  # a scalar per member (batchtopk's), stacked: [M]
     max_norm = torch.tensor([0.5, float("inf"), 100.0])
-    clipped = clip_by_global_norm(grads, max_norm)
+    factors = clip_factors(gradient_norms(grads), max_norm)
+    clipped = {name: g * broadcast(factors, g) for name, g in grads.items()}  # as kernels/adam.py's step_ scales them
     for i in range(3):
         plain = [torch.nn.Parameter(torch.zeros_like(v[i])) for v in grads.values()]
         for p, v in zip(plain, grads.values()):

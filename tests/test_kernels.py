@@ -299,9 +299,14 @@ def test_one_pass_adam_gives_the_torch_ops_numbers_bit_for_bit(three_threads):
     assert native.available(), "the C kernel did not build (a compiler is on every machine we test on)"
     generator = torch.Generator().manual_seed(0)
     shapes = {"W_enc": (37, 129), "W_dec": (37, 129), "b_enc": (37,), "b_dec": (129,)}
-    for members, ok in [(3, [True] * 3), (40, [True] * 40), (5, [True, False, True, True, True])]:
+    cases = [(3, [True] * 3, False), (40, [True] * 40, False), (5, [True, False, True, True, True], False)]
+    cases += [(4, [True] * 4, True), (5, [True, True, False, True, True], True)]  # clipped: the factor in the pass
+    for members, ok, clipped in cases:
         state = {name: torch.randn(members, *shape, generator=generator) for name, shape in shapes.items()}
         grads = {name: 0.01 * torch.randn_like(p) for name, p in state.items()}
+        max_norm = torch.tensor([0.05, float("inf"), 1e-4, 100.0, 0.2][:members]) if clipped else None
+        if clipped and not all(ok):
+            grads["b_enc"][3, 5] = float("nan")  # its norm and clipping factor NaN: held back, nothing else touched
         mu = {name: 1e-3 * torch.randn_like(p) for name, p in state.items()}
         nu = {name: 1e-4 * torch.rand(p.shape, generator=generator) for name, p in state.items()}
         lr = torch.rand(members, generator=generator) * 1e-2
@@ -318,10 +323,14 @@ def test_one_pass_adam_gives_the_torch_ops_numbers_bit_for_bit(three_threads):
                 torch.tensor(ok),
                 check_on_host=True,
                 one_pass=one_pass,
+                max_grad_norm=max_norm,
             )
             results.append((copies, taken))
         (fast, fast_taken), (ops, ops_taken) = results
         assert torch.equal(fast_taken, ops_taken)
+        if clipped and not all(ok):
+            assert fast_taken.tolist() == [True, True, False, False, True]
+            assert all(torch.equal(fast[0][name][3], state[name][3]) for name in shapes)
         for fast_tensors, ops_tensors in zip(fast, ops):
             for name in shapes:
                 assert torch.equal(fast_tensors[name], ops_tensors[name]), f"{members} members: {name} differs"
@@ -409,6 +418,28 @@ def test_one_pass_relu_backward_gives_threshold_backward_numbers(three_threads):
         native.relu_backward_(got, codes, add, g_sum)
         assert_identical(got, want, shape)
         torch.testing.assert_close(g_sum, earlier + want.sum(1), equal_nan=True, msg=str(shape))
+
+
+def test_one_pass_error_gives_the_torch_ops_numbers(three_threads):
+    """error_pass_ against sub_, vecdot, mul_ and the sum over rows: bit for bit on the elements, the sums but for
+    their order; the target also as a transcoder's, a column slice of the batch (rows further apart than o)."""
+    assert native.available(), "the C kernels did not build (a compiler is on every machine we test on)"
+    generator = torch.Generator().manual_seed(4)
+    for (M, rows, o), sliced in [((1, 1, 1), False), ((3, 7, 5), True), ((5, 64, 129), False), ((2, 300, 40), True)]:
+        x_hat = torch.randn(M, rows, o, generator=generator)
+        special_values(x_hat[0])  # NaNs, -0.0 and zeros in the first member; the others' sums finite
+        batch = torch.randn(rows, 2 * o + 3, generator=generator)
+        target = batch[:, o + 3 :] if sliced else batch[:, :o].contiguous()
+        squared, g_sum = torch.rand(M, generator=generator), torch.randn(M, o, generator=generator)
+        err = x_hat - target
+        want = err * 0.37
+        got, got_squared, got_sum = x_hat.clone(), squared.clone(), g_sum.clone()
+        native.error_pass_(got, target, 0.37, got_squared, got_sum)
+        assert_identical(got, want, (M, rows, o))
+        torch.testing.assert_close(
+            got_squared, squared + torch.linalg.vecdot(err.flatten(1), err.flatten(1)), equal_nan=True
+        )
+        torch.testing.assert_close(got_sum, g_sum + want.sum(1), equal_nan=True)
 
 
 def test_one_pass_normalisation_backward_equals_the_torch_ops(three_threads):

@@ -41,14 +41,17 @@ class AdamState(NamedTuple):
         return cls(*({name: torch.zeros_like(p) for name, p in params.items()} for _ in range(2)))
 
 
-@torch.no_grad()
-def clip_by_global_norm(grads: dict[str, torch.Tensor], max_norm: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each member's gradient scaled to at most `max_norm` [M] in L2 norm over all its params, as
-    torch.nn.utils.clip_grad_norm_ scales one model's (factor max_norm / (norm + 1e-6), capped at 1); a max_norm
-    of inf leaves a member's gradient as it is. No host read: the step stays capturable as a CUDA graph."""
-    squares = sum(g.float().pow(2).reshape(g.shape[0], -1).sum(1) for g in grads.values())  # [M]; a param may be [M]
-    factor = torch.clamp(max_norm / (squares.sqrt() + 1e-6), max=1.0)
-    return {name: g * broadcast(factor, g).to(g.dtype) for name, g in grads.items()}
+def gradient_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each member's L2 norm over all its gradients [M] (a param may be [M]), taken as
+    torch.nn.utils.clip_grad_norm_ takes one model's: the norm of the params' norms (one read of each)."""
+    per_param = [torch.linalg.vector_norm(g.reshape(g.shape[0], -1).float(), dim=1) for g in grads.values()]
+    return torch.linalg.vector_norm(torch.stack(per_param), dim=0)
+
+
+def clip_factors(norms: torch.Tensor, max_norm: torch.Tensor) -> torch.Tensor:
+    """The factor [M] that scales each member's gradient of norm `norms` to at most `max_norm` [M], as
+    clip_grad_norm_ scales one model's (max_norm / (norm + 1e-6), capped at 1); a max_norm of inf gives 1."""
+    return torch.clamp(max_norm / (norms + 1e-6), max=1.0)
 
 
 @torch.no_grad()
@@ -62,24 +65,28 @@ def step_(
     check_on_host: bool,
     one_pass: bool = True,
     unit: torch.Tensor | bool = True,
+    max_grad_norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Update params and moments in place for step number `count` (1-based, a 0-d tensor, so a
     captured CUDA graph reads it afresh each replay); return taken [M].
 
-    `ok` [M] says which members may step (alive, finite loss). A member whose gradient is not
-    finite is held back too. A held-back member's params and moments stay exactly as they
+    `ok` [M] says which members may step (alive, finite loss). A member whose gradient's norm is not
+    finite (a NaN or inf in it) is held back too. A held-back member's params and moments stay exactly as they
     were: its gradient is replaced by 0 and its decay rates by 1, so Adam leaves its moments
     alone, and its learning rate by 0. `check_on_host`: decide per chunk on the host whether
     anyone is held back (CPU, where reading a flag is free; the usual all-taken case then skips
     the selections) instead of selecting on the device every step (CUDA). `one_pass`: let a chunk
     whose members all step run kernels/native.py's C kernel (CPU; the same numbers in one pass). `unit` [M]:
     the members whose W_dec rows are rescaled to unit norm after the step (True: all, False: none; learned-norm
-    members, sae.effective, keep theirs).
+    members, sae.effective, keep theirs). `max_grad_norm` [M] (or None): each member's gradient is clipped
+    to this norm first (`clip_factors`; inf: not clipped), inside the C kernel's pass where it runs.
     """
     (b1, b2), eps, mu, nu = BETAS, EPS, state.mu, state.nu
     correction1, correction2 = 1 - torch.pow(b1, count), 1 - torch.pow(b2, count)
     M = lr.shape[0]
-    taken = ok.clone()
+    norms = gradient_norms(grads)  # one read of each gradient: the finite check's, and clipping's
+    taken = ok & torch.isfinite(norms)
+    scale = None if max_grad_norm is None else clip_factors(norms, max_grad_norm)
     one_pass = one_pass and check_on_host and not torch.compiler.is_compiling() and native.available()
     corrections = (correction1.item(), correction2.item()) if one_pass else None
     names = list(params)
@@ -88,30 +95,29 @@ def step_(
     # chunk, the small torch ops around each call cost more than the cache saves (docs/benchmarks.md).
     whole = one_pass and native.fits(*params.values(), *grads.values(), *mu.values(), *nu.values(), lr)
     for chunk in [slice(0, M)] if whole else member_chunks(M, member_bytes, lr.device):
-        for name in names:  # a NaN or inf anywhere in a member's gradient survives its sum
-            taken[chunk] &= torch.isfinite(grads[name][chunk].reshape(len(taken[chunk]), -1).sum(1))
         steps = taken[chunk]
         hold = not bool(steps.all()) if check_on_host else True
         for name in names:
             p, g, m, v = params[name][chunk], grads[name][chunk], mu[name][chunk], nu[name][chunk]
             if hold:
                 keep = broadcast(steps, p)
-                g = torch.where(keep, g, 0.0)
+                g = torch.where(keep, _scaled(g, scale, chunk), 0.0)  # a held-back member's scale may be NaN
                 decay1, decay2 = torch.where(keep, b1, 1.0), torch.where(keep, b2, 1.0)
                 m.mul_(decay1).addcmul_(g, 1 - decay1)
                 v.mul_(decay2).addcmul_(g * g, 1 - decay2)
-                scale = broadcast(torch.where(steps, lr[chunk], 0.0), p)
-            elif one_pass and native.fits(p, g, m, v, lr):
-                native.adam_(p, g, m, v, lr[chunk], BETAS, corrections, eps)
-                scale = None
+                step_size = broadcast(torch.where(steps, lr[chunk], 0.0), p)
+            elif whole or one_pass and native.fits(p, g, m, v, lr):
+                native.adam_(p, g, m, v, lr[chunk], BETAS, corrections, eps, None if scale is None else scale[chunk])
+                step_size = None
             else:
+                g = _scaled(g, scale, chunk)
                 m.mul_(b1).add_(g, alpha=1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                scale = broadcast(lr[chunk], p)
-            if scale is not None:  # torchopt's direction: (m / c1) / (sqrt(v / c2) + eps)
+                step_size = broadcast(lr[chunk], p)
+            if step_size is not None:  # torchopt's direction: (m / c1) / (sqrt(v / c2) + eps)
                 direction = torch.div(v, correction2).sqrt_().add_(eps)
                 direction = torch.div(m, correction1).div_(direction)
-                p.addcmul_(scale, direction, value=-1)
+                p.addcmul_(step_size, direction, value=-1)
             if name != "W_dec" or unit is False:
                 continue
             if hold or unit is not True:
@@ -120,6 +126,11 @@ def step_(
             else:  # F.normalize's arithmetic, in place
                 p.div_(p.norm(2, -1, keepdim=True).clamp_min(1e-12))
     return taken
+
+
+def _scaled(g: torch.Tensor, scale: torch.Tensor | None, chunk: slice) -> torch.Tensor:
+    """A chunk's gradient times its members' clipping factors, as clip_grad_norm_'s g.mul_ (None: as it is)."""
+    return g if scale is None else g * broadcast(scale[chunk], g)
 
 
 def broadcast(per_member: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
  *
  * Bit for bit the same numbers as the torch ops it replaces (kernels/adam.py, themselves
  * torchopt's order of operations), so the fast path stays equal to the reference:
+ *   g = g * s                             g * clip factor (s: 1, or the member's gradient clipping factor)
  *   m = fma(g, 1 - b1, m * b1)            m.mul_(b1).add_(g, alpha=1 - b1)
  *   v = fma((1 - b2) * g, g, v * b2)      v.mul_(b2).addcmul_(g, g, value=1 - b2)
  *   d = vsqrt(v / c2) + eps               torch.div(v, c2).sqrt_().add_(eps)
@@ -19,7 +20,8 @@
 typedef void (*vsqrt_fn)(int n, const float *in, float *out, int64_t mode);
 typedef int (*local_threads_fn)(int threads);
 
-void adam_step(float *p, const float *g, float *m, float *v, const float *lr, int64_t members, int64_t per_member,
+void adam_step(float *p, const float *g, float *m, float *v, const float *lr, const float *scale, int64_t members,
+               int64_t per_member,
                float b1, float a1, float b2, float a2, float c1, float c2, float eps,
                vsqrt_fn vsqrt, int64_t mode, local_threads_fn mkl_threads, int threads) {
   int64_t blocks_per_member = (per_member + BLOCK - 1) / BLOCK, blocks = members * blocks_per_member;
@@ -35,10 +37,11 @@ void adam_step(float *p, const float *g, float *m, float *v, const float *lr, in
       int64_t start = member * per_member + first;
       float *restrict pb = p + start, *restrict mb = m + start, *restrict vb = v + start;
       const float *restrict gb = g + start;
-      float q[BLOCK];
+      float q[BLOCK], s = scale ? scale[member] : 1.0f;  /* g * 1.0f is g exactly: no branch in the loop */
       for (int i = 0; i < n; ++i) {
-        mb[i] = fmaf(gb[i], a1, mb[i] * b1);
-        vb[i] = fmaf(a2 * gb[i], gb[i], vb[i] * b2);
+        float gi = gb[i] * s;
+        mb[i] = fmaf(gi, a1, mb[i] * b1);
+        vb[i] = fmaf(a2 * gi, gi, vb[i] * b2);
         q[i] = vb[i] / c2;
       }
       vsqrt(n, q, q, mode);

@@ -136,16 +136,14 @@ def _direct_sums(
         centred = (inputs.unsqueeze(0) - centre_in).to(dtype)  # [M, b, d]
         codes = _encode(centred, W_operand, bias, fired, code_total, hp, layout, passes)
         addend = bias_operand if skip_operand is None else torch.baddbmm(bias_operand, centred, skip_operand)
-        err = torch.baddbmm(addend, codes, D_operand).float().sub_(target)  # x_hat - target [M, b, o]
-        squared_error += torch.linalg.vecdot(err.flatten(1), err.flatten(1))
-        g_xhat = err.mul_(mse_scale)  # dL/dx_hat
+        x_hat = torch.baddbmm(addend, codes, D_operand).float()  # [M, b, o]
+        g_xhat = _error(x_hat, target, mse_scale, squared_error, g_xhat_sum, passes)  # dL/dx_hat
         g_operand = g_xhat.to(dtype)
         g_pre = _backward(g_operand, D_operand, codes, l1_grad, g_pre_sum, passes)
         g_D = accumulate(g_D, codes.transpose(1, 2), g_operand)
         g_W_enc = accumulate(g_W_enc, g_pre.transpose(1, 2), centred)
         if skip_operand is not None:
             g_W_skip = accumulate(g_W_skip, g_operand.transpose(1, 2), centred)
-        g_xhat_sum += g_xhat.sum(1)
     assert g_W_enc is not None and g_D is not None  # x has at least one row
     return Sums(g_D, g_W_enc, g_pre_sum, g_xhat_sum, squared_error, code_total.sum(-1), fired, g_W_skip)
 
@@ -252,6 +250,21 @@ def _encode(
     fired += (codes > 0).sum(1, dtype=torch.float32)
     total += codes.sum(1)
     return codes.to(centred.dtype)
+
+
+def _error(
+    x_hat: torch.Tensor, target: torch.Tensor, scale: float, squared: torch.Tensor, g_sum: torch.Tensor, passes: str
+) -> torch.Tensor:
+    """dL/dx_hat = (x_hat - target) * scale [M, b, o] (in place on x_hat, float32); each member's squared error
+    added to squared [M], and the result's sum over the rows to g_sum [M, o] (the decoder-bias gradient)."""
+    if passes == "c":
+        native.error_pass_(x_hat, target, scale, squared, g_sum)
+        return x_hat
+    err = x_hat.sub_(target)
+    squared += torch.linalg.vecdot(err.flatten(1), err.flatten(1))
+    g_xhat = err.mul_(scale)
+    g_sum += g_xhat.sum(1)
+    return g_xhat
 
 
 def _backward(

@@ -8,6 +8,8 @@
   the second masks dL/dcodes by the codes, adds the L1 term and sums each feature's gradient. The
   torch ops made a pass for each of those steps, and the augmented GEMMs that fold the bias and
   the L1 term in instead run ~7% slower at d + 1 columns (docs/benchmarks.md).
+- `error_pass_` (relu_cpu.c): the decoder output's pass, from the reconstruction to dL/dx_hat with the squared
+  error and the decoder-bias gradient on the way, where the torch ops made five.
 - `normalise_backward_` (relu_cpu.c): the gradient through the decoder's row normalisation, a
   row at a time, where the torch ops made three passes over [M, n, d].
 - `topk_rows` (topk_cpu.c): each row's k largest, sorted, for the sparse kernel's small k: torch.topk
@@ -139,13 +141,21 @@ def declared(library: ctypes.CDLL) -> ctypes.CDLL:
     """The library with its functions' argument types set (ctypes passes nothing right without them)."""
     library.adam_step.restype = library.relu_count.restype = library.relu_backward.restype = None
     library.adam_step.argtypes = (
-        [ctypes.c_void_p] * 5
+        [ctypes.c_void_p] * 6
         + [ctypes.c_int64] * 2
         + [ctypes.c_float] * 7
         + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     )
     library.relu_count.argtypes = library.relu_backward.argtypes = (
         [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    )
+    library.error_pass.restype = None
+    library.error_pass.argtypes = (
+        [ctypes.c_void_p] * 2
+        + [ctypes.c_int64, ctypes.c_float]
+        + [ctypes.c_void_p] * 2
+        + [ctypes.c_int64] * 3
+        + [ctypes.c_int]
     )
     library.normalise_backward.restype = library.topk_rows.restype = None
     library.normalise_backward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
@@ -201,16 +211,18 @@ def fits(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
-def adam_(p, g, m, v, lr, betas: tuple[float, float], corrections: tuple[float, float], eps: float) -> None:
-    """Update p, m and v ([M, ...], a chunk of members) in place with per-member learning rates lr [M]."""
+def adam_(p, g, m, v, lr, betas: tuple[float, float], corrections: tuple[float, float], eps: float, scale=None) -> None:
+    """Update p, m and v ([M, ...], a chunk of members) in place with per-member learning rates lr [M]; `scale`
+    [M] (or None): each member's gradient is g * scale (gradient clipping's factor)."""
     (b1, b2), (c1, c2) = betas, corrections
     _run(
         "adam_step",
-        p.data_ptr(),
-        g.data_ptr(),
-        m.data_ptr(),
-        v.data_ptr(),
-        lr.data_ptr(),
+        p,
+        g,
+        m,
+        v,
+        lr,
+        scale,
         p.shape[0],
         p[0].numel(),
         b1,
@@ -235,24 +247,29 @@ def relu_count_(
     assert fits(x, fired, *(t for t in (bias, total) if t is not None)), (
         "relu_count_ needs contiguous float32 CPU tensors"
     )
-    _run(
-        "relu_count", x.data_ptr(), _pointer(bias), fired.data_ptr(), _pointer(total), *x.shape, torch.get_num_threads()
-    )
+    _run("relu_count", x, bias, fired, total, *x.shape, torch.get_num_threads())
 
 
 def relu_backward_(g: torch.Tensor, codes: torch.Tensor, add: torch.Tensor, g_sum: torch.Tensor) -> None:
     """g [M, rows, n] = g + add [M] where codes > 0 (or NaN, as threshold_backward), else 0, in place;
     add each feature's sum over the rows to g_sum [M, n]."""
     assert fits(g, codes, add, g_sum) and g.shape == codes.shape, "relu_backward_ needs contiguous float32 CPU tensors"
-    _run(
-        "relu_backward",
-        g.data_ptr(),
-        codes.data_ptr(),
-        add.data_ptr(),
-        g_sum.data_ptr(),
-        *g.shape,
-        torch.get_num_threads(),
-    )
+    _run("relu_backward", g, codes, add, g_sum, *g.shape, torch.get_num_threads())
+
+
+def error_pass_(
+    x_hat: torch.Tensor, target: torch.Tensor, scale: float, squared: torch.Tensor, g_sum: torch.Tensor
+) -> None:
+    """x_hat [M, rows, o] = (x_hat - target [rows, o]) * scale in place (dL/dx_hat for scale = 2 / (B o)); add each
+    member's squared error (before the scale) to squared [M] and the result's sum over the rows to g_sum [M, o]."""
+    assert (
+        fits(x_hat, squared, g_sum)
+        and target.dtype == torch.float32
+        and target.device.type == "cpu"
+        and target.stride(-1) == 1
+        and target.shape == x_hat.shape[1:]
+    ), "error_pass_ needs float32 CPU tensors, contiguous but for the target's rows"
+    _run("error_pass", x_hat, target, target.stride(0), scale, squared, g_sum, *x_hat.shape, torch.get_num_threads())
 
 
 def normalise_backward_(g: torch.Tensor, D: torch.Tensor, norms: torch.Tensor) -> None:
@@ -260,15 +277,7 @@ def normalise_backward_(g: torch.Tensor, D: torch.Tensor, norms: torch.Tensor) -
     assert fits(g, D, norms) and g.shape == D.shape and norms.numel() * g.shape[-1] == g.numel(), (
         "normalise_backward_ needs contiguous float32 CPU tensors of matching shapes"
     )
-    _run(
-        "normalise_backward",
-        g.data_ptr(),
-        D.data_ptr(),
-        norms.data_ptr(),
-        norms.numel(),
-        g.shape[-1],
-        torch.get_num_threads(),
-    )
+    _run("normalise_backward", g, D, norms, norms.numel(), g.shape[-1], torch.get_num_threads())
 
 
 def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,9 +286,7 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     values = x.new_empty(*x.shape[:-1], k)
     indices = torch.empty(values.shape, dtype=torch.int64)
     n = x.shape[-1]
-    _run(
-        "topk_rows", x.data_ptr(), values.data_ptr(), indices.data_ptr(), x.numel() // n, n, k, torch.get_num_threads()
-    )
+    _run("topk_rows", x, values, indices, x.numel() // n, n, k, torch.get_num_threads())
     return values, indices
 
 
@@ -293,16 +300,7 @@ def keep_largest(x: torch.Tensor, live: torch.Tensor, k: torch.Tensor) -> tuple[
         "keep_largest needs a contiguous float32 CPU x [M, b, n], live [M, n] and k [M]"
     )
     codes, mask = torch.empty_like(x), torch.empty_like(x)
-    _run(
-        "keep_largest",
-        x.data_ptr(),
-        live.data_ptr(),
-        k.data_ptr(),
-        codes.data_ptr(),
-        mask.data_ptr(),
-        *x.shape,
-        torch.get_num_threads(),
-    )
+    _run("keep_largest", x, live, k, codes, mask, *x.shape, torch.get_num_threads())
     return codes, mask
 
 
@@ -341,18 +339,18 @@ def sparse_backward(
     assert fits(g_D, g_W) and g_D.shape == (M * n, o) and g_W.shape == (M * n, d)
     _run(
         "sparse_backward",
-        crow.data_ptr(),
-        columns.data_ptr(),
-        values.data_ptr(),
-        g_xhat.data_ptr(),
-        D.data_ptr(),
-        x.data_ptr(),
+        crow,
+        columns,
+        values,
+        g_xhat,
+        D,
+        x,
         x.stride(1),
-        l1.data_ptr(),
-        g_D.data_ptr(),
-        g_W.data_ptr(),
-        g_pre_sum.data_ptr(),
-        fired.data_ptr(),
+        l1,
+        g_D,
+        g_W,
+        g_pre_sum,
+        fired,
         M,
         b,
         n,
@@ -365,10 +363,12 @@ def sparse_backward(
 
 
 def _run(name: str, *args) -> None:
-    """Call the library's `name` under a profiler label: torch.profiler's tables show the C kernels too."""
+    """Call the library's `name` with `args`, tensors as their data pointers (None: NULL). Under a profiler label
+    while torch.profiler records (its tables show the C kernels too); the label costs ~15 us a call otherwise, a
+    tenth of a small ensemble's step overhead."""
+    args = tuple(arg.data_ptr() if isinstance(arg, torch.Tensor) else arg for arg in args)
+    if not torch.autograd.profiler._is_profiler_enabled:
+        getattr(_kernel()[0], name)(*args)
+        return
     with torch.profiler.record_function(f"native::{name}"):
         getattr(_kernel()[0], name)(*args)
-
-
-def _pointer(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()

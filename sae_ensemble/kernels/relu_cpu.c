@@ -1,11 +1,15 @@
 /* kernels/dense.py's passes on its CPU path (float32), called through kernels/native.py: two over
- * the [M, rows, n] code tiles, and one over the decoder's [M, n, d] gradient (normalise_backward).
+ * the [M, rows, n] code tiles, one over the decoder's output (error_pass) and one over the decoder's
+ * [M, n, d] gradient (normalise_backward).
  *
  * relu_count: the encoder bias, ReLU in place, and each feature's firing count and code sum over
  *   the rows. The torch ops make a pass each (the add, clamp_min_, a 0/1 tile, its sum over rows).
  * relu_backward: dL/dcodes -> dL/dpre in place: the L1 term's constant added where the code fired,
  *   0 where it did not (threshold_backward), and each feature's sum over the rows (the encoder-bias
  *   gradient).
+ * error_pass: the decoder's output -> dL/dx_hat in place: the error against the target, each member's
+ *   squared error, the MSE's scale, and the sum over the rows (the decoder-bias gradient). The torch ops
+ *   make five passes (sub_, vecdot's product and sum, mul_, the sum over rows).
  * The elementwise results and the counts are the torch ops' numbers bit for bit (a NaN stays NaN,
  * -0.0 stays -0.0; a count is a sum of 0s and 1s, exact in float32 below 2^24 rows); the sums over
  * rows are added in row order, so they differ from torch's reductions by rounding only.
@@ -86,5 +90,28 @@ void normalise_backward(float *g, const float *D, const float *norms, int64_t R,
     float radial = dot(gr, Dr, d);
     float norm = norms[r];
     for (int64_t i = 0; i < d; ++i) gr[i] = (gr[i] - Dr[i] * radial) / norm;
+  }
+}
+
+/* x [M, rows, o] (the decoder's output) -> (x - target) * scale in place, a row at a time in L1; adds each
+ * member's sum of squared errors (before the scale) to squared [M] and its rows' sum of the result to
+ * g_sum [M, o]. target [rows, o] has rows target_stride apart (a transcoder's target is a column slice). */
+void error_pass(float *x, const float *target, int64_t target_stride, float scale, float *squared, float *g_sum,
+                int64_t members, int64_t rows, int64_t o, int threads) {
+#pragma omp parallel for num_threads(threads_for(members * rows * o, threads)) schedule(static)
+  for (int64_t member = 0; member < members; ++member) {
+    float *restrict sum = g_sum + member * o;
+    float total = 0.0f;
+    for (int64_t r = 0; r < rows; ++r) {
+      float *restrict row = x + (member * rows + r) * o;
+      const float *restrict t = target + r * target_stride;
+      for (int64_t i = 0; i < o; ++i) row[i] -= t[i];
+      total += dot(row, row, o);
+      for (int64_t i = 0; i < o; ++i) {
+        row[i] *= scale;
+        sum[i] += row[i];
+      }
+    }
+    squared[member] += total;
   }
 }
