@@ -73,13 +73,14 @@ def step_(
     `ok` [M] says which members may step (alive, finite loss). A member whose gradient's norm is not
     finite (a NaN or inf in it, or elements too large to square in float32) is held back too. A held-back
     member's params and moments stay exactly as they were: its gradient is replaced by 0 and its decay
-    rates by 1, so Adam leaves its moments alone, and its learning rate by 0. `check_on_host`: decide per chunk on the host whether
-    anyone is held back (CPU, where reading a flag is free; the usual all-taken case then skips
-    the selections) instead of selecting on the device every step (CUDA). `one_pass`: let a chunk
-    whose members all step run kernels/native.py's C kernel (CPU; the same numbers in one pass). `unit` [M]:
-    the members whose W_dec rows are rescaled to unit norm after the step (True: all, False: none; learned-norm
-    members, sae.effective, keep theirs). `max_grad_norm` [M] (or None): each member's gradient is clipped
-    to this norm first (`clip_factors`; inf: not clipped), inside the C kernel's pass where it runs.
+    rates by 1, so Adam leaves its moments alone, and its learning rate by 0. `check_on_host`: decide per
+    chunk on the host whether anyone is held back (CPU, where reading a flag is free; the usual all-taken
+    case then skips the selections) instead of selecting on the device every step (CUDA). `one_pass`: let
+    a chunk whose members all step run kernels/native.py's C kernel (CPU; the same numbers in one pass).
+    `unit` [M]: the members whose W_dec rows are rescaled to unit norm after the step (True: all, False:
+    none; learned-norm members, sae.effective, keep theirs). `max_grad_norm` [M] (or None): each member's
+    gradient is clipped to this norm first (`clip_factors`; inf: not clipped), inside the C kernel's pass
+    where it runs.
     """
     (b1, b2), eps, mu, nu = BETAS, EPS, state.mu, state.nu
     correction1, correction2 = 1 - torch.pow(b1, count), 1 - torch.pow(b2, count)
