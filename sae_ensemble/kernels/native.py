@@ -149,7 +149,6 @@ def declared(library: ctypes.CDLL) -> ctypes.CDLL:
     library.relu_count.argtypes = library.relu_backward.argtypes = (
         [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     )
-    library.error_pass.restype = None
     library.error_pass.argtypes = (
         [ctypes.c_void_p] * 2
         + [ctypes.c_int64, ctypes.c_float]
@@ -157,7 +156,7 @@ def declared(library: ctypes.CDLL) -> ctypes.CDLL:
         + [ctypes.c_int64] * 3
         + [ctypes.c_int]
     )
-    library.normalise_backward.restype = library.topk_rows.restype = None
+    library.normalise_backward.restype = library.topk_rows.restype = library.error_pass.restype = None
     library.normalise_backward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     library.topk_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     library.keep_largest.restype = library.sparse_backward.restype = None
